@@ -1,0 +1,97 @@
+// Package testguest boots the test guest (package testvm) from tests: it
+// skips with a clear message when QEMU or the guest kernel is missing, builds
+// the initramfs once per test binary, and always kills QEMU at cleanup.
+package testguest
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/remus-kvm/remus/internal/testenv"
+	"github.com/remus-kvm/remus/testvm"
+)
+
+// BootTimeout bounds a boot to the ready line. Under TCG the guest is ready
+// in about 5 s; the race detector and a busy machine can make it slower.
+const BootTimeout = 2 * time.Minute
+
+var (
+	imageOnce sync.Once
+	image     testvm.Image
+	imageErr  error
+)
+
+// Image returns the test guest image, building it on first use. It skips the
+// test when no guest kernel has been unpacked.
+func Image(t testing.TB) testvm.Image {
+	t.Helper()
+	k, err := testvm.FindKernel()
+	if errors.Is(err, testvm.ErrNoKernel) {
+		t.Skipf("needs the guest kernel: %v", err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	imageOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "remus-testguest-")
+		if err != nil {
+			imageErr = err
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		image, imageErr = testvm.BuildImage(ctx, k, dir, nil, nil)
+	})
+	if imageErr != nil {
+		t.Fatalf("build guest image: %v", imageErr)
+	}
+	return image
+}
+
+// Config returns a guest configuration with files in a fresh temporary
+// directory: RAM in a file there, one QMP socket, the serial log, and the
+// given QEMU. The caller adds a NIC, a disk and guest settings.
+func Config(t testing.TB) testvm.Config {
+	t.Helper()
+	qemu := testenv.RequireQEMU(t)
+	img := Image(t)
+	dir := t.TempDir()
+	return testvm.Config{
+		QEMU:      qemu,
+		MemoryMiB: 256,
+		RAM:       testvm.RAMFile,
+		RAMPath:   filepath.Join(dir, "guest.ram"),
+		Kernel:    img.Kernel.Image,
+		Initrd:    img.Initrd,
+		QMP:       []string{filepath.Join(dir, "qmp.sock")},
+		SerialLog: filepath.Join(dir, "console.log"),
+	}
+}
+
+// Start launches c, waits for the guest's ready line and registers cleanup
+// that kills QEMU (and logs the console when the test failed).
+func Start(t testing.TB, c testvm.Config) (*testvm.VM, testvm.Ready) {
+	t.Helper()
+	vm, err := testvm.Start(context.Background(), c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		vm.Close()
+		if t.Failed() {
+			t.Logf("guest console:\n%s", vm.Console())
+		}
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), BootTimeout)
+	defer cancel()
+	ready, err := vm.WaitReady(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return vm, ready
+}

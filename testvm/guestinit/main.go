@@ -1,0 +1,342 @@
+// Command guestinit is /init of the test guest's initramfs (see package
+// testvm). It runs as PID 1 under the Debian guest kernel:
+//
+//  1. mounts /proc, /sys and /dev and takes /dev/console as its output;
+//  2. loads the kernel modules listed in /lib/modules/order (finit_module);
+//  3. gives the first Ethernet interface the static address from the kernel
+//     command line (remus.ip=ADDR/LEN) and brings it up;
+//  4. serves the counter service (package testvm/counter) on remus.port,
+//     persisting each increment to /dev/vda when the guest has a disk;
+//  5. dirties remus.dirty pages per second of a remus.dirtymem MiB buffer,
+//     so the checkpoint path has a steady load;
+//  6. prints the ready line (see testvm.ReadyPrefix) on the console.
+//
+// With remus.exec=PATH it instead runs PATH (with remus.args, comma
+// separated) after step 3, prints its exit status and powers the guest off:
+// this runs tests inside the guest kernel.
+package main
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/remus-kvm/remus/testvm/counter"
+)
+
+// readyPrefix must match testvm.ReadyPrefix.
+const readyPrefix = "remus-guest: ready"
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintf(os.Stderr, "remus-guest: fatal: %v\n", err)
+	}
+	// PID 1 must not exit: that panics the kernel. Power off instead.
+	unix.Sync()
+	unix.Reboot(unix.LINUX_REBOOT_CMD_POWER_OFF)
+	select {}
+}
+
+type params struct {
+	ip        netip.Prefix
+	port      int
+	dirty     int // pages per second
+	dirtyMiB  int
+	exec      string
+	args      []string
+	disk      string
+	moduleDir string
+}
+
+func run() error {
+	if err := mountBase(); err != nil {
+		return err
+	}
+	p, err := parseCmdline()
+	if err != nil {
+		return err
+	}
+	go reap()
+	if err := loadModules(p.moduleDir); err != nil {
+		return err
+	}
+	if err := setupNetwork(p.ip); err != nil {
+		return err
+	}
+	if p.exec != "" {
+		return runExec(p)
+	}
+	boot, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		return fmt.Errorf("read boot id: %w", err)
+	}
+	svc := &service{bootID: strings.TrimSpace(string(boot))}
+	if svc.recBootID, err = counter.ParseBootID(svc.bootID); err != nil {
+		return err
+	}
+	if p.disk != "" {
+		if svc.disk, err = os.OpenFile(p.disk, os.O_RDWR, 0); err != nil {
+			return fmt.Errorf("open disk: %w", err)
+		}
+	}
+	ln, err := net.Listen("tcp", fmt.Sprintf(":%d", p.port))
+	if err != nil {
+		return fmt.Errorf("counter service: %w", err)
+	}
+	if p.dirty > 0 {
+		go dirtier(p.dirty, p.dirtyMiB)
+	}
+	fmt.Printf("%s boot=%s ip=%s port=%d disk=%q dirty=%d\n", readyPrefix, svc.bootID, p.ip, p.port, p.disk, p.dirty)
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return fmt.Errorf("counter service: accept: %w", err)
+		}
+		go svc.serve(c)
+	}
+}
+
+func mountBase() error {
+	for _, m := range []struct{ src, dst, fs string }{
+		{"proc", "/proc", "proc"},
+		{"sysfs", "/sys", "sysfs"},
+		{"devtmpfs", "/dev", "devtmpfs"},
+	} {
+		if err := os.MkdirAll(m.dst, 0o755); err != nil {
+			return err
+		}
+		if err := unix.Mount(m.src, m.dst, m.fs, 0, ""); err != nil && !errors.Is(err, unix.EBUSY) {
+			return fmt.Errorf("mount %s: %w", m.dst, err)
+		}
+	}
+	// The initramfs has no /dev/console node (its cpio writer cannot make
+	// device nodes), so the kernel started us without stdio: take the
+	// console from devtmpfs now.
+	if f, err := os.OpenFile("/dev/console", os.O_RDWR, 0); err == nil {
+		for fd := 0; fd <= 2; fd++ {
+			unix.Dup2(int(f.Fd()), fd)
+		}
+	}
+	return nil
+}
+
+func parseCmdline() (params, error) {
+	p := params{port: 7000, dirtyMiB: 32, moduleDir: "/lib/modules"}
+	b, err := os.ReadFile("/proc/cmdline")
+	if err != nil {
+		return p, fmt.Errorf("read kernel command line: %w", err)
+	}
+	for _, f := range strings.Fields(string(b)) {
+		k, v, _ := strings.Cut(f, "=")
+		var err error
+		switch k {
+		case "remus.ip":
+			p.ip, err = netip.ParsePrefix(v)
+		case "remus.port":
+			p.port, err = strconv.Atoi(v)
+		case "remus.dirty":
+			p.dirty, err = strconv.Atoi(v)
+		case "remus.dirtymem":
+			p.dirtyMiB, err = strconv.Atoi(v)
+		case "remus.disk":
+			p.disk = v
+		case "remus.exec":
+			p.exec = v
+		case "remus.args":
+			p.args = strings.Split(v, ",")
+		}
+		if err != nil {
+			return p, fmt.Errorf("kernel command line: %s: %w", f, err)
+		}
+	}
+	if p.dirtyMiB <= 0 {
+		p.dirtyMiB = 1
+	}
+	return p, nil
+}
+
+func loadModules(dir string) error {
+	b, err := os.ReadFile(dir + "/order")
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	for _, name := range strings.Fields(string(b)) {
+		f, err := os.Open(dir + "/" + name)
+		if err != nil {
+			return fmt.Errorf("load module %s: %w", name, err)
+		}
+		err = unix.FinitModule(int(f.Fd()), "", 0)
+		f.Close()
+		if err != nil && !errors.Is(err, unix.EEXIST) {
+			return fmt.Errorf("load module %s: %w", name, err)
+		}
+	}
+	return nil
+}
+
+func setupNetwork(ip netip.Prefix) error {
+	lo, err := netlink.LinkByName("lo")
+	if err == nil {
+		err = netlink.LinkSetUp(lo)
+	}
+	if err != nil {
+		return fmt.Errorf("bring up lo: %w", err)
+	}
+	if !ip.IsValid() {
+		return nil
+	}
+	var eth netlink.Link
+	for deadline := time.Now().Add(10 * time.Second); eth == nil; {
+		links, err := netlink.LinkList()
+		if err != nil {
+			return fmt.Errorf("list links: %w", err)
+		}
+		for _, l := range links {
+			if l.Type() == "device" && l.Attrs().Name != "lo" {
+				eth = l
+				break
+			}
+		}
+		if eth == nil {
+			if time.Now().After(deadline) {
+				return errors.New("no network interface appeared (is virtio_net loaded?)")
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	addr := &netlink.Addr{IPNet: &net.IPNet{IP: ip.Addr().AsSlice(), Mask: net.CIDRMask(ip.Bits(), ip.Addr().BitLen())}}
+	if err := netlink.AddrAdd(eth, addr); err != nil {
+		return fmt.Errorf("address %s on %s: %w", ip, eth.Attrs().Name, err)
+	}
+	if err := netlink.LinkSetUp(eth); err != nil {
+		return fmt.Errorf("bring up %s: %w", eth.Attrs().Name, err)
+	}
+	return nil
+}
+
+func runExec(p params) error {
+	cmd := exec.Command(p.exec, p.args...)
+	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+	err := cmd.Run()
+	code := 0
+	if err != nil {
+		code = -1
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			code = ee.ExitCode()
+		}
+		fmt.Printf("remus-guest: exec %s: %v\n", p.exec, err)
+	}
+	fmt.Printf("remus-guest: exit status %d\n", code)
+	return nil
+}
+
+// reap collects orphaned children, as PID 1 must.
+func reap() {
+	for {
+		var ws unix.WaitStatus
+		if _, err := unix.Wait4(-1, &ws, 0, nil); errors.Is(err, unix.ECHILD) {
+			time.Sleep(time.Second)
+		}
+	}
+}
+
+type service struct {
+	bootID    string
+	recBootID [16]byte
+	disk      *os.File
+
+	mu    sync.Mutex
+	value uint64
+}
+
+func (s *service) serve(c net.Conn) {
+	defer c.Close()
+	r := bufio.NewReaderSize(c, counter.MaxLine)
+	var out []byte
+	for {
+		line, err := r.ReadSlice('\n')
+		if err != nil {
+			return
+		}
+		out = out[:0]
+		cmd, err := counter.ParseRequest(string(line))
+		if err == nil {
+			var rep counter.Reply
+			rep, err = s.do(cmd)
+			out = counter.AppendReply(out, rep)
+		}
+		if err != nil {
+			out = counter.AppendError(out[:0], err.Error())
+		}
+		if _, err := c.Write(out); err != nil {
+			return
+		}
+	}
+}
+
+func (s *service) do(cmd string) (counter.Reply, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if cmd == counter.CmdInc {
+		next := s.value + 1
+		if s.disk != nil {
+			rec := counter.MarshalRecord(counter.Record{Value: next, BootID: s.recBootID})
+			if _, err := s.disk.WriteAt(rec[:], counter.Offset(next)); err != nil {
+				return counter.Reply{}, fmt.Errorf("write record %d: %w", next, err)
+			}
+			if err := s.disk.Sync(); err != nil {
+				return counter.Reply{}, fmt.Errorf("sync record %d: %w", next, err)
+			}
+		}
+		s.value = next
+	}
+	return counter.Reply{Value: s.value, BootID: s.bootID, Uptime: uptime()}, nil
+}
+
+// uptime is the guest kernel's CLOCK_BOOTTIME: it survives a resume from a
+// checkpoint and restarts at zero on reboot.
+func uptime() time.Duration {
+	var ts unix.Timespec
+	unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts)
+	return time.Duration(ts.Nano())
+}
+
+// dirtier writes to pagesPerSec distinct pages every second, spread over
+// 100 slices of 10 ms, cycling through a buffer of mib MiB.
+func dirtier(pagesPerSec, mib int) {
+	const page = 4096
+	buf := make([]byte, mib<<20)
+	pages := len(buf) / page
+	next := 0
+	var gen uint64
+	t := time.NewTicker(10 * time.Millisecond)
+	carry := 0
+	for range t.C {
+		carry += pagesPerSec
+		n := carry / 100
+		carry %= 100
+		gen++
+		for i := 0; i < n; i++ {
+			off := next * page
+			for j := 0; j < 8; j++ {
+				buf[off+j] = byte(gen >> (8 * j))
+			}
+			next = (next + 1) % pages
+		}
+	}
+}
