@@ -79,6 +79,7 @@ type Guest struct {
 	Port         int          // counter service port; default 7000
 	DirtyPerSec  int          // pages dirtied per second; 0 disables
 	DirtyMiB     int          // size of the dirtied buffer; default 32
+	TickMillis   int          // print a tick line on the console this often; 0 disables
 	Exec         string       // run this program instead of the service, then power off
 	ExecArgs     []string
 	ExtraCmdline []string
@@ -185,6 +186,9 @@ func (c Config) Cmdline() string {
 		if c.Guest.DirtyMiB > 0 {
 			args = append(args, "remus.dirtymem="+strconv.Itoa(c.Guest.DirtyMiB))
 		}
+	}
+	if c.Guest.TickMillis > 0 {
+		args = append(args, "remus.tick="+strconv.Itoa(c.Guest.TickMillis))
 	}
 	if c.Disk != "" {
 		args = append(args, "remus.disk=/dev/vda")

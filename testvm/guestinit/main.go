@@ -7,9 +7,10 @@
 //     command line (remus.ip=ADDR/LEN) and brings it up;
 //  4. serves the counter service (package testvm/counter) on remus.port,
 //     persisting each increment to /dev/vda when the guest has a disk;
-//  5. dirties remus.dirty pages per second of a remus.dirtymem MiB buffer,
+//  5. prints a tick line every remus.tick milliseconds, when set;
+//  6. dirties remus.dirty pages per second of a remus.dirtymem MiB buffer,
 //     so the checkpoint path has a steady load;
-//  6. prints the ready line (see testvm.ReadyPrefix) on the console.
+//  7. prints the ready line (see testvm.ReadyPrefix) on the console.
 //
 // With remus.exec=PATH it instead runs PATH (with remus.args, comma
 // separated) after step 3, prints its exit status and powers the guest off:
@@ -53,6 +54,7 @@ type params struct {
 	port      int
 	dirty     int // pages per second
 	dirtyMiB  int
+	tick      time.Duration
 	exec      string
 	args      []string
 	disk      string
@@ -97,7 +99,14 @@ func run() error {
 	if p.dirty > 0 {
 		go dirtier(p.dirty, p.dirtyMiB)
 	}
-	fmt.Printf("%s boot=%s ip=%s port=%d disk=%q dirty=%d\n", readyPrefix, svc.bootID, p.ip, p.port, p.disk, p.dirty)
+	if p.tick > 0 {
+		go ticker(p.tick, svc.bootID)
+	}
+	ip := "none"
+	if p.ip.IsValid() {
+		ip = p.ip.String()
+	}
+	fmt.Printf("%s boot=%s ip=%s port=%d disk=%q dirty=%d\n", readyPrefix, svc.bootID, ip, p.port, p.disk, p.dirty)
 	for {
 		c, err := ln.Accept()
 		if err != nil {
@@ -149,6 +158,10 @@ func parseCmdline() (params, error) {
 			p.dirty, err = strconv.Atoi(v)
 		case "remus.dirtymem":
 			p.dirtyMiB, err = strconv.Atoi(v)
+		case "remus.tick":
+			var ms int
+			ms, err = strconv.Atoi(v)
+			p.tick = time.Duration(ms) * time.Millisecond
 		case "remus.disk":
 			p.disk = v
 		case "remus.exec":
@@ -314,6 +327,16 @@ func uptime() time.Duration {
 	var ts unix.Timespec
 	unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts)
 	return time.Duration(ts.Nano())
+}
+
+// ticker prints a numbered line on the console every period, so a person or
+// a test can watch the guest run on (or resume) from the console alone.
+func ticker(period time.Duration, bootID string) {
+	t := time.NewTicker(period)
+	for n := 1; ; n++ {
+		<-t.C
+		fmt.Printf("remus-guest: tick %d uptime=%dms boot=%s\n", n, uptime().Milliseconds(), bootID)
+	}
 }
 
 // dirtier writes to pagesPerSec distinct pages every second, spread over
