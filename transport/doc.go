@@ -1,0 +1,65 @@
+// Package transport is the wire format between the primary and the backup
+// agent, and a connection wrapper that speaks it.
+//
+// Each protected VM has one TCP connection between the two agents. Both
+// directions carry a stream of frames: the primary sends Hello, then for every
+// epoch its RAMPages and DeviceState frames followed by a Commit, and
+// Heartbeats; the backup sends Hello, an Ack for every epoch it verified and
+// applied, Heartbeats and Errors.
+//
+// # Frame layout
+//
+// All integers are big-endian. CRC32C is CRC-32 with the Castagnoli
+// polynomial (hash/crc32.Castagnoli).
+//
+//	offset  size  field        meaning
+//	------  ----  -----------  ---------------------------------------------
+//	     0     4  magic        "RMUS"
+//	     4     1  version      MinVersion..MaxVersion (1 now)
+//	     5     1  type         Type; unknown types are rejected
+//	     6     2  flags        Flags; unknown or unsupported bits are rejected
+//	     8     8  epoch        epoch the frame belongs to, 0 when none
+//	    16     8  seq          per-direction sequence number: 1, 2, 3, ...
+//	    24     4  length       payload length n, at most MaxPayload
+//	    28     4  header CRC   CRC32C of bytes 0..27
+//	    32     n  payload      the message (see messages.go), n bytes
+//	  32+n     4  payload CRC  CRC32C of the payload
+//
+// A frame is Overhead (36) bytes longer than its payload. The magic and the
+// version byte are the only fields every protocol version keeps in place;
+// the reader checks them first, so a peer speaking another version is told
+// apart from a corrupt stream. The header has its own checksum so that the
+// length is trusted before the payload is read: a frame that announces more
+// than MaxPayload is rejected before anything is allocated, and a bit flip
+// in the length cannot make the reader wait for bytes that never come.
+//
+// Sequence numbers start at 1 in each direction and grow by exactly one per
+// frame; Reader rejects a gap, a repeat or a reorder (ErrSequence). They are
+// the basis for replay protection once frames are authenticated
+// (FlagAuthenticated, reserved).
+//
+// # Compatibility rules
+//
+// The Type, Flags, Role and ErrorCode numbers are the protocol: values are
+// appended, never renumbered or reused. A change to any layout needs a new
+// version number; a decoder accepts the range MinVersion..MaxVersion.
+//
+// # Epochs
+//
+// An epoch is sent as RAMPages frames (pages in ascending index order, each
+// page at most once per epoch), DeviceState chunks in offset order, and a
+// Commit carrying the page count, the device state length and a CRC32C
+// digest of the content in send order (see Digest). All of them carry the
+// epoch number in the header. The backup feeds them to a Stage, which hands
+// the epoch out only when the Commit verifies; the backup applies it and
+// sends an Ack with the same epoch number. Epochs are numbered from 1 and
+// committed consecutively.
+//
+// # Errors
+//
+// Reader and the decoders report errors usable with errors.Is: ErrCorrupt,
+// ErrTooLarge, ErrVersion, ErrSequence, ErrUnsupported, ErrMalformed,
+// ErrEpoch, and io.ErrUnexpectedEOF for a stream that ends inside a frame.
+// Frame-level errors are *FrameError values that say where the frame
+// started and, once its header verified, its seq, type and epoch.
+package transport
