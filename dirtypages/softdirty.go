@@ -1,0 +1,318 @@
+package dirtypages
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sync"
+	"sync/atomic"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// Bits of a /proc/PID/pagemap entry (Documentation/admin-guide/mm/pagemap.rst).
+const (
+	pmSoftDirty = 55 // pte is soft-dirty
+	pmPresent   = 63 // page present in RAM
+)
+
+// ErrSoftDirtyUnsupported is returned (wrapped, with the reason) when the
+// kernel cannot track soft-dirty pages.
+var ErrSoftDirtyUnsupported = errors.New("dirtypages: soft-dirty tracking unsupported")
+
+// SoftDirtySupported checks that the running kernel tracks soft-dirty bits:
+// it writes to a shared memory page of its own, clears the process's bits,
+// writes to the page again and checks that pagemap shows the bit set. It
+// returns nil when it is, and an error wrapping ErrSoftDirtyUnsupported that
+// names the reason otherwise (kernels built without CONFIG_MEM_SOFT_DIRTY
+// accept clear_refs but never set the bit).
+//
+// As a side effect it clears the soft-dirty bits of the calling process.
+func SoftDirtySupported() error {
+	fd, err := unix.MemfdCreate("dirtypages-probe", unix.MFD_CLOEXEC)
+	if err != nil {
+		return fmt.Errorf("dirtypages: soft-dirty probe: memfd: %w", err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Ftruncate(fd, PageSize); err != nil {
+		return fmt.Errorf("dirtypages: soft-dirty probe: size memfd: %w", err)
+	}
+	mem, err := unix.Mmap(fd, 0, PageSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return fmt.Errorf("dirtypages: soft-dirty probe: map memfd: %w", err)
+	}
+	defer unix.Munmap(mem)
+	word := (*uint64)(unsafe.Pointer(&mem[0]))
+	atomic.StoreUint64(word, 1) // fault the page in
+
+	src, err := openProc(os.Getpid())
+	if err != nil {
+		return fmt.Errorf("%w: %w", ErrSoftDirtyUnsupported, err)
+	}
+	defer src.Close()
+	entry := func() (uint64, error) {
+		var e [8]byte
+		off := int64(uintptr(unsafe.Pointer(&mem[0])) / PageSize * 8)
+		if _, err := src.ReadAt(e[:], off); err != nil {
+			return 0, fmt.Errorf("dirtypages: soft-dirty probe: read own pagemap: %w", err)
+		}
+		return *(*uint64)(unsafe.Pointer(&e[0])), nil
+	}
+	if err := src.ClearSoftDirty(); err != nil {
+		return fmt.Errorf("%w: %w", ErrSoftDirtyUnsupported, err)
+	}
+	before, err := entry()
+	if err != nil {
+		return err
+	}
+	atomic.StoreUint64(word, 2)
+	after, err := entry()
+	if err != nil {
+		return err
+	}
+	switch {
+	case after>>pmPresent&1 == 0:
+		return fmt.Errorf("%w: pagemap shows a page just written as not present (entry %#x)", ErrSoftDirtyUnsupported, after)
+	case before>>pmSoftDirty&1 != 0:
+		return fmt.Errorf("%w: clear_refs did not clear the soft-dirty bit", ErrSoftDirtyUnsupported)
+	case after>>pmSoftDirty&1 == 0:
+		return fmt.Errorf("%w: kernel lacks CONFIG_MEM_SOFT_DIRTY: soft-dirty bit never set", ErrSoftDirtyUnsupported)
+	}
+	return nil
+}
+
+// pagemapSource is the access SoftDirty needs to another process's page
+// table bits; procSource is the real one, tests substitute a fake.
+type pagemapSource interface {
+	// ReadAt reads pagemap entries: offset is (virtual address / PageSize)
+	// * 8, entries are 8-byte host-order words. Safe for concurrent use.
+	ReadAt(p []byte, off int64) (int, error)
+	// ClearSoftDirty clears the soft-dirty bits of the whole process.
+	ClearSoftDirty() error
+	Close() error
+}
+
+// procSource reads /proc/PID/pagemap and writes /proc/PID/clear_refs. Both
+// stay open for the tracker's life; they refer to the process that had the
+// pid at open time, so a recycled pid cannot redirect them.
+type procSource struct {
+	pagemap   *os.File
+	clearRefs *os.File
+}
+
+func openProc(pid int) (*procSource, error) {
+	pm, err := os.Open(fmt.Sprintf("/proc/%d/pagemap", pid))
+	if err != nil {
+		return nil, err
+	}
+	cr, err := os.OpenFile(fmt.Sprintf("/proc/%d/clear_refs", pid), os.O_WRONLY, 0)
+	if err != nil {
+		pm.Close()
+		return nil, err
+	}
+	return &procSource{pagemap: pm, clearRefs: cr}, nil
+}
+
+func (p *procSource) ReadAt(b []byte, off int64) (int, error) { return p.pagemap.ReadAt(b, off) }
+
+// clearSoftDirtyCmd is what clear_refs takes to clear soft-dirty bits
+// (CLEAR_REFS_SOFT_DIRTY).
+var clearSoftDirtyCmd = []byte("4")
+
+func (p *procSource) ClearSoftDirty() error {
+	if _, err := p.clearRefs.Write(clearSoftDirtyCmd); err != nil {
+		return fmt.Errorf("clear soft-dirty bits: %w", err)
+	}
+	return nil
+}
+
+func (p *procSource) Close() error {
+	return errors.Join(p.pagemap.Close(), p.clearRefs.Close())
+}
+
+// SoftDirty is the Tracker that reads the kernel's soft-dirty bits of
+// another process's (QEMU's) mapping of guest RAM; see the package
+// documentation for its trade-offs.
+type SoftDirty struct {
+	pid     int
+	m       Mapping
+	src     pagemapSource
+	pages   int
+	workers int
+	batch   int // pages per read, a multiple of 64
+
+	mu     sync.Mutex // serialises Harvest and Close
+	full   bool
+	closed bool
+}
+
+var _ Tracker = (*SoftDirty)(nil)
+
+// NewSoftDirty returns a SoftDirty tracker of mapping m (see FindMapping) in
+// process pid. The mapping must start at offset 0 of the RAM backend, so
+// that page indexes are offsets in the backend, and be whole pages. It
+// checks SoftDirtySupported first and returns its error, which wraps
+// ErrSoftDirtyUnsupported, when the kernel cannot track. Reading another
+// process's pagemap and writing its clear_refs needs the rights to ptrace
+// it (normally: the same user, or root).
+//
+// The first Harvest clears the bits and reports every page.
+func NewSoftDirty(pid int, m Mapping, opts Options) (*SoftDirty, error) {
+	if err := SoftDirtySupported(); err != nil {
+		return nil, err
+	}
+	src, err := openProc(pid)
+	if err != nil {
+		return nil, fmt.Errorf("dirtypages: soft-dirty of pid %d: %w", pid, err)
+	}
+	s, err := newSoftDirty(pid, m, src, opts)
+	if err != nil {
+		src.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+func newSoftDirty(pid int, m Mapping, src pagemapSource, opts Options) (*SoftDirty, error) {
+	opts, err := opts.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	switch {
+	case m.End <= m.Start || m.Start%PageSize != 0 || m.End%PageSize != 0:
+		return nil, fmt.Errorf("dirtypages: soft-dirty of pid %d: mapping %#x-%#x is not whole pages", pid, m.Start, m.End)
+	case m.Offset != 0:
+		return nil, fmt.Errorf("dirtypages: soft-dirty of pid %d: mapping %#x-%#x starts at offset %#x of %s, not at its start", pid, m.Start, m.End, m.Offset, m.Path)
+	}
+	return &SoftDirty{
+		pid:     pid,
+		m:       m,
+		src:     src,
+		pages:   m.Pages(),
+		workers: opts.Workers,
+		batch:   opts.BatchPages,
+		full:    true,
+	}, nil
+}
+
+// Pages is the number of pages tracked.
+func (s *SoftDirty) Pages() int { return s.pages }
+
+// Harvest reads the soft-dirty bits of the mapping from pagemap, then clears
+// the bits of the whole process. Nothing may write the mapping between the
+// read and the clear (a write there would be lost): the guest must be
+// paused, and with it QEMU's device emulation, as QMP stop ensures.
+//
+// The first Harvest, and the first successful one after a failure, only
+// clears and reports every page.
+func (s *SoftDirty) Harvest(ctx context.Context) (*Set, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil, ErrClosed
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("dirtypages: soft-dirty harvest of pid %d: %w", s.pid, err)
+	}
+	full := s.full
+	s.full = true
+	set := NewSet(s.pages)
+	if full {
+		set.AddRange(0, s.pages)
+	} else if err := s.scan(ctx, set, pmSoftDirty); err != nil {
+		return nil, fmt.Errorf("dirtypages: pagemap of pid %d: %w", s.pid, err)
+	}
+	if err := s.src.ClearSoftDirty(); err != nil {
+		return nil, fmt.Errorf("dirtypages: clear_refs of pid %d: %w", s.pid, err)
+	}
+	s.full = false
+	return set, nil
+}
+
+// scan reads the pagemap entries of the mapping, batch pages per read,
+// spread over the workers, and adds to set the pages whose entry has bit
+// set. Each batch covers whole words of set's bitmap, so workers never
+// write the same word.
+func (s *SoftDirty) scan(ctx context.Context, set *Set, bit uint) error {
+	batches := (s.pages + s.batch - 1) / s.batch
+	workers := min(s.workers, batches)
+	base := int64(s.m.Start / PageSize * 8)
+	var (
+		next    atomic.Int64
+		wg      sync.WaitGroup
+		errOnce sync.Once
+		failed  error
+		stop    atomic.Bool
+	)
+	fail := func(err error) {
+		errOnce.Do(func() { failed = err })
+		stop.Store(true)
+	}
+	done := ctx.Done()
+	work := func() {
+		buf := make([]uint64, s.batch)
+		raw := unsafe.Slice((*byte)(unsafe.Pointer(&buf[0])), len(buf)*8)
+		for !stop.Load() {
+			select {
+			case <-done:
+				fail(ctx.Err())
+				return
+			default:
+			}
+			b := int(next.Add(1)) - 1
+			if b >= batches {
+				return
+			}
+			first := b * s.batch
+			n := min(s.batch, s.pages-first)
+			got, err := s.src.ReadAt(raw[:n*8], base+int64(first)*8)
+			if got < n*8 {
+				if err == nil || err == io.EOF {
+					err = fmt.Errorf("short read at page %d: %d of %d bytes (has the process exited?)", first, got, n*8)
+				}
+				fail(err)
+				return
+			}
+			decode(set.words[first>>6:], buf[:n], bit)
+		}
+	}
+	for range workers - 1 {
+		wg.Go(work)
+	}
+	work()
+	wg.Wait()
+	return failed
+}
+
+// decode packs bit of each pagemap entry into bitmap words, 64 entries per
+// word, overwriting words.
+func decode(words []uint64, entries []uint64, bit uint) {
+	for len(entries) > 0 {
+		e := entries[:min(64, len(entries))]
+		var w uint64
+		for k, v := range e {
+			w |= (v >> bit & 1) << uint(k)
+		}
+		words[0] = w
+		words = words[1:]
+		entries = entries[len(e):]
+	}
+}
+
+// Close closes the pagemap and clear_refs files. The soft-dirty bits are
+// left as they are.
+func (s *SoftDirty) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil
+	}
+	s.closed = true
+	if err := s.src.Close(); err != nil {
+		return fmt.Errorf("dirtypages: soft-dirty of pid %d: close: %w", s.pid, err)
+	}
+	return nil
+}
