@@ -1,0 +1,46 @@
+# remus-kvm: Remus-style high availability for KVM/QEMU virtual machines.
+#
+#   make setup   install what a Debian 12 host needs (idempotent)
+#   make demo    boot the test guest and show it serving, under protection
+#   make test    setup, then every test with the race detector
+#   make bench   benchmarks
+#   make fuzz    run each fuzz target for FUZZTIME
+
+SHELL := /bin/bash
+GO ?= go
+FUZZTIME ?= 20s
+APT_PACKAGES := qemu-system-x86 qemu-utils iproute2 kmod ca-certificates
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+KERNEL_CACHE := .cache/guest-kernel
+
+.PHONY: setup demo test vet bench fuzz clean
+
+setup:
+	@command -v $(GO) >/dev/null || { echo "setup: Go 1.26 or newer is required (https://go.dev/dl)"; exit 1; }
+	$(SUDO) apt-get update -q
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(APT_PACKAGES)
+	$(SUDO) scripts/fetch-guest-kernel.sh $(KERNEL_CACHE)
+	$(GO) mod download
+
+demo: setup
+	$(SUDO) $(GO) run ./cmd/remus-demo
+
+test: setup vet
+	$(GO) test -race -timeout 45m ./...
+
+vet:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem ./...
+
+fuzz:
+	@for pkg in $$($(GO) list ./...); do \
+		for f in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
+			echo "== $$pkg $$f"; $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
+		done; \
+	done
+
+clean:
+	rm -rf .cache bin
