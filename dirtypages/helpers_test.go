@@ -113,3 +113,6 @@ func wantSet(t testing.TB, what string, got, want *Set) {
 	}
 	t.Fatalf("%s: got %v, want %v; missing %v; extra %v", what, got, want, missing, extra)
 }
+
+// addrOf is the virtual address of b's first byte.
+func addrOf(b []byte) uintptr { return uintptr(unsafe.Pointer(&b[0])) }

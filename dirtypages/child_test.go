@@ -1,0 +1,296 @@
+package dirtypages
+
+import (
+	"bufio"
+	"flag"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// inGuest is set when the test binary runs inside the test guest (see
+// TestSoftDirtyInGuest): there the kernel tracks soft-dirty pages, so the
+// soft-dirty tests must run and fail rather than skip.
+var inGuest = flag.Bool("dirtypages.in-guest", false, "the tests run inside the test guest, whose kernel has CONFIG_MEM_SOFT_DIRTY=y")
+
+// childEnv, set in the environment, turns the test binary into the helper
+// process of startChild.
+const childEnv = "DIRTYPAGES_TEST_CHILD"
+
+func TestMain(m *testing.M) {
+	if size := os.Getenv(childEnv); size != "" {
+		os.Exit(childMain(size))
+	}
+	os.Exit(m.Run())
+}
+
+// childMain is the helper process: it maps the memory passed as fd 3
+// shared, prints "ready ADDR" and then obeys lines on stdin, answering each
+// with "ok":
+//
+//	w GEN P...   store GEN in a word of each page P (a content change)
+//	s P...       store back the word a page holds (a write, no change)
+//
+// It exits when stdin closes.
+func childMain(sizeStr string) int {
+	size, err := strconv.Atoi(sizeStr)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "child: size:", err)
+		return 2
+	}
+	mem, err := unix.Mmap(3, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "child: mmap:", err)
+		return 2
+	}
+	unix.Close(3)
+	fmt.Printf("ready %#x\n", addrOf(mem))
+	sc := bufio.NewScanner(os.Stdin)
+	sc.Buffer(make([]byte, 0, 1<<20), 1<<24)
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		if len(f) == 0 {
+			continue
+		}
+		var gen uint64
+		args := f[1:]
+		if f[0] == "w" {
+			if gen, err = strconv.ParseUint(args[0], 10, 64); err != nil {
+				fmt.Fprintln(os.Stderr, "child:", err)
+				return 2
+			}
+			args = args[1:]
+		}
+		for _, a := range args {
+			p, err := strconv.Atoi(a)
+			if err != nil || p < 0 || p >= size/PageSize {
+				fmt.Fprintf(os.Stderr, "child: bad page %q\n", a)
+				return 2
+			}
+			w := word(mem, p*PageSize+int(gen%(PageSize/8))*8)
+			switch f[0] {
+			case "w":
+				atomic.StoreUint64(w, gen)
+			case "s":
+				atomic.StoreUint64(w, atomic.LoadUint64(w))
+			}
+		}
+		fmt.Println("ok")
+	}
+	return 0
+}
+
+// child is a running helper process.
+type child struct {
+	cmd  *exec.Cmd
+	in   io.WriteCloser
+	out  *bufio.Reader
+	addr uintptr
+	gen  uint64
+}
+
+// startChild starts the helper process on the memory of f (size bytes) and
+// waits for it to map it. Cleanup closes its stdin and waits for it.
+func startChild(t *testing.T, f *os.File, size int) *child {
+	t.Helper()
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(exe, "-test.run=^$")
+	// GORACE: a race-enabled helper would otherwise linger a second at exit.
+	cmd.Env = append(os.Environ(), childEnv+"="+strconv.Itoa(size), "GORACE=atexit_sleep_ms=0")
+	cmd.ExtraFiles = []*os.File{f}
+	cmd.Stderr = os.Stderr
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	outPipe, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start helper process: %v", err)
+	}
+	c := &child{cmd: cmd, in: in, out: bufio.NewReader(outPipe), gen: 1 << 32}
+	t.Cleanup(func() {
+		c.in.Close()
+		if err := c.cmd.Wait(); err != nil {
+			t.Errorf("helper process: %v", err)
+		}
+	})
+	line, err := c.out.ReadString('\n')
+	if err != nil {
+		t.Fatalf("helper process did not start: %v", err)
+	}
+	a, ok := strings.CutPrefix(strings.TrimSpace(line), "ready ")
+	addr, err := strconv.ParseUint(a, 0, 64)
+	if !ok || err != nil {
+		t.Fatalf("helper process said %q", line)
+	}
+	c.addr = uintptr(addr)
+	return c
+}
+
+// do sends one command and waits for its "ok".
+func (c *child) do(t *testing.T, cmd string, pages []int) {
+	t.Helper()
+	var b strings.Builder
+	b.WriteString(cmd)
+	for _, p := range pages {
+		b.WriteString(" " + strconv.Itoa(p))
+	}
+	b.WriteByte('\n')
+	if _, err := io.WriteString(c.in, b.String()); err != nil {
+		t.Fatalf("helper process: %v", err)
+	}
+	if line, err := c.out.ReadString('\n'); err != nil || line != "ok\n" {
+		t.Fatalf("helper process answered %q, %v", line, err)
+	}
+}
+
+// write makes the child change the content of pages.
+func (c *child) write(t *testing.T, pages ...int) {
+	t.Helper()
+	c.gen++
+	c.do(t, "w "+strconv.FormatUint(c.gen, 10), pages)
+}
+
+// rewrite makes the child write to pages the values they hold.
+func (c *child) rewrite(t *testing.T, pages ...int) {
+	t.Helper()
+	c.do(t, "s", pages)
+}
+
+// childMemory is the memory shared with a helper process, and the name
+// FindMapping knows it by.
+func childMemory(t *testing.T, backing string, size int) (*os.File, string) {
+	t.Helper()
+	if backing == "memfd" {
+		name := "dirtypages-child-" + strconv.Itoa(os.Getpid())
+		return newMemfd(t, name, size), name
+	}
+	f := newRAMFile(t, size)
+	return f, f.Name()
+}
+
+// TestFindMappingOfChild finds the helper process's mapping of a memfd and
+// of a file, as the agent finds QEMU's.
+func TestFindMappingOfChild(t *testing.T) {
+	const size = 64 * PageSize
+	for _, backing := range []string{"memfd", "file"} {
+		t.Run(backing, func(t *testing.T) {
+			f, name := childMemory(t, backing, size)
+			c := startChild(t, f, size)
+			m, err := FindMapping(c.cmd.Process.Pid, name)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if m.Start != c.addr || m.Len() != size || m.Offset != 0 || m.Perms != "rw-s" {
+				t.Fatalf("found %v; the child mapped %d bytes at %#x", m, size, c.addr)
+			}
+		})
+	}
+}
+
+// TestSoftDirtyTracksChild tracks a helper process's writes to shared
+// memory with the soft-dirty tracker, as the agent tracks QEMU, and checks
+// the compare tracker on the same memory against it: soft-dirty must report
+// exactly the pages written, compare exactly the pages whose content
+// changed. It needs a kernel with CONFIG_MEM_SOFT_DIRTY=y; TestSoftDirtyInGuest
+// runs it inside the test guest, which has one.
+func TestSoftDirtyTracksChild(t *testing.T) {
+	requireSoftDirty(t)
+	for _, backing := range []string{"memfd", "file"} {
+		t.Run(backing, func(t *testing.T) { testSoftDirtyTracksChild(t, backing) })
+	}
+}
+
+func testSoftDirtyTracksChild(t *testing.T, backing string) {
+	const n = 4096 + 100 // pages: 16 MiB and a partial bitmap word
+	size := n * PageSize
+	f, name := childMemory(t, backing, size)
+	c := startChild(t, f, size)
+	pid := c.cmd.Process.Pid
+
+	m, err := FindMapping(pid, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.Start != c.addr || m.Len() != uintptr(size) {
+		t.Fatalf("found %v; the child mapped %d bytes at %#x", m, size, c.addr)
+	}
+	// Small batches, so one harvest takes several reads on both workers.
+	sd, err := NewSoftDirty(pid, m, Options{Workers: 2, BatchPages: 1024})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sd.Close()
+	cmp, err := NewCompare(mapShared(t, f, size), Options{Workers: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cmp.Close()
+
+	// Some pages hold data before tracking starts.
+	c.write(t, 1, 2, 3, 1000)
+	wantSet(t, "first soft-dirty harvest", harvest(t, sd), NewFullSet(n))
+	wantSet(t, "first compare harvest", harvest(t, cmp), NewFullSet(n))
+
+	rng := rand.New(rand.NewPCG(42, 0))
+	randomPages := func(k int) []int {
+		out := make([]int, k)
+		for i := range out {
+			out[i] = rng.IntN(n)
+		}
+		return out
+	}
+	all := make([]int, n)
+	for i := range all {
+		all[i] = i
+	}
+	for _, round := range []struct {
+		name    string
+		written []int // content changed
+		same    []int // written with the value they hold
+	}{
+		{name: "quiet"},
+		{name: "first page", written: []int{0}},
+		{name: "last page", written: []int{n - 1}},
+		{name: "word boundaries", written: []int{60, 61, 62, 63, 64, 65, 127, 128, 1023, 1024, 1025}},
+		{name: "random", written: randomPages(300)},
+		{name: "quiet again"},
+		{name: "same values", written: []int{8}, same: []int{5, 6, 7, 1000}},
+		{name: "every page", written: all},
+		{name: "random after all", written: randomPages(50), same: randomPages(20)},
+	} {
+		if len(round.written) > 0 {
+			c.write(t, round.written...)
+		}
+		if len(round.same) > 0 {
+			c.rewrite(t, round.same...)
+		}
+		gotSD := harvest(t, sd)
+		gotCmp := harvest(t, cmp)
+		changed := setOf(n, round.written...)
+		writes := changed.Clone()
+		writes.Union(setOf(n, round.same...))
+		wantSet(t, round.name+": soft-dirty", gotSD, writes)
+		wantSet(t, round.name+": compare", gotCmp, changed)
+		// Every change is a write: compare never reports a page that
+		// soft-dirty missed.
+		both := gotSD.Clone()
+		both.Union(gotCmp)
+		wantSet(t, round.name+": compare within soft-dirty", both, gotSD)
+		t.Logf("%s: soft-dirty %d pages, compare %d pages", round.name, gotSD.Count(), gotCmp.Count())
+	}
+}
