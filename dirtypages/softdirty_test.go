@@ -92,8 +92,8 @@ func (f *fakePagemap) write(entries ...int) {
 // holds dirty entries just outside the mapping.
 func TestSoftDirtyHarvestFake(t *testing.T) {
 	const (
-		pad   = 100             // entries before and after the mapping
-		n     = 1000            // pages in the mapping, not a multiple of 64
+		pad   = 100            // entries before and after the mapping
+		n     = 1000           // pages in the mapping, not a multiple of 64
 		start = 0x7f0000000000 // address of the mapping
 	)
 	for _, tc := range []struct{ workers, batch int }{{1, 0}, {1, 64}, {2, 64}, {3, 128}, {4, 1000}} {
