@@ -57,7 +57,7 @@ func (c *Conn) Send(ctx context.Context, f Frame) error {
 	defer c.sendMu.Unlock()
 	f.Seq = c.seq + 1
 	if c.sendErr != nil {
-		return fmt.Errorf("transport: send seq %d (%s, epoch %d): %w", f.Seq, f.Type, f.Epoch, c.sendErr)
+		return fmt.Errorf("transport: send %s (epoch %d): %w", f.Type, f.Epoch, c.sendErr)
 	}
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("transport: send seq %d (%s, epoch %d): %w", f.Seq, f.Type, f.Epoch, context.Cause(ctx))
@@ -68,8 +68,9 @@ func (c *Conn) Send(ctx context.Context, f Frame) error {
 	if err != nil {
 		err = ctxError(ctx, err)
 		if n > 0 {
-			c.sendErr = fmt.Errorf("%w: a write stopped after %d of %d bytes of frame seq %d: %w", ErrBroken, n, Overhead+len(f.Payload), f.Seq, err)
-			return fmt.Errorf("transport: send seq %d (%s, epoch %d): %w", f.Seq, f.Type, f.Epoch, c.sendErr)
+			c.sendErr = fmt.Errorf("%w: frame seq %d (%s, epoch %d) stopped after %d of %d bytes: %w",
+				ErrBroken, f.Seq, f.Type, f.Epoch, n, Overhead+len(f.Payload), err)
+			return fmt.Errorf("transport: send: %w", c.sendErr)
 		}
 		return fmt.Errorf("transport: send seq %d (%s, epoch %d): %w", f.Seq, f.Type, f.Epoch, err)
 	}
