@@ -73,9 +73,9 @@ func Config(t testing.TB) testvm.Config {
 	}
 }
 
-// Start launches c, waits for the guest's ready line and registers cleanup
-// that kills QEMU (and logs the console when the test failed).
-func Start(t testing.TB, c testvm.Config) (*testvm.VM, testvm.Ready) {
+// Launch starts QEMU for c and registers cleanup that kills it (and logs
+// the console when the test failed). It does not wait for the guest.
+func Launch(t testing.TB, c testvm.Config) *testvm.VM {
 	t.Helper()
 	vm, err := testvm.Start(context.Background(), c)
 	if err != nil {
@@ -87,11 +87,24 @@ func Start(t testing.TB, c testvm.Config) (*testvm.VM, testvm.Ready) {
 			t.Logf("guest console:\n%s", vm.Console())
 		}
 	})
+	return vm
+}
+
+// WaitReady waits up to BootTimeout for the guest's ready line.
+func WaitReady(t testing.TB, vm *testvm.VM) testvm.Ready {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), BootTimeout)
 	defer cancel()
 	ready, err := vm.WaitReady(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return vm, ready
+	return ready
+}
+
+// Start launches c and waits for the guest's ready line.
+func Start(t testing.TB, c testvm.Config) (*testvm.VM, testvm.Ready) {
+	t.Helper()
+	vm := Launch(t, c)
+	return vm, WaitReady(t, vm)
 }

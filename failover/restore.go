@@ -1,0 +1,136 @@
+package failover
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+)
+
+// Monitor is the part of a QMP client that a restore needs.
+type Monitor interface {
+	Execute(ctx context.Context, command string, args, result any) error
+}
+
+// RestoreArgs are the QEMU arguments that make a freshly started QEMU wait
+// for the device state of a checkpoint: -incoming defer, and no
+// configuration section (xen-save-devices-state does not write one). The
+// rest of the command line must be the primary's, with the RAM backend's
+// mem-path pointing at the backup's RAM image.
+var RestoreArgs = []string{"-incoming", "defer", "-global", "migration.send-configuration=off"}
+
+// IncomingURI returns the migrate-incoming URI that reads a saved device
+// state file: file: where QEMU has it (8.2 and later), else exec:cat.
+func IncomingURI(path string, qemuMajor, qemuMinor int) string {
+	if qemuMajor > 8 || qemuMajor == 8 && qemuMinor >= 2 {
+		return "file:" + path
+	}
+	return "exec:cat " + shellQuote(path)
+}
+
+func shellQuote(s string) string {
+	out := []byte{'\''}
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\'' {
+			out = append(out, `'\''`...)
+			continue
+		}
+		out = append(out, s[i])
+	}
+	return string(append(out, '\''))
+}
+
+// Restored reports the timing of a restore.
+type Restored struct {
+	Load   time.Duration // migrate-incoming until QEMU reported completed
+	Resume time.Duration // cont
+}
+
+// ErrRestore wraps every restore failure.
+var ErrRestore = errors.New("failover: restore")
+
+// Restore loads the device state from uri into a QEMU started with
+// RestoreArgs, waits for the load to complete and resumes the guest. The
+// guest RAM is not copied: QEMU runs on the RAM image it was started with.
+func Restore(ctx context.Context, mon Monitor, uri string) (Restored, error) {
+	var r Restored
+	start := time.Now()
+	if err := mon.Execute(ctx, "migrate-incoming", map[string]string{"uri": uri}, nil); err != nil {
+		return r, fmt.Errorf("%w: migrate-incoming %s: %w", ErrRestore, uri, err)
+	}
+	poll := time.NewTicker(2 * time.Millisecond)
+	defer poll.Stop()
+	for {
+		var st struct {
+			Status    string `json:"status"`
+			ErrorDesc string `json:"error-desc"`
+		}
+		if err := mon.Execute(ctx, "query-migrate", nil, &st); err != nil {
+			return r, fmt.Errorf("%w: query-migrate: %w", ErrRestore, err)
+		}
+		if st.Status == "completed" {
+			break
+		}
+		if st.Status == "failed" || st.Status == "cancelled" {
+			return r, fmt.Errorf("%w: loading the device state %s", ErrRestore, st.Status+describe(st.ErrorDesc))
+		}
+		select {
+		case <-ctx.Done():
+			return r, fmt.Errorf("%w: waiting for the device state to load: %w", ErrRestore, ctx.Err())
+		case <-poll.C:
+		}
+	}
+	r.Load = time.Since(start)
+	start = time.Now()
+	if err := mon.Execute(ctx, "cont", nil, nil); err != nil {
+		return r, fmt.Errorf("%w: cont: %w", ErrRestore, err)
+	}
+	var st struct {
+		Status string `json:"status"`
+	}
+	if err := mon.Execute(ctx, "query-status", nil, &st); err != nil {
+		return r, fmt.Errorf("%w: query-status: %w", ErrRestore, err)
+	}
+	if st.Status != "running" {
+		return r, fmt.Errorf("%w: guest is %q after cont, not running", ErrRestore, st.Status)
+	}
+	r.Resume = time.Since(start)
+	return r, nil
+}
+
+func describe(s string) string {
+	if s == "" {
+		return ""
+	}
+	return ": " + s
+}
+
+// StateFile holds the committed device state on the backup. Save replaces it
+// atomically (write a temporary file, fsync, rename), so a failover always
+// finds a whole device state of one committed epoch.
+type StateFile struct{ Path string }
+
+// Save writes the device state of a committed epoch.
+func (s StateFile) Save(data []byte) error {
+	tmp := s.Path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return fmt.Errorf("failover: save device state: %w", err)
+	}
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, s.Path)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("failover: save device state to %s: %w", s.Path, err)
+	}
+	return nil
+}
