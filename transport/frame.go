@@ -8,6 +8,7 @@ import (
 	"hash/crc32"
 	"io"
 	"net"
+	"slices"
 	"strings"
 )
 
@@ -209,9 +210,10 @@ func AppendFrame(dst []byte, f Frame) []byte {
 	if len(f.Payload) > MaxPayload {
 		panic(fmt.Sprintf("transport: AppendFrame: payload of %d bytes exceeds MaxPayload (%d)", len(f.Payload), MaxPayload))
 	}
-	var h [HeaderSize]byte
-	putHeader(h[:], f)
-	dst = append(dst, h[:]...)
+	start := len(dst)
+	dst = slices.Grow(dst, Overhead+len(f.Payload))
+	dst = append(dst, make([]byte, HeaderSize)...)
+	putHeader(dst[start:], f)
 	dst = append(dst, f.Payload...)
 	return binary.BigEndian.AppendUint32(dst, crc32.Checksum(f.Payload, castagnoli))
 }

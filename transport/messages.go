@@ -559,6 +559,7 @@ type Digest struct {
 	crc   uint32
 	pages uint64
 	dev   uint64
+	idx   [8]byte // scratch for AddPage
 }
 
 // AddPages adds the pages of a RAMPages message, in order.
@@ -570,9 +571,8 @@ func (d *Digest) AddPages(m RAMPages) {
 
 // AddPage adds one page.
 func (d *Digest) AddPage(pg Page) {
-	var idx [8]byte
-	binary.BigEndian.PutUint64(idx[:], pg.Index)
-	d.crc = crc32.Update(d.crc, castagnoli, idx[:])
+	binary.BigEndian.PutUint64(d.idx[:], pg.Index)
+	d.crc = crc32.Update(d.crc, castagnoli, d.idx[:])
 	d.crc = crc32.Update(d.crc, castagnoli, pg.Data)
 	d.pages++
 }
