@@ -35,8 +35,8 @@ var _ Tracker = (*Compare)(nil)
 // agent's own MAP_SHARED mapping of the RAM backend. ram must be a whole
 // number of pages long and stay mapped
 // until Close; the caller owns it. The private copy (as large as ram) is an
-// anonymous mapping that Close releases; its pages are only touched by the
-// first Harvest, which copies all of ram and reports every page.
+// anonymous mapping that Close releases; it takes memory from the first
+// Harvest on, which copies all of ram and reports every page.
 //
 // If the backend file shrinks under the mapping, reading it raises SIGBUS:
 // the RAM backend must keep its size while it is tracked.

@@ -28,7 +28,7 @@
 // pause grows with the size of RAM, not with the number of dirty pages.
 // Memory bandwidth bounds it: on the two-core development machine a harvest
 // of 256 MiB took 11-12 ms with both cores (about 45 ms per GiB, longer
-// than a 25 ms epoch for a guest of 1 GiB) and twice that with one.
+// than a 25 ms epoch for a guest of 1 GiB) and 15-25 ms with one.
 //
 // SoftDirty (NewSoftDirty) reads the kernel's soft-dirty bits of the QEMU
 // process's mapping of guest RAM from /proc/PID/pagemap (bit 55 of each

@@ -35,6 +35,7 @@ func (m Mapping) Len() uintptr { return m.End - m.Start }
 // Pages is the size of the mapping in pages.
 func (m Mapping) Pages() int { return int(m.Len() / PageSize) }
 
+// String formats m as a line of /proc/PID/maps.
 func (m Mapping) String() string {
 	return fmt.Sprintf("%#x-%#x %s %#x %02x:%02x %d %s", m.Start, m.End, m.Perms, m.Offset, m.Major, m.Minor, m.Inode, m.Path)
 }

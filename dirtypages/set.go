@@ -128,8 +128,8 @@ func (s *Set) Clone() *Set {
 	return &Set{words: append([]uint64(nil), s.words...), n: s.n}
 }
 
-// All yields the pages of the set in ascending order. Changing the set while
-// iterating is allowed; pages added behind the cursor are not yielded.
+// All yields the pages of the set in ascending order. The set must not
+// change during the iteration.
 func (s *Set) All() iter.Seq[int] {
 	return func(yield func(int) bool) {
 		for wi := range s.words {

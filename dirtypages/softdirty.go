@@ -204,7 +204,7 @@ func (s *SoftDirty) Pages() int { return s.pages }
 // Harvest reads the soft-dirty bits of the mapping from pagemap, then clears
 // the bits of the whole process. Nothing may write the mapping between the
 // read and the clear (a write there would be lost): the guest must be
-// paused, and with it QEMU's device emulation, as QMP stop ensures.
+// paused (QMP stop, which also drains QEMU's block I/O) for the whole call.
 //
 // The first Harvest, and the first successful one after a failure, only
 // clears and reports every page.
