@@ -17,13 +17,13 @@ import (
 type Conn struct {
 	nc net.Conn
 
-	sendMu  sync.Mutex
-	seq     uint64 // seq of the last frame sent whole
-	sendErr error  // set once a write stopped part-way through a frame
-	scratch frameScratch
+	sendTurn chan struct{} // holds a token while a Send writes
+	seq      uint64        // seq of the last frame sent whole
+	sendErr  error         // set once a write stopped part-way through a frame
+	scratch  frameScratch
 
-	recvMu sync.Mutex
-	r      *Reader
+	recvTurn chan struct{} // holds a token while a Recv reads
+	r        *Reader
 
 	closeOnce sync.Once
 	closeErr  error
@@ -32,7 +32,12 @@ type Conn struct {
 // NewConn returns a Conn over nc. The first frame sent in each direction has
 // seq 1.
 func NewConn(nc net.Conn) *Conn {
-	return &Conn{nc: nc, r: NewReader(nc)}
+	return &Conn{
+		nc:       nc,
+		r:        NewReader(nc),
+		sendTurn: make(chan struct{}, 1),
+		recvTurn: make(chan struct{}, 1),
+	}
 }
 
 // LocalAddr returns the local network address.
@@ -42,19 +47,21 @@ func (c *Conn) LocalAddr() net.Addr { return c.nc.LocalAddr() }
 func (c *Conn) RemoteAddr() net.Addr { return c.nc.RemoteAddr() }
 
 // Send assigns f the next sequence number and writes it. Concurrent Sends
-// are serialized. ctx's deadline bounds the write and cancelling ctx
-// interrupts it. If the write fails before any byte of the frame went out,
-// the sequence number is not used and the Conn stays usable; if it fails
-// part-way through, the stream is broken and every later Send returns an
-// error matching ErrBroken.
+// are serialized; ctx's deadline bounds the wait for the other Sends as
+// well as the write, and cancelling ctx interrupts either. If the write
+// fails before any byte of the frame went out, the sequence number is not
+// used and the Conn stays usable; if it fails part-way through, the stream
+// is broken and every later Send returns an error matching ErrBroken.
 func (c *Conn) Send(ctx context.Context, f Frame) error {
 	checked := f
 	checked.Seq = 1 // assigned below
 	if err := checked.check(); err != nil {
 		return fmt.Errorf("transport: send %s: %w", f.Type, err)
 	}
-	c.sendMu.Lock()
-	defer c.sendMu.Unlock()
+	if err := take(ctx, c.sendTurn); err != nil {
+		return fmt.Errorf("transport: send %s (epoch %d): waiting for another Send: %w", f.Type, f.Epoch, err)
+	}
+	defer func() { <-c.sendTurn }()
 	f.Seq = c.seq + 1
 	if c.sendErr != nil {
 		return fmt.Errorf("transport: send %s (epoch %d): %w", f.Type, f.Epoch, c.sendErr)
@@ -91,10 +98,13 @@ func (c *Conn) SendMessage(ctx context.Context, epoch uint64, m Message) error {
 // errors it returns (io.EOF when the peer closed between frames). ctx's
 // deadline bounds the read and cancelling ctx interrupts it with an error
 // matching ctx's; a frame that was partly read then is continued by the
-// next Recv, so the Conn stays usable. Concurrent Recvs are serialized.
+// next Recv, so the Conn stays usable. Concurrent Recvs are serialized,
+// each waiting only as long as its ctx allows.
 func (c *Conn) Recv(ctx context.Context) (Frame, error) {
-	c.recvMu.Lock()
-	defer c.recvMu.Unlock()
+	if err := take(ctx, c.recvTurn); err != nil {
+		return Frame{}, fmt.Errorf("transport: recv: waiting for another Recv: %w", err)
+	}
+	defer func() { <-c.recvTurn }()
 	if err := ctx.Err(); err != nil {
 		return Frame{}, fmt.Errorf("transport: recv: %w", context.Cause(ctx))
 	}
@@ -119,6 +129,21 @@ func (c *Conn) Close() error {
 		}
 	})
 	return c.closeErr
+}
+
+// take puts a token in turn, waiting for room unless ctx is done first.
+func take(ctx context.Context, turn chan struct{}) error {
+	select {
+	case turn <- struct{}{}:
+		return nil
+	default:
+	}
+	select {
+	case turn <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return context.Cause(ctx)
+	}
 }
 
 // longAgo is a deadline in the past, to interrupt an I/O call at once.

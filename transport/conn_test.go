@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"reflect"
+	"strings"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -429,4 +430,48 @@ func TestConnTCPEpoch(t *testing.T) {
 	if err := <-backup; err != nil {
 		t.Fatalf("backup: %v", err)
 	}
+}
+
+// TestConnWaitBounded: a Send or Recv queued behind a blocked one gives up
+// when its ctx does.
+func TestConnWaitBounded(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		a, b := connPair(t)
+		first := make(chan error, 1)
+		go func() { first <- a.SendMessage(context.Background(), 0, Heartbeat{}) }()
+		synctest.Wait() // the first Send is blocked: nobody reads yet
+		ctx, cancel := context.WithTimeout(t.Context(), time.Second)
+		defer cancel()
+		err := a.SendMessage(ctx, 0, Ack{})
+		if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "waiting for another Send") {
+			t.Fatalf("queued Send: %v, want a deadline while waiting", err)
+		}
+		f, err := b.Recv(t.Context())
+		if err != nil || f.Type != TypeHeartbeat || f.Seq != 1 {
+			t.Fatalf("Recv: %v, %v; want the first Send's Heartbeat as seq 1", f, err)
+		}
+		if err := <-first; err != nil {
+			t.Fatal(err)
+		}
+
+		recvd := make(chan error, 1)
+		go func() {
+			_, err := a.Recv(context.Background())
+			recvd <- err
+		}()
+		synctest.Wait() // the first Recv is blocked: nothing comes
+		err = func() error {
+			ctx, cancel := context.WithTimeout(t.Context(), time.Second)
+			defer cancel()
+			_, err := a.Recv(ctx)
+			return err
+		}()
+		if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "waiting for another Recv") {
+			t.Fatalf("queued Recv: %v, want a deadline while waiting", err)
+		}
+		a.Close()
+		if err := <-recvd; !errors.Is(err, io.ErrClosedPipe) {
+			t.Fatalf("first Recv after Close: %v", err)
+		}
+	})
 }
