@@ -22,7 +22,7 @@
 //	    16     8  seq          per-direction sequence number: 1, 2, 3, ...
 //	    24     4  length       payload length n, at most MaxPayload
 //	    28     4  header CRC   CRC32C of bytes 0..27
-//	    32     n  payload      the message (see messages.go), n bytes
+//	    32     n  payload      the message, n bytes (see Payloads)
 //	  32+n     4  payload CRC  CRC32C of the payload
 //
 // A frame is Overhead (36) bytes longer than its payload. The magic and the
@@ -32,6 +32,27 @@
 // length is trusted before the payload is read: a frame that announces more
 // than MaxPayload is rejected before anything is allocated, and a bit flip
 // in the length cannot make the reader wait for bytes that never come.
+//
+// # Payloads
+//
+// Each frame type's payload, decoded strictly (trailing bytes and fields out
+// of range are rejected):
+//
+//	type             payload
+//	---------------  -----------------------------------------------------
+//	1 Hello          version u8 | role u8 | name length u8 | name (1..255
+//	                 bytes of UTF-8) | RAM size u64 | page size u32 |
+//	                 last committed epoch u64
+//	2 RAMPages       count u16 (1..256) | count × page index u64, strictly
+//	                 ascending | count × 4096 bytes of page data
+//	3 DeviceState    offset u32 | total u32 (1..64 MiB) | data (1 byte to
+//	                 MaxPayload-8, ending at or before total)
+//	4 Commit         page count u64 | device state length u64 | digest u32
+//	5 Ack            empty
+//	6 Heartbeat      sent time i64 (Unix ns) | last committed epoch u64
+//	7 Error          code u16 (not 0) | message length u16 (0..1024) |
+//	                 message (UTF-8)
+//	8 DiskWrite      reserved: accepted by Reader, not defined yet
 //
 // Sequence numbers start at 1 in each direction and grow by exactly one per
 // frame; Reader rejects a gap, a repeat or a reorder (ErrSequence). They are

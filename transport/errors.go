@@ -44,9 +44,12 @@ type FrameError struct {
 	// Header reports whether Seq, Type and Epoch come from a header whose
 	// checksum verified; when false they are zero.
 	Header bool
-	Seq    uint64
-	Type   Type
-	Epoch  uint64
+	// Seq is the frame's sequence number.
+	Seq uint64
+	// Type is the frame's type.
+	Type Type
+	// Epoch is the frame's epoch.
+	Epoch uint64
 	// Kind is the sentinel error for the problem, or nil.
 	Kind error
 	// Detail says what is wrong, e.g. "payload checksum 0x1234abcd, want

@@ -149,12 +149,15 @@ func (f Flags) String() string {
 type Frame struct {
 	// Version is the protocol version; zero means Version when encoding.
 	Version uint8
-	Type    Type
-	Flags   Flags
+	// Type says which message the payload holds.
+	Type Type
+	// Flags are the frame's flag bits; none is supported in version 1.
+	Flags Flags
 	// Epoch is the epoch the frame belongs to, 0 when none.
 	Epoch uint64
 	// Seq is the sender's sequence number for this frame. Conn assigns it.
-	Seq     uint64
+	Seq uint64
+	// Payload is the encoded message, at most MaxPayload bytes.
 	Payload []byte
 }
 

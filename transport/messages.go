@@ -35,7 +35,8 @@ const (
 	heartbeatSize     = 8 + 8
 )
 
-// Message is a frame payload's decoded form.
+// Message is a frame payload's decoded form: Hello, RAMPages, DeviceState,
+// Commit, Ack, Heartbeat or Error.
 type Message interface {
 	// Type is the frame type that carries the message.
 	Type() Type
@@ -105,8 +106,11 @@ type Role uint8
 
 // Roles. The numbers are the protocol: append only.
 const (
+	// RolePrimary runs the VM and sends epochs.
 	RolePrimary Role = 1
-	RoleBackup  Role = 2
+	// RoleBackup stages and applies epochs, and takes over if the primary
+	// dies.
+	RoleBackup Role = 2
 )
 
 // String returns "primary", "backup" or "Role(n)".
@@ -129,7 +133,8 @@ type Hello struct {
 	// Version is the newest protocol version the sender speaks; the
 	// connection uses the older of the two sides' versions.
 	Version uint8
-	Role    Role
+	// Role is the sender's role.
+	Role Role
 	// VMName names the protected VM: 1..MaxVMName bytes of UTF-8.
 	VMName string
 	// RAMSize is the guest RAM size in bytes, a multiple of PageSize.
@@ -501,6 +506,7 @@ func (c ErrorCode) String() string {
 //
 // Payload: code u16 | message length u16 | message.
 type Error struct {
+	// Code classifies the failure.
 	Code ErrorCode
 	// Message is up to MaxErrorMessage bytes of UTF-8 for humans.
 	Message string

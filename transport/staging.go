@@ -8,8 +8,10 @@ import (
 // epoch, in ascending index order, and the device state.
 type Epoch struct {
 	// Number is the epoch number, from 1.
-	Number      uint64
-	Pages       []Page
+	Number uint64
+	// Pages are the epoch's pages, in ascending index order.
+	Pages []Page
+	// DeviceState is the QEMU device-state blob, whole.
 	DeviceState []byte
 }
 
