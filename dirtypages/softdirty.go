@@ -232,12 +232,14 @@ func (s *SoftDirty) Harvest(ctx context.Context) (*Set, error) {
 	return set, nil
 }
 
-// scan reads the pagemap entries of the mapping, batch pages per read,
-// spread over the workers, and adds to set the pages whose entry has bit
+// scan reads the pagemap entries of the mapping, at most s.batch pages per
+// read, spread over the workers, and adds to set the pages whose entry has bit
 // set. Each batch covers whole words of set's bitmap, so workers never
 // write the same word.
 func (s *SoftDirty) scan(ctx context.Context, set *Set, bit uint) error {
-	batches := (s.pages + s.batch - 1) / s.batch
+	// Smaller batches when that gives every worker some.
+	batch := min(s.batch, ((s.pages+s.workers-1)/s.workers+63)&^63)
+	batches := (s.pages + batch - 1) / batch
 	workers := min(s.workers, batches)
 	base := int64(s.m.Start / PageSize * 8)
 	var (
@@ -253,7 +255,7 @@ func (s *SoftDirty) scan(ctx context.Context, set *Set, bit uint) error {
 	}
 	done := ctx.Done()
 	work := func() {
-		buf := make([]uint64, s.batch)
+		buf := make([]uint64, batch)
 		raw := unsafe.Slice((*byte)(unsafe.Pointer(&buf[0])), len(buf)*8)
 		for !stop.Load() {
 			select {
@@ -266,8 +268,8 @@ func (s *SoftDirty) scan(ctx context.Context, set *Set, bit uint) error {
 			if b >= batches {
 				return
 			}
-			first := b * s.batch
-			n := min(s.batch, s.pages-first)
+			first := b * batch
+			n := min(batch, s.pages-first)
 			got, err := s.src.ReadAt(raw[:n*8], base+int64(first)*8)
 			if got < n*8 {
 				if err == nil || err == io.EOF {
