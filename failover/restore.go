@@ -23,11 +23,22 @@ var RestoreArgs = []string{"-incoming", "defer", "-global", "migration.send-conf
 // IncomingURI returns the migrate-incoming URI that reads a saved device
 // state file: file: where QEMU has it (8.2 and later), else exec:cat.
 func IncomingURI(path string, qemuMajor, qemuMinor int) string {
-	if qemuMajor > 8 || qemuMajor == 8 && qemuMinor >= 2 {
+	if fileURI(qemuMajor, qemuMinor) {
 		return "file:" + path
 	}
 	return "exec:cat " + shellQuote(path)
 }
+
+// OutgoingURI returns the migrate URI that writes a migration stream to
+// the file path: file: where QEMU has it (8.2 and later), else exec:cat.
+func OutgoingURI(path string, qemuMajor, qemuMinor int) string {
+	if fileURI(qemuMajor, qemuMinor) {
+		return "file:" + path
+	}
+	return "exec:cat > " + shellQuote(path)
+}
+
+func fileURI(major, minor int) bool { return major > 8 || major == 8 && minor >= 2 }
 
 func shellQuote(s string) string {
 	out := []byte{'\''}

@@ -1,0 +1,290 @@
+package checkpoint
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/remus-kvm/remus/dirtypages"
+	"github.com/remus-kvm/remus/failover"
+	"github.com/remus-kvm/remus/transport"
+)
+
+// hb is a heartbeat timing loose enough for a loaded test machine: these
+// tests are about epochs, not failure detection.
+var hb = failover.DetectorConfig{Interval: 100 * time.Millisecond, Timeout: 10 * time.Second}
+
+// fakeGuest plays QEMU for the epoch loop: "cont" lets the guest run, which
+// here means writing a few pages of RAM; "stop" snapshots RAM as the
+// checkpoint must see it; the device state names the epoch.
+type fakeGuest struct {
+	mu      sync.Mutex
+	ram     []byte
+	running bool
+	stops   int
+	snaps   map[int][]byte // stop number -> RAM at that stop
+	devs    map[int]string
+	failOn  string
+}
+
+func newFakeGuest(pages int) *fakeGuest {
+	g := &fakeGuest{ram: make([]byte, pages*dirtypages.PageSize), running: true, snaps: map[int][]byte{}, devs: map[int]string{}}
+	for i := range g.ram {
+		g.ram[i] = byte(i / dirtypages.PageSize)
+	}
+	return g
+}
+
+func (g *fakeGuest) Execute(ctx context.Context, cmd string, args, result any) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if cmd == g.failOn {
+		return fmt.Errorf("fake: %s failed", cmd)
+	}
+	switch cmd {
+	case "stop":
+		g.running = false
+		g.stops++
+		g.snaps[g.stops] = bytes.Clone(g.ram)
+	case "cont":
+		g.running = true
+		// The guest runs: it writes page (3*stops) mod N and page 0.
+		pages := len(g.ram) / dirtypages.PageSize
+		for _, p := range []int{0, (3 * g.stops) % pages} {
+			off := p * dirtypages.PageSize
+			g.ram[off+g.stops%dirtypages.PageSize] ^= byte(g.stops)
+			g.ram[off] = byte(g.stops)
+		}
+	case "xen-save-devices-state":
+		a := args.(map[string]any)
+		dev := fmt.Sprintf("QEVM devices at stop %d", g.stops)
+		g.devs[g.stops] = dev
+		return os.WriteFile(a["filename"].(string), []byte(dev), 0o600)
+	default:
+		return fmt.Errorf("fake: unexpected command %s", cmd)
+	}
+	return nil
+}
+
+func (g *fakeGuest) isRunning() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.running
+}
+
+type committedEpoch struct {
+	epoch uint64
+	ram   []byte
+	dev   []byte
+}
+
+// runSession runs a primary and a backup over a loopback TCP connection
+// until the backup has committed `epochs` epochs, checking each committed
+// image against the primary's RAM at the matching stop.
+func TestPrimaryBackupCommitWholeEpochs(t *testing.T) {
+	const pages = 64
+	g := newFakeGuest(pages)
+	dir := t.TempDir()
+	tracker, err := dirtypages.NewCompare(g.ram, dirtypages.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	commits := make(chan committedEpoch, 100)
+	var b *Backup
+	b, err = NewBackup(BackupConfig{VMName: "vm1", RAMImage: filepath.Join(dir, "backup.ram"), StateFile: filepath.Join(dir, "backup.state"), Heartbeat: hb,
+		OnCommit: func(epoch uint64, _ int) {
+			dev, _ := os.ReadFile(filepath.Join(dir, "backup.state"))
+			commits <- committedEpoch{epoch: epoch, ram: bytes.Clone(b.ram), dev: dev}
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	var stats []EpochStats
+	var statsMu sync.Mutex
+	p, err := NewPrimary(PrimaryConfig{VMName: "vm1", StateDir: dir, Heartbeat: hb, Pipeline: PipelineConfig{Interval: 5 * time.Millisecond},
+		OnEpoch: func(s EpochStats) { statsMu.Lock(); stats = append(stats, s); statsMu.Unlock() }}, g, g.ram, tracker)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pl, bl := tcpPair(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	primaryDone := make(chan error, 1)
+	backupDone := make(chan error, 1)
+	go func() { backupDone <- b.Serve(ctx, bl) }()
+	go func() { primaryDone <- p.Run(ctx, pl) }()
+
+	for want := uint64(1); want <= 20; want++ {
+		select {
+		case c := <-commits:
+			if c.epoch != want {
+				t.Fatalf("committed epoch %d, want %d", c.epoch, want)
+			}
+			g.mu.Lock()
+			snap, dev := g.snaps[int(want)], g.devs[int(want)]
+			g.mu.Unlock()
+			if !bytes.Equal(c.ram, snap) {
+				t.Fatalf("epoch %d: backup RAM image differs from the primary's RAM at that pause", want)
+			}
+			if string(c.dev) != dev {
+				t.Fatalf("epoch %d: device state %q, want %q", want, c.dev, dev)
+			}
+		case err := <-primaryDone:
+			cancel()
+			t.Fatalf("primary stopped: %v (backup: %v)", err, <-backupDone)
+		case err := <-backupDone:
+			t.Fatalf("backup stopped: %v", err)
+		case <-time.After(30 * time.Second):
+			t.Fatalf("epoch %d never committed", want)
+		}
+	}
+	cancel()
+	if err := <-primaryDone; !errors.Is(err, context.Canceled) {
+		t.Fatalf("primary: %v", err)
+	}
+	<-backupDone
+	if !g.isRunning() {
+		t.Fatal("guest left paused")
+	}
+	statsMu.Lock()
+	defer statsMu.Unlock()
+	if len(stats) < 19 || stats[0].DirtyPages != pages {
+		t.Fatalf("got %d epoch stats, first with %d dirty pages; want ≥19 and a full first epoch", len(stats), stats[0].DirtyPages)
+	}
+	for _, s := range stats[1:] {
+		if s.DirtyPages == 0 || s.DirtyPages > 2 || s.WireBytes == 0 || s.AckLatency() <= 0 {
+			t.Fatalf("epoch stats %+v: want 1-2 dirty pages, bytes sent, an ack after the start", s)
+		}
+	}
+}
+
+func TestPrimaryResumesGuestWhenSaveFails(t *testing.T) {
+	g := newFakeGuest(8)
+	g.failOn = "xen-save-devices-state"
+	tracker, _ := dirtypages.NewCompare(g.ram, dirtypages.Options{})
+	dir := t.TempDir()
+	b, _ := NewBackup(BackupConfig{VMName: "vm1", RAMImage: filepath.Join(dir, "r"), StateFile: filepath.Join(dir, "s"), Heartbeat: hb})
+	defer b.Close()
+	p, err := NewPrimary(PrimaryConfig{VMName: "vm1", StateDir: dir}, g, g.ram, tracker)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pl, bl := tcpPair(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go b.Serve(ctx, bl)
+	err = p.Run(ctx, pl)
+	if err == nil || !bytes.Contains([]byte(err.Error()), []byte("save device state")) {
+		t.Fatalf("Run = %v, want the save failure", err)
+	}
+	if !g.isRunning() {
+		t.Fatal("guest left paused after a failed checkpoint")
+	}
+}
+
+func TestBackupRejectsCorruptFrameAndKeepsCommittedImage(t *testing.T) {
+	const pages = 16
+	g := newFakeGuest(pages)
+	dir := t.TempDir()
+	tracker, _ := dirtypages.NewCompare(g.ram, dirtypages.Options{})
+	b, _ := NewBackup(BackupConfig{VMName: "vm1", RAMImage: filepath.Join(dir, "r"), StateFile: filepath.Join(dir, "s"), Heartbeat: hb})
+	defer b.Close()
+	p, _ := NewPrimary(PrimaryConfig{VMName: "vm1", StateDir: dir, Heartbeat: hb, Pipeline: PipelineConfig{Interval: 5 * time.Millisecond}}, g, g.ram, tracker)
+
+	// A proxy that flips one byte of the payload of the first RAMPages
+	// frame of epoch 3.
+	pl, bl := corruptingPair(t, 3)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	backupDone := make(chan error, 1)
+	go func() { backupDone <- b.Serve(ctx, bl) }()
+	perr := p.Run(ctx, pl)
+	berr := <-backupDone
+	if !errors.Is(perr, ErrPeerRejected) {
+		t.Fatalf("primary: %v, want ErrPeerRejected", perr)
+	}
+	if !errors.Is(berr, transport.ErrCorrupt) || errors.Is(berr, ErrPeerLost) {
+		t.Fatalf("backup: %v, want a corrupt-frame error (and no failover)", berr)
+	}
+	if c := b.Committed(); c.Epoch != 2 {
+		t.Fatalf("backup committed epoch %d, want 2 (epoch 3 was corrupt)", c.Epoch)
+	}
+	g.mu.Lock()
+	snap := g.snaps[2]
+	g.mu.Unlock()
+	if !bytes.Equal(b.ram, snap) {
+		t.Fatal("backup RAM image is not epoch 2's after the corrupt epoch 3")
+	}
+	if !g.isRunning() {
+		t.Fatal("guest left paused")
+	}
+}
+
+func tcpPair(t *testing.T) (*transport.Conn, *transport.Conn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c1, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c2, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c1.Close(); c2.Close() })
+	return transport.NewConn(c1), transport.NewConn(c2)
+}
+
+// corruptingPair relays primary->backup frames through a goroutine that
+// flips a payload byte of the first RAMPages frame of the given epoch.
+func corruptingPair(t *testing.T, epoch uint64) (*transport.Conn, *transport.Conn) {
+	t.Helper()
+	pRaw, mid1 := net.Pipe()
+	mid2, bRaw := net.Pipe()
+	t.Cleanup(func() { pRaw.Close(); mid1.Close(); mid2.Close(); bRaw.Close() })
+	go func() { // backup -> primary untouched
+		buf := make([]byte, 64<<10)
+		for {
+			n, err := mid2.Read(buf)
+			if err != nil {
+				mid1.Close()
+				return
+			}
+			if _, err := mid1.Write(buf[:n]); err != nil {
+				return
+			}
+		}
+	}()
+	go func() {
+		r := transport.NewReader(mid1)
+		done := false
+		for {
+			f, err := r.Next()
+			if err != nil {
+				mid2.Close()
+				return
+			}
+			b := transport.AppendFrame(nil, f)
+			if !done && f.Epoch == epoch && f.Type == transport.TypeRAMPages {
+				b[transport.HeaderSize+20] ^= 0x01
+				done = true
+			}
+			if _, err := mid2.Write(b); err != nil {
+				return
+			}
+		}
+	}()
+	return transport.NewConn(pRaw), transport.NewConn(bRaw)
+}
