@@ -75,7 +75,7 @@ type PrimaryConfig struct {
 	OnEpoch func(EpochStats)
 	// Fault, when set, is called at each FaultPoint with the epoch; tests
 	// use it to stop the agent at a chosen point of the epoch cycle.
-	Fault func(FaultPoint, uint64)
+	Fault  func(FaultPoint, uint64)
 	Logger *slog.Logger
 }
 
