@@ -166,8 +166,8 @@ func TestExecute(t *testing.T) {
 		name     string
 		command  string
 		args     any
-		result   any  // pointer to decode into, or nil
-		want     any  // what result should point to afterwards
+		result   any    // pointer to decode into, or nil
+		want     any    // what result should point to afterwards
 		wantArgs string // the "arguments" the server should see; "" for none
 		wantErr  string
 		wantSent bool

@@ -9,6 +9,10 @@
 // Server.SetHandler, or Server.DefaultHandler, which emulates query-status,
 // stop, cont (with their STOP and RESUME events) and query-version.
 //
+// Writes to the client (replies, events, raw bytes) are serialized; over
+// net.Pipe each one returns only once the client has read it, which a
+// qmp.Client, whose reader never stops, always does.
+//
 // Tests can emit events at any time (Server.Event), write arbitrary bytes
 // (Server.WriteRaw), hold a command's reply until they release it
 // (Server.Hold), close the connection in the middle of a command
