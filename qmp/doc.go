@@ -20,9 +20,13 @@
 // with the context's error, but the command stays registered as abandoned:
 // its reply, when it comes, is read and discarded. A reply is therefore never
 // matched to a command other than the one that asked for it; a `stop` that
-// timed out cannot hand its return to the next `cont`. (The command may
-// still have taken effect in QEMU: a context error means the outcome is
-// unknown.)
+// timed out cannot hand its return to the next `cont`. An abandoned command
+// is remembered until its reply arrives or the connection closes. (The
+// command may still have taken effect in QEMU: a context error means the
+// outcome is unknown.) A context that ends while the command is still being
+// written, because QEMU is not reading its socket, returns "not sent" if no
+// byte went out; a write cut part way closes the connection, since the
+// stream can no longer be parsed by QEMU.
 //
 // Asynchronous events (STOP, RESUME, SHUTDOWN, BLOCK_JOB_READY, ...) go to
 // any number of independent Subscriptions, each with its own bounded buffer.
