@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"runtime"
 	"sync"
 	"sync/atomic"
 
@@ -41,7 +42,7 @@ var _ Tracker = (*Compare)(nil)
 // If the backend file shrinks under the mapping, reading it raises SIGBUS:
 // the RAM backend must keep its size while it is tracked.
 func NewCompare(ram []byte, opts Options) (*Compare, error) {
-	opts, err := opts.withDefaults()
+	opts, err := opts.withDefaults(runtime.GOMAXPROCS(0))
 	if err != nil {
 		return nil, err
 	}

@@ -177,7 +177,7 @@ func NewSoftDirty(pid int, m Mapping, opts Options) (*SoftDirty, error) {
 }
 
 func newSoftDirty(pid int, m Mapping, src pagemapSource, opts Options) (*SoftDirty, error) {
-	opts, err := opts.withDefaults()
+	opts, err := opts.withDefaults(1)
 	if err != nil {
 		return nil, err
 	}

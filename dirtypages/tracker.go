@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"runtime"
 )
 
 // PageSize is the size of a guest page as tracked here: the host's base
@@ -32,7 +31,10 @@ var ErrClosed = errors.New("dirtypages: tracker closed")
 // Options tunes a tracker. The zero value selects the defaults.
 type Options struct {
 	// Workers is the number of goroutines a Harvest spreads its work over.
-	// Default runtime.GOMAXPROCS(0).
+	// Default: runtime.GOMAXPROCS(0) for Compare, whose pass over RAM
+	// scales with cores until memory bandwidth runs out; 1 for SoftDirty,
+	// whose pagemap reads of one process were slower in parallel on the
+	// development machine.
 	Workers int
 	// BatchPages is the number of pagemap entries SoftDirty reads with one
 	// read(2), per worker; it is rounded up to a multiple of 64. Default
@@ -44,7 +46,7 @@ type Options struct {
 // pagemap read.
 const DefaultBatchPages = 64 << 10
 
-func (o Options) withDefaults() (Options, error) {
+func (o Options) withDefaults(defaultWorkers int) (Options, error) {
 	if o.Workers < 0 {
 		return o, fmt.Errorf("dirtypages: %d workers", o.Workers)
 	}
@@ -52,7 +54,7 @@ func (o Options) withDefaults() (Options, error) {
 		return o, fmt.Errorf("dirtypages: batch of %d pages", o.BatchPages)
 	}
 	if o.Workers == 0 {
-		o.Workers = runtime.GOMAXPROCS(0)
+		o.Workers = defaultWorkers
 	}
 	if o.BatchPages == 0 {
 		o.BatchPages = DefaultBatchPages
