@@ -26,9 +26,10 @@
 // checkpoint needs. Its costs: a second copy of guest RAM in memory, and a
 // read of all of RAM twice over (live and copy) during every pause, so the
 // pause grows with the size of RAM, not with the number of dirty pages.
-// Memory bandwidth bounds it: on the two-core development machine a harvest
-// of 256 MiB took 11-12 ms with both cores (about 45 ms per GiB, longer
-// than a 25 ms epoch for a guest of 1 GiB) and 15-25 ms with one.
+// Memory bandwidth bounds it: on the two-core development machine (shared
+// with other work) a harvest of 256 MiB took 8-12 ms with both cores, 32-48
+// ms per GiB, so more than a 25 ms epoch for a guest of 1 GiB, and 14-20 ms
+// with one.
 //
 // SoftDirty (NewSoftDirty) reads the kernel's soft-dirty bits of the QEMU
 // process's mapping of guest RAM from /proc/PID/pagemap (bit 55 of each
@@ -39,8 +40,8 @@
 // of guest RAM (through the kernel's MMU notifier), so that vCPU writes
 // fault through QEMU's page tables and get recorded; the guest then takes a
 // fault on its first access to each page in every epoch. Its costs during
-// the pause: 8 bytes of pagemap per page of RAM (about 2 ms per 256 MiB of
-// resident RAM on the development machine) and a page-table walk of the
+// the pause: 8 bytes of pagemap per page of RAM (about 1.5 ms per 256 MiB
+// of resident RAM on the development machine, 6 ms per GiB) and a page-table walk of the
 // whole process to clear; outside it, the guest's faults. Its limits: the
 // kernel must be built with CONFIG_MEM_SOFT_DIRTY, as distribution kernels
 // are (check with SoftDirtySupported); clear_refs clears the bits of the
