@@ -113,28 +113,24 @@ func (b *Backup) Close() error {
 func (b *Backup) Serve(ctx context.Context, link Link) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	now := time.Now()
-	det, _ := failover.NewDetector(b.cfg.Heartbeat, now)
-
-	frames := receive(ctx, link)
+	live := startLiveness(ctx, b.cfg.Heartbeat, link)
+	frames := receive(ctx, link, live)
 
 	var stage *transport.Stage
 	var cause error
-	tick := time.NewTicker(b.cfg.Heartbeat.Interval / 2)
-	defer tick.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case r := <-frames:
 			if r.err == nil {
-				det.Heard(time.Now())
 				var err error
 				stage, err = b.handle(ctx, link, stage, r.f)
 				if err != nil {
 					reply(ctx, link, r.f.Epoch, err)
 					return err
 				}
+				live.committed.Store(b.committed)
 				continue
 			}
 			err := r.err
@@ -153,20 +149,12 @@ func (b *Backup) Serve(ctx context.Context, link Link) error {
 			frames = nil
 			cause = fmt.Errorf("receive from primary: %w", err)
 			b.log.Warn("connection to primary broken; waiting out the heartbeat timeout", "err", err)
-		case now := <-tick.C:
-			v := det.Tick(now)
-			if v.PeerDead {
-				if cause == nil {
-					cause = fmt.Errorf("no frame for %v", v.Silence.Round(time.Millisecond))
-				}
-				return &PrimaryLost{Committed: b.Committed(), LastHeard: det.LastHeard(), DeclaredAt: now, Cause: cause}
+		case <-live.dead:
+			lastHeard, deadAt, silence := live.verdict()
+			if cause == nil {
+				cause = fmt.Errorf("no frame for %v", silence.Round(time.Millisecond))
 			}
-			if v.SendHeartbeat && frames != nil {
-				hctx, hcancel := context.WithTimeout(ctx, b.cfg.Heartbeat.Interval)
-				sendMessage(hctx, link, 0, transport.Heartbeat{SentUnixNano: now.UnixNano(), LastCommitted: b.committed})
-				hcancel()
-				det.Sent(now)
-			}
+			return &PrimaryLost{Committed: b.Committed(), LastHeard: lastHeard, DeclaredAt: deadAt, Cause: cause}
 		}
 	}
 }
@@ -237,8 +225,12 @@ func (b *Backup) hello(ctx context.Context, link Link, f transport.Frame) (*tran
 	if err := b.mapRAM(h.RAMSize); err != nil {
 		return nil, err
 	}
-	// A new session starts again from a full copy: number its epochs from 1
-	// and keep what is committed until its first epoch commits.
+	// A new session starts again from a full copy, numbered from 1. What an
+	// earlier session committed is stale now (the primary ran on without
+	// protection in between and the world saw its output), so it is no
+	// longer a checkpoint to fail over to: until this session's first epoch
+	// commits, the backup holds nothing it may resume.
+	b.committed = 0
 	stage, err := transport.NewStage(h.RAMSize, 0)
 	if err != nil {
 		return nil, err

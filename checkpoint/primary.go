@@ -180,10 +180,8 @@ func (p *Primary) Run(ctx context.Context, link Link) error {
 		return err
 	}
 	pipe, _ := NewPipeline(p.cfg.Pipeline, 0)
-	now := time.Now()
-	det, _ := failover.NewDetector(p.cfg.Heartbeat, now)
-
-	frames := receive(ctx, link)
+	live := startLiveness(ctx, p.cfg.Heartbeat, link)
+	frames := receive(ctx, link, live)
 
 	// The sender ships epochs in order while the loop goes on.
 	sendq := make(chan *epochData, p.cfg.Pipeline.MaxInFlight)
@@ -214,12 +212,9 @@ func (p *Primary) Run(ctx context.Context, link Link) error {
 		if pe := pending[s.epoch]; pe != nil {
 			pe.WireBytes, pe.Ship, pe.shipped = s.wireBytes, s.ship, true
 		}
-		det.Sent(time.Now())
 		p.fault(FaultShipped, s.epoch)
 		return nil
 	}
-	hb := time.NewTicker(p.cfg.Heartbeat.Interval / 2)
-	defer hb.Stop()
 	timer := time.NewTimer(0)
 	defer timer.Stop()
 	for {
@@ -235,7 +230,6 @@ func (p *Primary) Run(ctx context.Context, link Link) error {
 				return fmt.Errorf("%w: receive from backup: %w", ErrPeerLost, r.err)
 			}
 			f := r.f
-			det.Heard(time.Now())
 			if f.Type == transport.TypeAck {
 				// The ack can overtake the sender's report that the
 				// epoch's last frame went out: take that report first.
@@ -248,16 +242,10 @@ func (p *Primary) Run(ctx context.Context, link Link) error {
 			if err := p.handle(f, pipe, pending); err != nil {
 				return err
 			}
-		case <-hb.C:
-			now := time.Now()
-			v := det.Tick(now)
-			if v.PeerDead {
-				return fmt.Errorf("%w: no frame from the backup for %v", ErrPeerLost, v.Silence.Round(time.Millisecond))
-			}
-			if v.SendHeartbeat {
-				go p.heartbeat(ctx, link, pipe.Committed())
-				det.Sent(now)
-			}
+			live.committed.Store(pipe.Committed())
+		case <-live.dead:
+			_, _, silence := live.verdict()
+			return fmt.Errorf("%w: no frame from the backup for %v", ErrPeerLost, silence.Round(time.Millisecond))
 		case <-timer.C:
 		}
 		now := time.Now()
@@ -343,13 +331,6 @@ func (p *Primary) handle(f transport.Frame, pipe *Pipeline, pending map[uint64]*
 		return fmt.Errorf("%w: unexpected %s frame from the backup", ErrPeerRejected, f.Type)
 	}
 	return nil
-}
-
-func (p *Primary) heartbeat(ctx context.Context, link Link, committed uint64) {
-	ctx, cancel := context.WithTimeout(ctx, p.cfg.Heartbeat.Timeout)
-	defer cancel()
-	// A failure shows up as a send or receive error of the loop.
-	sendMessage(ctx, link, 0, transport.Heartbeat{SentUnixNano: time.Now().UnixNano(), LastCommitted: committed})
 }
 
 func sendMessage(ctx context.Context, link Link, epoch uint64, m transport.Message) error {
@@ -515,13 +496,17 @@ type received struct {
 	err error
 }
 
-// receive reads frames from link until it fails or ctx ends. The error comes
-// on the same channel, after every frame that preceded it.
-func receive(ctx context.Context, link Link) <-chan received {
+// receive reads frames from link until it fails or ctx ends, marking each
+// one heard. The error comes on the same channel, after every frame that
+// preceded it.
+func receive(ctx context.Context, link Link, live *liveness) <-chan received {
 	c := make(chan received, 64)
 	go func() {
 		for {
 			f, err := link.Recv(ctx)
+			if err == nil {
+				live.heard()
+			}
 			select {
 			case c <- received{f, err}:
 			case <-ctx.Done():

@@ -1,0 +1,135 @@
+// Command remusd is the remus-kvm agent. It runs on each of the two hosts of
+// a protected VM: as primary beside the running QEMU, checkpointing the
+// guest every epoch to the backup; as backup, holding the last committed
+// checkpoint and resuming the guest from it when the primary dies.
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/remus-kvm/remus/checkpoint"
+	"github.com/remus-kvm/remus/failover"
+	"github.com/remus-kvm/remus/internal/agent"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := app().RunContext(ctx, os.Args); err != nil {
+		fmt.Fprintf(os.Stderr, "remusd: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+func app() *cli.App {
+	common := []cli.Flag{
+		&cli.StringFlag{Name: "vm", Usage: "name of the protected VM (the same on both hosts)", Required: true},
+		&cli.StringFlag{Name: "state-dir", Usage: "directory for checkpoint state (a tmpfs such as /dev/shm is best)", Required: true},
+		&cli.DurationFlag{Name: "heartbeat-interval", Value: failover.DefaultHeartbeatInterval, Usage: "interval between heartbeats"},
+		&cli.DurationFlag{Name: "heartbeat-timeout", Value: failover.DefaultHeartbeatTimeout, Usage: "silence after which the peer is declared dead"},
+		&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
+	}
+	return &cli.App{
+		Name:  "remusd",
+		Usage: "Remus-style high availability agent for a KVM/QEMU virtual machine",
+		Commands: []*cli.Command{
+			{
+				Name:  "primary",
+				Usage: "checkpoint a running VM to its backup every epoch",
+				Description: "Attaches to the VM's QEMU through a QMP socket of its own (QEMU accepts several -qmp options),\n" +
+					"maps its guest RAM (which must be in a memory-backend-file or memory-backend-memfd with share=on),\n" +
+					"connects to the backup remusd and checkpoints the guest every epoch.",
+				Flags: append([]cli.Flag{
+					&cli.StringFlag{Name: "qmp", Usage: "QMP socket of the running QEMU", Required: true},
+					&cli.StringFlag{Name: "peer", Usage: "backup remusd, host:port", Required: true},
+					&cli.DurationFlag{Name: "epoch", Value: checkpoint.DefaultInterval, Usage: "checkpoint interval"},
+					&cli.IntFlag{Name: "max-in-flight", Value: checkpoint.DefaultMaxInFlight, Usage: "epochs sent but not yet acknowledged before the next waits"},
+					&cli.StringFlag{Name: "tracker", Value: agent.TrackerAuto, Usage: "dirty-page tracker: auto, softdirty or compare"},
+					&cli.DurationFlag{Name: "retry", Value: time.Second, Usage: "wait before protecting again after the backup was lost (0: exit instead)"},
+					&cli.StringFlag{Name: "epoch-log", Usage: "append one JSON line per committed epoch to this file"},
+					&cli.StringFlag{Name: "fault", Usage: "testing aid: stop at POINT:EPOCH of the epoch cycle (paused, resumed, shipping, shipped, acked) until killed", Hidden: true},
+					&cli.StringFlag{Name: "fault-trigger", Usage: "testing aid: --fault is armed only once this file exists", Hidden: true},
+				}, common...),
+				Action: runPrimary,
+			},
+			{
+				Name:      "backup",
+				Usage:     "hold the VM's last committed checkpoint and resume it when the primary dies",
+				ArgsUsage: "-- QEMU-BINARY QEMU-ARGS...",
+				Description: "Receives epochs from the primary remusd and applies each one whole to the RAM image and device state.\n" +
+					"When the primary stops being heard for the heartbeat timeout, starts the QEMU command line given after --\n" +
+					"(the primary's, with the RAM backend's mem-path set to --ram-image), loads the last committed device state\n" +
+					"and resumes the guest. The guest keeps running after remusd exits.",
+				Flags: append([]cli.Flag{
+					&cli.StringFlag{Name: "listen", Usage: "address for the primary, host:port", Required: true},
+					&cli.StringFlag{Name: "ram-image", Usage: "file holding the guest RAM of the last committed epoch", Required: true},
+					&cli.StringFlag{Name: "qmp", Usage: "QMP socket created by the QEMU command line, for the restore", Required: true},
+					&cli.StringFlag{Name: "report", Usage: "write a JSON failover report to this file"},
+				}, common...),
+				Action: runBackup,
+			},
+		},
+	}
+}
+
+func logger(c *cli.Context) (*slog.Logger, error) {
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(c.String("log-level"))); err != nil {
+		return nil, fmt.Errorf("--log-level: %w", err)
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})), nil
+}
+
+func heartbeat(c *cli.Context) failover.DetectorConfig {
+	return failover.DetectorConfig{Interval: c.Duration("heartbeat-interval"), Timeout: c.Duration("heartbeat-timeout")}
+}
+
+func runPrimary(c *cli.Context) error {
+	log, err := logger(c)
+	if err != nil {
+		return err
+	}
+	cfg := agent.PrimaryConfig{
+		VM: c.String("vm"), QMPSocket: c.String("qmp"), Peer: c.String("peer"), StateDir: c.String("state-dir"),
+		Pipeline:  checkpoint.PipelineConfig{Interval: c.Duration("epoch"), MaxInFlight: c.Int("max-in-flight")},
+		Heartbeat: heartbeat(c), Tracker: c.String("tracker"), Retry: c.Duration("retry"), EpochLog: c.String("epoch-log"),
+	}
+	if f := c.String("fault"); f != "" {
+		var point string
+		var epoch uint64
+		if _, err := fmt.Sscanf(strings.Replace(f, ":", " ", 1), "%s %d", &point, &epoch); err != nil {
+			return fmt.Errorf("--fault %q: want POINT:EPOCH", f)
+		}
+		cfg.Fault = &agent.Fault{Point: checkpoint.FaultPoint(point), Epoch: epoch, Trigger: c.String("fault-trigger")}
+	}
+	return agent.RunPrimary(c.Context, cfg, log)
+}
+
+func runBackup(c *cli.Context) error {
+	log, err := logger(c)
+	if err != nil {
+		return err
+	}
+	cfg := agent.BackupConfig{
+		VM: c.String("vm"), Listen: c.String("listen"), RAMImage: c.String("ram-image"), StateDir: c.String("state-dir"),
+		QEMU: c.Args().Slice(), QMPSocket: c.String("qmp"), Heartbeat: heartbeat(c), Report: c.String("report"),
+	}
+	r, err := agent.RunBackup(c.Context, cfg, log)
+	if err != nil {
+		return err
+	}
+	if r != nil {
+		fmt.Printf("failed over: VM %s resumed epoch %d in QEMU pid %d (detection %.0f ms, restore %.0f ms)\n",
+			r.VM, r.Epoch, r.QEMUPID, r.DetectionMS, r.RestoreMS)
+	}
+	return nil
+}

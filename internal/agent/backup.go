@@ -1,0 +1,221 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/remus-kvm/remus/checkpoint"
+	"github.com/remus-kvm/remus/failover"
+	"github.com/remus-kvm/remus/qmp"
+	"github.com/remus-kvm/remus/transport"
+)
+
+// BackupConfig is remusd's configuration on the backup host.
+type BackupConfig struct {
+	VM       string
+	Listen   string // host:port for the primary
+	RAMImage string // the guest RAM as of the last committed epoch (tmpfs)
+	StateDir string // holds the committed device state
+	// QEMU is the command line that starts the guest here on failover: the
+	// primary's, with the RAM backend's mem-path set to RAMImage. remusd
+	// adds the arguments that make it wait for the device state.
+	QEMU []string
+	// QMPSocket is the QMP socket that QEMU command line creates, for
+	// remusd to drive the restore.
+	QMPSocket string
+	Heartbeat failover.DetectorConfig
+	// Report, when set, receives a JSON FailoverReport after a failover.
+	Report string
+}
+
+// Validate rejects incomplete configurations.
+func (c BackupConfig) Validate() error {
+	switch {
+	case c.VM == "":
+		return errors.New("--vm is required")
+	case c.Listen == "":
+		return errors.New("--listen is required")
+	case c.RAMImage == "":
+		return errors.New("--ram-image is required")
+	case c.StateDir == "":
+		return errors.New("--state-dir is required")
+	case len(c.QEMU) == 0:
+		return errors.New("the QEMU command line to start on failover is required (after --)")
+	case c.QMPSocket == "":
+		return errors.New("--qmp is required (the QMP socket of the QEMU started on failover)")
+	}
+	if _, err := exec.LookPath(c.QEMU[0]); err != nil {
+		return fmt.Errorf("QEMU binary: %w", err)
+	}
+	if !slices.ContainsFunc(c.QEMU, func(a string) bool { return strings.Contains(a, "mem-path="+c.RAMImage) }) {
+		return fmt.Errorf("the QEMU command line must put guest RAM in the RAM image: no argument has mem-path=%s", c.RAMImage)
+	}
+	return c.Heartbeat.Validate()
+}
+
+// FailoverReport is what remusd writes after a failover.
+type FailoverReport struct {
+	VM             string    `json:"vm"`
+	Epoch          uint64    `json:"epoch"` // the committed epoch resumed
+	LastHeard      time.Time `json:"last_heard"`
+	Declared       time.Time `json:"declared"`
+	Running        time.Time `json:"running"`
+	DetectionMS    float64   `json:"detection_ms"` // last frame heard -> declared dead
+	RestoreMS      float64   `json:"restore_ms"`   // declared dead -> guest running
+	LoadMS         float64   `json:"load_ms"`      // device state load inside QEMU
+	QEMUPID        int       `json:"qemu_pid"`
+	QEMUVersion    string    `json:"qemu_version"`
+	Cause          string    `json:"cause"`
+	IncomingURI    string    `json:"incoming_uri"`
+	RAMImage       string    `json:"ram_image"`
+	DeviceStateLen int64     `json:"device_state_bytes"`
+}
+
+// RunBackup waits for the primary and applies its epochs until ctx ends or
+// the primary is lost. Sessions that fail for other reasons (a corrupt
+// epoch, a primary that restarts) end with the committed image untouched,
+// and the next connection starts a new session. On the primary's loss it
+// fails over and returns the report; the guest keeps running in the QEMU it
+// started, which outlives remusd.
+func RunBackup(ctx context.Context, cfg BackupConfig, log *slog.Logger) (*FailoverReport, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("configuration: %w", err)
+	}
+	log = log.With("vm", cfg.VM)
+	stateFile := filepath.Join(cfg.StateDir, "committed.state")
+	var b *checkpoint.Backup
+	var ln net.Listener
+	if err := step(ctx, log, "prepare standby", func() (err error) {
+		if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+			return err
+		}
+		b, err = checkpoint.NewBackup(checkpoint.BackupConfig{VMName: cfg.VM, RAMImage: cfg.RAMImage, StateFile: stateFile,
+			Heartbeat: cfg.Heartbeat, Logger: log})
+		if err != nil {
+			return err
+		}
+		var lc net.ListenConfig
+		ln, err = lc.Listen(ctx, "tcp", cfg.Listen)
+		return err
+	}); err != nil {
+		return nil, err
+	}
+	defer b.Close()
+	defer ln.Close()
+	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	defer stop()
+
+	for {
+		log.Info("waiting for the primary", "listen", ln.Addr().String())
+		nc, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil, nil
+			}
+			return nil, fmt.Errorf("accept primary: %w", err)
+		}
+		link := transport.NewConn(nc)
+		err = b.Serve(ctx, link)
+		link.Close()
+		var lost *checkpoint.PrimaryLost
+		switch {
+		case ctx.Err() != nil:
+			return nil, nil
+		case errors.As(err, &lost):
+			if lost.Committed.Epoch == 0 {
+				log.Error("primary lost before the first checkpoint committed: nothing to fail over to", "err", err)
+				continue
+			}
+			log.Warn("primary lost: failing over", "committed_epoch", lost.Committed.Epoch, "cause", lost.Cause)
+			return failOver(ctx, cfg, lost, log)
+		default:
+			log.Error("session with the primary ended; the committed checkpoint is kept", "err", err, "committed_epoch", b.Committed().Epoch)
+		}
+	}
+}
+
+func failOver(ctx context.Context, cfg BackupConfig, lost *checkpoint.PrimaryLost, log *slog.Logger) (*FailoverReport, error) {
+	r := &FailoverReport{VM: cfg.VM, Epoch: lost.Committed.Epoch, LastHeard: lost.LastHeard, Declared: lost.DeclaredAt,
+		Cause: lost.Cause.Error(), RAMImage: cfg.RAMImage}
+	if st, err := os.Stat(lost.Committed.StateFile); err == nil {
+		r.DeviceStateLen = st.Size()
+	}
+	var cmd *exec.Cmd
+	if err := step(ctx, log, "start QEMU on the RAM image", func() error {
+		os.Remove(cfg.QMPSocket)
+		args := append(append([]string{}, cfg.QEMU[1:]...), failover.RestoreArgs...)
+		cmd = exec.Command(cfg.QEMU[0], args...)
+		// The restored guest must outlive remusd: its own session, no
+		// death signal, output to a log beside the state.
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+		out, err := os.Create(filepath.Join(cfg.StateDir, "qemu.log"))
+		if err != nil {
+			return err
+		}
+		defer out.Close()
+		cmd.Stdout, cmd.Stderr = out, out
+		if err := cmd.Start(); err != nil {
+			return err
+		}
+		r.QEMUPID = cmd.Process.Pid
+		go cmd.Wait()
+		return nil
+	}); err != nil {
+		return r, err
+	}
+	var mon *qmp.Client
+	if err := step(ctx, log, "connect to the new QEMU", func() error {
+		dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		for {
+			var err error
+			if mon, err = qmp.Dial(dctx, cfg.QMPSocket, qmp.WithLogger(log)); err == nil {
+				return nil
+			}
+			select {
+			case <-dctx.Done():
+				return fmt.Errorf("QMP socket %s: %w", cfg.QMPSocket, err)
+			case <-time.After(5 * time.Millisecond):
+			}
+		}
+	}); err != nil {
+		cmd.Process.Kill()
+		return r, err
+	}
+	defer mon.Close()
+	v := mon.Version()
+	r.QEMUVersion = v.String()
+	r.IncomingURI = failover.IncomingURI(lost.Committed.StateFile, v.Major, v.Minor)
+	if err := step(ctx, log, "resume the last committed checkpoint", func() error {
+		res, err := failover.Restore(ctx, mon, r.IncomingURI)
+		r.LoadMS = ms(res.Load)
+		return err
+	}); err != nil {
+		cmd.Process.Kill()
+		return r, err
+	}
+	r.Running = time.Now()
+	r.DetectionMS = ms(r.Declared.Sub(r.LastHeard))
+	r.RestoreMS = ms(r.Running.Sub(r.Declared))
+	log.Info("failed over: the guest runs here", "epoch", r.Epoch, "detection_ms", r.DetectionMS, "restore_ms", r.RestoreMS, "qemu_pid", r.QEMUPID)
+	if cfg.Report != "" {
+		b, _ := json.MarshalIndent(r, "", "  ")
+		if err := os.WriteFile(cfg.Report, append(b, '\n'), 0o644); err != nil {
+			return r, fmt.Errorf("write failover report: %w", err)
+		}
+	}
+	return r, nil
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

@@ -1,0 +1,280 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/remus-kvm/remus/checkpoint"
+	"github.com/remus-kvm/remus/dirtypages"
+	"github.com/remus-kvm/remus/failover"
+	"github.com/remus-kvm/remus/transport"
+)
+
+// Tracker choices.
+const (
+	TrackerAuto      = "auto"
+	TrackerSoftDirty = "softdirty"
+	TrackerCompare   = "compare"
+)
+
+// PrimaryConfig is remusd's configuration on the primary host.
+type PrimaryConfig struct {
+	VM        string // name of the protected VM, the same on both sides
+	QMPSocket string // a QMP socket of the running QEMU, for remusd alone
+	Peer      string // backup remusd, host:port
+	StateDir  string // directory for the device state QEMU saves each epoch
+	Pipeline  checkpoint.PipelineConfig
+	Heartbeat failover.DetectorConfig
+	Tracker   string // auto, softdirty or compare
+	// ConnectTimeout bounds each attempt to reach the backup.
+	ConnectTimeout time.Duration
+	// Retry is the wait before a new protection session after one failed;
+	// 0 means do not retry.
+	Retry time.Duration
+	// EpochLog, when set, receives one JSON line per committed epoch.
+	EpochLog string
+	// Fault stops the agent at a point of the epoch cycle (testing aid).
+	Fault *Fault
+}
+
+// Fault describes where to stop the agent: at Point of epoch Epoch (or the
+// first epoch at or after it), once the Trigger file exists when one is
+// named, remusd prints a line and blocks until it is killed. Tests use it to
+// kill the primary at chosen points of the cycle.
+type Fault struct {
+	Point   checkpoint.FaultPoint
+	Epoch   uint64
+	Trigger string
+}
+
+func (f *Fault) armed(at checkpoint.FaultPoint, epoch uint64) bool {
+	if at != f.Point || epoch < f.Epoch {
+		return false
+	}
+	if f.Trigger == "" {
+		return true
+	}
+	_, err := os.Stat(f.Trigger)
+	return err == nil
+}
+
+// FaultReachedPrefix starts the line printed on stderr at a fault point.
+const FaultReachedPrefix = "remusd: fault point reached:"
+
+// Validate rejects incomplete or impossible configurations.
+func (c PrimaryConfig) Validate() error {
+	switch {
+	case c.VM == "":
+		return errors.New("--vm is required")
+	case c.QMPSocket == "":
+		return errors.New("--qmp is required")
+	case c.Peer == "":
+		return errors.New("--peer is required")
+	case c.StateDir == "":
+		return errors.New("--state-dir is required")
+	}
+	switch c.Tracker {
+	case "", TrackerAuto, TrackerSoftDirty, TrackerCompare:
+	default:
+		return fmt.Errorf("unknown tracker %q (auto, softdirty or compare)", c.Tracker)
+	}
+	if err := c.Pipeline.Validate(); err != nil {
+		return err
+	}
+	return c.Heartbeat.Validate()
+}
+
+// EpochRecord is one line of the epoch log.
+type EpochRecord struct {
+	Epoch       uint64    `json:"epoch"`
+	Start       time.Time `json:"start"`
+	Acked       time.Time `json:"acked"`
+	PauseUS     int64     `json:"pause_us"`
+	StopUS      int64     `json:"stop_us"`
+	HarvestUS   int64     `json:"harvest_us"`
+	CopyUS      int64     `json:"copy_us"`
+	SaveUS      int64     `json:"save_us"`
+	ContUS      int64     `json:"cont_us"`
+	DirtyPages  int       `json:"dirty_pages"`
+	DeviceBytes int       `json:"device_bytes"`
+	WireBytes   int64     `json:"wire_bytes"`
+	AckUS       int64     `json:"ack_us"`
+}
+
+// NewEpochRecord converts the loop's statistics.
+func NewEpochRecord(s checkpoint.EpochStats) EpochRecord {
+	return EpochRecord{Epoch: s.Epoch, Start: s.Start, Acked: s.Acked,
+		PauseUS: s.Pause.Total().Microseconds(), StopUS: s.Pause.Stop.Microseconds(), HarvestUS: s.Pause.Harvest.Microseconds(),
+		CopyUS: s.Pause.Copy.Microseconds(), SaveUS: s.Pause.Save.Microseconds(), ContUS: s.Pause.Cont.Microseconds(),
+		DirtyPages: s.DirtyPages, DeviceBytes: s.DeviceBytes, WireBytes: s.WireBytes, AckUS: s.AckLatency().Microseconds()}
+}
+
+// RunPrimary protects the VM until ctx ends. A failed session (backup gone,
+// epoch rejected) is logged and, with Retry set, followed by a new one that
+// starts again from a full copy of RAM; the guest runs on unprotected in
+// between.
+func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error {
+	if err := cfg.Validate(); err != nil {
+		return fmt.Errorf("configuration: %w", err)
+	}
+	log = log.With("vm", cfg.VM)
+	var q *QEMU
+	if err := step(ctx, log, "attach to QEMU", func() (err error) {
+		q, err = Attach(ctx, cfg.QMPSocket, log)
+		if err == nil {
+			log.Info("QEMU found", "pid", q.PID, "version", q.Version.String(), "ram_backend", q.RAM.ID, "ram_bytes", q.RAM.Size, "ram_path", q.RAM.Path)
+		}
+		return err
+	}); err != nil {
+		return err
+	}
+	defer q.Mon.Close()
+
+	var ram []byte
+	if err := step(ctx, log, "map guest RAM", func() (err error) {
+		ram, err = q.MapRAM()
+		return err
+	}); err != nil {
+		return err
+	}
+	defer unix.Munmap(ram)
+
+	saver := checkpoint.SaveXen
+	if err := step(ctx, log, "check device state saving", func() error {
+		ok, err := q.HasCommand(ctx, "xen-save-devices-state")
+		if err != nil {
+			return err
+		}
+		if !ok {
+			saver = checkpoint.SaveMigrate
+			log.Warn("QEMU lacks xen-save-devices-state; saving device state by migration (slower)")
+		}
+		return os.MkdirAll(cfg.StateDir, 0o700)
+	}); err != nil {
+		return err
+	}
+
+	var epochLog *json.Encoder
+	if cfg.EpochLog != "" {
+		f, err := os.OpenFile(cfg.EpochLog, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+		if err != nil {
+			return fmt.Errorf("epoch log: %w", err)
+		}
+		defer f.Close()
+		epochLog = json.NewEncoder(f)
+	}
+
+	for {
+		err := session(ctx, cfg, q, ram, saver, epochLog, log)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if cfg.Retry == 0 {
+			return err
+		}
+		log.Error("protection lost; the guest runs unprotected until the backup is back", "err", err, "retry_in", cfg.Retry)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(cfg.Retry):
+		}
+	}
+}
+
+func session(ctx context.Context, cfg PrimaryConfig, q *QEMU, ram []byte, saver checkpoint.DeviceSaver, epochLog *json.Encoder, log *slog.Logger) error {
+	var tracker dirtypages.Tracker
+	if err := step(ctx, log, "start dirty-page tracking", func() (err error) {
+		tracker, err = newTracker(cfg.Tracker, q, ram, log)
+		return err
+	}); err != nil {
+		return err
+	}
+	defer tracker.Close()
+
+	var link *transport.Conn
+	if err := step(ctx, log, "connect to backup "+cfg.Peer, func() error {
+		timeout := cfg.ConnectTimeout
+		if timeout == 0 {
+			timeout = 10 * time.Second
+		}
+		dctx, cancel := context.WithTimeout(ctx, timeout)
+		defer cancel()
+		var d net.Dialer
+		for {
+			nc, err := d.DialContext(dctx, "tcp", cfg.Peer)
+			if err == nil {
+				link = transport.NewConn(nc)
+				return nil
+			}
+			select {
+			case <-dctx.Done():
+				return fmt.Errorf("backup unreachable: %w", err)
+			case <-time.After(100 * time.Millisecond):
+			}
+		}
+	}); err != nil {
+		return err
+	}
+	defer link.Close()
+
+	pcfg := checkpoint.PrimaryConfig{
+		VMName: cfg.VM, Pipeline: cfg.Pipeline, Heartbeat: cfg.Heartbeat, StateDir: cfg.StateDir,
+		Saver: saver, QEMUVersion: q.Version, Logger: log,
+		OnEpoch: func(s checkpoint.EpochStats) {
+			if epochLog != nil {
+				epochLog.Encode(NewEpochRecord(s))
+			}
+		},
+	}
+	if f := cfg.Fault; f != nil {
+		pcfg.Fault = func(at checkpoint.FaultPoint, epoch uint64) {
+			if f.armed(at, epoch) {
+				fmt.Fprintf(os.Stderr, "%s %s epoch=%d\n", FaultReachedPrefix, at, epoch)
+				select {} // until killed
+			}
+		}
+	}
+	p, err := checkpoint.NewPrimary(pcfg, q.Mon, ram, tracker)
+	if err != nil {
+		return err
+	}
+	log.Info("protecting", "epoch", cfg.Pipeline.WithDefaults().Interval, "tracker", fmt.Sprintf("%T", tracker), "device_state", saver.String())
+	return p.Run(ctx, link)
+}
+
+func newTracker(kind string, q *QEMU, ram []byte, log *slog.Logger) (dirtypages.Tracker, error) {
+	if kind == TrackerSoftDirty || kind == TrackerAuto || kind == "" {
+		t, err := softDirty(q)
+		if err == nil {
+			return t, nil
+		}
+		if kind == TrackerSoftDirty {
+			return nil, err
+		}
+		log.Info("soft-dirty tracking unavailable; comparing RAM against the last checkpoint instead", "reason", err)
+	}
+	return dirtypages.NewCompare(ram, dirtypages.Options{})
+}
+
+func softDirty(q *QEMU) (dirtypages.Tracker, error) {
+	if err := dirtypages.SoftDirtySupported(); err != nil {
+		return nil, err
+	}
+	name := q.RAM.Path
+	if name == "" {
+		name = "memory-backend-memfd"
+	}
+	m, err := dirtypages.FindMapping(q.PID, name)
+	if err != nil {
+		return nil, err
+	}
+	return dirtypages.NewSoftDirty(q.PID, m, dirtypages.Options{})
+}

@@ -1,0 +1,213 @@
+// Package agent is what remusd runs: it turns a configuration into a
+// protected VM on the primary (attach to QEMU over QMP, find and map the
+// shared guest RAM, pick a dirty-page tracker, connect to the backup and run
+// the epoch loop) or a standby on the backup (receive and apply epochs, and
+// on the primary's death start QEMU on the RAM image and resume the last
+// committed checkpoint). Start-up runs as named steps, so a failure says
+// which step failed on what.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/remus-kvm/remus/qmp"
+)
+
+// step runs one named start-up step, logging it, and names it in the error.
+func step(ctx context.Context, log *slog.Logger, name string, fn func() error) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("%s: %w", name, err)
+	}
+	log.Info(name)
+	if err := fn(); err != nil {
+		return fmt.Errorf("%s: %w", name, err)
+	}
+	return nil
+}
+
+// ErrNotShared reports guest RAM that remusd cannot read: it is not in a
+// memory backend with share=on.
+var ErrNotShared = errors.New("guest RAM is not in a shared memory backend (use memory-backend-file or memory-backend-memfd with share=on, and -machine memory-backend=)")
+
+// QEMU is a running QEMU process that remusd attached to.
+type QEMU struct {
+	Mon     *qmp.Client
+	PID     int
+	Version qmp.Version
+	RAM     RAMBackend
+}
+
+// RAMBackend is the guest RAM backend as QOM describes it.
+type RAMBackend struct {
+	ID   string // QOM id, e.g. "ram0"
+	Type string // memory-backend-file or memory-backend-memfd
+	Path string // mem-path (file backends)
+	Size uint64
+}
+
+// Attach connects to QEMU's QMP socket, learns QEMU's PID from the socket's
+// peer credentials and finds the guest RAM backend.
+func Attach(ctx context.Context, socket string, log *slog.Logger) (*QEMU, error) {
+	var d net.Dialer
+	nc, err := d.DialContext(ctx, "unix", socket)
+	if err != nil {
+		return nil, fmt.Errorf("QMP socket %s unreachable (is the VM running, and is this its QMP socket?): %w", socket, err)
+	}
+	pid, err := peerPID(nc)
+	if err != nil {
+		nc.Close()
+		return nil, fmt.Errorf("QMP socket %s: %w", socket, err)
+	}
+	mon, err := qmp.New(ctx, nc, qmp.WithLogger(log))
+	if err != nil {
+		return nil, fmt.Errorf("QMP socket %s: %w", socket, err)
+	}
+	q := &QEMU{Mon: mon, PID: pid, Version: mon.Version()}
+	if q.RAM, err = findRAM(ctx, mon); err != nil {
+		mon.Close()
+		return nil, err
+	}
+	return q, nil
+}
+
+func peerPID(nc net.Conn) (int, error) {
+	uc, ok := nc.(*net.UnixConn)
+	if !ok {
+		return 0, errors.New("not a unix socket")
+	}
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var cred *unix.Ucred
+	var serr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, serr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return 0, err
+	}
+	if serr != nil {
+		return 0, fmt.Errorf("peer credentials: %w", serr)
+	}
+	return int(cred.Pid), nil
+}
+
+// findRAM looks for the one memory backend object in /objects. Guests with
+// several backends (NUMA nodes) are not supported yet.
+func findRAM(ctx context.Context, mon *qmp.Client) (RAMBackend, error) {
+	type prop struct {
+		Name string `json:"name"`
+		Type string `json:"type"`
+	}
+	objs, err := qmp.Run[[]prop](ctx, mon, "qom-list", map[string]string{"path": "/objects"})
+	if err != nil {
+		return RAMBackend{}, fmt.Errorf("list QOM objects: %w", err)
+	}
+	var found []RAMBackend
+	for _, o := range objs {
+		t := strings.TrimSuffix(strings.TrimPrefix(o.Type, "child<"), ">")
+		if !strings.HasPrefix(t, "memory-backend-") {
+			continue
+		}
+		found = append(found, RAMBackend{ID: o.Name, Type: t})
+	}
+	if len(found) == 0 {
+		return RAMBackend{}, ErrNotShared
+	}
+	if len(found) > 1 {
+		return RAMBackend{}, fmt.Errorf("guest has %d memory backends; remus-kvm protects guests with one", len(found))
+	}
+	b := found[0]
+	path := "/objects/" + b.ID
+	share, err := qmp.Run[bool](ctx, mon, "qom-get", map[string]string{"path": path, "property": "share"})
+	if err != nil {
+		return b, fmt.Errorf("read %s.share: %w", path, err)
+	}
+	if !share || (b.Type != "memory-backend-file" && b.Type != "memory-backend-memfd") {
+		return b, fmt.Errorf("%w: %s is a %s with share=%v", ErrNotShared, b.ID, b.Type, share)
+	}
+	if b.Size, err = qmp.Run[uint64](ctx, mon, "qom-get", map[string]string{"path": path, "property": "size"}); err != nil {
+		return b, fmt.Errorf("read %s.size: %w", path, err)
+	}
+	if b.Type == "memory-backend-file" {
+		if b.Path, err = qmp.Run[string](ctx, mon, "qom-get", map[string]string{"path": path, "property": "mem-path"}); err != nil {
+			return b, fmt.Errorf("read %s.mem-path: %w", path, err)
+		}
+	}
+	return b, nil
+}
+
+// MapRAM maps the guest RAM read-only into this process. A file backend is
+// opened by its path; a memfd through QEMU's file descriptor in /proc.
+func (q *QEMU) MapRAM() ([]byte, error) {
+	path := q.RAM.Path
+	if q.RAM.Type == "memory-backend-memfd" {
+		var err error
+		if path, err = q.memfdPath(); err != nil {
+			return nil, err
+		}
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("open guest RAM %s: %w", path, err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if uint64(st.Size()) != q.RAM.Size {
+		return nil, fmt.Errorf("guest RAM %s has %d bytes; QEMU reports %d", path, st.Size(), q.RAM.Size)
+	}
+	ram, err := unix.Mmap(int(f.Fd()), 0, int(q.RAM.Size), unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		return nil, fmt.Errorf("map guest RAM %s: %w", path, err)
+	}
+	return ram, nil
+}
+
+// memfdPath finds QEMU's memfd of the RAM backend's size in /proc/PID/fd.
+func (q *QEMU) memfdPath() (string, error) {
+	dir := fmt.Sprintf("/proc/%d/fd", q.PID)
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return "", fmt.Errorf("find guest RAM memfd: %w", err)
+	}
+	for _, e := range ents {
+		p := filepath.Join(dir, e.Name())
+		target, err := os.Readlink(p)
+		if err != nil || !strings.HasPrefix(target, "/memfd:") {
+			continue
+		}
+		if st, err := os.Stat(p); err == nil && uint64(st.Size()) == q.RAM.Size {
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("find guest RAM memfd: no memfd of %d bytes among QEMU's (pid %d) file descriptors", q.RAM.Size, q.PID)
+}
+
+// HasCommand reports whether QEMU offers the QMP command.
+func (q *QEMU) HasCommand(ctx context.Context, name string) (bool, error) {
+	type cmd struct {
+		Name string `json:"name"`
+	}
+	cmds, err := qmp.Run[[]cmd](ctx, q.Mon, "query-commands", nil)
+	if err != nil {
+		return false, err
+	}
+	for _, c := range cmds {
+		if c.Name == name {
+			return true, nil
+		}
+	}
+	return false, nil
+}
