@@ -45,18 +45,53 @@ type Namespace struct {
 func New(t testing.TB) *Namespace {
 	t.Helper()
 	testenv.RequireRoot(t)
-	ip := testenv.RequireIP(t)
-	n := &Namespace{name: "rk-" + randomHex(4), ip: ip}
-	if out, err := exec.Command(ip, "netns", "add", n.name).CombinedOutput(); err != nil {
-		t.Fatalf("testnet: ip netns add %s: %v: %s", n.name, err, bytes.TrimSpace(out))
+	testenv.RequireIP(t)
+	n, err := Create()
+	if err != nil {
+		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		if err := n.remove(); err != nil {
+		if err := n.Remove(); err != nil {
 			t.Errorf("testnet: %v", err)
 		}
 	})
-	n.IP(t, "link", "set", "dev", "lo", "up")
 	return n
+}
+
+// Create makes a network namespace with a unique name (rk-<random hex>)
+// and brings its loopback up, for users that are not tests (the demo). The
+// caller must Remove it.
+func Create() (*Namespace, error) {
+	ip, err := exec.LookPath("ip")
+	if err != nil {
+		return nil, fmt.Errorf("testnet: needs iproute2's ip command: %w", err)
+	}
+	n := &Namespace{name: "rk-" + randomHex(4), ip: ip}
+	if out, err := exec.Command(ip, "netns", "add", n.name).CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("testnet: ip netns add %s: %w: %s", n.name, err, bytes.TrimSpace(out))
+	}
+	if err := n.Exec("link", "set", "dev", "lo", "up"); err != nil {
+		n.Remove()
+		return nil, err
+	}
+	return n, nil
+}
+
+// Exec runs `ip -n NAME args...`.
+func (n *Namespace) Exec(args ...string) error {
+	args = append([]string{"-n", n.name}, args...)
+	if out, err := exec.Command(n.ip, args...).CombinedOutput(); err != nil {
+		return fmt.Errorf("testnet: ip %s: %w: %s", strings.Join(args, " "), err, bytes.TrimSpace(out))
+	}
+	return nil
+}
+
+// MoveLinkIn moves the host link called link into n.
+func (n *Namespace) MoveLinkIn(link string) error {
+	if out, err := exec.Command(n.ip, "link", "set", "dev", link, "netns", n.name).CombinedOutput(); err != nil {
+		return fmt.Errorf("testnet: move %s into %s: %w: %s", link, n.name, err, bytes.TrimSpace(out))
+	}
+	return nil
 }
 
 func randomHex(n int) string {
@@ -71,8 +106,8 @@ func (n *Namespace) Name() string { return n.name }
 // Path returns the file that holds the namespace (/run/netns/NAME).
 func (n *Namespace) Path() string { return "/run/netns/" + n.name }
 
-// remove kills what is left in the namespace and deletes it.
-func (n *Namespace) remove() error {
+// Remove kills what is left in the namespace and deletes it.
+func (n *Namespace) Remove() error {
 	out, err := exec.Command(n.ip, "netns", "pids", n.name).Output()
 	if err != nil {
 		return fmt.Errorf("ip netns pids %s: %w", n.name, err)
@@ -123,7 +158,9 @@ func (n *Namespace) run(t testing.TB, name string, args ...string) string {
 // into n. Open file descriptors on it, such as a tap's, stay valid.
 func (n *Namespace) MoveLink(t testing.TB, link string) {
 	t.Helper()
-	n.run(t, n.ip, "link", "set", "dev", link, "netns", n.name)
+	if err := n.MoveLinkIn(link); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // AddAddr adds the address prefix (such as "10.213.1.1/24") to link inside

@@ -1,0 +1,89 @@
+// Package e2e holds the end-to-end tests: the real test guest under QEMU,
+// protected by two remusd processes on loopback, reached over a real network
+// (a tap device in a network namespace the test made), with the primary
+// killed at chosen points of the epoch cycle.
+package e2e
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/remus-kvm/remus/internal/agent"
+	"github.com/remus-kvm/remus/internal/lab"
+	"github.com/remus-kvm/remus/internal/testenv"
+	"github.com/remus-kvm/remus/testvm"
+)
+
+var (
+	remusdOnce sync.Once
+	remusdDir  string
+	remusdErr  error
+)
+
+// newLab skips without root, /dev/net/tun, QEMU or the guest kernel, and
+// otherwise sets up a lab that is torn down with the test. remusd is built
+// once per test binary.
+func newLab(t *testing.T) *lab.Lab {
+	t.Helper()
+	testenv.RequireTun(t)
+	testenv.RequireIP(t)
+	qemu := testenv.RequireQEMU(t)
+	if _, err := testvm.FindKernel(); errors.Is(err, testvm.ErrNoKernel) {
+		t.Skipf("needs the guest kernel: %v", err)
+	}
+	remusdOnce.Do(func() {
+		if remusdDir, remusdErr = os.MkdirTemp("", "remus-e2e-"); remusdErr != nil {
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		remusdErr = lab.BuildRemusd(ctx, filepath.Join(remusdDir, "remusd"))
+	})
+	if remusdErr != nil {
+		t.Fatal(remusdErr)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	l, err := lab.New(ctx, lab.Options{QEMU: qemu, Remusd: filepath.Join(remusdDir, "remusd")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(l.Close)
+	return l
+}
+
+// dump logs the agents' output and the consoles when the test failed.
+func dump(t *testing.T, l *lab.Lab, p *lab.Protection) {
+	t.Cleanup(func() {
+		if !t.Failed() {
+			return
+		}
+		for _, pr := range []*lab.Proc{p.Primary, p.Backup} {
+			if pr != nil {
+				t.Logf("%s output:\n%s", pr.Name, pr.Output())
+			}
+		}
+		for _, role := range []string{"primary", "backup"} {
+			b, _ := os.ReadFile(filepath.Join(l.Dir, role+"-console.log"))
+			t.Logf("%s console:\n%s", role, b)
+		}
+	})
+}
+
+// lastEpoch returns the newest record of the epoch log.
+func lastEpoch(t *testing.T, p *lab.Protection) agent.EpochRecord {
+	t.Helper()
+	eps, err := p.Epochs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(eps) == 0 {
+		t.Fatal("no epoch committed")
+	}
+	return eps[len(eps)-1]
+}

@@ -1,0 +1,453 @@
+// Package lab sets up a protected test guest on one host, for the demo, the
+// end-to-end tests and the benchmarks: the test guest under QEMU, its
+// outside network (a tap device in a network namespace of its own, where the
+// client lives), and the two remusd agents as separate processes on
+// loopback, so that the primary can be killed like a dying host.
+package lab
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/remus-kvm/remus/internal/agent"
+	"github.com/remus-kvm/remus/internal/testnet"
+	"github.com/remus-kvm/remus/netbuffer"
+	"github.com/remus-kvm/remus/testvm"
+)
+
+// Addresses on the lab's outside network.
+const (
+	ClientAddr = "10.213.9.1/24"
+	GuestAddr  = "10.213.9.2/24"
+	GuestSvc   = "10.213.9.2:7000"
+)
+
+// Lab is one protected-guest setup. Close undoes all of it.
+type Lab struct {
+	Dir    string // under /dev/shm: RAM files, sockets, logs
+	QEMU   string
+	Remusd string
+	Image  testvm.Image
+	Net    *Network
+
+	mu      sync.Mutex
+	cleanup []func()
+}
+
+// Options configures New.
+type Options struct {
+	QEMU   string // qemu-system-x86_64 to use
+	Remusd string // remusd binary; built from the module when empty
+}
+
+// New builds what the lab needs and creates its network.
+func New(ctx context.Context, o Options) (*Lab, error) {
+	dir, err := os.MkdirTemp("/dev/shm", "remus-lab-")
+	if err != nil {
+		return nil, fmt.Errorf("lab: %w", err)
+	}
+	l := &Lab{Dir: dir, QEMU: o.QEMU, Remusd: o.Remusd}
+	l.defer_(func() { os.RemoveAll(dir) })
+	if err := l.setup(ctx); err != nil {
+		l.Close()
+		return nil, err
+	}
+	return l, nil
+}
+
+func (l *Lab) setup(ctx context.Context) error {
+	k, err := testvm.FindKernel()
+	if err != nil {
+		return err
+	}
+	if l.Image, err = testvm.BuildImage(ctx, k, l.Dir, nil, nil); err != nil {
+		return err
+	}
+	if l.Remusd == "" {
+		l.Remusd = filepath.Join(l.Dir, "remusd")
+		if err := BuildRemusd(ctx, l.Remusd); err != nil {
+			return err
+		}
+	}
+	l.Net, err = newNetwork()
+	if err != nil {
+		return err
+	}
+	l.defer_(l.Net.close)
+	return nil
+}
+
+// BuildRemusd builds cmd/remusd of this module into out.
+func BuildRemusd(ctx context.Context, out string) error {
+	root, err := testvm.RepoRoot()
+	if err != nil {
+		return err
+	}
+	cmd := exec.CommandContext(ctx, "go", "build", "-o", out, "./cmd/remusd")
+	cmd.Dir = root
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("lab: build remusd: %w\n%s", err, b)
+	}
+	return nil
+}
+
+func (l *Lab) defer_(f func()) {
+	l.mu.Lock()
+	l.cleanup = append(l.cleanup, f)
+	l.mu.Unlock()
+}
+
+// Close stops every process the lab started and removes its network and
+// files, newest first.
+func (l *Lab) Close() {
+	l.mu.Lock()
+	fs := l.cleanup
+	l.cleanup = nil
+	l.mu.Unlock()
+	for i := len(fs) - 1; i >= 0; i-- {
+		fs[i]()
+	}
+}
+
+// GuestConfig is the lab's guest for one role ("primary" or "backup"):
+// 256 MiB in a file under the lab directory, a QMP socket for the caller
+// and one for remusd, the NIC on a stream socket, the page dirtier at
+// dirtyPerSec.
+func (l *Lab) GuestConfig(role string, dirtyPerSec int) testvm.Config {
+	c := testvm.Config{
+		QEMU: l.QEMU, Name: "remus-lab", MemoryMiB: 256, RAM: testvm.RAMFile,
+		RAMPath: filepath.Join(l.Dir, role+".ram"),
+		Kernel:  l.Image.Kernel.Image, Initrd: l.Image.Initrd,
+		QMP:       []string{filepath.Join(l.Dir, role+"-user.qmp"), filepath.Join(l.Dir, role+"-remusd.qmp")},
+		SerialLog: filepath.Join(l.Dir, role+"-console.log"),
+		NIC:       testvm.NIC{Mode: testvm.NICStream, Path: filepath.Join(l.Dir, role+"-net.sock")},
+	}
+	c.Guest.IP = netip.MustParsePrefix(GuestAddr)
+	c.Guest.DirtyPerSec = dirtyPerSec
+	return c
+}
+
+// Network is the guest's outside world: a tap in a namespace of its own,
+// with the client's address on it.
+type Network struct {
+	NS  *testnet.Namespace
+	Tap *netbuffer.Tap
+}
+
+func newNetwork() (*Network, error) {
+	ns, err := testnet.Create()
+	if err != nil {
+		return nil, err
+	}
+	n := &Network{NS: ns}
+	name := "rkl" + ns.Name()[3:]
+	if len(name) > 15 {
+		name = name[:15]
+	}
+	if n.Tap, err = netbuffer.OpenTap(name); err != nil {
+		ns.Remove()
+		return nil, err
+	}
+	for _, step := range []func() error{
+		func() error { return ns.MoveLinkIn(name) },
+		func() error { return ns.Exec("addr", "add", ClientAddr, "dev", name) },
+		func() error { return ns.Exec("link", "set", "dev", name, "up") },
+	} {
+		if err := step(); err != nil {
+			n.close()
+			return nil, err
+		}
+	}
+	return n, nil
+}
+
+func (n *Network) close() {
+	n.Tap.Close()
+	n.NS.Remove()
+}
+
+// keepOpen lets a relay end without closing the tap: the outside network
+// stays up across a failover, and the backup's relay takes the tap over.
+type keepOpen struct{ *netbuffer.Tap }
+
+func (keepOpen) Close() error { return nil }
+
+// Listen opens the unix socket a guest NIC (-netdev stream, client side)
+// connects to.
+func (l *Lab) Listen(path string) (net.Listener, error) {
+	ln, err := netbuffer.ListenUnix(path)
+	if err != nil {
+		return nil, err
+	}
+	l.defer_(func() { ln.Close() })
+	return ln, nil
+}
+
+// Attach accepts a guest NIC on ln and relays it to the tap until the guest
+// goes away or the lab closes.
+func (l *Lab) Attach(ctx context.Context, ln net.Listener) (*netbuffer.Relay, error) {
+	conn, err := netbuffer.AcceptGuest(ctx, ln)
+	if err != nil {
+		return nil, fmt.Errorf("lab: guest NIC did not connect: %w", err)
+	}
+	r := netbuffer.NewRelay(conn, keepOpen{l.Net.Tap}, nil)
+	rctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { r.Run(rctx); close(done) }()
+	l.defer_(func() { cancel(); <-done })
+	return r, nil
+}
+
+// Dial connects to the guest's counter service from the client namespace.
+func (l *Lab) Dial(ctx context.Context) (net.Conn, error) {
+	return l.Net.NS.DialContext(ctx, "tcp", GuestSvc)
+}
+
+// StartVM launches QEMU for c; the lab kills it on Close.
+func (l *Lab) StartVM(ctx context.Context, c testvm.Config) (*testvm.VM, error) {
+	vm, err := testvm.Start(ctx, c)
+	if err != nil {
+		return nil, err
+	}
+	l.defer_(func() { vm.Close() })
+	return vm, nil
+}
+
+// Proc is a process the lab started; its combined output is kept.
+type Proc struct {
+	Name  string
+	cmd   *exec.Cmd
+	mu    sync.Mutex
+	out   strings.Builder
+	lines chan string
+	done  chan struct{}
+}
+
+// Start runs a process whose output is kept (and copied to echo, if set).
+// The lab kills it on Close.
+func (l *Lab) Start(name string, echo io.Writer, args ...string) (*Proc, error) {
+	p := &Proc{Name: filepath.Base(name) + " " + args[0], cmd: exec.Command(name, args...), lines: make(chan string, 1000), done: make(chan struct{})}
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	out, err := p.cmd.StderrPipe()
+	if err != nil {
+		return nil, err
+	}
+	p.cmd.Stdout = p.cmd.Stderr
+	if err := p.cmd.Start(); err != nil {
+		return nil, fmt.Errorf("lab: start %s: %w", p.Name, err)
+	}
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			line := sc.Text()
+			p.mu.Lock()
+			p.out.WriteString(line + "\n")
+			p.mu.Unlock()
+			if echo != nil {
+				fmt.Fprintf(echo, "  [%s] %s\n", p.Name, line)
+			}
+			select {
+			case p.lines <- line:
+			default:
+			}
+		}
+		p.cmd.Wait()
+		close(p.done)
+	}()
+	l.defer_(p.Kill)
+	return p, nil
+}
+
+// Kill sends SIGKILL and waits for the process to end.
+func (p *Proc) Kill() {
+	p.cmd.Process.Kill()
+	<-p.done
+}
+
+// Done is closed when the process has exited.
+func (p *Proc) Done() <-chan struct{} { return p.done }
+
+// Output is everything the process printed so far.
+func (p *Proc) Output() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.out.String()
+}
+
+// WaitLine waits for an output line containing s.
+func (p *Proc) WaitLine(ctx context.Context, s string) (string, error) {
+	for {
+		select {
+		case line := <-p.lines:
+			if strings.Contains(line, s) {
+				return line, nil
+			}
+		case <-p.done:
+			return "", fmt.Errorf("lab: %s exited before printing %q", p.Name, s)
+		case <-ctx.Done():
+			return "", fmt.Errorf("lab: waiting for %q from %s: %w", s, p.Name, ctx.Err())
+		}
+	}
+}
+
+// Protection is a running pair of agents for one guest.
+type Protection struct {
+	Primary, Backup *Proc
+	EpochLog        string
+	Report          string
+	BackupConfig    testvm.Config
+}
+
+// ProtectOptions tunes Protect.
+type ProtectOptions struct {
+	Epoch            time.Duration // default 25 ms
+	HeartbeatTimeout time.Duration // default remusd's
+	PrimaryArgs      []string      // extra remusd primary flags
+	Echo             io.Writer     // copy agent logs here
+}
+
+// Protect starts the backup and primary agents for a guest started from
+// prim (whose second QMP socket is remusd's), with the backup ready to start
+// back on failover.
+func (l *Lab) Protect(prim, back testvm.Config, o ProtectOptions) (*Protection, error) {
+	backupArgs, err := back.Args()
+	if err != nil {
+		return nil, err
+	}
+	peer, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	p := &Protection{EpochLog: filepath.Join(l.Dir, "epochs.jsonl"), Report: filepath.Join(l.Dir, "failover.json"), BackupConfig: back}
+	os.Remove(p.EpochLog)
+	os.Remove(p.Report)
+	common := []string{"--vm", "lab"}
+	if o.HeartbeatTimeout > 0 {
+		common = append(common, "--heartbeat-timeout", o.HeartbeatTimeout.String())
+	}
+	bargs := append([]string{"backup", "--listen", peer, "--state-dir", filepath.Join(l.Dir, "backup-state"),
+		"--ram-image", back.RAMPath, "--qmp", back.QMP[1], "--report", p.Report}, common...)
+	bargs = append(append(bargs, "--", back.QEMU), backupArgs...)
+	if p.Backup, err = l.Start(l.Remusd, o.Echo, bargs...); err != nil {
+		return nil, err
+	}
+	// The QEMU the backup starts on failover outlives remusd by design.
+	l.defer_(func() {
+		if r, err := ReadReport(p.Report); err == nil && r.QEMUPID > 0 {
+			syscall.Kill(r.QEMUPID, syscall.SIGKILL)
+		}
+	})
+	pargs := append([]string{"primary", "--qmp", prim.QMP[1], "--peer", peer, "--state-dir", filepath.Join(l.Dir, "primary-state"),
+		"--epoch-log", p.EpochLog}, common...)
+	if o.Epoch > 0 {
+		pargs = append(pargs, "--epoch", o.Epoch.String())
+	}
+	if p.Primary, err = l.Start(l.Remusd, o.Echo, append(pargs, o.PrimaryArgs...)...); err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+func freePort() (string, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer ln.Close()
+	return ln.Addr().String(), nil
+}
+
+// Epochs reads the primary's epoch log.
+func (p *Protection) Epochs() ([]agent.EpochRecord, error) {
+	return ReadEpochLog(p.EpochLog)
+}
+
+// ReadEpochLog reads a remusd --epoch-log file; a missing file is empty.
+func ReadEpochLog(path string) ([]agent.EpochRecord, error) {
+	f, err := os.Open(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var out []agent.EpochRecord
+	dec := json.NewDecoder(f)
+	for {
+		var r agent.EpochRecord
+		if err := dec.Decode(&r); err != nil {
+			if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+				return out, nil
+			}
+			return out, fmt.Errorf("lab: epoch log %s: %w", path, err)
+		}
+		out = append(out, r)
+	}
+}
+
+// ReadReport reads a remusd --report file.
+func ReadReport(path string) (*agent.FailoverReport, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var r agent.FailoverReport
+	if err := json.Unmarshal(b, &r); err != nil {
+		return nil, err
+	}
+	return &r, nil
+}
+
+// WaitReport waits for the backup's failover report.
+func (p *Protection) WaitReport(ctx context.Context) (*agent.FailoverReport, error) {
+	t := time.NewTicker(20 * time.Millisecond)
+	defer t.Stop()
+	for {
+		if r, err := ReadReport(p.Report); err == nil {
+			return r, nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("lab: no failover report: %w", ctx.Err())
+		case <-p.Backup.Done():
+			if r, err := ReadReport(p.Report); err == nil {
+				return r, nil
+			}
+			return nil, errors.New("lab: backup remusd exited without a failover report")
+		case <-t.C:
+		}
+	}
+}
+
+// WaitCommitted waits until the primary logged at least n committed epochs.
+func (p *Protection) WaitCommitted(ctx context.Context, n int) ([]agent.EpochRecord, error) {
+	t := time.NewTicker(20 * time.Millisecond)
+	defer t.Stop()
+	for {
+		eps, err := p.Epochs()
+		if err != nil || len(eps) >= n {
+			return eps, err
+		}
+		select {
+		case <-ctx.Done():
+			return eps, fmt.Errorf("lab: %d of %d epochs committed: %w", len(eps), n, ctx.Err())
+		case <-p.Primary.Done():
+			return eps, fmt.Errorf("lab: primary remusd exited: %s", p.Primary.Output())
+		case <-t.C:
+		}
+	}
+}
