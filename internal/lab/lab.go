@@ -317,6 +317,9 @@ type ProtectOptions struct {
 	HeartbeatTimeout time.Duration // default remusd's
 	PrimaryArgs      []string      // extra remusd primary flags
 	Echo             io.Writer     // copy agent logs here
+	// Via, when set, is given the backup's address and returns the address
+	// the primary connects to instead (a test proxy in between).
+	Via func(backup string) (string, error)
 }
 
 // Protect starts the backup and primary agents for a guest started from
@@ -350,6 +353,11 @@ func (l *Lab) Protect(prim, back testvm.Config, o ProtectOptions) (*Protection, 
 			syscall.Kill(r.QEMUPID, syscall.SIGKILL)
 		}
 	})
+	if o.Via != nil {
+		if peer, err = o.Via(peer); err != nil {
+			return nil, err
+		}
+	}
 	pargs := append([]string{"primary", "--qmp", prim.QMP[1], "--peer", peer, "--state-dir", filepath.Join(l.Dir, "primary-state"),
 		"--epoch-log", p.EpochLog}, common...)
 	if o.Epoch > 0 {
