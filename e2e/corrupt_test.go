@@ -10,8 +10,8 @@ import (
 	"time"
 
 	"github.com/remus-kvm/remus/internal/lab"
-	"github.com/remus-kvm/remus/transport"
 	"github.com/remus-kvm/remus/testvm/counter"
+	"github.com/remus-kvm/remus/transport"
 )
 
 // corruptingProxy relays the agents' connections and, on the first one
