@@ -12,7 +12,6 @@
 package testvm
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -374,15 +373,16 @@ func (vm *VM) WaitConsole(ctx context.Context, prefix string) (string, error) {
 	}
 }
 
+// findLine returns the first whole line (ended by a newline: QEMU may be in
+// the middle of writing the last one) that starts with prefix.
 func findLine(path, prefix string) (string, bool) {
-	f, err := os.Open(path)
+	b, err := os.ReadFile(path)
 	if err != nil {
 		return "", false
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if line := strings.TrimRight(sc.Text(), "\r"); strings.HasPrefix(line, prefix) {
+	lines := strings.Split(string(b), "\n")
+	for _, line := range lines[:len(lines)-1] {
+		if line = strings.TrimRight(line, "\r"); strings.HasPrefix(line, prefix) {
 			return line, true
 		}
 	}

@@ -1,10 +1,14 @@
 package testvm_test
 
 import (
+	"context"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/remus-kvm/remus/internal/testguest"
 	"github.com/remus-kvm/remus/testvm"
@@ -74,5 +78,26 @@ func TestValidateRejects(t *testing.T) {
 				t.Fatal("accepted")
 			}
 		})
+	}
+}
+
+func TestWaitConsoleIgnoresAPartialLine(t *testing.T) {
+	dir := t.TempDir()
+	log := filepath.Join(dir, "console.log")
+	if err := os.WriteFile(log, []byte("booting\nremus-guest: ready boot=40df7d6f-d214-437"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	vm := testvm.NewVMForConsole(log)
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	if r, err := vm.WaitReady(ctx); err == nil {
+		t.Fatalf("a half-written ready line was taken: %+v", r)
+	}
+	f, _ := os.OpenFile(log, os.O_APPEND|os.O_WRONLY, 0)
+	f.WriteString("f-9a7f-1234567890ab ip=none\n")
+	f.Close()
+	r, err := vm.WaitReady(context.Background())
+	if err != nil || r.BootID != "40df7d6f-d214-437f-9a7f-1234567890ab" {
+		t.Fatalf("WaitReady = %+v, %v", r, err)
 	}
 }
