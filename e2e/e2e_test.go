@@ -28,7 +28,7 @@ var (
 // newLab skips without root, /dev/net/tun, QEMU or the guest kernel, and
 // otherwise sets up a lab that is torn down with the test. remusd is built
 // once per test binary.
-func newLab(t *testing.T) *lab.Lab {
+func newLab(t testing.TB) *lab.Lab {
 	t.Helper()
 	testenv.RequireTun(t)
 	testenv.RequireIP(t)
