@@ -35,7 +35,14 @@ func TestFailoverResumesLastCommittedCheckpoint(t *testing.T) {
 	}
 }
 
-func failoverAt(t *testing.T, point string) {
+// TestFailoverWithMigrationSavedDeviceState is the same cycle with the
+// fallback saver that QEMU builds without xen-save-devices-state use: a
+// migration skipping shared RAM.
+func TestFailoverWithMigrationSavedDeviceState(t *testing.T) {
+	failoverAt(t, "shipped", "--device-state", "migrate")
+}
+
+func failoverAt(t *testing.T, point string, primaryArgs ...string) {
 	l := newLab(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
@@ -65,7 +72,7 @@ func failoverAt(t *testing.T, point string) {
 
 	trigger := l.Dir + "/kill-now"
 	p, err := l.Protect(prim, back, lab.ProtectOptions{HeartbeatTimeout: heartbeatTimeout,
-		PrimaryArgs: []string{"--fault", point + ":1", "--fault-trigger", trigger}})
+		PrimaryArgs: append([]string{"--fault", point + ":1", "--fault-trigger", trigger}, primaryArgs...)})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"time"
 )
@@ -13,12 +14,58 @@ type Monitor interface {
 	Execute(ctx context.Context, command string, args, result any) error
 }
 
+// StateFormat says how a checkpoint's device state was saved, which decides
+// how QEMU must be told to load it.
+type StateFormat struct {
+	// Configuration: the stream starts with a configuration section, as a
+	// migration writes it (the fallback saver, migrate with
+	// x-ignore-shared); xen-save-devices-state writes none.
+	Configuration bool
+}
+
+// savevm stream constants (QEMU's migration/savevm.c).
+const (
+	savevmMagic          = "QEVM"
+	savevmVersion        = 3
+	sectionConfiguration = 0x07
+)
+
+// ParseStateFormat inspects the start of a saved device state.
+func ParseStateFormat(head []byte) (StateFormat, error) {
+	if len(head) < 9 || string(head[:4]) != savevmMagic {
+		return StateFormat{}, fmt.Errorf("failover: device state does not start with a QEVM header")
+	}
+	if v := int(head[4])<<24 | int(head[5])<<16 | int(head[6])<<8 | int(head[7]); v != savevmVersion {
+		return StateFormat{}, fmt.Errorf("failover: device state has savevm version %d, want %d", v, savevmVersion)
+	}
+	return StateFormat{Configuration: head[8] == sectionConfiguration}, nil
+}
+
+// ReadStateFormat inspects a saved device state file.
+func ReadStateFormat(path string) (StateFormat, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return StateFormat{}, fmt.Errorf("failover: %w", err)
+	}
+	defer f.Close()
+	head := make([]byte, 9)
+	if _, err := io.ReadFull(f, head); err != nil {
+		return StateFormat{}, fmt.Errorf("failover: read device state %s: %w", path, err)
+	}
+	return ParseStateFormat(head)
+}
+
 // RestoreArgs are the QEMU arguments that make a freshly started QEMU wait
-// for the device state of a checkpoint: -incoming defer, and no
-// configuration section (xen-save-devices-state does not write one). The
-// rest of the command line must be the primary's, with the RAM backend's
+// for the device state of a checkpoint: -incoming defer, and, for a state
+// without a configuration section, telling QEMU not to expect one. The rest
+// of the command line must be the primary's, with the RAM backend's
 // mem-path pointing at the backup's RAM image.
-var RestoreArgs = []string{"-incoming", "defer", "-global", "migration.send-configuration=off"}
+func RestoreArgs(f StateFormat) []string {
+	if f.Configuration {
+		return []string{"-incoming", "defer"}
+	}
+	return []string{"-incoming", "defer", "-global", "migration.send-configuration=off"}
+}
 
 // IncomingURI returns the migrate-incoming URI that reads a saved device
 // state file: file: where QEMU has it (8.2 and later), else exec:cat.
@@ -64,9 +111,19 @@ var ErrRestore = errors.New("failover: restore")
 // Restore loads the device state from uri into a QEMU started with
 // RestoreArgs, waits for the load to complete and resumes the guest. The
 // guest RAM is not copied: QEMU runs on the RAM image it was started with.
-func Restore(ctx context.Context, mon Monitor, uri string) (Restored, error) {
+//
+// A state saved by a migration (Configuration set) lists the shared RAM
+// blocks it skipped; the loading side must skip them too (x-ignore-shared),
+// or it would expect their pages in the stream.
+func Restore(ctx context.Context, mon Monitor, uri string, f StateFormat) (Restored, error) {
 	var r Restored
 	start := time.Now()
+	if f.Configuration {
+		caps := map[string]any{"capabilities": []map[string]any{{"capability": "x-ignore-shared", "state": true}}}
+		if err := mon.Execute(ctx, "migrate-set-capabilities", caps, nil); err != nil {
+			return r, fmt.Errorf("%w: migrate-set-capabilities x-ignore-shared: %w", ErrRestore, err)
+		}
+	}
 	if err := mon.Execute(ctx, "migrate-incoming", map[string]string{"uri": uri}, nil); err != nil {
 		return r, fmt.Errorf("%w: migrate-incoming %s: %w", ErrRestore, uri, err)
 	}

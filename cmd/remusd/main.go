@@ -54,6 +54,7 @@ func app() *cli.App {
 					&cli.DurationFlag{Name: "epoch", Value: checkpoint.DefaultInterval, Usage: "checkpoint interval"},
 					&cli.IntFlag{Name: "max-in-flight", Value: checkpoint.DefaultMaxInFlight, Usage: "epochs sent but not yet acknowledged before the next waits"},
 					&cli.StringFlag{Name: "tracker", Value: agent.TrackerAuto, Usage: "dirty-page tracker: auto, softdirty or compare"},
+					&cli.StringFlag{Name: "device-state", Value: "auto", Usage: "how to save device state: auto, xen (xen-save-devices-state) or migrate (migration with x-ignore-shared)"},
 					&cli.DurationFlag{Name: "retry", Value: time.Second, Usage: "wait before protecting again after the backup was lost (0: exit instead)"},
 					&cli.StringFlag{Name: "epoch-log", Usage: "append one JSON line per committed epoch to this file"},
 					&cli.StringFlag{Name: "fault", Usage: "testing aid: stop at POINT:EPOCH of the epoch cycle (paused, resumed, shipping, shipped, acked) until killed", Hidden: true},
@@ -101,7 +102,7 @@ func runPrimary(c *cli.Context) error {
 	cfg := agent.PrimaryConfig{
 		VM: c.String("vm"), QMPSocket: c.String("qmp"), Peer: c.String("peer"), StateDir: c.String("state-dir"),
 		Pipeline:  checkpoint.PipelineConfig{Interval: c.Duration("epoch"), MaxInFlight: c.Int("max-in-flight")},
-		Heartbeat: heartbeat(c), Tracker: c.String("tracker"), Retry: c.Duration("retry"), EpochLog: c.String("epoch-log"),
+		Heartbeat: heartbeat(c), Tracker: c.String("tracker"), DeviceState: c.String("device-state"), Retry: c.Duration("retry"), EpochLog: c.String("epoch-log"),
 	}
 	if f := c.String("fault"); f != "" {
 		var point string

@@ -151,10 +151,14 @@ func failOver(ctx context.Context, cfg BackupConfig, lost *checkpoint.PrimaryLos
 	if st, err := os.Stat(lost.Committed.StateFile); err == nil {
 		r.DeviceStateLen = st.Size()
 	}
+	format, err := failover.ReadStateFormat(lost.Committed.StateFile)
+	if err != nil {
+		return r, err
+	}
 	var cmd *exec.Cmd
 	if err := step(ctx, log, "start QEMU on the RAM image", func() error {
 		os.Remove(cfg.QMPSocket)
-		args := append(append([]string{}, cfg.QEMU[1:]...), failover.RestoreArgs...)
+		args := append(append([]string{}, cfg.QEMU[1:]...), failover.RestoreArgs(format)...)
 		cmd = exec.Command(cfg.QEMU[0], args...)
 		// The restored guest must outlive remusd: its own session, no
 		// death signal, output to a log beside the state.
@@ -198,7 +202,7 @@ func failOver(ctx context.Context, cfg BackupConfig, lost *checkpoint.PrimaryLos
 	r.QEMUVersion = v.String()
 	r.IncomingURI = failover.IncomingURI(lost.Committed.StateFile, v.Major, v.Minor)
 	if err := step(ctx, log, "resume the last committed checkpoint", func() error {
-		res, err := failover.Restore(ctx, mon, r.IncomingURI)
+		res, err := failover.Restore(ctx, mon, r.IncomingURI, format)
 		r.LoadMS = ms(res.Load)
 		return err
 	}); err != nil {

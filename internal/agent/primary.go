@@ -34,6 +34,9 @@ type PrimaryConfig struct {
 	Pipeline  checkpoint.PipelineConfig
 	Heartbeat failover.DetectorConfig
 	Tracker   string // auto, softdirty or compare
+	// DeviceState picks how the device state is saved: auto (default:
+	// xen-save-devices-state when QEMU has it), xen or migrate.
+	DeviceState string
 	// ConnectTimeout bounds each attempt to reach the backup.
 	ConnectTimeout time.Duration
 	// Retry is the wait before a new protection session after one failed;
@@ -85,6 +88,11 @@ func (c PrimaryConfig) Validate() error {
 	case "", TrackerAuto, TrackerSoftDirty, TrackerCompare:
 	default:
 		return fmt.Errorf("unknown tracker %q (auto, softdirty or compare)", c.Tracker)
+	}
+	switch c.DeviceState {
+	case "", "auto", "xen", "migrate":
+	default:
+		return fmt.Errorf("unknown device state saver %q (auto, xen or migrate)", c.DeviceState)
 	}
 	if err := c.Pipeline.Validate(); err != nil {
 		return err
@@ -153,7 +161,12 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 		if err != nil {
 			return err
 		}
-		if !ok {
+		switch {
+		case cfg.DeviceState == "migrate":
+			saver = checkpoint.SaveMigrate
+		case !ok && cfg.DeviceState == "xen":
+			return errors.New("QEMU lacks xen-save-devices-state")
+		case !ok:
 			saver = checkpoint.SaveMigrate
 			log.Warn("QEMU lacks xen-save-devices-state; saving device state by migration (slower)")
 		}
