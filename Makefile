@@ -23,7 +23,7 @@ setup:
 	$(GO) mod download
 
 demo: setup
-	$(SUDO) $(GO) run ./cmd/remus-demo
+	$(SUDO) $(GO) run ./cmd/remus-demo $(if $(REMUS_QEMU),--qemu '$(REMUS_QEMU)')
 
 test: setup vet
 	$(GO) test -race -timeout 45m ./...
