@@ -27,23 +27,8 @@ func benchOnce(b *testing.B, protectFor time.Duration) {
 	l := newLab(b)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	prim := l.GuestConfig("primary", 40000)
-	back := l.GuestConfig("backup", 40000)
-	back.RAMPath = l.Dir + "/backup-image.ram"
-	primLn, _ := l.Listen(prim.NIC.Path)
-	if _, err := l.Listen(back.NIC.Path); err != nil {
-		b.Fatal(err)
-	}
-	vm, err := l.StartVM(ctx, prim)
-	if err != nil {
-		b.Fatal(err)
-	}
-	if _, err := l.Attach(ctx, primLn); err != nil {
-		b.Fatal(err)
-	}
-	if _, err := vm.WaitReady(ctx); err != nil {
-		b.Fatal(err)
-	}
+	g := bootPrimary(b, l, ctx, 40000)
+	prim, back, vm := g.prim, g.back, g.vm
 	conn, err := l.Dial(ctx)
 	if err != nil {
 		b.Fatal(err)

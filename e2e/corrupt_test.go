@@ -74,22 +74,8 @@ func TestCorruptFrameIsRejectedAndProtectionRecovers(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 
-	prim := l.GuestConfig("primary", 4000)
-	back := l.GuestConfig("backup", 4000)
-	back.RAMPath = l.Dir + "/backup-image.ram"
-	primLn, _ := l.Listen(prim.NIC.Path)
-	backLn, _ := l.Listen(back.NIC.Path)
-	vm, err := l.StartVM(ctx, prim)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := l.Attach(ctx, primLn); err != nil {
-		t.Fatal(err)
-	}
-	ready, err := vm.WaitReady(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	g := bootPrimary(t, l, ctx, 4000)
+	prim, back, vm, backLn, ready := g.prim, g.back, g.vm, g.backLn, g.ready
 
 	proxy := &corruptingProxy{fromEpoch: 30}
 	p, err := l.Protect(prim, back, lab.ProtectOptions{HeartbeatTimeout: heartbeatTimeout, Via: func(backup string) (string, error) {

@@ -47,28 +47,8 @@ func failoverAt(t *testing.T, point string, primaryArgs ...string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 
-	prim := l.GuestConfig("primary", 40000)
-	back := l.GuestConfig("backup", 40000)
-	back.RAMPath = l.Dir + "/backup-image.ram"
-	primLn, err := l.Listen(prim.NIC.Path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	backLn, err := l.Listen(back.NIC.Path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	vm, err := l.StartVM(ctx, prim)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := l.Attach(ctx, primLn); err != nil {
-		t.Fatal(err)
-	}
-	ready, err := vm.WaitReady(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	g := bootPrimary(t, l, ctx, 40000)
+	prim, back, vm, backLn, ready := g.prim, g.back, g.vm, g.backLn, g.ready
 
 	trigger := l.Dir + "/kill-now"
 	p, err := l.Protect(prim, back, lab.ProtectOptions{HeartbeatTimeout: heartbeatTimeout,
