@@ -207,6 +207,11 @@ func (p *Primary) Run(ctx context.Context, link Link) error {
 	pending := map[uint64]*pendingEpoch{}
 	noteShipped := func(s shipped) error {
 		if s.err != nil {
+			// A backup that ends the session sends its reason first:
+			// prefer that to the broken pipe it leaves behind.
+			if why := backupsReason(ctx, frames); why != nil {
+				return why
+			}
 			return fmt.Errorf("%w: epoch %d: send to backup: %w", ErrPeerLost, s.epoch, s.err)
 		}
 		if pe := pending[s.epoch]; pe != nil {
@@ -326,7 +331,7 @@ func (p *Primary) handle(f transport.Frame, pipe *Pipeline, pending map[uint64]*
 		}
 	case transport.Heartbeat:
 	case transport.Error:
-		return fmt.Errorf("%w: epoch %d: %s: %s", ErrPeerRejected, f.Epoch, m.Code, m.Message)
+		return rejected(f.Epoch, m)
 	default:
 		return fmt.Errorf("%w: unexpected %s frame from the backup", ErrPeerRejected, f.Type)
 	}
@@ -499,6 +504,41 @@ type received struct {
 // receive reads frames from link until it fails or ctx ends, marking each
 // one heard. The error comes on the same channel, after every frame that
 // preceded it.
+// backupsReason looks briefly among the frames still arriving for the
+// Error frame in which a backup says why it ends the session, and returns it
+// as an error matching ErrPeerRejected; nil when none comes.
+func backupsReason(ctx context.Context, frames <-chan received) error {
+	ctx, cancel := context.WithTimeout(ctx, reasonWait)
+	defer cancel()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case r := <-frames:
+			if r.err != nil {
+				return nil
+			}
+			if r.f.Type != transport.TypeError {
+				continue
+			}
+			m, err := transport.Decode(r.f)
+			if err != nil {
+				return fmt.Errorf("%w: from backup: %w", ErrPeerRejected, err)
+			}
+			return rejected(r.f.Epoch, m.(transport.Error))
+		}
+	}
+}
+
+// rejected is the error for a backup's Error frame.
+func rejected(epoch uint64, e transport.Error) error {
+	return fmt.Errorf("%w: epoch %d: %s: %s", ErrPeerRejected, epoch, e.Code, e.Message)
+}
+
+// reasonWait bounds how long a primary whose sends failed waits for the
+// backup's explanation.
+const reasonWait = 500 * time.Millisecond
+
 func receive(ctx context.Context, link Link, live *liveness) <-chan received {
 	c := make(chan received, 64)
 	go func() {

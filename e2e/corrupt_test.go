@@ -38,9 +38,11 @@ func (p *corruptingProxy) serve() {
 			continue
 		}
 		first := p.conns.Add(1) == 1
-		go func() { io.Copy(c, b); c.Close() }()
+		// Backup to primary; this side ends the pair, so that a frame the
+		// backup sent before closing (its Error) always reaches the primary.
+		go func() { io.Copy(c, b); c.Close(); b.Close() }()
 		go func() {
-			defer b.Close()
+			defer b.(*net.TCPConn).CloseWrite()
 			if !first {
 				io.Copy(b, c)
 				return

@@ -128,14 +128,16 @@ func (c Config) withDefaults() Config {
 	}
 	if c.Accel == "" {
 		c.Accel = "tcg"
-		if kvmUsable() {
+		if KVMUsable() {
 			c.Accel = "kvm"
 		}
 	}
 	return c
 }
 
-func kvmUsable() bool {
+// KVMUsable reports whether /dev/kvm can be opened for reading and writing,
+// that is whether QEMU can run the guest with -accel kvm.
+func KVMUsable() bool {
 	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
 	if err != nil {
 		return false

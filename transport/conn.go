@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"sync"
@@ -129,6 +130,26 @@ func (c *Conn) Close() error {
 		}
 	})
 	return c.closeErr
+}
+
+// Shutdown ends the connection gracefully after a last frame such as an
+// Error: it half-closes the sending side, so the peer reads every frame sent
+// and then a clean end of stream, and discards what the peer still sends
+// until the peer closes or ctx ends. Closing at once instead, with the
+// peer's frames unread, makes the kernel reset the connection, and a reset
+// can overtake the last frame on its way. Shutdown then closes the Conn.
+func (c *Conn) Shutdown(ctx context.Context) error {
+	if hc, ok := c.nc.(interface{ CloseWrite() error }); ok {
+		if err := hc.CloseWrite(); err == nil {
+			if take(ctx, c.recvTurn) == nil {
+				stop := watchDeadline(ctx, c.nc.SetReadDeadline)
+				io.Copy(io.Discard, c.nc)
+				stop()
+				<-c.recvTurn
+			}
+		}
+	}
+	return c.Close()
 }
 
 // take puts a token in turn, waiting for room unless ctx is done first.

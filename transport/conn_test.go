@@ -475,3 +475,87 @@ func TestConnWaitBounded(t *testing.T) {
 		}
 	})
 }
+
+// TestConnShutdownDeliversLastFrame: a side that ends the session while the
+// peer is still sending (its frames unread) must still get its last frame
+// to the peer, followed by a clean end of stream, not a reset.
+func TestConnShutdownDeliversLastFrame(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		nc, err := ln.Accept()
+		if err != nil {
+			close(accepted)
+			return
+		}
+		accepted <- nc
+	}()
+	nc, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	sender := NewConn(nc)
+	defer sender.Close()
+	bnc, ok := <-accepted
+	if !ok {
+		t.Fatal("accept failed")
+	}
+	ender := NewConn(bnc)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	// The sender floods the ender, which reads one frame and then ends the
+	// session with an Error while megabytes are still unread.
+	stopFlood := make(chan struct{})
+	flooded := make(chan error, 1)
+	go func() {
+		m := RAMPages{Pages: pages(0, 1, 64, 1)}
+		for epoch := uint64(1); ; epoch++ {
+			select {
+			case <-stopFlood:
+				flooded <- nil
+				return
+			default:
+			}
+			if err := sender.SendMessage(ctx, epoch, m); err != nil {
+				flooded <- err // expected once the ender is gone
+				return
+			}
+		}
+	}()
+	if _, err := ender.Recv(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := ender.SendMessage(ctx, 1, Error{Code: CodeEpoch, Message: "epoch 1 damaged"}); err != nil {
+		t.Fatal(err)
+	}
+	shut, cancelShut := context.WithTimeout(ctx, 5*time.Second)
+	defer cancelShut()
+	shutDone := make(chan error, 1)
+	go func() { shutDone <- ender.Shutdown(shut) }()
+
+	f, err := sender.Recv(ctx)
+	if err != nil {
+		t.Fatalf("the last frame did not arrive: %v", err)
+	}
+	m, err := Decode(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e, ok := m.(Error); !ok || e.Message != "epoch 1 damaged" {
+		t.Fatalf("got %#v, want the Error frame", m)
+	}
+	if _, err := sender.Recv(ctx); !errors.Is(err, io.EOF) {
+		t.Fatalf("after the last frame: %v, want io.EOF", err)
+	}
+	close(stopFlood)
+	<-flooded
+	sender.Close()
+	if err := <-shutDone; err != nil {
+		t.Fatalf("shutdown: %v", err)
+	}
+}

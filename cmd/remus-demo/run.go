@@ -13,7 +13,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/remus-kvm/remus/internal/agent"
@@ -135,11 +134,7 @@ func run(ctx context.Context, cfg config, w io.Writer) (err error) {
 			d.diagnose()
 		}
 		d.out.step("cleaning up: QEMU, the agents, the network namespace, the tap and %s", d.l.Dir)
-		dir := d.l.Dir
 		d.l.Close()
-		if n := killLeftovers(dir); n > 0 {
-			d.out.info("killed %d leftover process(es) of this run", n)
-		}
 		if err == nil {
 			d.out.step("done")
 		}
@@ -157,7 +152,7 @@ func run(ctx context.Context, cfg config, w io.Writer) (err error) {
 
 func (d *demo) banner() {
 	accel := "KVM"
-	if !testenv.KVMUsable() {
+	if !testvm.KVMUsable() {
 		accel = "TCG (no usable /dev/kvm, so the guest is emulated and everything is slower)"
 	}
 	d.out.plain("remus-kvm demo: a protected VM keeps running through the death of its host")
@@ -435,30 +430,6 @@ func (d *demo) diagnose() {
 			d.out.step("%s guest console, last lines:\n%s", role, tail(string(b), 10))
 		}
 	}
-}
-
-// killLeftovers kills the processes whose command line names dir, the lab's
-// own directory: only this run's processes do. The QEMU that the backup
-// starts on failover runs in a session of its own and outlives remusd; the
-// lab kills it once the failover report names it, and this catches one
-// started by a failover that an interrupt cut short.
-func killLeftovers(dir string) int {
-	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-	n := 0
-	for _, f := range procs {
-		b, err := os.ReadFile(f)
-		if err != nil || !strings.Contains(string(b), dir+"/") {
-			continue
-		}
-		pid, err := strconv.Atoi(strings.Split(f, "/")[2])
-		if err != nil || pid == os.Getpid() {
-			continue
-		}
-		if syscall.Kill(pid, syscall.SIGKILL) == nil {
-			n++
-		}
-	}
-	return n
 }
 
 func pauseUS(e agent.EpochRecord) int64 { return e.PauseUS }

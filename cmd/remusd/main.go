@@ -69,7 +69,8 @@ func app() *cli.App {
 				Description: "Receives epochs from the primary remusd and applies each one whole to the RAM image and device state.\n" +
 					"When the primary stops being heard for the heartbeat timeout, starts the QEMU command line given after --\n" +
 					"(the primary's, with the RAM backend's mem-path set to --ram-image), loads the last committed device state\n" +
-					"and resumes the guest. The guest keeps running after remusd exits.",
+					"and resumes the guest. The guest keeps running after remusd exits; its QEMU's pid is written to\n" +
+					"STATE-DIR/qemu.pid (its output to STATE-DIR/qemu.log) as soon as it starts.",
 				Flags: append([]cli.Flag{
 					&cli.StringFlag{Name: "listen", Usage: "address for the primary, host:port", Required: true},
 					&cli.StringFlag{Name: "ram-image", Usage: "file holding the guest RAM of the last committed epoch", Required: true},

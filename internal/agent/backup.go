@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -63,6 +64,10 @@ func (c BackupConfig) Validate() error {
 	}
 	return c.Heartbeat.Validate()
 }
+
+// QEMUPIDFile is where a backup whose state directory is stateDir writes the
+// pid of the QEMU it starts on failover, as soon as it started it.
+func QEMUPIDFile(stateDir string) string { return filepath.Join(stateDir, "qemu.pid") }
 
 // FailoverReport is what remusd writes after a failover.
 type FailoverReport struct {
@@ -127,7 +132,11 @@ func RunBackup(ctx context.Context, cfg BackupConfig, log *slog.Logger) (*Failov
 		}
 		link := transport.NewConn(nc)
 		err = b.Serve(ctx, link)
-		link.Close()
+		// Let the primary read why the session ended (an Error frame)
+		// before the connection goes.
+		shut, cancelShut := context.WithTimeout(ctx, time.Second)
+		link.Shutdown(shut)
+		cancelShut()
 		var lost *checkpoint.PrimaryLost
 		switch {
 		case ctx.Err() != nil:
@@ -174,6 +183,12 @@ func failOver(ctx context.Context, cfg BackupConfig, lost *checkpoint.PrimaryLos
 		}
 		r.QEMUPID = cmd.Process.Pid
 		go cmd.Wait()
+		// The restored guest's QEMU is not remusd's child for long: say
+		// where it is at once, for whoever manages it from here.
+		pidFile := QEMUPIDFile(cfg.StateDir)
+		if err := os.WriteFile(pidFile, []byte(strconv.Itoa(r.QEMUPID)+"\n"), 0o644); err != nil {
+			return fmt.Errorf("write %s: %w", pidFile, err)
+		}
 		return nil
 	}); err != nil {
 		return r, err

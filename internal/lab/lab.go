@@ -17,6 +17,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -341,18 +342,17 @@ func (l *Lab) Protect(prim, back testvm.Config, o ProtectOptions) (*Protection, 
 	if o.HeartbeatTimeout > 0 {
 		common = append(common, "--heartbeat-timeout", o.HeartbeatTimeout.String())
 	}
-	bargs := append([]string{"backup", "--listen", peer, "--state-dir", filepath.Join(l.Dir, "backup-state"),
+	backupState := filepath.Join(l.Dir, "backup-state")
+	bargs := append([]string{"backup", "--listen", peer, "--state-dir", backupState,
 		"--ram-image", back.RAMPath, "--qmp", back.QMP[1], "--report", p.Report}, common...)
 	bargs = append(append(bargs, "--", back.QEMU), backupArgs...)
+	// The QEMU the backup starts on failover outlives remusd by design;
+	// remusd names it in its state directory as soon as it started it.
+	// Registered first, so that it runs once remusd is gone.
+	l.defer_(func() { killPIDFile(agent.QEMUPIDFile(backupState), l.Dir) })
 	if p.Backup, err = l.Start(l.Remusd, o.Echo, bargs...); err != nil {
 		return nil, err
 	}
-	// The QEMU the backup starts on failover outlives remusd by design.
-	l.defer_(func() {
-		if r, err := ReadReport(p.Report); err == nil && r.QEMUPID > 0 {
-			syscall.Kill(r.QEMUPID, syscall.SIGKILL)
-		}
-	})
 	if o.Via != nil {
 		if peer, err = o.Via(peer); err != nil {
 			return nil, err
@@ -367,6 +367,25 @@ func (l *Lab) Protect(prim, back testvm.Config, o ProtectOptions) (*Protection, 
 		return nil, err
 	}
 	return p, nil
+}
+
+// killPIDFile kills the process named in pidFile if it is still one of the
+// lab's (its command line names the lab directory), not a later process that
+// reused the pid.
+func killPIDFile(pidFile, dir string) {
+	b, err := os.ReadFile(pidFile)
+	if err != nil {
+		return
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid <= 0 {
+		return
+	}
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil || !strings.Contains(string(cmdline), dir+"/") {
+		return
+	}
+	syscall.Kill(pid, syscall.SIGKILL)
 }
 
 func freePort() (string, error) {

@@ -69,13 +69,3 @@ func RequireIP(t testing.TB) string {
 	}
 	return p
 }
-
-// KVMUsable reports whether /dev/kvm can be opened for reading and writing.
-func KVMUsable() bool {
-	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
-	if err != nil {
-		return false
-	}
-	f.Close()
-	return true
-}
