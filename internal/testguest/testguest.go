@@ -6,9 +6,13 @@ package testguest
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -38,7 +42,7 @@ func Image(t testing.TB) testvm.Image {
 		t.Fatal(err)
 	}
 	imageOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "remus-testguest-")
+		dir, err := imageDir()
 		if err != nil {
 			imageErr = err
 			return
@@ -51,6 +55,28 @@ func Image(t testing.TB) testvm.Image {
 		t.Fatalf("build guest image: %v", imageErr)
 	}
 	return image
+}
+
+// imageDir returns an empty directory for this test binary's image,
+// remus-testguest-PID under the temporary directory. A test binary cannot
+// remove its image when its last test ends, so the directories of binaries
+// that are gone are removed here instead.
+func imageDir() (string, error) {
+	stale, _ := filepath.Glob(filepath.Join(os.TempDir(), "remus-testguest-*"))
+	for _, d := range stale {
+		pid, err := strconv.Atoi(strings.TrimPrefix(filepath.Base(d), "remus-testguest-"))
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		if err := syscall.Kill(pid, 0); errors.Is(err, syscall.ESRCH) {
+			os.RemoveAll(d)
+		}
+	}
+	dir := filepath.Join(os.TempDir(), fmt.Sprintf("remus-testguest-%d", os.Getpid()))
+	if err := os.RemoveAll(dir); err != nil {
+		return "", err
+	}
+	return dir, os.Mkdir(dir, 0o755)
 }
 
 // Config returns a guest configuration with files in a fresh temporary
