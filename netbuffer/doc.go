@@ -1,6 +1,6 @@
 // Package netbuffer sits between a protected guest's NIC and the network and
-// will hold back the guest's outbound traffic until the checkpoint that
-// produced it is safe on the backup: Remus output commit.
+// holds back the guest's outbound traffic until the checkpoint that produced
+// it is safe on the backup: Remus output commit.
 //
 // # Why output is held
 //
@@ -13,9 +13,41 @@
 // Inbound frames are delivered at once; a lost inbound frame looks to the
 // guest like a network drop, which its protocols already handle.
 //
-// The kernel's sch_plug qdisc could hold the frames on a tap, but it is not
-// available on every host (it is missing on our build machines), so the
-// buffering is done here, in user space, on the frames themselves.
+// # Epoch boundaries
+//
+// Epoch N is what the guest did up to the pause that checkpoints it, so a
+// frame belongs to N exactly when the guest sent it before that pause. The
+// checkpoint loop calls Cut(N) after QMP stop has returned and before cont.
+// The guest's vCPUs are stopped then and the NIC emits nothing new, but
+// frames it sent just before the stop can still be in flight: in the
+// socket's receive queue, half written (QEMU writes a frame whole unless the
+// socket is full, and then finishes it from its main loop, paused guest or
+// not), or in QEMU's own queue for the socket. Cut therefore has the
+// Relay's reader (the only goroutine that reads the guest's socket) read
+// until the socket's receive queue is empty (SIOCINQ) and no frame is
+// half-read, tag all of it N, and only then open N+1; the reader is woken
+// from a blocking read for that by a read deadline, and decodes the stream
+// incrementally so that it can stop between any two bytes. Anything still
+// in QEMU's queue is read after the cut and goes with N+1: a frame may be
+// released later than its epoch, never earlier. Frames read in Holding mode
+// go to the open epoch; Commit(N) releases those of every epoch up to N in
+// the order the guest sent them.
+//
+// # Bounded memory
+//
+// The Relay holds at most a cap of bytes (WithHoldCap). At the cap it stops
+// reading the guest's socket, so QEMU's writes back up into the guest, which
+// waits for the next commit instead of anything being dropped; Status
+// reports it. The cap is checked before each read of up to 64 KiB, and a
+// cut reads what was in flight in the socket even at the cap, so the bytes
+// held stay below the cap plus one read plus the socket's receive buffer.
+//
+// # Modes
+//
+// In PassThrough mode (no backup yet, or the backup was lost and the guest
+// runs on unprotected) outbound frames go straight through; Status says so.
+// Hold starts holding with a new protection session; PassThrough releases
+// what was held, in order, when a session ends.
 //
 // # Wiring
 //
@@ -31,11 +63,4 @@
 // frames between that connection and a host-side FramePort: a Tap in the
 // host's network, or another stream-format socket.
 //
-// # What exists now
-//
-// The wire format (WriteFrame, AppendFrame, FrameReader), tap devices
-// (OpenTap), StreamPort, and a Relay that copies frames both ways with no
-// buffering, counting them per direction. Holding outbound frames per epoch
-// and releasing them on the backup's acknowledgement come later and will be
-// driven by the checkpoint pipeline.
 package netbuffer

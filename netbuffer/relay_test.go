@@ -106,6 +106,12 @@ func (r *running) wait(t testing.TB) error {
 // QEMU's is (ListenUnix, AcceptGuest) and host.
 func startRelay(t testing.TB, host FramePort) *running {
 	t.Helper()
+	return startRelayWith(t, host)
+}
+
+// startRelayWith is startRelay with options for the Relay.
+func startRelayWith(t testing.TB, host FramePort, opts ...Option) *running {
+	t.Helper()
 	ln, err := ListenUnix(filepath.Join(t.TempDir(), "guest.sock"))
 	if err != nil {
 		t.Fatal(err)
@@ -122,7 +128,7 @@ func startRelay(t testing.TB, host FramePort) *running {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := &running{relay: NewRelay(guest, host, testLogger(t)), guest: newPeer(t, qemu), stop: cancel, done: make(chan error, 1)}
+	r := &running{relay: NewRelay(guest, host, testLogger(t), opts...), guest: newPeer(t, qemu), stop: cancel, done: make(chan error, 1)}
 	go func() { r.done <- r.relay.Run(ctx) }()
 	t.Cleanup(func() {
 		cancel()

@@ -2,6 +2,7 @@ package netbuffer
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -169,3 +170,51 @@ func eofInFrame(err error) error {
 	}
 	return err
 }
+
+// frameSplitter decodes the stream format from bytes fed to it in pieces of
+// any size, keeping a partial frame until the rest comes. Unlike
+// FrameReader it never blocks, so its owner can stop reading between any
+// two bytes (a Relay does at each cut) without losing its place.
+type frameSplitter struct {
+	buf []byte // undecoded bytes
+	off int    // start of the undecoded bytes in buf
+	err error  // a bad length prefix: the stream cannot be resynchronised
+}
+
+// feed appends bytes read from the stream.
+func (s *frameSplitter) feed(p []byte) {
+	if s.off > 0 && s.off == len(s.buf) {
+		s.buf, s.off = s.buf[:0], 0
+	} else if s.off > len(s.buf)/2 {
+		s.buf = append(s.buf[:0], s.buf[s.off:]...)
+		s.off = 0
+	}
+	s.buf = append(s.buf, p...)
+}
+
+// next returns a copy of the next complete frame, nil when none is complete
+// yet, or the error of a bad length prefix (ErrEmptyFrame,
+// ErrFrameTooLarge), which it keeps returning.
+func (s *frameSplitter) next() ([]byte, error) {
+	if s.err != nil {
+		return nil, s.err
+	}
+	rest := s.buf[s.off:]
+	if len(rest) < StreamHeaderSize {
+		return nil, nil
+	}
+	n := binary.BigEndian.Uint32(rest)
+	if err := checkLen(uint64(n)); err != nil {
+		s.err = err
+		return nil, err
+	}
+	if len(rest) < StreamHeaderSize+int(n) {
+		return nil, nil
+	}
+	f := bytes.Clone(rest[StreamHeaderSize : StreamHeaderSize+int(n)])
+	s.off += StreamHeaderSize + int(n)
+	return f, nil
+}
+
+// partial reports whether part of a frame has been fed.
+func (s *frameSplitter) partial() bool { return s.off < len(s.buf) }

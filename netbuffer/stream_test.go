@@ -344,3 +344,93 @@ func BenchmarkFrameReader(b *testing.B) {
 		}
 	}
 }
+
+// splitAll feeds b to a frameSplitter in pieces of size step and returns
+// the frames and the first error.
+func splitAll(b []byte, step int) ([][]byte, bool, error) {
+	var s frameSplitter
+	var out [][]byte
+	for len(b) > 0 {
+		n := min(step, len(b))
+		s.feed(b[:n])
+		b = b[n:]
+		for {
+			f, err := s.next()
+			if err != nil {
+				return out, s.partial(), err
+			}
+			if f == nil {
+				break
+			}
+			out = append(out, f)
+		}
+	}
+	return out, s.partial(), nil
+}
+
+// readAllFrames decodes b with FrameReader, the reference decoder.
+func readAllFrames(b []byte) ([][]byte, error) {
+	fr := NewFrameReader(bytes.NewReader(b))
+	var out [][]byte
+	for {
+		f, err := fr.ReadFrame()
+		if err != nil {
+			return out, err
+		}
+		out = append(out, bytes.Clone(f))
+	}
+}
+
+func TestFrameSplitter(t *testing.T) {
+	var wire []byte
+	frames := [][]byte{[]byte("a"), bytes.Repeat([]byte{7}, 1514), bytes.Repeat([]byte{9}, MaxFrameSize), []byte("last")}
+	for _, f := range frames {
+		wire, _ = AppendFrame(wire, f)
+	}
+	for _, step := range []int{1, 3, 4, 5, 1000, len(wire)} {
+		got, partial, err := splitAll(wire, step)
+		if err != nil || partial || len(got) != len(frames) {
+			t.Fatalf("step %d: %d frames, partial %v, err %v", step, len(got), partial, err)
+		}
+		for i := range got {
+			if !bytes.Equal(got[i], frames[i]) {
+				t.Fatalf("step %d: frame %d differs", step, i)
+			}
+		}
+	}
+	if _, partial, _ := splitAll(wire[:len(wire)-1], 7); !partial {
+		t.Fatal("a truncated stream is not reported as partial")
+	}
+	for _, bad := range [][]byte{{0, 0, 0, 0}, {0xff, 0, 0, 0}} {
+		if _, _, err := splitAll(bad, 1); err == nil {
+			t.Fatalf("prefix %x accepted", bad)
+		}
+	}
+}
+
+// FuzzFrameSplitter checks the incremental decoder against FrameReader on
+// any input, fed in pieces of any size.
+func FuzzFrameSplitter(f *testing.F) {
+	f.Add([]byte{0, 0, 0, 1, 'x', 0, 0, 0, 2, 'y', 'z'}, uint8(1))
+	f.Add([]byte{0, 0, 0, 0}, uint8(3))
+	f.Fuzz(func(t *testing.T, b []byte, step uint8) {
+		got, partial, err := splitAll(b, int(step)+1)
+		want, werr := readAllFrames(b)
+		if len(got) != len(want) {
+			t.Fatalf("splitter: %d frames (err %v), FrameReader: %d (err %v)", len(got), err, len(want), werr)
+		}
+		for i := range got {
+			if !bytes.Equal(got[i], want[i]) {
+				t.Fatalf("frame %d differs", i)
+			}
+		}
+		switch {
+		case werr == io.EOF && (err != nil || partial):
+			t.Fatalf("clean stream: splitter err %v partial %v", err, partial)
+		case werr == io.ErrUnexpectedEOF && (err != nil || !partial):
+			t.Fatalf("truncated stream: splitter err %v partial %v", err, partial)
+		case werr != io.EOF && werr != io.ErrUnexpectedEOF && err == nil:
+			t.Fatalf("FrameReader failed (%v), splitter did not", werr)
+		}
+	})
+}
