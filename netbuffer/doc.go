@@ -51,16 +51,17 @@
 //
 // # Wiring
 //
-// QEMU gets the guest's NIC backend from a unix socket that this package
-// listens on:
+// QEMU gets the guest's NIC backend from a unix socket, as a server
+// (remusd dials it, so the VM can run before remusd attaches and keep its
+// NIC across remusd restarts) or as a client (ListenUnix, then
+// AcceptGuest):
 //
-//	-netdev stream,id=n0,server=off,addr.type=unix,addr.path=PATH
+//	-netdev stream,id=n0,server=on,addr.type=unix,addr.path=PATH
 //	-device virtio-net-pci,netdev=n0
 //
-// QEMU connects as a client (ListenUnix, then AcceptGuest); both directions
-// carry Ethernet frames, each preceded by its length as a 4-byte big-endian
-// integer (stream.go holds that format, in one place). A Relay copies the
-// frames between that connection and a host-side FramePort: a Tap in the
-// host's network, or another stream-format socket.
-//
+// Both directions carry Ethernet frames, each preceded by its length as a
+// 4-byte big-endian integer (stream.go holds that format, in one place). A
+// Relay copies the frames between that connection and a host-side
+// FramePort: a Tap in the host's network (OpenTapIn for one in another
+// network namespace), or another stream-format socket.
 package netbuffer

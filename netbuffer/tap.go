@@ -4,9 +4,11 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
 	"syscall"
 	"time"
 
+	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
 
@@ -110,3 +112,47 @@ func (t *Tap) SetReadDeadline(d time.Time) error { return t.f.SetReadDeadline(d)
 // Close closes the device; a Read or Write in progress returns
 // os.ErrClosed. A tap OpenTap created disappears.
 func (t *Tap) Close() error { return t.f.Close() }
+
+// OpenTapIn is OpenTap in the network namespace at nsPath (a file such as
+// /run/netns/NAME or /proc/PID/ns/net); an empty nsPath is the caller's own
+// namespace. The Tap stays usable from the caller's namespace.
+func OpenTapIn(nsPath, name string) (*Tap, error) {
+	if nsPath == "" {
+		return OpenTap(name)
+	}
+	type result struct {
+		tap *Tap
+		err error
+	}
+	done := make(chan result, 1)
+	// A thread of its own enters the namespace; if it cannot get back, it
+	// stays locked and dies with the goroutine.
+	go func() {
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			done <- result{err: fmt.Errorf("netbuffer: open tap %q in %s: own namespace: %w", name, nsPath, err)}
+			return
+		}
+		defer orig.Close()
+		target, err := netns.GetFromPath(nsPath)
+		if err != nil {
+			runtime.UnlockOSThread()
+			done <- result{err: fmt.Errorf("netbuffer: open tap %q in %s: %w", name, nsPath, err)}
+			return
+		}
+		defer target.Close()
+		if err := netns.Set(target); err != nil {
+			runtime.UnlockOSThread()
+			done <- result{err: fmt.Errorf("netbuffer: open tap %q: enter %s: %w", name, nsPath, err)}
+			return
+		}
+		tap, err := OpenTap(name)
+		if netns.Set(orig) == nil {
+			runtime.UnlockOSThread()
+		}
+		done <- result{tap, err}
+	}()
+	r := <-done
+	return r.tap, r.err
+}

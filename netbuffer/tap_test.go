@@ -25,15 +25,11 @@ func tapName(t testing.TB) string {
 	return "rkt" + hex.EncodeToString(b) // 11 bytes, within IFNAMSIZ
 }
 
-// openTapIn opens a new tap device inside ns.
+// openTapIn opens a tap device inside ns with OpenTapIn.
 func openTapIn(t testing.TB, ns *testnet.Namespace, name string) *Tap {
 	t.Helper()
-	var tap *Tap
-	if err := ns.Do(func() error {
-		var err error
-		tap, err = OpenTap(name)
-		return err
-	}); err != nil {
+	tap, err := OpenTapIn(ns.Path(), name)
+	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { tap.Close() })
