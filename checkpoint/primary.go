@@ -70,6 +70,10 @@ type PrimaryConfig struct {
 	Saver DeviceSaver
 	// QEMUVersion selects the migrate URI form for SaveMigrate.
 	QEMUVersion qmp.Version
+	// Output, when set, holds the guest's network output until the epoch
+	// that produced it commits (output commit). It holds from the start of
+	// each session and passes everything through when a session ends.
+	Output Output
 	// OnEpoch, when set, is called from the loop's goroutine with the
 	// statistics of each epoch once it is acknowledged. It must not block.
 	OnEpoch func(EpochStats)
@@ -77,6 +81,30 @@ type PrimaryConfig struct {
 	// use it to stop the agent at a chosen point of the epoch cycle.
 	Fault  func(FaultPoint, uint64)
 	Logger *slog.Logger
+}
+
+// Output is the guest's outbound network traffic, held per epoch (package
+// netbuffer's Relay, through a small adapter).
+type Output interface {
+	// Hold starts holding output for a new session, whose epochs are
+	// numbered from 1.
+	Hold()
+	// Cut closes epoch: everything the guest sent before its pause belongs
+	// to it. Called with the guest paused.
+	Cut(ctx context.Context, epoch uint64) error
+	// Commit releases the output of every epoch up to epoch.
+	Commit(epoch uint64) OutputCommit
+	// PassThrough releases everything held and stops holding: the session
+	// ended and the guest runs on unprotected.
+	PassThrough()
+}
+
+// OutputCommit describes the network output one commit released.
+type OutputCommit struct {
+	Frames int
+	Bytes  int64
+	// WaitP50 and WaitP99: how long the released frames were held.
+	WaitP50, WaitP99 time.Duration
 }
 
 // FaultPoint names a point of the epoch cycle.
@@ -93,11 +121,14 @@ const (
 
 // PauseStats splits one pause into its steps.
 type PauseStats struct {
-	Stop, Harvest, Copy, Save, Cont time.Duration
+	// Cut is the output cut (Output.Cut), zero without an Output.
+	Stop, Cut, Harvest, Copy, Save, Cont time.Duration
 }
 
 // Total is the whole time the guest was paused.
-func (p PauseStats) Total() time.Duration { return p.Stop + p.Harvest + p.Copy + p.Save + p.Cont }
+func (p PauseStats) Total() time.Duration {
+	return p.Stop + p.Cut + p.Harvest + p.Copy + p.Save + p.Cont
+}
 
 // EpochStats describes one epoch.
 type EpochStats struct {
@@ -109,6 +140,7 @@ type EpochStats struct {
 	WireBytes   int64         // frame bytes sent for the epoch
 	Ship        time.Duration // from resume until the commit frame was written
 	Acked       time.Time
+	Output      OutputCommit // the network output the commit released
 }
 
 // AckLatency is the time from the start of the epoch's pause to its ack.
@@ -178,6 +210,10 @@ func (p *Primary) Run(ctx context.Context, link Link) error {
 	defer cancel()
 	if err := p.hello(ctx, link); err != nil {
 		return err
+	}
+	if out := p.cfg.Output; out != nil {
+		out.Hold()
+		defer out.PassThrough()
 	}
 	pipe, _ := NewPipeline(p.cfg.Pipeline, 0)
 	live := startLiveness(ctx, p.cfg.Heartbeat, link)
@@ -321,8 +357,13 @@ func (p *Primary) handle(f transport.Frame, pipe *Pipeline, pending map[uint64]*
 		}
 		st := pending[f.Epoch]
 		delete(pending, f.Epoch)
+		var released OutputCommit
+		if p.cfg.Output != nil {
+			released = p.cfg.Output.Commit(f.Epoch)
+		}
 		if st != nil {
 			st.Acked = time.Now()
+			st.Output = released
 			p.log.Debug("epoch committed", "epoch", e.Epoch, "pause", st.Pause.Total(), "dirty_pages", st.DirtyPages,
 				"wire_bytes", st.WireBytes, "ack_latency", st.AckLatency())
 			if p.cfg.OnEpoch != nil {
@@ -379,6 +420,13 @@ func (p *Primary) checkpoint(ctx context.Context, pipe *Pipeline, now time.Time)
 		}
 	}()
 	p.fault(FaultPaused, n)
+
+	if out := p.cfg.Output; out != nil {
+		if err := out.Cut(ctx, n); err != nil {
+			return nil, fmt.Errorf("checkpoint: epoch %d: cut network output: %w", n, err)
+		}
+	}
+	step(&st.Pause.Cut)
 
 	set, err := p.tracker.Harvest(ctx)
 	if err != nil {

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -97,11 +98,13 @@ func TestPrimaryBackupCommitWholeEpochs(t *testing.T) {
 		t.Fatal(err)
 	}
 	commits := make(chan committedEpoch, 100)
+	var backupCommitted atomic.Uint64
 	var b *Backup
 	b, err = NewBackup(BackupConfig{VMName: "vm1", RAMImage: filepath.Join(dir, "backup.ram"), StateFile: filepath.Join(dir, "backup.state"), Heartbeat: hb,
 		OnCommit: func(epoch uint64, _ int) {
 			dev, _ := os.ReadFile(filepath.Join(dir, "backup.state"))
 			commits <- committedEpoch{epoch: epoch, ram: bytes.Clone(b.ram), dev: dev}
+			backupCommitted.Store(epoch)
 		}})
 	if err != nil {
 		t.Fatal(err)
@@ -109,7 +112,9 @@ func TestPrimaryBackupCommitWholeEpochs(t *testing.T) {
 	defer b.Close()
 	var stats []EpochStats
 	var statsMu sync.Mutex
+	out := &fakeOutput{g: g, backup: backupCommitted.Load}
 	p, err := NewPrimary(PrimaryConfig{VMName: "vm1", StateDir: dir, Heartbeat: hb, Pipeline: PipelineConfig{Interval: 5 * time.Millisecond},
+		Output:  out,
 		OnEpoch: func(s EpochStats) { statsMu.Lock(); stats = append(stats, s); statsMu.Unlock() }}, g, g.ram, tracker)
 	if err != nil {
 		t.Fatal(err)
@@ -154,6 +159,7 @@ func TestPrimaryBackupCommitWholeEpochs(t *testing.T) {
 	if !g.isRunning() {
 		t.Fatal("guest left paused")
 	}
+	out.check(t, 19)
 	statsMu.Lock()
 	defer statsMu.Unlock()
 	if len(stats) < 19 || stats[0].DirtyPages != pages {
@@ -163,6 +169,83 @@ func TestPrimaryBackupCommitWholeEpochs(t *testing.T) {
 		if s.DirtyPages == 0 || s.DirtyPages > 2 || s.WireBytes == 0 || s.AckLatency() <= 0 {
 			t.Fatalf("epoch stats %+v: want 1-2 dirty pages, bytes sent, an ack after the start", s)
 		}
+	}
+}
+
+// fakeOutput records how the epoch loop drives output commit.
+type fakeOutput struct {
+	g      *fakeGuest
+	backup func() uint64 // the backup's committed epoch
+
+	mu       sync.Mutex
+	events   []string
+	problems []string
+}
+
+func (o *fakeOutput) note(format string, args ...any) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.events = append(o.events, fmt.Sprintf(format, args...))
+}
+
+func (o *fakeOutput) problem(format string, args ...any) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.problems = append(o.problems, fmt.Sprintf(format, args...))
+}
+
+func (o *fakeOutput) Hold() { o.note("hold") }
+
+func (o *fakeOutput) Cut(ctx context.Context, epoch uint64) error {
+	if o.g.isRunning() {
+		o.problem("cut %d while the guest runs", epoch)
+	}
+	o.note("cut %d", epoch)
+	return nil
+}
+
+func (o *fakeOutput) Commit(epoch uint64) OutputCommit {
+	if c := o.backup(); c < epoch {
+		o.problem("output of epoch %d released with the backup at epoch %d", epoch, c)
+	}
+	o.note("commit %d", epoch)
+	return OutputCommit{Frames: 1}
+}
+
+func (o *fakeOutput) PassThrough() { o.note("pass") }
+
+// check asserts the order hold, then cuts and commits (epoch N's commit
+// after its cut, commits in order), then pass, with at least n commits.
+func (o *fakeOutput) check(t *testing.T, n int) {
+	t.Helper()
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	for _, p := range o.problems {
+		t.Error(p)
+	}
+	ev := o.events
+	if len(ev) < 2 || ev[0] != "hold" || ev[len(ev)-1] != "pass" {
+		t.Fatalf("output events %v: want hold first and pass last", ev)
+	}
+	var cut, committed uint64
+	commits := 0
+	for _, e := range ev[1 : len(ev)-1] {
+		var k uint64
+		if _, err := fmt.Sscanf(e, "cut %d", &k); err == nil {
+			if k != cut+1 {
+				t.Fatalf("cut %d after cut %d", k, cut)
+			}
+			cut = k
+		} else {
+			if _, err := fmt.Sscanf(e, "commit %d", &k); err != nil || k != committed+1 || k > cut {
+				t.Fatalf("output event %q after cut %d and commit %d (all: %v)", e, cut, committed, ev)
+			}
+			committed = k
+			commits++
+		}
+	}
+	if commits < n {
+		t.Fatalf("%d commits released output, want at least %d", commits, n)
 	}
 }
 
