@@ -202,3 +202,16 @@ func (s StateFile) Save(data []byte) error {
 	}
 	return nil
 }
+
+// Announce has QEMU announce the guest's NICs on the network (QMP
+// announce-self: gratuitous RARP frames from each NIC's MAC address), so
+// that switches learn the port the guest is behind now. The timing is
+// QEMU's default after a migration: 5 rounds, 50 ms then 150, 250, ... up
+// to 550 ms apart.
+func Announce(ctx context.Context, mon Monitor) error {
+	args := map[string]int{"initial": 50, "max": 550, "rounds": 5, "step": 100}
+	if err := mon.Execute(ctx, "announce-self", args, nil); err != nil {
+		return fmt.Errorf("failover: announce-self: %w", err)
+	}
+	return nil
+}

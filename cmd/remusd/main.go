@@ -37,6 +37,9 @@ func app() *cli.App {
 		&cli.DurationFlag{Name: "heartbeat-interval", Value: failover.DefaultHeartbeatInterval, Usage: "interval between heartbeats"},
 		&cli.DurationFlag{Name: "heartbeat-timeout", Value: failover.DefaultHeartbeatTimeout, Usage: "silence after which the peer is declared dead"},
 		&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
+		&cli.StringFlag{Name: "net-guest", Usage: "`PATH` of the unix socket of the guest NIC (QEMU: -netdev stream,server=on,addr.type=unix,addr.path=PATH); remusd relays it to --net-tap"},
+		&cli.StringFlag{Name: "net-tap", Usage: "tap device towards the network for the guest's NIC (with --net-guest)"},
+		&cli.StringFlag{Name: "net-netns", Usage: "network namespace of --net-tap, as a path such as /run/netns/NAME (default: remusd's own)"},
 	}
 	return &cli.App{
 		Name:  "remusd",
@@ -56,6 +59,8 @@ func app() *cli.App {
 					&cli.StringFlag{Name: "tracker", Value: agent.TrackerAuto, Usage: "dirty-page tracker: auto, softdirty or compare"},
 					&cli.StringFlag{Name: "device-state", Value: "auto", Usage: "how to save device state: auto, xen (xen-save-devices-state) or migrate (migration with x-ignore-shared)"},
 					&cli.DurationFlag{Name: "retry", Value: time.Second, Usage: "wait before protecting again after the backup was lost (0: exit instead)"},
+					&cli.Int64Flag{Name: "net-hold-cap", Value: 16 << 20, Usage: "bytes of guest output held for commits at most; at the cap the guest waits"},
+					&cli.BoolFlag{Name: "net-output-commit", Value: true, Usage: "hold the guest's output until its epoch commits; =false lets it straight through, and a failover can then take back replies clients saw"},
 					&cli.StringFlag{Name: "epoch-log", Usage: "append one JSON line per committed epoch to this file"},
 					&cli.StringFlag{Name: "fault", Usage: "testing aid: stop at POINT:EPOCH of the epoch cycle (paused, resumed, shipping, shipped, acked) until killed", Hidden: true},
 					&cli.StringFlag{Name: "fault-trigger", Usage: "testing aid: --fault is armed only once this file exists", Hidden: true},
@@ -95,6 +100,10 @@ func heartbeat(c *cli.Context) failover.DetectorConfig {
 	return failover.DetectorConfig{Interval: c.Duration("heartbeat-interval"), Timeout: c.Duration("heartbeat-timeout")}
 }
 
+func netConfig(c *cli.Context) agent.NetConfig {
+	return agent.NetConfig{Guest: c.String("net-guest"), Tap: c.String("net-tap"), Netns: c.String("net-netns")}
+}
+
 func runPrimary(c *cli.Context) error {
 	log, err := logger(c)
 	if err != nil {
@@ -104,7 +113,9 @@ func runPrimary(c *cli.Context) error {
 		VM: c.String("vm"), QMPSocket: c.String("qmp"), Peer: c.String("peer"), StateDir: c.String("state-dir"),
 		Pipeline:  checkpoint.PipelineConfig{Interval: c.Duration("epoch"), MaxInFlight: c.Int("max-in-flight")},
 		Heartbeat: heartbeat(c), Tracker: c.String("tracker"), DeviceState: c.String("device-state"), Retry: c.Duration("retry"), EpochLog: c.String("epoch-log"),
+		Net: netConfig(c),
 	}
+	cfg.Net.HoldCap, cfg.Net.NoOutputCommit = c.Int64("net-hold-cap"), !c.Bool("net-output-commit")
 	if f := c.String("fault"); f != "" {
 		var point string
 		var epoch uint64
@@ -124,6 +135,7 @@ func runBackup(c *cli.Context) error {
 	cfg := agent.BackupConfig{
 		VM: c.String("vm"), Listen: c.String("listen"), RAMImage: c.String("ram-image"), StateDir: c.String("state-dir"),
 		QEMU: c.Args().Slice(), QMPSocket: c.String("qmp"), Heartbeat: heartbeat(c), Report: c.String("report"),
+		Net: netConfig(c),
 	}
 	r, err := agent.RunBackup(c.Context, cfg, log)
 	if err != nil {

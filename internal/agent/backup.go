@@ -38,6 +38,10 @@ type BackupConfig struct {
 	Heartbeat failover.DetectorConfig
 	// Report, when set, receives a JSON FailoverReport after a failover.
 	Report string
+	// Net, when enabled, connects the restored guest's NIC to the network
+	// after a failover; remusd then keeps relaying until it is stopped or
+	// the guest's QEMU exits.
+	Net NetConfig
 }
 
 // Validate rejects incomplete configurations.
@@ -55,6 +59,9 @@ func (c BackupConfig) Validate() error {
 		return errors.New("the QEMU command line to start on failover is required (after --)")
 	case c.QMPSocket == "":
 		return errors.New("--qmp is required (the QMP socket of the QEMU started on failover)")
+	}
+	if err := c.Net.Validate(); err != nil {
+		return err
 	}
 	if _, err := exec.LookPath(c.QEMU[0]); err != nil {
 		return fmt.Errorf("QEMU binary: %w", err)
@@ -147,14 +154,25 @@ func RunBackup(ctx context.Context, cfg BackupConfig, log *slog.Logger) (*Failov
 				continue
 			}
 			log.Warn("primary lost: failing over", "committed_epoch", lost.Committed.Epoch, "cause", lost.Cause)
-			return failOver(ctx, cfg, lost, log)
+			var gnet *guestNet
+			r, err := failOver(ctx, cfg, lost, &gnet, log)
+			if err != nil || gnet == nil {
+				return r, err
+			}
+			log.Info("relaying the guest's network", "tap", cfg.Net.Tap)
+			select {
+			case <-ctx.Done():
+			case err := <-gnet.done:
+				log.Warn("the guest's network relay stopped", "err", err)
+			}
+			return r, nil
 		default:
 			log.Error("session with the primary ended; the committed checkpoint is kept", "err", err, "committed_epoch", b.Committed().Epoch)
 		}
 	}
 }
 
-func failOver(ctx context.Context, cfg BackupConfig, lost *checkpoint.PrimaryLost, log *slog.Logger) (*FailoverReport, error) {
+func failOver(ctx context.Context, cfg BackupConfig, lost *checkpoint.PrimaryLost, gnet **guestNet, log *slog.Logger) (*FailoverReport, error) {
 	r := &FailoverReport{VM: cfg.VM, Epoch: lost.Committed.Epoch, LastHeard: lost.LastHeard, Declared: lost.DeclaredAt,
 		Cause: lost.Cause.Error(), RAMImage: cfg.RAMImage}
 	if st, err := os.Stat(lost.Committed.StateFile); err == nil {
@@ -216,6 +234,16 @@ func failOver(ctx context.Context, cfg BackupConfig, lost *checkpoint.PrimaryLos
 	v := mon.Version()
 	r.QEMUVersion = v.String()
 	r.IncomingURI = failover.IncomingURI(lost.Committed.StateFile, v.Major, v.Minor)
+	if cfg.Net.Enabled() {
+		// Connected before the guest runs, so that nothing it sends is lost.
+		if err := step(ctx, log, "connect the guest's NIC to "+cfg.Net.Tap, func() (err error) {
+			*gnet, err = startNetwork(ctx, cfg.Net, 10*time.Second, log)
+			return err
+		}); err != nil {
+			cmd.Process.Kill()
+			return r, err
+		}
+	}
 	if err := step(ctx, log, "resume the last committed checkpoint", func() error {
 		res, err := failover.Restore(ctx, mon, r.IncomingURI, format)
 		r.LoadMS = ms(res.Load)
@@ -223,6 +251,13 @@ func failOver(ctx context.Context, cfg BackupConfig, lost *checkpoint.PrimaryLos
 	}); err != nil {
 		cmd.Process.Kill()
 		return r, err
+	}
+	if cfg.Net.Enabled() {
+		// The guest's MAC address now lives behind another port: tell the
+		// switches (gratuitous RARP from the NIC, as after a migration).
+		if err := failover.Announce(ctx, mon); err != nil {
+			log.Warn("announce the guest on the network", "err", err)
+		}
 	}
 	r.Running = time.Now()
 	r.DetectionMS = ms(r.Declared.Sub(r.LastHeard))

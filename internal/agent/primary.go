@@ -44,6 +44,8 @@ type PrimaryConfig struct {
 	Retry time.Duration
 	// EpochLog, when set, receives one JSON line per committed epoch.
 	EpochLog string
+	// Net, when enabled, relays the guest's network with output commit.
+	Net NetConfig
 	// Fault stops the agent at a point of the epoch cycle (testing aid).
 	Fault *Fault
 }
@@ -97,6 +99,9 @@ func (c PrimaryConfig) Validate() error {
 	if err := c.Pipeline.Validate(); err != nil {
 		return err
 	}
+	if err := c.Net.Validate(); err != nil {
+		return err
+	}
 	return c.Heartbeat.Validate()
 }
 
@@ -107,6 +112,7 @@ type EpochRecord struct {
 	Acked       time.Time `json:"acked"`
 	PauseUS     int64     `json:"pause_us"`
 	StopUS      int64     `json:"stop_us"`
+	CutUS       int64     `json:"cut_us"`
 	HarvestUS   int64     `json:"harvest_us"`
 	CopyUS      int64     `json:"copy_us"`
 	SaveUS      int64     `json:"save_us"`
@@ -115,14 +121,26 @@ type EpochRecord struct {
 	DeviceBytes int       `json:"device_bytes"`
 	WireBytes   int64     `json:"wire_bytes"`
 	AckUS       int64     `json:"ack_us"`
+	// Network output released by this epoch's commit: frames, bytes, and
+	// how long they were held (p50, p99); bytes still held and the most
+	// ever held, when remusd relays the guest's network.
+	NetFrames    int   `json:"net_frames,omitempty"`
+	NetBytes     int64 `json:"net_bytes,omitempty"`
+	NetWaitP50US int64 `json:"net_wait_p50_us,omitempty"`
+	NetWaitP99US int64 `json:"net_wait_p99_us,omitempty"`
+	NetHeldBytes int64 `json:"net_held_bytes,omitempty"`
+	NetPeakBytes int64 `json:"net_peak_bytes,omitempty"`
 }
 
 // NewEpochRecord converts the loop's statistics.
 func NewEpochRecord(s checkpoint.EpochStats) EpochRecord {
 	return EpochRecord{Epoch: s.Epoch, Start: s.Start, Acked: s.Acked,
-		PauseUS: s.Pause.Total().Microseconds(), StopUS: s.Pause.Stop.Microseconds(), HarvestUS: s.Pause.Harvest.Microseconds(),
-		CopyUS: s.Pause.Copy.Microseconds(), SaveUS: s.Pause.Save.Microseconds(), ContUS: s.Pause.Cont.Microseconds(),
-		DirtyPages: s.DirtyPages, DeviceBytes: s.DeviceBytes, WireBytes: s.WireBytes, AckUS: s.AckLatency().Microseconds()}
+		PauseUS: s.Pause.Total().Microseconds(), StopUS: s.Pause.Stop.Microseconds(), CutUS: s.Pause.Cut.Microseconds(),
+		HarvestUS: s.Pause.Harvest.Microseconds(),
+		CopyUS:    s.Pause.Copy.Microseconds(), SaveUS: s.Pause.Save.Microseconds(), ContUS: s.Pause.Cont.Microseconds(),
+		DirtyPages: s.DirtyPages, DeviceBytes: s.DeviceBytes, WireBytes: s.WireBytes, AckUS: s.AckLatency().Microseconds(),
+		NetFrames: s.Output.Frames, NetBytes: s.Output.Bytes,
+		NetWaitP50US: s.Output.WaitP50.Microseconds(), NetWaitP99US: s.Output.WaitP99.Microseconds()}
 }
 
 // RunPrimary protects the VM until ctx ends. A failed session (backup gone,
@@ -175,6 +193,21 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 		return err
 	}
 
+	var gnet *guestNet
+	if cfg.Net.Enabled() {
+		if err := step(ctx, log, "connect the guest's NIC to "+cfg.Net.Tap, func() (err error) {
+			gnet, err = startNetwork(ctx, cfg.Net, 10*time.Second, log)
+			return err
+		}); err != nil {
+			return err
+		}
+		go func() {
+			if err := <-gnet.done; err != nil && ctx.Err() == nil {
+				log.Error("the guest's network relay stopped", "err", err)
+			}
+		}()
+	}
+
 	var epochLog *json.Encoder
 	if cfg.EpochLog != "" {
 		f, err := os.OpenFile(cfg.EpochLog, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
@@ -186,7 +219,7 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 	}
 
 	for {
-		err := session(ctx, cfg, q, ram, saver, epochLog, log)
+		err := session(ctx, cfg, q, ram, saver, gnet, epochLog, log)
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -202,7 +235,7 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 	}
 }
 
-func session(ctx context.Context, cfg PrimaryConfig, q *QEMU, ram []byte, saver checkpoint.DeviceSaver, epochLog *json.Encoder, log *slog.Logger) error {
+func session(ctx context.Context, cfg PrimaryConfig, q *QEMU, ram []byte, saver checkpoint.DeviceSaver, gnet *guestNet, epochLog *json.Encoder, log *slog.Logger) error {
 	var tracker dirtypages.Tracker
 	if err := step(ctx, log, "start dirty-page tracking", func() (err error) {
 		tracker, err = newTracker(cfg.Tracker, q, ram, log)
@@ -242,10 +275,19 @@ func session(ctx context.Context, cfg PrimaryConfig, q *QEMU, ram []byte, saver 
 		VMName: cfg.VM, Pipeline: cfg.Pipeline, Heartbeat: cfg.Heartbeat, StateDir: cfg.StateDir,
 		Saver: saver, QEMUVersion: q.Version, Logger: log,
 		OnEpoch: func(s checkpoint.EpochStats) {
-			if epochLog != nil {
-				epochLog.Encode(NewEpochRecord(s))
+			if epochLog == nil {
+				return
 			}
+			rec := NewEpochRecord(s)
+			if gnet != nil {
+				st := gnet.relay.Status()
+				rec.NetHeldBytes, rec.NetPeakBytes = st.HeldBytes, st.PeakBytes
+			}
+			epochLog.Encode(rec)
 		},
+	}
+	if gnet != nil && !cfg.Net.NoOutputCommit {
+		pcfg.Output = output{gnet.relay}
 	}
 	if f := cfg.Fault; f != nil {
 		pcfg.Fault = func(at checkpoint.FaultPoint, epoch uint64) {

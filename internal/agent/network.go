@@ -1,0 +1,98 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"time"
+
+	"github.com/remus-kvm/remus/checkpoint"
+	"github.com/remus-kvm/remus/netbuffer"
+)
+
+// NetConfig puts remusd between the guest's NIC and the network: QEMU's
+// `-netdev stream,server=on,addr.type=unix,addr.path=GUEST` on one side, a
+// tap device on the other. On the primary the guest's outbound frames are
+// then held until their epoch commits (output commit); on the backup the
+// restored guest's NIC is connected to the network after a failover.
+type NetConfig struct {
+	Guest string // QEMU's -netdev stream socket (QEMU listens)
+	Tap   string // the tap device towards the network
+	Netns string // the tap's network namespace (a path); empty: remusd's own
+	// HoldCap bounds the bytes of output held; 0 is netbuffer's default.
+	HoldCap int64
+	// NoOutputCommit relays output straight through even while protected:
+	// a client may then see replies that a failover takes back.
+	NoOutputCommit bool
+}
+
+// Enabled reports whether remusd relays the guest's network.
+func (n NetConfig) Enabled() bool { return n.Guest != "" }
+
+// Validate rejects half a network configuration.
+func (n NetConfig) Validate() error {
+	switch {
+	case n.Guest == "" && (n.Tap != "" || n.Netns != ""):
+		return errors.New("--net-tap needs --net-guest (the guest NIC's stream socket)")
+	case n.Guest != "" && n.Tap == "":
+		return errors.New("--net-guest needs --net-tap (the tap towards the network)")
+	case n.HoldCap < 0:
+		return errors.New("--net-hold-cap must not be negative")
+	}
+	return nil
+}
+
+// guestNet is the running relay for the guest's NIC.
+type guestNet struct {
+	relay *netbuffer.Relay
+	done  chan error // Run's result
+}
+
+// startNetwork connects to the guest NIC's socket (waiting up to timeout
+// for QEMU to create it) and to the tap, and runs the relay in PassThrough
+// mode until ctx ends or a side fails.
+func startNetwork(ctx context.Context, cfg NetConfig, timeout time.Duration, log *slog.Logger) (*guestNet, error) {
+	dctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	var guest net.Conn
+	var d net.Dialer
+	for {
+		var err error
+		if guest, err = d.DialContext(dctx, "unix", cfg.Guest); err == nil {
+			break
+		}
+		select {
+		case <-dctx.Done():
+			return nil, fmt.Errorf("guest NIC socket %s: %w", cfg.Guest, err)
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	tap, err := netbuffer.OpenTapIn(cfg.Netns, cfg.Tap)
+	if err != nil {
+		guest.Close()
+		return nil, err
+	}
+	var opts []netbuffer.Option
+	if cfg.HoldCap > 0 {
+		opts = append(opts, netbuffer.WithHoldCap(cfg.HoldCap))
+	}
+	n := &guestNet{relay: netbuffer.NewRelay(guest, tap, log.With("part", "netbuffer"), opts...), done: make(chan error, 1)}
+	go func() { n.done <- n.relay.Run(ctx) }()
+	return n, nil
+}
+
+// output adapts the relay to the epoch loop.
+type output struct{ r *netbuffer.Relay }
+
+func (o output) Hold() { o.r.Hold() }
+
+func (o output) Cut(ctx context.Context, epoch uint64) error { return o.r.Cut(ctx, epoch) }
+
+func (o output) Commit(epoch uint64) checkpoint.OutputCommit {
+	r := o.r.Commit(epoch)
+	return checkpoint.OutputCommit{Frames: r.Frames, Bytes: r.Bytes, WaitP50: r.WaitP50, WaitP99: r.WaitP99}
+}
+
+func (o output) PassThrough() { o.r.PassThrough() }
