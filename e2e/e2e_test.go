@@ -1,13 +1,12 @@
 // Package e2e holds the end-to-end tests: the real test guest under QEMU,
 // protected by two remusd processes on loopback, reached over a real network
-// (a tap device in a network namespace the test made), with the primary
+// (taps on a bridge in a network namespace the test made), with the primary
 // killed at chosen points of the epoch cycle.
 package e2e
 
 import (
 	"context"
 	"errors"
-	"net"
 	"os"
 	"path/filepath"
 	"sync"
@@ -89,32 +88,23 @@ func lastEpoch(t *testing.T, p *lab.Protection) agent.EpochRecord {
 	return eps[len(eps)-1]
 }
 
-// protectedGuest is a booted primary guest on the lab's network and the
-// backup's configuration, ready for lab.Protect.
+// protectedGuest is a booted primary guest and the backup's configuration,
+// ready for lab.Protect (whose remusd connects the guest's NIC to the lab's
+// network).
 type protectedGuest struct {
 	prim, back testvm.Config
 	vm         *testvm.VM
-	backLn     net.Listener // the backup guest's NIC connects here
 	ready      testvm.Ready
 }
 
-// bootPrimary boots the primary guest with the page dirtier at dirtyPerSec,
-// attached to the lab's network, and prepares the backup's side.
+// bootPrimary boots the primary guest with the page dirtier at dirtyPerSec
+// and prepares the backup's side.
 func bootPrimary(t testing.TB, l *lab.Lab, ctx context.Context, dirtyPerSec int) *protectedGuest {
 	t.Helper()
 	g := &protectedGuest{prim: l.GuestConfig("primary", dirtyPerSec), back: l.GuestConfig("backup", dirtyPerSec)}
 	g.back.RAMPath = filepath.Join(l.Dir, "backup-image.ram")
-	primLn, err := l.Listen(g.prim.NIC.Path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if g.backLn, err = l.Listen(g.back.NIC.Path); err != nil {
-		t.Fatal(err)
-	}
+	var err error
 	if g.vm, err = l.StartVM(ctx, g.prim); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := l.Attach(ctx, primLn); err != nil {
 		t.Fatal(err)
 	}
 	if g.ready, err = g.vm.WaitReady(ctx); err != nil {

@@ -48,7 +48,7 @@ func failoverAt(t *testing.T, point string, primaryArgs ...string) {
 	defer cancel()
 
 	g := bootPrimary(t, l, ctx, 40000)
-	prim, back, vm, backLn, ready := g.prim, g.back, g.vm, g.backLn, g.ready
+	prim, back, vm, ready := g.prim, g.back, g.vm, g.ready
 
 	trigger := l.Dir + "/kill-now"
 	p, err := l.Protect(prim, back, lab.ProtectOptions{HeartbeatTimeout: heartbeatTimeout,
@@ -136,9 +136,6 @@ func failoverAt(t *testing.T, point string, primaryArgs ...string) {
 	}
 
 	// The backup's guest comes up on the same outside network.
-	if _, err := l.Attach(ctx, backLn); err != nil {
-		t.Fatal(err)
-	}
 	conn2, err := l.Dial(ctx)
 	if err != nil {
 		t.Fatalf("connect to the resumed guest: %v", err)

@@ -25,7 +25,6 @@ import (
 
 	"github.com/remus-kvm/remus/internal/agent"
 	"github.com/remus-kvm/remus/internal/testnet"
-	"github.com/remus-kvm/remus/netbuffer"
 	"github.com/remus-kvm/remus/testvm"
 )
 
@@ -125,7 +124,8 @@ func (l *Lab) Close() {
 
 // GuestConfig is the lab's guest for one role ("primary" or "backup"):
 // 256 MiB in a file under the lab directory, a QMP socket for the caller
-// and one for remusd, the NIC on a stream socket, the page dirtier at
+// and one for remusd, the NIC on a stream socket that QEMU listens on and
+// that role's remusd relays to the lab's network, the page dirtier at
 // dirtyPerSec.
 func (l *Lab) GuestConfig(role string, dirtyPerSec int) testvm.Config {
 	c := testvm.Config{
@@ -134,18 +134,22 @@ func (l *Lab) GuestConfig(role string, dirtyPerSec int) testvm.Config {
 		Kernel:  l.Image.Kernel.Image, Initrd: l.Image.Initrd,
 		QMP:       []string{filepath.Join(l.Dir, role+"-user.qmp"), filepath.Join(l.Dir, role+"-remusd.qmp")},
 		SerialLog: filepath.Join(l.Dir, role+"-console.log"),
-		NIC:       testvm.NIC{Mode: testvm.NICStream, Path: filepath.Join(l.Dir, role+"-net.sock")},
+		NIC:       testvm.NIC{Mode: testvm.NICStream, Server: true, Path: filepath.Join(l.Dir, role+"-net.sock")},
 	}
 	c.Guest.IP = netip.MustParsePrefix(GuestAddr)
 	c.Guest.DirtyPerSec = dirtyPerSec
 	return c
 }
 
-// Network is the guest's outside world: a tap in a namespace of its own,
-// with the client's address on it.
+// Network is the guest's outside world: a network namespace with a bridge
+// that holds the client's address, and a tap on the bridge for each host's
+// remusd (persistent taps, so that the primary's and the backup's are there
+// before their remusd attaches, as with libvirt). After a failover the
+// guest's MAC address moves from the primary's tap to the backup's, and the
+// bridge learns it from the guest's announcement.
 type Network struct {
-	NS  *testnet.Namespace
-	Tap *netbuffer.Tap
+	NS                    *testnet.Namespace
+	TapPrimary, TapBackup string
 }
 
 func newNetwork() (*Network, error) {
@@ -153,21 +157,19 @@ func newNetwork() (*Network, error) {
 	if err != nil {
 		return nil, err
 	}
-	n := &Network{NS: ns}
-	name := "rkl" + ns.Name()[3:]
-	if len(name) > 15 {
-		name = name[:15]
+	n := &Network{NS: ns, TapPrimary: "lab-p", TapBackup: "lab-b"}
+	steps := [][]string{
+		{"link", "add", "br0", "type", "bridge"},
+		{"addr", "add", ClientAddr, "dev", "br0"},
+		{"link", "set", "dev", "br0", "up"},
 	}
-	if n.Tap, err = netbuffer.OpenTap(name); err != nil {
-		ns.Remove()
-		return nil, err
+	for _, tap := range []string{n.TapPrimary, n.TapBackup} {
+		steps = append(steps,
+			[]string{"tuntap", "add", "dev", tap, "mode", "tap"},
+			[]string{"link", "set", "dev", tap, "master", "br0", "up"})
 	}
-	for _, step := range []func() error{
-		func() error { return ns.MoveLinkIn(name) },
-		func() error { return ns.Exec("addr", "add", ClientAddr, "dev", name) },
-		func() error { return ns.Exec("link", "set", "dev", name, "up") },
-	} {
-		if err := step(); err != nil {
+	for _, args := range steps {
+		if err := ns.Exec(args...); err != nil {
 			n.close()
 			return nil, err
 		}
@@ -175,42 +177,7 @@ func newNetwork() (*Network, error) {
 	return n, nil
 }
 
-func (n *Network) close() {
-	n.Tap.Close()
-	n.NS.Remove()
-}
-
-// keepOpen lets a relay end without closing the tap: the outside network
-// stays up across a failover, and the backup's relay takes the tap over.
-type keepOpen struct{ *netbuffer.Tap }
-
-func (keepOpen) Close() error { return nil }
-
-// Listen opens the unix socket a guest NIC (-netdev stream, client side)
-// connects to.
-func (l *Lab) Listen(path string) (net.Listener, error) {
-	ln, err := netbuffer.ListenUnix(path)
-	if err != nil {
-		return nil, err
-	}
-	l.defer_(func() { ln.Close() })
-	return ln, nil
-}
-
-// Attach accepts a guest NIC on ln and relays it to the tap until the guest
-// goes away or the lab closes.
-func (l *Lab) Attach(ctx context.Context, ln net.Listener) (*netbuffer.Relay, error) {
-	conn, err := netbuffer.AcceptGuest(ctx, ln)
-	if err != nil {
-		return nil, fmt.Errorf("lab: guest NIC did not connect: %w", err)
-	}
-	r := netbuffer.NewRelay(conn, keepOpen{l.Net.Tap}, nil)
-	rctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { r.Run(rctx); close(done) }()
-	l.defer_(func() { cancel(); <-done })
-	return r, nil
-}
+func (n *Network) close() { n.NS.Remove() }
 
 // Dial connects to the guest's counter service from the client namespace.
 func (l *Lab) Dial(ctx context.Context) (net.Conn, error) {
@@ -310,6 +277,8 @@ type Protection struct {
 	EpochLog        string
 	Report          string
 	BackupConfig    testvm.Config
+
+	startBackup func() error
 }
 
 // ProtectOptions tunes Protect.
@@ -321,11 +290,19 @@ type ProtectOptions struct {
 	// Via, when set, is given the backup's address and returns the address
 	// the primary connects to instead (a test proxy in between).
 	Via func(backup string) (string, error)
+	// NoOutputCommit lets the guest's output straight through
+	// (remusd primary --net-output-commit=false).
+	NoOutputCommit bool
+	// BackupLater starts only the primary remusd, which relays the
+	// guest's network unprotected until StartBackup starts the backup.
+	BackupLater bool
 }
 
 // Protect starts the backup and primary agents for a guest started from
 // prim (whose second QMP socket is remusd's), with the backup ready to start
-// back on failover.
+// back on failover. Each remusd relays its guest's NIC to its tap on the
+// lab's bridge; Protect returns once the primary's relay runs, so that the
+// guest can be reached.
 func (l *Lab) Protect(prim, back testvm.Config, o ProtectOptions) (*Protection, error) {
 	backupArgs, err := back.Args()
 	if err != nil {
@@ -338,20 +315,29 @@ func (l *Lab) Protect(prim, back testvm.Config, o ProtectOptions) (*Protection, 
 	p := &Protection{EpochLog: filepath.Join(l.Dir, "epochs.jsonl"), Report: filepath.Join(l.Dir, "failover.json"), BackupConfig: back}
 	os.Remove(p.EpochLog)
 	os.Remove(p.Report)
-	common := []string{"--vm", "lab"}
+	common := []string{"--vm", "lab", "--net-netns", l.Net.NS.Path()}
 	if o.HeartbeatTimeout > 0 {
 		common = append(common, "--heartbeat-timeout", o.HeartbeatTimeout.String())
 	}
 	backupState := filepath.Join(l.Dir, "backup-state")
 	bargs := append([]string{"backup", "--listen", peer, "--state-dir", backupState,
-		"--ram-image", back.RAMPath, "--qmp", back.QMP[1], "--report", p.Report}, common...)
+		"--ram-image", back.RAMPath, "--qmp", back.QMP[1], "--report", p.Report,
+		"--net-guest", back.NIC.Path, "--net-tap", l.Net.TapBackup}, common...)
 	bargs = append(append(bargs, "--", back.QEMU), backupArgs...)
-	// The QEMU the backup starts on failover outlives remusd by design;
-	// remusd names it in its state directory as soon as it started it.
-	// Registered first, so that it runs once remusd is gone.
-	l.defer_(func() { killPIDFile(agent.QEMUPIDFile(backupState), l.Dir) })
-	if p.Backup, err = l.Start(l.Remusd, o.Echo, bargs...); err != nil {
-		return nil, err
+	p.startBackup = func() error {
+		// The QEMU the backup starts on failover outlives remusd by
+		// design; remusd names it in its state directory as soon as it
+		// started it. Registered first, so that it runs once remusd is
+		// gone.
+		l.defer_(func() { killPIDFile(agent.QEMUPIDFile(backupState), l.Dir) })
+		var err error
+		p.Backup, err = l.Start(l.Remusd, o.Echo, bargs...)
+		return err
+	}
+	if !o.BackupLater {
+		if err := p.startBackup(); err != nil {
+			return nil, err
+		}
 	}
 	if o.Via != nil {
 		if peer, err = o.Via(peer); err != nil {
@@ -359,14 +345,30 @@ func (l *Lab) Protect(prim, back testvm.Config, o ProtectOptions) (*Protection, 
 		}
 	}
 	pargs := append([]string{"primary", "--qmp", prim.QMP[1], "--peer", peer, "--state-dir", filepath.Join(l.Dir, "primary-state"),
-		"--epoch-log", p.EpochLog}, common...)
+		"--epoch-log", p.EpochLog, "--net-guest", prim.NIC.Path, "--net-tap", l.Net.TapPrimary}, common...)
 	if o.Epoch > 0 {
 		pargs = append(pargs, "--epoch", o.Epoch.String())
+	}
+	if o.NoOutputCommit {
+		pargs = append(pargs, "--net-output-commit=false")
 	}
 	if p.Primary, err = l.Start(l.Remusd, o.Echo, append(pargs, o.PrimaryArgs...)...); err != nil {
 		return nil, err
 	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := p.Primary.WaitLine(ctx, "relay started"); err != nil {
+		return nil, fmt.Errorf("lab: the primary's network relay did not start: %w\n%s", err, p.Primary.Output())
+	}
 	return p, nil
+}
+
+// StartBackup starts the backup remusd of a Protect with BackupLater.
+func (p *Protection) StartBackup() error {
+	if p.Backup != nil {
+		return errors.New("lab: the backup runs already")
+	}
+	return p.startBackup()
 }
 
 // killPIDFile kills the process named in pidFile if it is still one of the
