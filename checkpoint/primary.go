@@ -71,8 +71,10 @@ type PrimaryConfig struct {
 	// QEMUVersion selects the migrate URI form for SaveMigrate.
 	QEMUVersion qmp.Version
 	// Output, when set, holds the guest's network output until the epoch
-	// that produced it commits (output commit). It holds from the start of
-	// each session and passes everything through when a session ends.
+	// that produced it commits (output commit). It holds from the first
+	// pause of each session (what the guest sent before is in every state
+	// the backup can resume) and passes everything through when a session
+	// ends.
 	Output Output
 	// OnEpoch, when set, is called from the loop's goroutine with the
 	// statistics of each epoch once it is acknowledged. It must not block.
@@ -87,7 +89,7 @@ type PrimaryConfig struct {
 // netbuffer's Relay, through a small adapter).
 type Output interface {
 	// Hold starts holding output for a new session, whose epochs are
-	// numbered from 1.
+	// numbered from 1; called in the first pause, after Cut(1).
 	Hold()
 	// Cut closes epoch: everything the guest sent before its pause belongs
 	// to it. Called with the guest paused.
@@ -212,7 +214,6 @@ func (p *Primary) Run(ctx context.Context, link Link) error {
 		return err
 	}
 	if out := p.cfg.Output; out != nil {
-		out.Hold()
 		defer out.PassThrough()
 	}
 	pipe, _ := NewPipeline(p.cfg.Pipeline, 0)
@@ -424,6 +425,11 @@ func (p *Primary) checkpoint(ctx context.Context, pipe *Pipeline, now time.Time)
 	if out := p.cfg.Output; out != nil {
 		if err := out.Cut(ctx, n); err != nil {
 			return nil, fmt.Errorf("checkpoint: epoch %d: cut network output: %w", n, err)
+		}
+		if n == 1 {
+			// Output from before the session's first pause needs no
+			// holding: every state the backup can resume includes it.
+			out.Hold()
 		}
 	}
 	step(&st.Pause.Cut)

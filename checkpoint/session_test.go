@@ -214,8 +214,10 @@ func (o *fakeOutput) Commit(epoch uint64) OutputCommit {
 
 func (o *fakeOutput) PassThrough() { o.note("pass") }
 
-// check asserts the order hold, then cuts and commits (epoch N's commit
-// after its cut, commits in order), then pass, with at least n commits.
+// check asserts the order: cut 1 and hold (output from before the first
+// pause is in every state the backup can resume), then cuts and commits
+// (epoch N's commit after its cut, commits in order), then pass, with at
+// least n commits.
 func (o *fakeOutput) check(t *testing.T, n int) {
 	t.Helper()
 	o.mu.Lock()
@@ -224,12 +226,12 @@ func (o *fakeOutput) check(t *testing.T, n int) {
 		t.Error(p)
 	}
 	ev := o.events
-	if len(ev) < 2 || ev[0] != "hold" || ev[len(ev)-1] != "pass" {
-		t.Fatalf("output events %v: want hold first and pass last", ev)
+	if len(ev) < 3 || ev[0] != "cut 1" || ev[1] != "hold" || ev[len(ev)-1] != "pass" {
+		t.Fatalf("output events %v: want cut 1 and hold first, pass last", ev)
 	}
-	var cut, committed uint64
+	var cut, committed uint64 = 1, 0
 	commits := 0
-	for _, e := range ev[1 : len(ev)-1] {
+	for _, e := range ev[2 : len(ev)-1] {
 		var k uint64
 		if _, err := fmt.Sscanf(e, "cut %d", &k); err == nil {
 			if k != cut+1 {

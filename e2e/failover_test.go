@@ -58,6 +58,11 @@ func failoverAt(t *testing.T, point string, primaryArgs ...string) {
 	}
 	dump(t, l, p)
 
+	// The first checkpoint copies all of RAM, and output from its end on
+	// waits for it: connect once it committed.
+	if _, err := p.WaitCommitted(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
 	conn, err := l.Dial(ctx)
 	if err != nil {
 		t.Fatalf("connect to the guest: %v", err)
@@ -74,11 +79,7 @@ func failoverAt(t *testing.T, point string, primaryArgs ...string) {
 		return err
 	}
 
-	// Wait for the first (full) checkpoint to commit, then run protected
-	// for 5 s, incrementing all the while.
-	if _, err := p.WaitCommitted(ctx, 1); err != nil {
-		t.Fatal(err)
-	}
+	// Run protected for 5 s, incrementing all the while.
 	for from := time.Now(); time.Since(from) < 5*time.Second; {
 		if err := inc(); err != nil {
 			t.Fatalf("INC: %v", err)
