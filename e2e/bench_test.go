@@ -13,8 +13,9 @@ import (
 
 // BenchmarkProtectedGuest measures protection of the 256 MiB test guest
 // dirtying 1,000 pages per 25 ms epoch: it runs the counter client for a
-// while unprotected, then for protectFor under protection, then kills the
-// primary and measures the failover. Run it with -benchtime=1x; every
+// while unprotected (the primary remusd relays the network, no backup yet),
+// then on the same connection for protectFor under protection with output
+// commit, then kills the primary and measures the failover. Run it with -benchtime=1x; every
 // iteration is a whole experiment.
 func BenchmarkProtectedGuest(b *testing.B) {
 	const protectFor = 10 * time.Second
@@ -42,17 +43,26 @@ func benchOnce(b *testing.B, protectFor time.Duration) {
 	defer conn.Close()
 	conn.SetDeadline(time.Now().Add(5 * time.Minute))
 	cl := counter.NewClient(conn)
-	rate := func(d time.Duration) float64 {
-		n, from := 0, time.Now()
+	// rate runs the client for d and returns requests per second and each
+	// request's round-trip time.
+	rate := func(d time.Duration) (float64, []time.Duration) {
+		var rtts []time.Duration
+		from := time.Now()
 		for time.Since(from) < d {
+			sent := time.Now()
 			if _, err := cl.Inc(); err != nil {
 				b.Fatal(err)
 			}
-			n++
+			rtts = append(rtts, time.Since(sent))
 		}
-		return float64(n) / time.Since(from).Seconds()
+		return float64(len(rtts)) / time.Since(from).Seconds(), rtts
 	}
-	unprotected := rate(3 * time.Second)
+	rttMetrics := func(name string, rtts []time.Duration) {
+		slices.Sort(rtts)
+		b.ReportMetric(float64(rtts[len(rtts)/2].Microseconds())/1000, name+"-rtt-ms-p50")
+		b.ReportMetric(float64(rtts[len(rtts)*99/100].Microseconds())/1000, name+"-rtt-ms-p99")
+	}
+	unprotected, unprotectedRTT := rate(3 * time.Second)
 
 	if err := p.StartBackup(); err != nil {
 		b.Fatal(err)
@@ -62,7 +72,7 @@ func benchOnce(b *testing.B, protectFor time.Duration) {
 	}
 	first, _ := p.Epochs()
 	b.ResetTimer()
-	protected := rate(protectFor)
+	protected, protectedRTT := rate(protectFor)
 	eps, err := p.Epochs()
 	if err != nil {
 		b.Fatal(err)
@@ -92,8 +102,19 @@ func benchOnce(b *testing.B, protectFor time.Duration) {
 	field("ack-ms", func(e agent.EpochRecord) float64 { return float64(e.AckUS) / 1000 })
 	field("dirty-pages", func(e agent.EpochRecord) float64 { return float64(e.DirtyPages) })
 	field("wire-KiB", func(e agent.EpochRecord) float64 { return float64(e.WireBytes) / 1024 })
+	// How long the guest's frames were held: each epoch's median and 99th
+	// percentile, over the epochs.
+	field("net-wait-epoch-p50-ms", func(e agent.EpochRecord) float64 { return float64(e.NetWaitP50US) / 1000 })
+	field("net-wait-epoch-p99-ms", func(e agent.EpochRecord) float64 { return float64(e.NetWaitP99US) / 1000 })
+	var peak int64
+	for _, e := range eps {
+		peak = max(peak, e.NetPeakBytes)
+	}
+	b.ReportMetric(float64(peak)/1024, "net-held-peak-KiB")
 	b.ReportMetric(unprotected, "unprotected-req/s")
 	b.ReportMetric(protected, "protected-req/s")
+	rttMetrics("unprotected", unprotectedRTT)
+	rttMetrics("protected", protectedRTT)
 
 	vm.Kill()
 	p.Primary.Kill()
