@@ -6,6 +6,7 @@ import (
 
 	"github.com/remus-kvm/remus/internal/testguest"
 )
+
 // guestTests are the tests TestSoftDirtyInGuest runs inside the guest, and
 // the PASS lines it expects from them.
 var guestTests = struct {
