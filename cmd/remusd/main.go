@@ -59,6 +59,7 @@ func app() *cli.App {
 					&cli.StringFlag{Name: "tracker", Value: agent.TrackerAuto, Usage: "dirty-page tracker: auto, softdirty or compare"},
 					&cli.StringFlag{Name: "device-state", Value: "auto", Usage: "how to save device state: auto, xen (xen-save-devices-state) or migrate (migration with x-ignore-shared)"},
 					&cli.DurationFlag{Name: "retry", Value: time.Second, Usage: "wait before protecting again after the backup was lost (0: exit instead)"},
+					&cli.StringFlag{Name: "net-plug-tap", Usage: "for a guest whose NIC is a tap (-netdev tap, libvirt's default): hold its output in the kernel, with the sch_plug qdisc on an IFB device fed from this tap (one epoch in flight)"},
 					&cli.Int64Flag{Name: "net-hold-cap", Value: 16 << 20, Usage: "bytes of guest output held for commits at most; at the cap the guest waits"},
 					&cli.BoolFlag{Name: "net-output-commit", Value: true, Usage: "hold the guest's output until its epoch commits; =false lets it straight through, and a failover can then take back replies clients saw"},
 					&cli.StringFlag{Name: "epoch-log", Usage: "append one JSON line per committed epoch to this file"},
@@ -115,7 +116,7 @@ func runPrimary(c *cli.Context) error {
 		Heartbeat: heartbeat(c), Tracker: c.String("tracker"), DeviceState: c.String("device-state"), Retry: c.Duration("retry"), EpochLog: c.String("epoch-log"),
 		Net: netConfig(c),
 	}
-	cfg.Net.HoldCap, cfg.Net.NoOutputCommit = c.Int64("net-hold-cap"), !c.Bool("net-output-commit")
+	cfg.Net.HoldCap, cfg.Net.NoOutputCommit, cfg.Net.PlugTap = c.Int64("net-hold-cap"), !c.Bool("net-output-commit"), c.String("net-plug-tap")
 	if f := c.String("fault"); f != "" {
 		var point string
 		var epoch uint64

@@ -252,12 +252,10 @@ func failOver(ctx context.Context, cfg BackupConfig, lost *checkpoint.PrimaryLos
 		cmd.Process.Kill()
 		return r, err
 	}
-	if cfg.Net.Enabled() {
-		// The guest's MAC address now lives behind another port: tell the
-		// switches (gratuitous RARP from the NIC, as after a migration).
-		if err := failover.Announce(ctx, mon); err != nil {
-			log.Warn("announce the guest on the network", "err", err)
-		}
+	// The guest's MAC address now lives behind another port: tell the
+	// switches (gratuitous RARP from each NIC, as after a migration).
+	if err := failover.Announce(ctx, mon); err != nil {
+		log.Warn("announce the guest on the network", "err", err)
 	}
 	r.Running = time.Now()
 	r.DetectionMS = ms(r.Declared.Sub(r.LastHeard))

@@ -26,6 +26,11 @@ type NetConfig struct {
 	// NoOutputCommit relays output straight through even while protected:
 	// a client may then see replies that a failover takes back.
 	NoOutputCommit bool
+	// PlugTap, on the primary, holds the output of a guest whose NIC is a
+	// tap (-netdev tap, the libvirt default) in the kernel instead: the
+	// tap's ingress goes through an IFB device with the sch_plug qdisc.
+	// It allows one epoch in flight.
+	PlugTap string
 }
 
 // Enabled reports whether remusd relays the guest's network.
@@ -40,6 +45,8 @@ func (n NetConfig) Validate() error {
 		return errors.New("--net-guest needs --net-tap (the tap towards the network)")
 	case n.HoldCap < 0:
 		return errors.New("--net-hold-cap must not be negative")
+	case n.PlugTap != "" && n.Guest != "":
+		return errors.New("--net-plug-tap (a tap NIC, buffered in the kernel) and --net-guest (a stream NIC, relayed by remusd) exclude each other")
 	}
 	return nil
 }
@@ -96,3 +103,30 @@ func (o output) Commit(epoch uint64) checkpoint.OutputCommit {
 }
 
 func (o output) PassThrough() { o.r.PassThrough() }
+
+// plugOutput adapts the kernel buffer to the epoch loop.
+type plugOutput struct {
+	kb  *netbuffer.KernelBuffer
+	log *slog.Logger
+}
+
+func (o plugOutput) Hold() {
+	if err := o.kb.Hold(); err != nil {
+		o.log.Error("hold the guest's output", "err", err)
+	}
+}
+
+func (o plugOutput) Cut(ctx context.Context, epoch uint64) error { return o.kb.Cut(epoch) }
+
+func (o plugOutput) Commit(epoch uint64) checkpoint.OutputCommit {
+	if err := o.kb.Commit(epoch); err != nil {
+		o.log.Error("release the guest's output", "epoch", epoch, "err", err)
+	}
+	return checkpoint.OutputCommit{}
+}
+
+func (o plugOutput) PassThrough() {
+	if err := o.kb.PassThrough(); err != nil {
+		o.log.Error("let the guest's output through: its network may be stuck", "err", err)
+	}
+}

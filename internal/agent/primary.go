@@ -15,6 +15,7 @@ import (
 	"github.com/remus-kvm/remus/checkpoint"
 	"github.com/remus-kvm/remus/dirtypages"
 	"github.com/remus-kvm/remus/failover"
+	"github.com/remus-kvm/remus/netbuffer"
 	"github.com/remus-kvm/remus/transport"
 )
 
@@ -208,6 +209,21 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 		}()
 	}
 
+	var plug *netbuffer.KernelBuffer
+	if cfg.Net.PlugTap != "" {
+		if err := step(ctx, log, "set up the kernel output buffer on "+cfg.Net.PlugTap, func() (err error) {
+			plug, err = netbuffer.NewKernelBuffer(cfg.Net.PlugTap, "ifb-"+cfg.Net.PlugTap, 0)
+			return err
+		}); err != nil {
+			return err
+		}
+		defer plug.Close()
+		if cfg.Pipeline.MaxInFlight != 1 {
+			log.Info("sch_plug holds one epoch in flight: --max-in-flight set to 1")
+			cfg.Pipeline.MaxInFlight = 1
+		}
+	}
+
 	var epochLog *json.Encoder
 	if cfg.EpochLog != "" {
 		f, err := os.OpenFile(cfg.EpochLog, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
@@ -219,7 +235,7 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 	}
 
 	for {
-		err := session(ctx, cfg, q, ram, saver, gnet, epochLog, log)
+		err := session(ctx, cfg, q, ram, saver, gnet, plug, epochLog, log)
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -235,7 +251,8 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 	}
 }
 
-func session(ctx context.Context, cfg PrimaryConfig, q *QEMU, ram []byte, saver checkpoint.DeviceSaver, gnet *guestNet, epochLog *json.Encoder, log *slog.Logger) error {
+func session(ctx context.Context, cfg PrimaryConfig, q *QEMU, ram []byte, saver checkpoint.DeviceSaver, gnet *guestNet,
+	plug *netbuffer.KernelBuffer, epochLog *json.Encoder, log *slog.Logger) error {
 	var tracker dirtypages.Tracker
 	if err := step(ctx, log, "start dirty-page tracking", func() (err error) {
 		tracker, err = newTracker(cfg.Tracker, q, ram, log)
@@ -286,8 +303,12 @@ func session(ctx context.Context, cfg PrimaryConfig, q *QEMU, ram []byte, saver 
 			epochLog.Encode(rec)
 		},
 	}
-	if gnet != nil && !cfg.Net.NoOutputCommit {
+	switch {
+	case cfg.Net.NoOutputCommit:
+	case gnet != nil:
 		pcfg.Output = output{gnet.relay}
+	case plug != nil:
+		pcfg.Output = plugOutput{plug, log}
 	}
 	if f := cfg.Fault; f != nil {
 		pcfg.Fault = func(at checkpoint.FaultPoint, epoch uint64) {
