@@ -7,6 +7,7 @@ package e2e
 import (
 	"context"
 	"errors"
+	"net"
 	"os"
 	"path/filepath"
 	"sync"
@@ -111,4 +112,28 @@ func bootPrimary(t testing.TB, l *lab.Lab, ctx context.Context, dirtyPerSec int)
 		t.Fatal(err)
 	}
 	return g
+}
+
+// protectWithFault protects g with the primary armed to stop at point of
+// the first epoch after the returned trigger file exists, waits for the
+// first (full) checkpoint to commit (the guest's output waits for it) and
+// connects to the guest's counter service.
+func protectWithFault(t *testing.T, ctx context.Context, l *lab.Lab, g *protectedGuest, point string, o lab.ProtectOptions) (p *lab.Protection, conn net.Conn, trigger string) {
+	t.Helper()
+	trigger = l.Dir + "/kill-now"
+	o.HeartbeatTimeout = heartbeatTimeout
+	o.PrimaryArgs = append([]string{"--fault", point + ":1", "--fault-trigger", trigger}, o.PrimaryArgs...)
+	p, err := l.Protect(g.prim, g.back, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dump(t, l, p)
+	if _, err := p.WaitCommitted(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	if conn, err = l.Dial(ctx); err != nil {
+		t.Fatalf("connect to the guest: %v", err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return p, conn, trigger
 }

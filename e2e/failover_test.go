@@ -48,26 +48,9 @@ func failoverAt(t *testing.T, point string, primaryArgs ...string) {
 	defer cancel()
 
 	g := bootPrimary(t, l, ctx, 40000)
-	prim, back, vm, ready := g.prim, g.back, g.vm, g.ready
+	vm, ready := g.vm, g.ready
 
-	trigger := l.Dir + "/kill-now"
-	p, err := l.Protect(prim, back, lab.ProtectOptions{HeartbeatTimeout: heartbeatTimeout,
-		PrimaryArgs: append([]string{"--fault", point + ":1", "--fault-trigger", trigger}, primaryArgs...)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	dump(t, l, p)
-
-	// The first checkpoint copies all of RAM, and output from its end on
-	// waits for it: connect once it committed.
-	if _, err := p.WaitCommitted(ctx, 1); err != nil {
-		t.Fatal(err)
-	}
-	conn, err := l.Dial(ctx)
-	if err != nil {
-		t.Fatalf("connect to the guest: %v", err)
-	}
-	defer conn.Close()
+	p, conn, trigger := protectWithFault(t, ctx, l, g, point, lab.ProtectOptions{PrimaryArgs: primaryArgs})
 	conn.SetDeadline(time.Now().Add(time.Minute))
 	cl := counter.NewClient(conn)
 	var got []seen

@@ -78,21 +78,7 @@ func connectionThroughFailover(t *testing.T, point string, noOutputCommit bool, 
 	defer cancel()
 	g := bootPrimary(t, l, ctx, 40000)
 
-	trigger := l.Dir + "/kill-now"
-	p, err := l.Protect(g.prim, g.back, lab.ProtectOptions{HeartbeatTimeout: heartbeatTimeout, NoOutputCommit: noOutputCommit,
-		PrimaryArgs: append([]string{"--fault", point + ":1", "--fault-trigger", trigger}, primaryArgs...)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	dump(t, l, p)
-	if _, err := p.WaitCommitted(ctx, 1); err != nil {
-		t.Fatal(err)
-	}
-	conn, err := l.Dial(ctx)
-	if err != nil {
-		t.Fatalf("connect to the guest: %v", err)
-	}
-	defer conn.Close()
+	p, conn, trigger := protectWithFault(t, ctx, l, g, point, lab.ProtectOptions{NoOutputCommit: noOutputCommit, PrimaryArgs: primaryArgs})
 
 	// The client sends INC after INC on its one connection. A request
 	// waits up to replyWait: one sent around the kill is answered once TCP
