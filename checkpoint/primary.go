@@ -555,9 +555,6 @@ type received struct {
 	err error
 }
 
-// receive reads frames from link until it fails or ctx ends, marking each
-// one heard. The error comes on the same channel, after every frame that
-// preceded it.
 // backupsReason looks briefly among the frames still arriving for the
 // Error frame in which a backup says why it ends the session, and returns it
 // as an error matching ErrPeerRejected; nil when none comes.
@@ -593,6 +590,9 @@ func rejected(epoch uint64, e transport.Error) error {
 // backup's explanation.
 const reasonWait = 500 * time.Millisecond
 
+// receive reads frames from link until it fails or ctx ends, marking each
+// one heard. The error comes on the same channel, after every frame that
+// preceded it.
 func receive(ctx context.Context, link Link, live *liveness) <-chan received {
 	c := make(chan received, 64)
 	go func() {
