@@ -52,7 +52,8 @@
 //	6 Heartbeat      sent time i64 (Unix ns) | last committed epoch u64
 //	7 Error          code u16 (not 0) | message length u16 (0..1024) |
 //	                 message (UTF-8)
-//	8 DiskWrite      reserved: accepted by Reader, not defined yet
+//	8 DiskWrite      offset u64 | length u32 | flags u8 | data (none for a
+//	                 zero write); epoch 0: the initial disk copy
 //
 // Sequence numbers start at 1 in each direction and grow by exactly one per
 // frame; Reader rejects a gap, a repeat or a reorder (ErrSequence). They are

@@ -75,9 +75,8 @@ const (
 	TypeHeartbeat Type = 6
 	// TypeError reports a failure to the peer (Error).
 	TypeError Type = 7
-	// TypeDiskWrite is reserved for guest disk writes mirrored with the
-	// epochs. Reader accepts the frame; its payload format is not defined
-	// yet and Decode rejects it.
+	// TypeDiskWrite carries a guest disk write of the epoch in the header
+	// (DiskWrite); in epoch 0, a write of the initial disk copy.
 	TypeDiskWrite Type = 8
 
 	maxType = TypeDiskWrite

@@ -111,6 +111,7 @@ func FuzzMessages(f *testing.F) {
 	f.Add(uint8(TypeRAMPages), []byte{0, 3, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 1, 0})
 	f.Add(uint8(TypeRAMPages), []byte{0xff, 0xff})
 	f.Add(uint8(TypeDiskWrite), []byte{1})
+	f.Add(uint8(TypeDiskWrite), []byte{0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0, 0, 2, 0, 9, 9})
 	f.Add(uint8(0), []byte{})
 	f.Add(uint8(TypeError), []byte{0, 1, 0xff, 0xff})
 

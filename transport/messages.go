@@ -58,7 +58,7 @@ func NewFrame(epoch uint64, m Message) (Frame, error) {
 }
 
 // Decode decodes f's payload as the message of f's type: Hello, RAMPages,
-// DeviceState, Commit, Ack, Heartbeat or Error. Decoding is strict: a
+// DeviceState, Commit, Ack, Heartbeat, Error or DiskWrite. Decoding is strict: a
 // payload with trailing bytes or a field outside its range is rejected
 // (ErrMalformed, ErrTooLarge). Byte slices in the result alias f.Payload.
 func Decode(f Frame) (Message, error) {
@@ -81,7 +81,7 @@ func Decode(f Frame) (Message, error) {
 	case TypeError:
 		return DecodeError(f.Payload)
 	case TypeDiskWrite:
-		return nil, fmt.Errorf("%w: the DiskWrite payload is not defined in version %d", ErrUnsupported, Version)
+		return DecodeDiskWrite(f.Payload)
 	}
 	return nil, fmt.Errorf("%w: unknown frame type %d", ErrUnsupported, uint8(f.Type))
 }
@@ -565,6 +565,7 @@ type Digest struct {
 	crc   uint32
 	pages uint64
 	dev   uint64
+	disk  uint64 // disk writes added
 	idx   [8]byte // scratch for AddPage
 }
 

@@ -38,6 +38,9 @@ func sampleMessages() []struct {
 		{"error empty message", Error{Code: CodeInternal}},
 		{"error unknown code", Error{Code: 999, Message: "from a newer peer"}},
 		{"error longest message", Error{Code: CodeProtocol, Message: strings.Repeat("é", MaxErrorMessage/2)}},
+		{"disk write", DiskWrite{Offset: 4096, Length: 3, Data: []byte{1, 2, 3}}},
+		{"disk write largest chunk", DiskWrite{Offset: 1 << 40, Length: MaxDiskChunk, Data: bytes.Repeat([]byte{5}, MaxDiskChunk)}},
+		{"disk zeroes", DiskWrite{Offset: 512, Length: MaxZeroLength, Flags: DiskZero}},
 	}
 }
 
@@ -196,7 +199,13 @@ func TestMessagesDecodeRejects(t *testing.T) {
 		{"error short", TypeError, 0, []byte{0, 1, 0}, ErrMalformed, "at least 4"},
 		{"error code 0", TypeError, 0, []byte{0, 0, 0, 0}, ErrMalformed, "code 0"},
 		{"error message over cap", TypeError, 0, []byte{0, 1, 0x04, 0x01}, ErrTooLarge, "1025 bytes"},
-		{"disk write reserved", TypeDiskWrite, 0, []byte{1}, ErrUnsupported, "DiskWrite payload is not defined"},
+		{"disk write short", TypeDiskWrite, 0, []byte{1}, ErrMalformed, "at least 13"},
+		{"disk write length mismatch", TypeDiskWrite, 0, []byte{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 1, 2}, ErrMalformed, "length 4 with 2 bytes"},
+		{"disk zero with data", TypeDiskWrite, 0, []byte{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 7}, ErrMalformed, "zero write with 1 bytes"},
+		{"disk write unknown flag", TypeDiskWrite, 0, []byte{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 7}, ErrMalformed, "unknown flags"},
+		{"disk write empty", TypeDiskWrite, 0, []byte{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1}, ErrMalformed, "empty write"},
+		{"disk write overflows", TypeDiskWrite, 0, []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 2, 1}, ErrMalformed, "overflows"},
+		{"disk zeroes too long", TypeDiskWrite, 0, []byte{0, 0, 0, 0, 0, 0, 0, 0, 0x40, 0, 0, 1, 1}, ErrTooLarge, "zero write of"},
 		{"unknown type", 42, 0, nil, ErrUnsupported, "unknown frame type 42"},
 		{"flags", TypeAck, FlagCompressed, nil, ErrUnsupported, "Ack with flags Compressed"},
 	}

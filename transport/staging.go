@@ -13,11 +13,14 @@ type Epoch struct {
 	Pages []Page
 	// DeviceState is the QEMU device-state blob, whole.
 	DeviceState []byte
+	// Disk are the guest's disk writes during the epoch, in order. They go
+	// first, before the pages. A Stage keeps them only with KeepDisk.
+	Disk []DiskWrite
 }
 
-// Frames encodes e as the frames the primary sends for it, in order:
-// RAMPages frames of up to MaxPagesPerFrame pages, the DeviceState chunks,
-// and the Commit. Their seq is left zero for Conn.Send to assign; payloads
+// Frames encodes e as the frames the primary sends for it, in order: the
+// DiskWrite frames, RAMPages frames of up to MaxPagesPerFrame pages, the
+// DeviceState chunks, and the Commit. Their seq is left zero for Conn.Send to assign; payloads
 // are newly allocated. Senders that stream an epoch without holding it
 // whole use NewFrame and a Digest instead.
 func (e Epoch) Frames() ([]Frame, error) {
@@ -30,8 +33,16 @@ func (e Epoch) Frames() ([]Frame, error) {
 	}
 	var (
 		d      Digest
-		frames = make([]Frame, 0, (len(e.Pages)+MaxPagesPerFrame-1)/MaxPagesPerFrame+len(chunks)+1)
+		frames = make([]Frame, 0, len(e.Disk)+(len(e.Pages)+MaxPagesPerFrame-1)/MaxPagesPerFrame+len(chunks)+1)
 	)
+	for _, w := range e.Disk {
+		f, err := NewFrame(e.Number, w)
+		if err != nil {
+			return nil, fmt.Errorf("epoch %d: %w", e.Number, err)
+		}
+		d.AddDiskWrite(w)
+		frames = append(frames, f)
+	}
 	for i := 0; i < len(e.Pages); i += MaxPagesPerFrame {
 		m := RAMPages{Pages: e.Pages[i:min(i+MaxPagesPerFrame, len(e.Pages))]}
 		if i > 0 && m.Pages[0].Index <= e.Pages[i-1].Index {
@@ -72,6 +83,11 @@ func (e Epoch) Frames() ([]Frame, error) {
 // the caller then reports the error to the primary and waits for the epoch
 // to be sent again, or closes the connection.
 type Stage struct {
+	// KeepDisk makes the staged Epoch carry its disk writes; without it
+	// they are only checked and digested, for a caller that journals them
+	// itself.
+	KeepDisk bool
+
 	ramPages  uint64 // RAM size in pages
 	committed uint64
 
@@ -133,12 +149,12 @@ func (s *Stage) begin(epoch uint64) error {
 	return nil
 }
 
-// Add feeds a frame of the epoch being staged: RAMPages, DeviceState or
-// Commit. On a Commit that verifies it returns the complete epoch and true.
+// Add feeds a frame of the epoch being staged: DiskWrite, RAMPages,
+// DeviceState or Commit. On a Commit that verifies it returns the complete epoch and true.
 // Any other frame type is an error.
 func (s *Stage) Add(f Frame) (Epoch, bool, error) {
 	switch f.Type {
-	case TypeRAMPages, TypeDeviceState, TypeCommit:
+	case TypeRAMPages, TypeDeviceState, TypeCommit, TypeDiskWrite:
 	default:
 		s.Reset()
 		return Epoch{}, false, fmt.Errorf("%w: epoch %d: a %s frame is not part of an epoch", ErrEpoch, f.Epoch, f.Type)
@@ -153,6 +169,8 @@ func (s *Stage) Add(f Frame) (Epoch, bool, error) {
 		return Epoch{}, false, s.AddPages(f.Epoch, m)
 	case DeviceState:
 		return Epoch{}, false, s.AddDeviceState(f.Epoch, m)
+	case DiskWrite:
+		return Epoch{}, false, s.AddDiskWrite(f.Epoch, m)
 	default:
 		ep, err := s.Commit(f.Epoch, m.(Commit))
 		return ep, err == nil, err
@@ -180,6 +198,22 @@ func (s *Stage) AddPages(epoch uint64, m RAMPages) error {
 	}
 	s.ep.Pages = append(s.ep.Pages, m.Pages...)
 	s.d.AddPages(m)
+	return nil
+}
+
+// AddDiskWrite adds a disk write to epoch.
+func (s *Stage) AddDiskWrite(epoch uint64, m DiskWrite) error {
+	if err := s.begin(epoch); err != nil {
+		return err
+	}
+	if err := m.validate(); err != nil {
+		s.Reset()
+		return fmt.Errorf("%w: epoch %d: %w", ErrEpoch, epoch, err)
+	}
+	if s.KeepDisk {
+		s.ep.Disk = append(s.ep.Disk, m)
+	}
+	s.d.AddDiskWrite(m)
 	return nil
 }
 

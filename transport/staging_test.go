@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -301,5 +302,57 @@ func TestEpochFramesRejects(t *testing.T) {
 				t.Errorf("err %v, want %v", err, tt.want)
 			}
 		})
+	}
+}
+
+// TestStageEpochWithDiskWrites: disk writes go first, count in the digest
+// and come out of the Stage in order with KeepDisk; a changed one fails the
+// commit.
+func TestStageEpochWithDiskWrites(t *testing.T) {
+	ep := Epoch{Number: 1, Pages: pages(0, 1, 3, 1), DeviceState: []byte("dev"),
+		Disk: append(ChunkDiskWrite(8192, bytes.Repeat([]byte{3}, MaxDiskChunk+10)), DiskWrite{Offset: 0, Length: 4096, Flags: DiskZero})}
+	frames, err := ep.Frames()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if frames[0].Type != TypeDiskWrite || frames[1].Type != TypeDiskWrite || frames[2].Type != TypeDiskWrite || frames[3].Type != TypeRAMPages {
+		t.Fatalf("frame order: %v %v %v %v", frames[0].Type, frames[1].Type, frames[2].Type, frames[3].Type)
+	}
+	for _, keep := range []bool{true, false} {
+		s, _ := NewStage(16*PageSize, 0)
+		s.KeepDisk = keep
+		var got Epoch
+		for _, f := range frames {
+			e, done, err := s.Add(f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if done {
+				got = e
+			}
+		}
+		if keep && !reflect.DeepEqual(got.Disk, ep.Disk) {
+			t.Fatalf("staged disk writes differ: %d of %d", len(got.Disk), len(ep.Disk))
+		}
+		if !keep && got.Disk != nil {
+			t.Fatal("disk writes kept without KeepDisk")
+		}
+	}
+	// A disk write changed in flight (a valid frame, another digest).
+	bad := slices.Clone(frames)
+	w := ep.Disk[2]
+	w.Offset += 4096
+	if bad[2], err = NewFrame(1, w); err != nil {
+		t.Fatal(err)
+	}
+	s, _ := NewStage(16*PageSize, 0)
+	var last error
+	for _, f := range bad {
+		if _, _, last = s.Add(f); last != nil {
+			break
+		}
+	}
+	if !errors.Is(last, ErrEpoch) || !strings.Contains(last.Error(), "digest") {
+		t.Fatalf("changed disk write: %v, want a digest mismatch", last)
 	}
 }
