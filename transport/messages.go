@@ -565,7 +565,7 @@ type Digest struct {
 	crc   uint32
 	pages uint64
 	dev   uint64
-	disk  uint64 // disk writes added
+	disk  uint64  // disk writes added
 	idx   [8]byte // scratch for AddPage
 }
 
