@@ -24,10 +24,27 @@ type BackupConfig struct {
 	// StateFile holds the device state of the last committed epoch.
 	StateFile string
 	Heartbeat failover.DetectorConfig
+	// Disk, when set, receives the guest's disk writes: those of the
+	// initial copy at once, an epoch's held until it commits
+	// (diskmirror.Journal).
+	Disk DiskJournal
 	// OnCommit, when set, is called after each epoch is applied, before it
 	// is acknowledged. It must not block.
 	OnCommit func(epoch uint64, pages int)
 	Logger   *slog.Logger
+}
+
+// DiskJournal is the backup's disk image with the writes of the epoch in
+// flight held back.
+type DiskJournal interface {
+	// Direct applies a write of the initial copy (epoch 0) at once.
+	Direct(w transport.DiskWrite) error
+	// Add holds a write of the epoch being received.
+	Add(w transport.DiskWrite) error
+	// Commit applies the held writes, in order, durably.
+	Commit() error
+	// Discard drops the held writes.
+	Discard()
 }
 
 // Committed describes the newest committed checkpoint the backup holds.
@@ -113,6 +130,8 @@ func (b *Backup) Close() error {
 func (b *Backup) Serve(ctx context.Context, link Link) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	// The disk writes of an epoch that did not commit are never applied.
+	defer b.discardDisk()
 	live := startLiveness(ctx, b.cfg.Heartbeat, link)
 	frames := receive(ctx, link, live)
 
@@ -186,6 +205,8 @@ func (b *Backup) handle(ctx context.Context, link Link, stage *transport.Stage, 
 	switch f.Type {
 	case transport.TypeHeartbeat:
 		return stage, nil
+	case transport.TypeDiskWrite:
+		return stage, b.diskWrite(stage, f)
 	case transport.TypeError:
 		m, err := transport.Decode(f)
 		if err != nil {
@@ -196,6 +217,7 @@ func (b *Backup) handle(ctx context.Context, link Link, stage *transport.Stage, 
 	}
 	ep, done, err := stage.Add(f)
 	if err != nil {
+		b.discardDisk()
 		return stage, fmt.Errorf("checkpoint: %w %d: %w", errEpochRejected, f.Epoch, err)
 	}
 	if !done {
@@ -208,6 +230,43 @@ func (b *Backup) handle(ctx context.Context, link Link, stage *transport.Stage, 
 		return stage, fmt.Errorf("checkpoint: epoch %d: send ack: %w", ep.Number, err)
 	}
 	return stage, nil
+}
+
+// diskWrite takes a DiskWrite frame: applied at once in epoch 0 (the
+// initial copy), else staged with its epoch and held in the journal.
+func (b *Backup) diskWrite(stage *transport.Stage, f transport.Frame) error {
+	m, err := transport.Decode(f)
+	if err != nil {
+		b.discardDisk()
+		return fmt.Errorf("checkpoint: %w %d: %w", errEpochRejected, f.Epoch, err)
+	}
+	w := m.(transport.DiskWrite)
+	if b.cfg.Disk == nil {
+		return fmt.Errorf("%w: the primary mirrors a disk; this backup has no disk image", ErrPeerRejected)
+	}
+	if f.Epoch == 0 {
+		if _, staging := stage.Staging(); staging || stage.Committed() > 0 {
+			return fmt.Errorf("checkpoint: %w 0: a write of the initial disk copy after the first epoch began", errEpochRejected)
+		}
+		if err := b.cfg.Disk.Direct(w); err != nil {
+			return fmt.Errorf("%w: %w", errApply, err)
+		}
+		return nil
+	}
+	if err := stage.AddDiskWrite(f.Epoch, w); err != nil {
+		b.discardDisk()
+		return fmt.Errorf("checkpoint: %w %d: %w", errEpochRejected, f.Epoch, err)
+	}
+	if err := b.cfg.Disk.Add(w); err != nil {
+		return fmt.Errorf("%w: %w", errApply, err)
+	}
+	return nil
+}
+
+func (b *Backup) discardDisk() {
+	if b.cfg.Disk != nil {
+		b.cfg.Disk.Discard()
+	}
 }
 
 func (b *Backup) hello(ctx context.Context, link Link, f transport.Frame) (*transport.Stage, error) {
@@ -231,6 +290,7 @@ func (b *Backup) hello(ctx context.Context, link Link, f transport.Frame) (*tran
 	// longer a checkpoint to fail over to: until this session's first epoch
 	// commits, the backup holds nothing it may resume.
 	b.committed = 0
+	b.discardDisk()
 	stage, err := transport.NewStage(h.RAMSize, 0)
 	if err != nil {
 		return nil, err
@@ -272,6 +332,14 @@ func (b *Backup) mapRAM(size uint64) error {
 // goroutine decides both), so a failover sees either all of an epoch or
 // none of it.
 func (b *Backup) apply(ep transport.Epoch) error {
+	if b.cfg.Disk != nil {
+		if err := b.cfg.Disk.Commit(); err != nil {
+			// Part of the epoch may be on the disk now: neither it nor
+			// the one before is a state to resume.
+			b.committed = 0
+			return fmt.Errorf("checkpoint: epoch %d: disk: %w", ep.Number, err)
+		}
+	}
 	for _, pg := range ep.Pages {
 		off := pg.Index * transport.PageSize
 		copy(b.ram[off:off+transport.PageSize], pg.Data)

@@ -76,6 +76,13 @@ type PrimaryConfig struct {
 	// the backup can resume) and passes everything through when a session
 	// ends.
 	Output Output
+	// Disk, when set, gives each epoch the guest's disk writes received
+	// since the previous pause (diskmirror.Recorder).
+	Disk DiskSource
+	// Prepare, when set, runs after the hello, with heartbeats flowing,
+	// before the first epoch: the disk's initial copy. The first epoch
+	// waits for it; an error ends the session.
+	Prepare func(ctx context.Context, link Link) error
 	// OnEpoch, when set, is called from the loop's goroutine with the
 	// statistics of each epoch once it is acknowledged. It must not block.
 	OnEpoch func(EpochStats)
@@ -99,6 +106,13 @@ type Output interface {
 	// PassThrough releases everything held and stops holding: the session
 	// ended and the guest runs on unprotected.
 	PassThrough()
+}
+
+// DiskSource yields the guest's disk writes of the epoch being closed.
+type DiskSource interface {
+	// Cut returns the writes received since the last Cut. Called with the
+	// guest paused, after QMP stop drained its I/O.
+	Cut() []transport.DiskWrite
 }
 
 // OutputCommit describes the network output one commit released.
@@ -139,6 +153,8 @@ type EpochStats struct {
 	Pause       PauseStats
 	DirtyPages  int
 	DeviceBytes int
+	DiskWrites  int   // disk writes in the epoch
+	DiskBytes   int64 // their data (zero writes count their length)
 	WireBytes   int64         // frame bytes sent for the epoch
 	Ship        time.Duration // from resume until the commit frame was written
 	Acked       time.Time
@@ -220,6 +236,17 @@ func (p *Primary) Run(ctx context.Context, link Link) error {
 	live := startLiveness(ctx, p.cfg.Heartbeat, link)
 	frames := receive(ctx, link, live)
 
+	// Epochs start once Prepare (the disk's initial copy) is done; the loop
+	// meanwhile keeps reading the backup's frames and watching its
+	// heartbeats.
+	prepared := make(chan error, 1)
+	if p.cfg.Prepare != nil {
+		go func() { prepared <- p.cfg.Prepare(ctx, link) }()
+	} else {
+		prepared <- nil
+	}
+	ready := false
+
 	// The sender ships epochs in order while the loop goes on.
 	sendq := make(chan *epochData, p.cfg.Pipeline.MaxInFlight)
 	shippedc := make(chan shipped, p.cfg.Pipeline.MaxInFlight)
@@ -288,7 +315,15 @@ func (p *Primary) Run(ctx context.Context, link Link) error {
 		case <-live.dead:
 			_, _, silence := live.verdict()
 			return fmt.Errorf("%w: no frame from the backup for %v", ErrPeerLost, silence.Round(time.Millisecond))
+		case err := <-prepared:
+			if err != nil {
+				return fmt.Errorf("checkpoint: before the first epoch: %w", err)
+			}
+			ready, prepared = true, nil
 		case <-timer.C:
+		}
+		if !ready {
+			continue
 		}
 		now := time.Now()
 		due, blocked := pipe.Due(now)
@@ -433,6 +468,14 @@ func (p *Primary) checkpoint(ctx context.Context, pipe *Pipeline, now time.Time)
 		}
 	}
 	step(&st.Pause.Cut)
+	var disk []transport.DiskWrite
+	if p.cfg.Disk != nil {
+		disk = p.cfg.Disk.Cut()
+		for _, w := range disk {
+			st.DiskBytes += int64(w.Length)
+		}
+		st.DiskWrites = len(disk)
+	}
 
 	set, err := p.tracker.Harvest(ctx)
 	if err != nil {
@@ -464,7 +507,7 @@ func (p *Primary) checkpoint(ctx context.Context, pipe *Pipeline, now time.Time)
 	step(&st.Pause.Cont)
 	st.DirtyPages, st.DeviceBytes = count, len(dev)
 	p.fault(FaultResumed, n)
-	return &epochData{stats: st, epoch: transport.Epoch{Number: n, Pages: pages, DeviceState: dev}, resume: time.Now()}, nil
+	return &epochData{stats: st, epoch: transport.Epoch{Number: n, Pages: pages, DeviceState: dev, Disk: disk}, resume: time.Now()}, nil
 }
 
 func (p *Primary) saveDevices(ctx context.Context, n uint64) ([]byte, error) {

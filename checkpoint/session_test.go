@@ -373,3 +373,108 @@ func corruptingPair(t *testing.T, epoch uint64) (*transport.Conn, *transport.Con
 	}()
 	return transport.NewConn(pRaw), transport.NewConn(bRaw)
 }
+
+// fakeDisk plays both disk ends: the primary's recorder (one write per
+// epoch, at offset = the number of cuts so far) and the backup's journal.
+type fakeDisk struct {
+	mu      sync.Mutex
+	cuts    uint64
+	direct  []uint64
+	held    []uint64
+	applied []uint64
+}
+
+func (d *fakeDisk) Cut() []transport.DiskWrite {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.cuts++
+	return []transport.DiskWrite{{Offset: d.cuts, Length: 1, Data: []byte{byte(d.cuts)}}}
+}
+
+func (d *fakeDisk) Direct(w transport.DiskWrite) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.direct = append(d.direct, w.Offset)
+	return nil
+}
+
+func (d *fakeDisk) Add(w transport.DiskWrite) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.held = append(d.held, w.Offset)
+	return nil
+}
+
+func (d *fakeDisk) Commit() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.applied = append(d.applied, d.held...)
+	d.held = nil
+	return nil
+}
+
+func (d *fakeDisk) Discard() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.held = nil
+}
+
+// TestDiskWritesCommitWithTheirEpoch: the initial copy is applied at once
+// before the first epoch; each epoch's writes are applied exactly when it
+// commits; the writes of an epoch that does not commit never are.
+func TestDiskWritesCommitWithTheirEpoch(t *testing.T) {
+	g := newFakeGuest(16)
+	dir := t.TempDir()
+	tracker, err := dirtypages.NewCompare(g.ram, dirtypages.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	disk := &fakeDisk{}
+	var committed atomic.Uint64
+	b, err := NewBackup(BackupConfig{VMName: "vm1", RAMImage: filepath.Join(dir, "backup.ram"), StateFile: filepath.Join(dir, "backup.state"),
+		Heartbeat: hb, Disk: disk, OnCommit: func(epoch uint64, _ int) { committed.Store(epoch) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	p, err := NewPrimary(PrimaryConfig{VMName: "vm1", StateDir: dir, Heartbeat: hb, Pipeline: PipelineConfig{Interval: 5 * time.Millisecond},
+		Disk: disk,
+		Prepare: func(ctx context.Context, link Link) error {
+			for off := uint64(100); off < 103; off++ {
+				f, err := transport.NewFrame(0, transport.DiskWrite{Offset: off, Length: 1, Data: []byte{1}})
+				if err != nil {
+					return err
+				}
+				if err := link.Send(ctx, f); err != nil {
+					return err
+				}
+			}
+			return nil
+		}}, g, g.ram, tracker)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Epoch 8 is damaged on the link: it and what follows never commit.
+	pl, bl := corruptingPair(t, 8)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	backupDone := make(chan error, 1)
+	go func() { backupDone <- b.Serve(ctx, bl) }()
+	primaryErr := p.Run(ctx, pl)
+	if err := <-backupDone; err == nil {
+		t.Fatal("the backup accepted the damaged epoch")
+	}
+	disk.mu.Lock()
+	defer disk.mu.Unlock()
+	if fmt.Sprint(disk.direct) != "[100 101 102]" {
+		t.Fatalf("initial copy applied: %v", disk.direct)
+	}
+	c := committed.Load()
+	var want []uint64
+	for e := uint64(1); e <= c; e++ {
+		want = append(want, e)
+	}
+	if c != 7 || fmt.Sprint(disk.applied) != fmt.Sprint(want) || len(disk.held) != 0 {
+		t.Fatalf("committed %d epochs; disk writes applied %v, want %v; held %v (primary: %v)", c, disk.applied, want, disk.held, primaryErr)
+	}
+}
