@@ -100,10 +100,15 @@ type protectedGuest struct {
 
 // bootPrimary boots the primary guest with the page dirtier at dirtyPerSec
 // and prepares the backup's side.
-func bootPrimary(t testing.TB, l *lab.Lab, ctx context.Context, dirtyPerSec int) *protectedGuest {
+func bootPrimary(t testing.TB, l *lab.Lab, ctx context.Context, dirtyPerSec int, opts ...func(*protectedGuest) error) *protectedGuest {
 	t.Helper()
 	g := &protectedGuest{prim: l.GuestConfig("primary", dirtyPerSec), back: l.GuestConfig("backup", dirtyPerSec)}
 	g.back.RAMPath = filepath.Join(l.Dir, "backup-image.ram")
+	for _, o := range opts {
+		if err := o(g); err != nil {
+			t.Fatal(err)
+		}
+	}
 	var err error
 	if g.vm, err = l.StartVM(ctx, g.prim); err != nil {
 		t.Fatal(err)
@@ -112,6 +117,11 @@ func bootPrimary(t testing.TB, l *lab.Lab, ctx context.Context, dirtyPerSec int)
 		t.Fatal(err)
 	}
 	return g
+}
+
+// withDisk gives the guest a disk of sizeMiB, mirrored to the backup's copy.
+func withDisk(l *lab.Lab, sizeMiB int) func(*protectedGuest) error {
+	return func(g *protectedGuest) error { return l.AddDisk(&g.prim, &g.back, sizeMiB) }
 }
 
 // protectWithFault protects g with the primary armed to stop at point of

@@ -69,6 +69,10 @@ type NIC struct {
 	MAC    string // defaults to DefaultMAC
 }
 
+// DiskNode is the block node name of the guest's disk (Config.Disk), the
+// one remusd primary --disk mirrors.
+const DiskNode = "disk0"
+
 // DefaultMAC is the guest NIC's address unless NIC.MAC says otherwise.
 const DefaultMAC = "52:54:00:12:34:56"
 
@@ -235,9 +239,9 @@ func (c Config) Args() ([]string, error) {
 	a = append(a, "-chardev", "file,id=serial0,path="+c.SerialLog, "-serial", "chardev:serial0")
 	if c.Disk != "" {
 		a = append(a,
-			"-blockdev", "driver=file,node-name=disk0-file,filename="+c.Disk,
-			"-blockdev", "driver=raw,node-name=disk0,file=disk0-file",
-			"-device", "virtio-blk-pci,drive=disk0,id=vda")
+			"-blockdev", "driver=file,node-name="+DiskNode+"-file,filename="+c.Disk,
+			"-blockdev", "driver=raw,node-name="+DiskNode+",file="+DiskNode+"-file",
+			"-device", "virtio-blk-pci,drive="+DiskNode+",id=vda")
 	}
 	switch c.NIC.Mode {
 	case NICStream:

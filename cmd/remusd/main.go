@@ -59,6 +59,7 @@ func app() *cli.App {
 					&cli.StringFlag{Name: "tracker", Value: agent.TrackerAuto, Usage: "dirty-page tracker: auto, softdirty or compare"},
 					&cli.StringFlag{Name: "device-state", Value: "auto", Usage: "how to save device state: auto, xen (xen-save-devices-state) or migrate (migration with x-ignore-shared)"},
 					&cli.DurationFlag{Name: "retry", Value: time.Second, Usage: "wait before protecting again after the backup was lost (0: exit instead)"},
+					&cli.StringFlag{Name: "disk", Usage: "block node of the guest's disk (-blockdev ...,node-name=NODE): QEMU mirrors it to remusd and its writes go to the backup with their epochs"},
 					&cli.StringFlag{Name: "net-plug-tap", Usage: "for a guest whose NIC is a tap (-netdev tap, libvirt's default): hold its output in the kernel, with the sch_plug qdisc on an IFB device fed from this tap (one epoch in flight)"},
 					&cli.Int64Flag{Name: "net-hold-cap", Value: 16 << 20, Usage: "bytes of guest output held for commits at most; at the cap the guest waits"},
 					&cli.BoolFlag{Name: "net-output-commit", Value: true, Usage: "hold the guest's output until its epoch commits; =false lets it straight through, and a failover can then take back replies clients saw"},
@@ -81,6 +82,7 @@ func app() *cli.App {
 					&cli.StringFlag{Name: "listen", Usage: "address for the primary, host:port", Required: true},
 					&cli.StringFlag{Name: "ram-image", Usage: "file holding the guest RAM of the last committed epoch", Required: true},
 					&cli.StringFlag{Name: "qmp", Usage: "QMP socket created by the QEMU command line, for the restore", Required: true},
+					&cli.StringFlag{Name: "disk-image", Usage: "the backup's copy of the guest's disk: a raw image the size of the primary's disk, used by the QEMU command line; it only ever holds committed epochs' writes"},
 					&cli.StringFlag{Name: "report", Usage: "write a JSON failover report to this file"},
 				}, common...),
 				Action: runBackup,
@@ -114,7 +116,7 @@ func runPrimary(c *cli.Context) error {
 		VM: c.String("vm"), QMPSocket: c.String("qmp"), Peer: c.String("peer"), StateDir: c.String("state-dir"),
 		Pipeline:  checkpoint.PipelineConfig{Interval: c.Duration("epoch"), MaxInFlight: c.Int("max-in-flight")},
 		Heartbeat: heartbeat(c), Tracker: c.String("tracker"), DeviceState: c.String("device-state"), Retry: c.Duration("retry"), EpochLog: c.String("epoch-log"),
-		Net: netConfig(c),
+		Net: netConfig(c), Disk: c.String("disk"),
 	}
 	cfg.Net.HoldCap, cfg.Net.NoOutputCommit, cfg.Net.PlugTap = c.Int64("net-hold-cap"), !c.Bool("net-output-commit"), c.String("net-plug-tap")
 	if f := c.String("fault"); f != "" {
@@ -136,7 +138,7 @@ func runBackup(c *cli.Context) error {
 	cfg := agent.BackupConfig{
 		VM: c.String("vm"), Listen: c.String("listen"), RAMImage: c.String("ram-image"), StateDir: c.String("state-dir"),
 		QEMU: c.Args().Slice(), QMPSocket: c.String("qmp"), Heartbeat: heartbeat(c), Report: c.String("report"),
-		Net: netConfig(c),
+		Net: netConfig(c), DiskImage: c.String("disk-image"),
 	}
 	r, err := agent.RunBackup(c.Context, cfg, log)
 	if err != nil {

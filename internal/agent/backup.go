@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/remus-kvm/remus/checkpoint"
+	"github.com/remus-kvm/remus/diskmirror"
 	"github.com/remus-kvm/remus/failover"
 	"github.com/remus-kvm/remus/qmp"
 	"github.com/remus-kvm/remus/transport"
@@ -38,6 +39,10 @@ type BackupConfig struct {
 	Heartbeat failover.DetectorConfig
 	// Report, when set, receives a JSON FailoverReport after a failover.
 	Report string
+	// DiskImage, when set, is the backup's copy of the guest's disk (a raw
+	// image the size of the primary's); the QEMU command line must use it.
+	// It holds the committed epochs' writes only.
+	DiskImage string
 	// Net, when enabled, connects the restored guest's NIC to the network
 	// after a failover; remusd then keeps relaying until it is stopped or
 	// the guest's QEMU exits.
@@ -108,12 +113,26 @@ func RunBackup(ctx context.Context, cfg BackupConfig, log *slog.Logger) (*Failov
 	stateFile := filepath.Join(cfg.StateDir, "committed.state")
 	var b *checkpoint.Backup
 	var ln net.Listener
+	var journal *diskmirror.Journal
+	defer func() {
+		if journal != nil {
+			journal.Close()
+		}
+	}()
 	if err := step(ctx, log, "prepare standby", func() (err error) {
 		if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 			return err
 		}
-		b, err = checkpoint.NewBackup(checkpoint.BackupConfig{VMName: cfg.VM, RAMImage: cfg.RAMImage, StateFile: stateFile,
-			Heartbeat: cfg.Heartbeat, Logger: log})
+		bcfg := checkpoint.BackupConfig{VMName: cfg.VM, RAMImage: cfg.RAMImage, StateFile: stateFile,
+			Heartbeat: cfg.Heartbeat, Logger: log}
+		if cfg.DiskImage != "" {
+			j, err := diskmirror.OpenJournal(cfg.DiskImage, filepath.Join(cfg.StateDir, "disk.journal"), 0)
+			if err != nil {
+				return err
+			}
+			journal, bcfg.Disk = j, j
+		}
+		b, err = checkpoint.NewBackup(bcfg)
 		if err != nil {
 			return err
 		}

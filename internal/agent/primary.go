@@ -47,6 +47,10 @@ type PrimaryConfig struct {
 	EpochLog string
 	// Net, when enabled, relays the guest's network with output commit.
 	Net NetConfig
+	// Disk, when set, is the block node of the guest's disk (as in
+	// -blockdev ...,node-name=NODE): QEMU mirrors it to remusd, which
+	// ships its writes with the epochs.
+	Disk string
 	// Fault stops the agent at a point of the epoch cycle (testing aid).
 	Fault *Fault
 }
@@ -125,6 +129,8 @@ type EpochRecord struct {
 	// Network output released by this epoch's commit: frames, bytes, and
 	// how long they were held (p50, p99); bytes still held and the most
 	// ever held, when remusd relays the guest's network.
+	DiskWrites   int   `json:"disk_writes,omitempty"`
+	DiskBytes    int64 `json:"disk_bytes,omitempty"`
 	NetFrames    int   `json:"net_frames,omitempty"`
 	NetBytes     int64 `json:"net_bytes,omitempty"`
 	NetWaitP50US int64 `json:"net_wait_p50_us,omitempty"`
@@ -140,6 +146,7 @@ func NewEpochRecord(s checkpoint.EpochStats) EpochRecord {
 		HarvestUS: s.Pause.Harvest.Microseconds(),
 		CopyUS:    s.Pause.Copy.Microseconds(), SaveUS: s.Pause.Save.Microseconds(), ContUS: s.Pause.Cont.Microseconds(),
 		DirtyPages: s.DirtyPages, DeviceBytes: s.DeviceBytes, WireBytes: s.WireBytes, AckUS: s.AckLatency().Microseconds(),
+		DiskWrites: s.DiskWrites, DiskBytes: s.DiskBytes,
 		NetFrames: s.Output.Frames, NetBytes: s.Output.Bytes,
 		NetWaitP50US: s.Output.WaitP50.Microseconds(), NetWaitP99US: s.Output.WaitP99.Microseconds()}
 }
@@ -224,6 +231,16 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 		}
 	}
 
+	var disk *primaryDisk
+	if cfg.Disk != "" {
+		if err := step(ctx, log, "serve the disk mirror target for "+cfg.Disk, func() (err error) {
+			disk, err = startPrimaryDisk(ctx, q, cfg.Disk, cfg.StateDir, log)
+			return err
+		}); err != nil {
+			return err
+		}
+	}
+
 	var epochLog *json.Encoder
 	if cfg.EpochLog != "" {
 		f, err := os.OpenFile(cfg.EpochLog, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
@@ -235,7 +252,7 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 	}
 
 	for {
-		err := session(ctx, cfg, q, ram, saver, gnet, plug, epochLog, log)
+		err := session(ctx, cfg, q, ram, saver, gnet, plug, disk, epochLog, log)
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -252,7 +269,7 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 }
 
 func session(ctx context.Context, cfg PrimaryConfig, q *QEMU, ram []byte, saver checkpoint.DeviceSaver, gnet *guestNet,
-	plug *netbuffer.KernelBuffer, epochLog *json.Encoder, log *slog.Logger) error {
+	plug *netbuffer.KernelBuffer, disk *primaryDisk, epochLog *json.Encoder, log *slog.Logger) error {
 	var tracker dirtypages.Tracker
 	if err := step(ctx, log, "start dirty-page tracking", func() (err error) {
 		tracker, err = newTracker(cfg.Tracker, q, ram, log)
@@ -302,6 +319,10 @@ func session(ctx context.Context, cfg PrimaryConfig, q *QEMU, ram []byte, saver 
 			}
 			epochLog.Encode(rec)
 		},
+	}
+	if disk != nil {
+		pcfg.Disk, pcfg.Prepare = disk.rec, disk.prepare
+		defer disk.stopMirror()
 	}
 	switch {
 	case cfg.Net.NoOutputCommit:

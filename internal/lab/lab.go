@@ -141,6 +141,26 @@ func (l *Lab) GuestConfig(role string, dirtyPerSec int) testvm.Config {
 	return c
 }
 
+// AddDisk gives the primary a raw disk of sizeMiB (zeroes) and the backup
+// its own copy to fail over with, equally sized and empty: remusd fills it
+// with the primary's contents and then with each committed epoch's writes.
+func (l *Lab) AddDisk(prim, back *testvm.Config, sizeMiB int) error {
+	prim.Disk = filepath.Join(l.Dir, "primary-disk.img")
+	back.Disk = filepath.Join(l.Dir, "backup-disk.img")
+	for _, p := range []string{prim.Disk, back.Disk} {
+		f, err := os.Create(p)
+		if err != nil {
+			return fmt.Errorf("lab: %w", err)
+		}
+		err = f.Truncate(int64(sizeMiB) << 20)
+		f.Close()
+		if err != nil {
+			return fmt.Errorf("lab: %w", err)
+		}
+	}
+	return nil
+}
+
 // Network is the guest's outside world: a network namespace with a bridge
 // that holds the client's address, and a tap on the bridge for each host's
 // remusd (persistent taps, so that the primary's and the backup's are there
@@ -323,6 +343,9 @@ func (l *Lab) Protect(prim, back testvm.Config, o ProtectOptions) (*Protection, 
 	bargs := append([]string{"backup", "--listen", peer, "--state-dir", backupState,
 		"--ram-image", back.RAMPath, "--qmp", back.QMP[1], "--report", p.Report,
 		"--net-guest", back.NIC.Path, "--net-tap", l.Net.TapBackup}, common...)
+	if back.Disk != "" {
+		bargs = append(bargs, "--disk-image", back.Disk)
+	}
 	bargs = append(append(bargs, "--", back.QEMU), backupArgs...)
 	p.startBackup = func() error {
 		// The QEMU the backup starts on failover outlives remusd by
@@ -351,6 +374,9 @@ func (l *Lab) Protect(prim, back testvm.Config, o ProtectOptions) (*Protection, 
 	}
 	if o.NoOutputCommit {
 		pargs = append(pargs, "--net-output-commit=false")
+	}
+	if prim.Disk != "" {
+		pargs = append(pargs, "--disk", testvm.DiskNode)
 	}
 	if p.Primary, err = l.Start(l.Remusd, o.Echo, append(pargs, o.PrimaryArgs...)...); err != nil {
 		return nil, err

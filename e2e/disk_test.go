@@ -1,0 +1,136 @@
+package e2e
+
+import (
+	"context"
+	"errors"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/remus-kvm/remus/internal/agent"
+	"github.com/remus-kvm/remus/internal/lab"
+	"github.com/remus-kvm/remus/testvm/counter"
+)
+
+// TestDiskFailover: the counter service appends and fsyncs a record per
+// request to its virtio disk, mirrored to the backup's image with the
+// epochs. The client waits for each reply; the primary is killed at each
+// point of the epoch cycle. After the failover the backup's disk holds the
+// record of every reply the client received, contiguous, and none beyond
+// the resumed guest's counter: the writes of the epoch that never
+// committed (they reach the backup before its commit, at "shipping" and
+// "shipped") are not there.
+func TestDiskFailover(t *testing.T) {
+	for _, point := range killPoints {
+		t.Run(point, func(t *testing.T) { diskFailoverAt(t, point) })
+	}
+}
+
+func diskFailoverAt(t *testing.T, point string) {
+	l := newLab(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	g := bootPrimary(t, l, ctx, 40000, withDisk(l, 64))
+	p, conn, trigger := protectWithFault(t, ctx, l, g, point, lab.ProtectOptions{})
+	if !strings.Contains(p.Primary.Output(), "disk in step") {
+		t.Fatal("epoch 1 committed but the primary never reported the disk in step")
+	}
+
+	// INC after INC; once the kill is decided no new request starts.
+	var (
+		mu      sync.Mutex
+		stop    bool
+		seen    []uint64
+		bootID  string
+		clientE error
+		done    = make(chan struct{})
+	)
+	go func() {
+		defer close(done)
+		cl := counter.NewClient(conn)
+		for {
+			mu.Lock()
+			s := stop
+			mu.Unlock()
+			if s {
+				return
+			}
+			conn.SetDeadline(time.Now().Add(30 * time.Second))
+			r, err := cl.Inc()
+			mu.Lock()
+			if err != nil {
+				clientE = err
+				mu.Unlock()
+				return
+			}
+			seen, bootID = append(seen, r.Value), r.BootID
+			mu.Unlock()
+		}
+	}()
+	time.Sleep(3 * time.Second)
+	if err := touch(trigger); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Primary.WaitLine(ctx, agent.FaultReachedPrefix); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	stop = true
+	mu.Unlock()
+	g.vm.Kill()
+	p.Primary.Kill()
+	last := lastEpoch(t, p)
+	r, err := p.WaitReport(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-done // a request in flight at the kill is answered by the resumed guest
+	if clientE != nil {
+		t.Fatalf("client: %v", clientE)
+	}
+	now, err := counter.NewClient(conn).Get()
+	if err != nil {
+		t.Fatalf("GET from the resumed guest: %v", err)
+	}
+	if now.BootID != bootID {
+		t.Fatalf("resumed guest boot %s, want %s", now.BootID, bootID)
+	}
+
+	img, err := os.Open(g.back.Disk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	st, _ := img.Stat()
+	recs, err := counter.ReadRecords(img, st.Size())
+	if err != nil {
+		t.Fatalf("backup disk: %v", err)
+	}
+	maxSeen := seen[len(seen)-1]
+	t.Logf("killed at %s (primary saw epoch %d acknowledged, backup resumed %d); client saw 1..%d, resumed counter %d, %d records on the backup's disk",
+		point, last.Epoch, r.Epoch, maxSeen, now.Value, len(recs))
+	if uint64(len(recs)) != now.Value {
+		t.Fatalf("the backup's disk holds records 1..%d; the resumed counter is %d", len(recs), now.Value)
+	}
+	if maxSeen > now.Value {
+		t.Fatalf("the client saw %d, beyond the resumed counter %d", maxSeen, now.Value)
+	}
+	for _, rec := range recs {
+		if counter.FormatBootID(rec.BootID) != bootID {
+			t.Fatalf("record %d is from boot %s", rec.Value, counter.FormatBootID(rec.BootID))
+		}
+	}
+	// Nothing beyond: the blocks after the last record were never written.
+	var b [counter.RecordSize]byte
+	for v := now.Value + 1; v <= now.Value+4096 && counter.Offset(v)+counter.RecordSize <= st.Size(); v++ {
+		if _, err := img.ReadAt(b[:], counter.Offset(v)); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := counter.UnmarshalRecord(b[:]); !errors.Is(err, counter.ErrNoRecord) {
+			t.Fatalf("the backup's disk has a block at value %d beyond the resumed counter %d (%v)", v, now.Value, err)
+		}
+	}
+}
+
