@@ -153,8 +153,8 @@ type EpochStats struct {
 	Pause       PauseStats
 	DirtyPages  int
 	DeviceBytes int
-	DiskWrites  int   // disk writes in the epoch
-	DiskBytes   int64 // their data (zero writes count their length)
+	DiskWrites  int           // disk writes in the epoch
+	DiskBytes   int64         // their data (zero writes count their length)
 	WireBytes   int64         // frame bytes sent for the epoch
 	Ship        time.Duration // from resume until the commit frame was written
 	Acked       time.Time

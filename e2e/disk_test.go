@@ -133,4 +133,3 @@ func diskFailoverAt(t *testing.T, point string) {
 		}
 	}
 }
-
