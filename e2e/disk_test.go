@@ -11,6 +11,7 @@ import (
 
 	"github.com/remus-kvm/remus/internal/agent"
 	"github.com/remus-kvm/remus/internal/lab"
+	"github.com/remus-kvm/remus/qmp"
 	"github.com/remus-kvm/remus/testvm/counter"
 )
 
@@ -131,5 +132,80 @@ func diskFailoverAt(t *testing.T, point string) {
 		if _, err := counter.UnmarshalRecord(b[:]); !errors.Is(err, counter.ErrNoRecord) {
 			t.Fatalf("the backup's disk has a block at value %d beyond the resumed counter %d (%v)", v, now.Value, err)
 		}
+	}
+}
+
+// TestDiskMirrorTornDownWhenProtectionEnds: when the backup goes away the
+// primary remusd ends the session's mirror job and removes its NBD node
+// from the guest's QEMU, and the guest's disk keeps working; a new session
+// sets them up again.
+func TestDiskMirrorTornDownWhenProtectionEnds(t *testing.T) {
+	l := newLab(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	g := bootPrimary(t, l, ctx, 4000, withDisk(l, 64))
+	p, err := l.Protect(g.prim, g.back, lab.ProtectOptions{HeartbeatTimeout: heartbeatTimeout})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dump(t, l, p)
+	if _, err := p.WaitCommitted(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	mon, err := qmp.Dial(ctx, g.prim.QMP[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mon.Close()
+	type job struct {
+		Device string `json:"device"`
+	}
+	type node struct {
+		NodeName string `json:"node-name"`
+	}
+	mirrored := func() (jobs, nodes int) {
+		js, err := qmp.Run[[]job](ctx, mon, "query-block-jobs", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ns, err := qmp.Run[[]node](ctx, mon, "query-named-block-nodes", map[string]any{"flat": true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, n := range ns {
+			if n.NodeName == "remus-mirror-target" {
+				nodes++
+			}
+		}
+		return len(js), nodes
+	}
+	if j, n := mirrored(); j != 1 || n != 1 {
+		t.Fatalf("while protected: %d block jobs, %d mirror target nodes; want 1 and 1", j, n)
+	}
+
+	p.Backup.Kill()
+	if _, err := p.Primary.WaitLine(ctx, "protection lost"); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		j, n := mirrored()
+		if j == 0 && n == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after the session ended: %d block jobs, %d mirror target nodes left", j, n)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	// The guest's disk still works, unprotected.
+	conn, err := l.Dial(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(time.Minute))
+	if _, err := counter.NewClient(conn).Inc(); err != nil {
+		t.Fatalf("INC (an fsync'd disk write) without protection: %v", err)
 	}
 }
