@@ -132,7 +132,7 @@ func run(ctx context.Context, cfg config, w io.Writer) (err error) {
 		if err != nil && ctx.Err() == nil {
 			d.diagnose()
 		}
-		d.out.step("cleaning up: QEMU, the agents, the network namespace, the tap and %s", d.l.Dir)
+		d.out.step("cleaning up: QEMU, the agents, the network namespace with its bridge and taps, and %s", d.l.Dir)
 		d.l.Close()
 		if err == nil {
 			d.out.step("done")
@@ -169,6 +169,11 @@ func (d *demo) boot(ctx context.Context) error {
 	d.prim = d.l.GuestConfig("primary", d.cfg.DirtyPerSec)
 	d.back = d.l.GuestConfig("backup", d.cfg.DirtyPerSec)
 	d.back.RAMPath = filepath.Join(d.l.Dir, "backup-image.ram")
+	// A disk the counter service appends a record to (fsync'd) per
+	// request; remusd mirrors it to the backup's copy with the epochs.
+	if err := d.l.AddDisk(&d.prim, &d.back, 64); err != nil {
+		return err
+	}
 	var err error
 	if d.vm, err = d.l.StartVM(ctx, d.prim); err != nil {
 		return err
@@ -381,6 +386,23 @@ func (d *demo) failover(ctx context.Context) error {
 	d.out.info("same boot id %s: the guest did not reboot", now.BootID)
 	d.out.info("uptime went on: %s at the last reply before the kill, %s on the backup", fmtUptime(last.Uptime), fmtUptime(now.Uptime))
 	d.out.info("the client's last reply before the kill was %d, its first after the failover %d (the backup resumed epoch %d)", last.Value, now.Value, r.Epoch)
+	img, err := os.Open(d.back.Disk)
+	if err != nil {
+		return err
+	}
+	defer img.Close()
+	st, err := img.Stat()
+	if err != nil {
+		return err
+	}
+	recs, err := counter.ReadRecords(img, st.Size())
+	if err != nil {
+		return fmt.Errorf("the backup's disk: %w", err)
+	}
+	if uint64(len(recs)) != prev {
+		return fmt.Errorf("the backup's disk holds records 1..%d; the counter is at %d", len(recs), prev)
+	}
+	d.out.info("the disk the backup's guest runs on holds records 1..%d, one per reply, fsync'd by the guest and mirrored with the epochs", len(recs))
 	all, _ := d.p.Epochs()
 	d.out.info("%d epochs committed under protection; guest pause p50 %s, p99 %s; failover %.0f ms detection + %.0f ms restore",
 		d.epochsCommitted, fmtUS(p50(all[min(1, len(all)):], pauseUS)), fmtUS(pct(all[min(1, len(all)):], pauseUS, 0.99)),
