@@ -207,6 +207,24 @@ func (b *Backup) handle(ctx context.Context, link Link, stage *transport.Stage, 
 		return stage, nil
 	case transport.TypeDiskWrite:
 		return stage, b.diskWrite(stage, f)
+	case transport.TypeRAMDelta:
+		// Compressed pages: XORed ones are against the committed image,
+		// which holds the version the primary sent last (epochs commit in
+		// order). The Commit's digest covers the expanded pages.
+		m, err := transport.Decode(f)
+		var pages transport.RAMPages
+		if err == nil {
+			pages, err = m.(transport.RAMDelta).Expand(b.basePage)
+		}
+		if err == nil {
+			err = stage.AddPages(f.Epoch, pages)
+		}
+		if err != nil {
+			stage.Reset()
+			b.discardDisk()
+			return stage, fmt.Errorf("checkpoint: %w %d: %w", errEpochRejected, f.Epoch, err)
+		}
+		return stage, nil
 	case transport.TypeError:
 		m, err := transport.Decode(f)
 		if err != nil {
@@ -261,6 +279,15 @@ func (b *Backup) diskWrite(stage *transport.Stage, f transport.Frame) error {
 		return fmt.Errorf("%w: %w", errApply, err)
 	}
 	return nil
+}
+
+// basePage returns the committed version of a page, nil beyond RAM.
+func (b *Backup) basePage(idx uint64) []byte {
+	off := idx * transport.PageSize
+	if idx > transport.MaxPageIndex || off+transport.PageSize > uint64(len(b.ram)) {
+		return nil
+	}
+	return b.ram[off : off+transport.PageSize]
 }
 
 func (b *Backup) discardDisk() {

@@ -76,6 +76,9 @@ type PrimaryConfig struct {
 	// the backup can resume) and passes everything through when a session
 	// ends.
 	Output Output
+	// Compress sends pages as XOR deltas against their last version,
+	// compressed with zstd or lz4, whichever is smaller (RAMDelta frames).
+	Compress bool
 	// Disk, when set, gives each epoch the guest's disk writes received
 	// since the previous pause (diskmirror.Recorder).
 	Disk DiskSource
@@ -247,6 +250,13 @@ func (p *Primary) Run(ctx context.Context, link Link) error {
 	}
 	ready := false
 
+	var enc *transport.DeltaEncoder
+	if p.cfg.Compress {
+		var err error
+		if enc, err = transport.NewDeltaEncoder(uint64(len(p.ram))); err != nil {
+			return err
+		}
+	}
 	// The sender ships epochs in order while the loop goes on.
 	sendq := make(chan *epochData, p.cfg.Pipeline.MaxInFlight)
 	shippedc := make(chan shipped, p.cfg.Pipeline.MaxInFlight)
@@ -255,7 +265,7 @@ func (p *Primary) Run(ctx context.Context, link Link) error {
 	go func() {
 		defer wg.Done()
 		for ed := range sendq {
-			s := p.ship(ctx, link, ed)
+			s := p.ship(ctx, link, ed, enc)
 			shippedc <- s
 			if s.err != nil {
 				return
@@ -564,9 +574,9 @@ func (p *Primary) migrateToFile(ctx context.Context, path string) error {
 }
 
 // ship sends one epoch's frames in order.
-func (p *Primary) ship(ctx context.Context, link Link, ed *epochData) shipped {
+func (p *Primary) ship(ctx context.Context, link Link, ed *epochData, enc *transport.DeltaEncoder) shipped {
 	n := ed.epoch.Number
-	frames, err := ed.epoch.Frames()
+	frames, err := ed.epoch.FramesWith(enc)
 	if err != nil {
 		return shipped{epoch: n, err: err}
 	}

@@ -90,6 +90,12 @@ type committedEpoch struct {
 // until the backup has committed `epochs` epochs, checking each committed
 // image against the primary's RAM at the matching stop.
 func TestPrimaryBackupCommitWholeEpochs(t *testing.T) {
+	for _, compress := range []bool{false, true} {
+		t.Run(fmt.Sprintf("compress=%v", compress), func(t *testing.T) { commitWholeEpochs(t, compress) })
+	}
+}
+
+func commitWholeEpochs(t *testing.T, compress bool) {
 	const pages = 64
 	g := newFakeGuest(pages)
 	dir := t.TempDir()
@@ -114,7 +120,7 @@ func TestPrimaryBackupCommitWholeEpochs(t *testing.T) {
 	var statsMu sync.Mutex
 	out := &fakeOutput{g: g, backup: backupCommitted.Load}
 	p, err := NewPrimary(PrimaryConfig{VMName: "vm1", StateDir: dir, Heartbeat: hb, Pipeline: PipelineConfig{Interval: 5 * time.Millisecond},
-		Output:  out,
+		Output: out, Compress: compress,
 		OnEpoch: func(s EpochStats) { statsMu.Lock(); stats = append(stats, s); statsMu.Unlock() }}, g, g.ram, tracker)
 	if err != nil {
 		t.Fatal(err)

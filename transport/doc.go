@@ -54,6 +54,8 @@
 //	                 message (UTF-8)
 //	8 DiskWrite      offset u64 | length u32 | flags u8 | data (none for a
 //	                 zero write); epoch 0: the initial disk copy
+//	9 RAMDelta       count u16 | codec u8 | index u64 × count | kind u8 ×
+//	                 count | raw length u32 | compressed blob
 //
 // Sequence numbers start at 1 in each direction and grow by exactly one per
 // frame; Reader rejects a gap, a repeat or a reorder (ErrSequence). They are

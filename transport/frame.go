@@ -78,8 +78,11 @@ const (
 	// TypeDiskWrite carries a guest disk write of the epoch in the header
 	// (DiskWrite); in epoch 0, a write of the initial disk copy.
 	TypeDiskWrite Type = 8
+	// TypeRAMDelta carries compressed pages of the epoch in the header
+	// (RAMDelta), in place of RAMPages.
+	TypeRAMDelta Type = 9
 
-	maxType = TypeDiskWrite
+	maxType = TypeRAMDelta
 )
 
 var typeNames = [...]string{
@@ -91,6 +94,7 @@ var typeNames = [...]string{
 	TypeHeartbeat:   "Heartbeat",
 	TypeError:       "Error",
 	TypeDiskWrite:   "DiskWrite",
+	TypeRAMDelta:    "RAMDelta",
 }
 
 // Known reports whether t is a type this version defines.

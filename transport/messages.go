@@ -58,7 +58,7 @@ func NewFrame(epoch uint64, m Message) (Frame, error) {
 }
 
 // Decode decodes f's payload as the message of f's type: Hello, RAMPages,
-// DeviceState, Commit, Ack, Heartbeat, Error or DiskWrite. Decoding is strict: a
+// DeviceState, Commit, Ack, Heartbeat, Error, DiskWrite or RAMDelta. Decoding is strict: a
 // payload with trailing bytes or a field outside its range is rejected
 // (ErrMalformed, ErrTooLarge). Byte slices in the result alias f.Payload.
 func Decode(f Frame) (Message, error) {
@@ -82,6 +82,8 @@ func Decode(f Frame) (Message, error) {
 		return DecodeError(f.Payload)
 	case TypeDiskWrite:
 		return DecodeDiskWrite(f.Payload)
+	case TypeRAMDelta:
+		return DecodeRAMDelta(f.Payload)
 	}
 	return nil, fmt.Errorf("%w: unknown frame type %d", ErrUnsupported, uint8(f.Type))
 }

@@ -23,7 +23,12 @@ type Epoch struct {
 // DeviceState chunks, and the Commit. Their seq is left zero for Conn.Send to assign; payloads
 // are newly allocated. Senders that stream an epoch without holding it
 // whole use NewFrame and a Digest instead.
-func (e Epoch) Frames() ([]Frame, error) {
+func (e Epoch) Frames() ([]Frame, error) { return e.FramesWith(nil) }
+
+// FramesWith is Frames with the pages compressed by enc (RAMDelta frames
+// in place of RAMPages) when enc is not nil. The digest covers the pages
+// themselves, so the backup's Commit also checks its decompression.
+func (e Epoch) FramesWith(enc *DeltaEncoder) ([]Frame, error) {
 	if e.Number == 0 {
 		return nil, fmt.Errorf("%w: epoch 0 (epochs are numbered from 1)", ErrMalformed)
 	}
@@ -48,7 +53,15 @@ func (e Epoch) Frames() ([]Frame, error) {
 		if i > 0 && m.Pages[0].Index <= e.Pages[i-1].Index {
 			return nil, fmt.Errorf("epoch %d: %w", e.Number, malformed(TypeRAMPages, "page index %d after %d: indexes must ascend", m.Pages[0].Index, e.Pages[i-1].Index))
 		}
-		f, err := NewFrame(e.Number, m)
+		var msg Message = m
+		if enc != nil {
+			dm, err := enc.Encode(m.Pages)
+			if err != nil {
+				return nil, fmt.Errorf("epoch %d: %w", e.Number, err)
+			}
+			msg = dm
+		}
+		f, err := NewFrame(e.Number, msg)
 		if err != nil {
 			return nil, fmt.Errorf("epoch %d: %w", e.Number, err)
 		}

@@ -59,6 +59,7 @@ func app() *cli.App {
 					&cli.StringFlag{Name: "tracker", Value: agent.TrackerAuto, Usage: "dirty-page tracker: auto, softdirty or compare"},
 					&cli.StringFlag{Name: "device-state", Value: "auto", Usage: "how to save device state: auto, xen (xen-save-devices-state) or migrate (migration with x-ignore-shared)"},
 					&cli.DurationFlag{Name: "retry", Value: time.Second, Usage: "wait before protecting again after the backup was lost (0: exit instead)"},
+					&cli.BoolFlag{Name: "compress", Value: true, Usage: "send dirty pages as XOR deltas against their last version, compressed with zstd or lz4 (whichever is smaller); =false sends them raw"},
 					&cli.StringFlag{Name: "disk", Usage: "block node of the guest's disk (-blockdev ...,node-name=NODE): QEMU mirrors it to remusd and its writes go to the backup with their epochs"},
 					&cli.StringFlag{Name: "net-plug-tap", Usage: "for a guest whose NIC is a tap (-netdev tap, libvirt's default): hold its output in the kernel, with the sch_plug qdisc on an IFB device fed from this tap (one epoch in flight)"},
 					&cli.Int64Flag{Name: "net-hold-cap", Value: 16 << 20, Usage: "bytes of guest output held for commits at most; at the cap the guest waits"},
@@ -116,7 +117,7 @@ func runPrimary(c *cli.Context) error {
 		VM: c.String("vm"), QMPSocket: c.String("qmp"), Peer: c.String("peer"), StateDir: c.String("state-dir"),
 		Pipeline:  checkpoint.PipelineConfig{Interval: c.Duration("epoch"), MaxInFlight: c.Int("max-in-flight")},
 		Heartbeat: heartbeat(c), Tracker: c.String("tracker"), DeviceState: c.String("device-state"), Retry: c.Duration("retry"), EpochLog: c.String("epoch-log"),
-		Net: netConfig(c), Disk: c.String("disk"),
+		Net: netConfig(c), Disk: c.String("disk"), Compress: c.Bool("compress"),
 	}
 	cfg.Net.HoldCap, cfg.Net.NoOutputCommit, cfg.Net.PlugTap = c.Int64("net-hold-cap"), !c.Bool("net-output-commit"), c.String("net-plug-tap")
 	if f := c.String("fault"); f != "" {

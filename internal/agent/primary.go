@@ -45,6 +45,8 @@ type PrimaryConfig struct {
 	Retry time.Duration
 	// EpochLog, when set, receives one JSON line per committed epoch.
 	EpochLog string
+	// Compress sends pages as compressed XOR deltas.
+	Compress bool
 	// Net, when enabled, relays the guest's network with output commit.
 	Net NetConfig
 	// Disk, when set, is the block node of the guest's disk (as in
@@ -307,7 +309,7 @@ func session(ctx context.Context, cfg PrimaryConfig, q *QEMU, ram []byte, saver 
 
 	pcfg := checkpoint.PrimaryConfig{
 		VMName: cfg.VM, Pipeline: cfg.Pipeline, Heartbeat: cfg.Heartbeat, StateDir: cfg.StateDir,
-		Saver: saver, QEMUVersion: q.Version, Logger: log,
+		Saver: saver, QEMUVersion: q.Version, Logger: log, Compress: cfg.Compress,
 		OnEpoch: func(s checkpoint.EpochStats) {
 			if epochLog == nil {
 				return
