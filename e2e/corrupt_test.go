@@ -54,7 +54,7 @@ func (p *corruptingProxy) serve() {
 					return
 				}
 				buf := transport.AppendFrame(nil, f)
-				if p.flipped.Load() == 0 && f.Type == transport.TypeRAMPages && f.Epoch >= p.fromEpoch {
+				if p.flipped.Load() == 0 && (f.Type == transport.TypeRAMPages || f.Type == transport.TypeRAMDelta) && f.Epoch >= p.fromEpoch {
 					buf[transport.HeaderSize+len(f.Payload)/2] ^= 0x10
 					p.flipped.Store(f.Epoch)
 				}

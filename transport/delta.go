@@ -246,8 +246,8 @@ type DeltaEncoder struct {
 // DeltaStats counts what an encoder did.
 type DeltaStats struct {
 	Pages, Zero, Same, XOR, Raw uint64
-	RawBytes, WireBytes        uint64 // page bytes in, blob bytes out
-	ByCodec                    [3]uint64
+	RawBytes, WireBytes         uint64 // page bytes in, blob bytes out
+	ByCodec                     [3]uint64
 }
 
 // NewDeltaEncoder returns an encoder for a guest of ramSize bytes.
