@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"net"
 	"os"
@@ -25,6 +26,10 @@ type Conn struct {
 
 	recvTurn chan struct{} // holds a token while a Recv reads
 	r        *Reader
+
+	// sendMAC and recvMAC are set by Authenticate; each is used only under
+	// its turn.
+	sendMAC, recvMAC hash.Hash
 
 	closeOnce sync.Once
 	closeErr  error
@@ -64,6 +69,9 @@ func (c *Conn) Send(ctx context.Context, f Frame) error {
 	}
 	defer func() { <-c.sendTurn }()
 	f.Seq = c.seq + 1
+	if c.sendMAC != nil {
+		f = c.seal(f)
+	}
 	if c.sendErr != nil {
 		return fmt.Errorf("transport: send %s (epoch %d): %w", f.Type, f.Epoch, c.sendErr)
 	}
@@ -117,6 +125,12 @@ func (c *Conn) Recv(ctx context.Context) (Frame, error) {
 			return Frame{}, fmt.Errorf("transport: recv: %w", cerr)
 		}
 		return Frame{}, err // Reader's errors say what failed
+	}
+	switch {
+	case c.recvMAC != nil:
+		return c.open(f)
+	case f.Flags&FlagAuthenticated != 0:
+		return Frame{}, fmt.Errorf("%w: the peer authenticates its frames and this side has no key (give both sides the same key)", ErrAuth)
 	}
 	return f, nil
 }

@@ -56,6 +56,8 @@
 //	                 zero write); epoch 0: the initial disk copy
 //	9 RAMDelta       count u16 | codec u8 | index u64 × count | kind u8 ×
 //	                 count | raw length u32 | compressed blob
+//	10 Auth          nonce [32]byte (first frame each way on an authenticated
+//	                 connection; every later frame has FlagAuthenticated)
 //
 // Sequence numbers start at 1 in each direction and grow by exactly one per
 // frame; Reader rejects a gap, a repeat or a reorder (ErrSequence). They are

@@ -29,6 +29,10 @@ var (
 	// epoch, a page outside the VM's RAM, or a Commit that does not match
 	// what arrived.
 	ErrEpoch = errors.New("transport: epoch rejected")
+	// ErrAuth reports a connection that failed authentication: the peer
+	// has another key, sent a frame without or with a wrong tag, or does
+	// not authenticate at all.
+	ErrAuth = errors.New("transport: authentication failed")
 	// ErrBroken reports a Conn whose send side is unusable because an
 	// earlier write stopped part-way through a frame.
 	ErrBroken = errors.New("transport: connection broken")

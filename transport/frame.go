@@ -81,8 +81,10 @@ const (
 	// TypeRAMDelta carries compressed pages of the epoch in the header
 	// (RAMDelta), in place of RAMPages.
 	TypeRAMDelta Type = 9
+	// TypeAuth opens an authenticated connection: each side's nonce (Auth).
+	TypeAuth Type = 10
 
-	maxType = TypeRAMDelta
+	maxType = TypeAuth
 )
 
 var typeNames = [...]string{
@@ -95,6 +97,7 @@ var typeNames = [...]string{
 	TypeError:       "Error",
 	TypeDiskWrite:   "DiskWrite",
 	TypeRAMDelta:    "RAMDelta",
+	TypeAuth:        "Auth",
 }
 
 // Known reports whether t is a type this version defines.
@@ -112,20 +115,21 @@ func (t Type) String() string {
 type Flags uint16
 
 // Flag bits. The numbers are the protocol: append only, never renumber or
-// reuse a bit. Both are reserved for later versions: Reader rejects a frame
-// that sets a bit this version does not implement, and unknown bits.
+// reuse a bit. Reader rejects a frame that sets a bit this version does not
+// implement, and unknown bits.
 const (
-	// FlagCompressed will mark a compressed payload (with a hard cap on the
-	// decompressed size).
+	// FlagCompressed is reserved (pages are compressed by their own frame
+	// type, RAMDelta).
 	FlagCompressed Flags = 1 << 0
-	// FlagAuthenticated will mark a frame that carries a MAC over its
-	// header (seq included) and payload.
+	// FlagAuthenticated marks a frame whose payload ends in an
+	// HMAC-SHA256 tag over its type, flags, epoch, seq and payload, keyed
+	// with the connection's session key (see Conn.Authenticate).
 	FlagAuthenticated Flags = 1 << 1
 
 	// flagsDefined are the bits that have a meaning in some version.
 	flagsDefined = FlagCompressed | FlagAuthenticated
 	// flagsSupported are the bits this version implements.
-	flagsSupported Flags = 0
+	flagsSupported = FlagAuthenticated
 )
 
 // String returns the names of the set bits joined by "|", unknown bits in
