@@ -302,6 +302,9 @@ func (b *Backup) hello(ctx context.Context, link Link, f transport.Frame) (*tran
 		return nil, fmt.Errorf("checkpoint: primary's hello: %w", err)
 	}
 	h, ok := m.(transport.Hello)
+	if !ok && f.Type == transport.TypeAuth {
+		return nil, fmt.Errorf("%w: %w: the primary authenticates and this backup has no key (give both the same --key-file)", ErrPeerRejected, transport.ErrAuth)
+	}
 	if !ok {
 		return nil, fmt.Errorf("%w: primary sent %s before its hello", ErrPeerRejected, f.Type)
 	}

@@ -378,6 +378,8 @@ func (p *Primary) hello(ctx context.Context, link Link) error {
 		}
 		p.log.Info("backup connected", "backup_last_committed", m.LastCommitted)
 		return nil
+	case transport.Auth:
+		return fmt.Errorf("%w: %w: the backup authenticates and this primary has no key (give both the same --key-file)", ErrPeerRejected, transport.ErrAuth)
 	default:
 		return fmt.Errorf("%w: backup sent %s before its hello", ErrPeerRejected, f.Type)
 	}

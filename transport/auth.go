@@ -18,8 +18,9 @@ import (
 //
 // and from then on every frame carries FlagAuthenticated and, at the end of
 // its payload, HMAC-SHA256(K, type | flags | epoch | seq | payload length |
-// payload). A peer with another key fails on its first frame (its Hello),
-// before anything it sent is used; the seq inside the tag makes a replayed,
+// payload). Each side then echoes the other's nonce in a tagged Auth frame:
+// a peer with another key fails there, in Authenticate, on both sides,
+// before the connection carries anything else; the seq inside the tag makes a replayed,
 // dropped or reordered frame fail the Reader's sequence check or the tag;
 // and since K is new for every connection, frames recorded on one
 // connection fail on any other.
@@ -97,6 +98,25 @@ func (c *Conn) Authenticate(ctx context.Context, key []byte, initiator bool) err
 	session := kdf.Sum(nil)
 	c.sendMAC = hmac.New(sha256.New, session)
 	c.recvMAC = hmac.New(sha256.New, session)
+
+	// Key confirmation: each side echoes the other's nonce in a tagged
+	// Auth frame, so a wrong key shows here, on both sides, before the
+	// connection is used.
+	go func() { sent <- c.SendMessage(ctx, 0, Auth{Nonce: theirs.Nonce}) }()
+	f, err = c.Recv(ctx)
+	if serr := <-sent; serr != nil && err == nil {
+		err = serr
+	}
+	if err != nil {
+		return fmt.Errorf("transport: authenticate: %w", err)
+	}
+	if f.Type != TypeAuth {
+		return fmt.Errorf("%w: the peer sent %s in place of its key confirmation", ErrAuth, f.Type)
+	}
+	echo, err := DecodeAuth(f.Payload)
+	if err != nil || echo.Nonce != mine.Nonce {
+		return fmt.Errorf("%w: the peer's key confirmation does not echo this side's nonce", ErrAuth)
+	}
 	return nil
 }
 

@@ -19,6 +19,7 @@ import (
 	"github.com/remus-kvm/remus/checkpoint"
 	"github.com/remus-kvm/remus/failover"
 	"github.com/remus-kvm/remus/internal/agent"
+	"github.com/remus-kvm/remus/transport"
 )
 
 func main() {
@@ -37,6 +38,7 @@ func app() *cli.App {
 		&cli.DurationFlag{Name: "heartbeat-interval", Value: failover.DefaultHeartbeatInterval, Usage: "interval between heartbeats"},
 		&cli.DurationFlag{Name: "heartbeat-timeout", Value: failover.DefaultHeartbeatTimeout, Usage: "silence after which the peer is declared dead"},
 		&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
+		&cli.StringFlag{Name: "key-file", Usage: "pre-shared key (at least 16 bytes, e.g. 32 bytes from /dev/urandom) authenticating the link; the same file on both hosts"},
 		&cli.StringFlag{Name: "net-guest", Usage: "`PATH` of the unix socket of the guest NIC (QEMU: -netdev stream,server=on,addr.type=unix,addr.path=PATH); remusd relays it to --net-tap"},
 		&cli.StringFlag{Name: "net-tap", Usage: "tap device towards the network for the guest's NIC (with --net-guest)"},
 		&cli.StringFlag{Name: "net-netns", Usage: "network namespace of --net-tap, as a path such as /run/netns/NAME (default: remusd's own)"},
@@ -104,6 +106,22 @@ func heartbeat(c *cli.Context) failover.DetectorConfig {
 	return failover.DetectorConfig{Interval: c.Duration("heartbeat-interval"), Timeout: c.Duration("heartbeat-timeout")}
 }
 
+// key reads --key-file, if given.
+func key(c *cli.Context) ([]byte, error) {
+	path := c.String("key-file")
+	if path == "" {
+		return nil, nil
+	}
+	k, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("--key-file: %w", err)
+	}
+	if len(k) < transport.MinKeySize {
+		return nil, fmt.Errorf("--key-file %s: %d bytes, want at least %d", path, len(k), transport.MinKeySize)
+	}
+	return k, nil
+}
+
 func netConfig(c *cli.Context) agent.NetConfig {
 	return agent.NetConfig{Guest: c.String("net-guest"), Tap: c.String("net-tap"), Netns: c.String("net-netns")}
 }
@@ -118,6 +136,9 @@ func runPrimary(c *cli.Context) error {
 		Pipeline:  checkpoint.PipelineConfig{Interval: c.Duration("epoch"), MaxInFlight: c.Int("max-in-flight")},
 		Heartbeat: heartbeat(c), Tracker: c.String("tracker"), DeviceState: c.String("device-state"), Retry: c.Duration("retry"), EpochLog: c.String("epoch-log"),
 		Net: netConfig(c), Disk: c.String("disk"), Compress: c.Bool("compress"),
+	}
+	if cfg.Key, err = key(c); err != nil {
+		return err
 	}
 	cfg.Net.HoldCap, cfg.Net.NoOutputCommit, cfg.Net.PlugTap = c.Int64("net-hold-cap"), !c.Bool("net-output-commit"), c.String("net-plug-tap")
 	if f := c.String("fault"); f != "" {
@@ -140,6 +161,9 @@ func runBackup(c *cli.Context) error {
 		VM: c.String("vm"), Listen: c.String("listen"), RAMImage: c.String("ram-image"), StateDir: c.String("state-dir"),
 		QEMU: c.Args().Slice(), QMPSocket: c.String("qmp"), Heartbeat: heartbeat(c), Report: c.String("report"),
 		Net: netConfig(c), DiskImage: c.String("disk-image"),
+	}
+	if cfg.Key, err = key(c); err != nil {
+		return err
 	}
 	r, err := agent.RunBackup(c.Context, cfg, log)
 	if err != nil {

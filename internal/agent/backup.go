@@ -39,6 +39,9 @@ type BackupConfig struct {
 	Heartbeat failover.DetectorConfig
 	// Report, when set, receives a JSON FailoverReport after a failover.
 	Report string
+	// Key, when set, authenticates the link: a primary without the same
+	// key is refused before anything it sends is used.
+	Key []byte
 	// DiskImage, when set, is the backup's copy of the guest's disk (a raw
 	// image the size of the primary's); the QEMU command line must use it.
 	// It holds the committed epochs' writes only.
@@ -157,6 +160,16 @@ func RunBackup(ctx context.Context, cfg BackupConfig, log *slog.Logger) (*Failov
 			return nil, fmt.Errorf("accept primary: %w", err)
 		}
 		link := transport.NewConn(nc)
+		if cfg.Key != nil {
+			actx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			err := link.Authenticate(actx, cfg.Key, false)
+			cancel()
+			if err != nil {
+				log.Error("refused a connection", "from", nc.RemoteAddr().String(), "err", err)
+				link.Close()
+				continue
+			}
+		}
 		err = b.Serve(ctx, link)
 		// Let the primary read why the session ended (an Error frame)
 		// before the connection goes.

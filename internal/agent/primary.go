@@ -47,6 +47,8 @@ type PrimaryConfig struct {
 	EpochLog string
 	// Compress sends pages as compressed XOR deltas.
 	Compress bool
+	// Key, when set, authenticates the link (the backup needs the same).
+	Key []byte
 	// Net, when enabled, relays the guest's network with output commit.
 	Net NetConfig
 	// Disk, when set, is the block node of the guest's disk (as in
@@ -294,6 +296,13 @@ func session(ctx context.Context, cfg PrimaryConfig, q *QEMU, ram []byte, saver 
 			nc, err := d.DialContext(dctx, "tcp", cfg.Peer)
 			if err == nil {
 				link = transport.NewConn(nc)
+				if cfg.Key == nil {
+					return nil
+				}
+				if err := link.Authenticate(dctx, cfg.Key, true); err != nil {
+					link.Close()
+					return fmt.Errorf("backup %s: %w", cfg.Peer, err)
+				}
 				return nil
 			}
 			select {

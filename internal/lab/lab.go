@@ -306,6 +306,7 @@ type ProtectOptions struct {
 	Epoch            time.Duration // default 25 ms
 	HeartbeatTimeout time.Duration // default remusd's
 	PrimaryArgs      []string      // extra remusd primary flags
+	BackupArgs       []string      // extra remusd backup flags
 	Echo             io.Writer     // copy agent logs here
 	// Via, when set, is given the backup's address and returns the address
 	// the primary connects to instead (a test proxy in between).
@@ -346,6 +347,7 @@ func (l *Lab) Protect(prim, back testvm.Config, o ProtectOptions) (*Protection, 
 	if back.Disk != "" {
 		bargs = append(bargs, "--disk-image", back.Disk)
 	}
+	bargs = append(bargs, o.BackupArgs...)
 	bargs = append(append(bargs, "--", back.QEMU), backupArgs...)
 	p.startBackup = func() error {
 		// The QEMU the backup starts on failover outlives remusd by
