@@ -79,6 +79,10 @@ type PrimaryConfig struct {
 	// Compress sends pages as XOR deltas against their last version,
 	// compressed with zstd or lz4, whichever is smaller (RAMDelta frames).
 	Compress bool
+	// OnPages, when set, is given each epoch's dirty pages as they are
+	// shipped, from the sender's goroutine (page traces for compression
+	// studies). It must not keep the pages.
+	OnPages func(epoch uint64, pages []transport.Page)
 	// Disk, when set, gives each epoch the guest's disk writes received
 	// since the previous pause (diskmirror.Recorder).
 	Disk DiskSource
@@ -578,6 +582,9 @@ func (p *Primary) migrateToFile(ctx context.Context, path string) error {
 // ship sends one epoch's frames in order.
 func (p *Primary) ship(ctx context.Context, link Link, ed *epochData, enc *transport.DeltaEncoder) shipped {
 	n := ed.epoch.Number
+	if p.cfg.OnPages != nil {
+		p.cfg.OnPages(n, ed.epoch.Pages)
+	}
 	frames, err := ed.epoch.FramesWith(enc)
 	if err != nil {
 		return shipped{epoch: n, err: err}

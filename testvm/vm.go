@@ -81,6 +81,7 @@ type Guest struct {
 	IP           netip.Prefix // static address of the guest NIC
 	Port         int          // counter service port; default 7000
 	DirtyPerSec  int          // pages dirtied per second; 0 disables
+	Work         string       // a workload besides: "compress" (compile-like)
 	DirtyMiB     int          // size of the dirtied buffer; default 32
 	TickMillis   int          // print a tick line on the console this often; 0 disables
 	Exec         string       // run this program instead of the service, then power off
@@ -186,6 +187,9 @@ func (c Config) Cmdline() string {
 		args = append(args, "remus.ip="+c.Guest.IP.String())
 	}
 	args = append(args, "remus.port="+strconv.Itoa(c.Guest.Port))
+	if c.Guest.Work != "" {
+		args = append(args, "remus.work="+c.Guest.Work)
+	}
 	if c.Guest.DirtyPerSec > 0 {
 		args = append(args, "remus.dirty="+strconv.Itoa(c.Guest.DirtyPerSec))
 		if c.Guest.DirtyMiB > 0 {

@@ -67,6 +67,8 @@ func app() *cli.App {
 					&cli.Int64Flag{Name: "net-hold-cap", Value: 16 << 20, Usage: "bytes of guest output held for commits at most; at the cap the guest waits"},
 					&cli.BoolFlag{Name: "net-output-commit", Value: true, Usage: "hold the guest's output until its epoch commits; =false lets it straight through, and a failover can then take back replies clients saw"},
 					&cli.StringFlag{Name: "epoch-log", Usage: "append one JSON line per committed epoch to this file"},
+					&cli.StringFlag{Name: "trace", Usage: "benchmark aid: record the dirty pages of --trace-epochs epochs to this file", Hidden: true},
+					&cli.IntFlag{Name: "trace-epochs", Value: 50, Usage: "benchmark aid: epochs to record with --trace", Hidden: true},
 					&cli.StringFlag{Name: "fault", Usage: "testing aid: stop at POINT:EPOCH of the epoch cycle (paused, resumed, shipping, shipped, acked) until killed", Hidden: true},
 					&cli.StringFlag{Name: "fault-trigger", Usage: "testing aid: --fault is armed only once this file exists", Hidden: true},
 				}, common...),
@@ -136,6 +138,7 @@ func runPrimary(c *cli.Context) error {
 		Pipeline:  checkpoint.PipelineConfig{Interval: c.Duration("epoch"), MaxInFlight: c.Int("max-in-flight")},
 		Heartbeat: heartbeat(c), Tracker: c.String("tracker"), DeviceState: c.String("device-state"), Retry: c.Duration("retry"), EpochLog: c.String("epoch-log"),
 		Net: netConfig(c), Disk: c.String("disk"), Compress: c.Bool("compress"),
+		Trace: c.String("trace"), TraceEpochs: c.Int("trace-epochs"),
 	}
 	if cfg.Key, err = key(c); err != nil {
 		return err

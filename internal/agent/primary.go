@@ -55,6 +55,11 @@ type PrimaryConfig struct {
 	// -blockdev ...,node-name=NODE): QEMU mirrors it to remusd, which
 	// ships its writes with the epochs.
 	Disk string
+	// Trace, when set, records the dirty pages of the session's first
+	// TraceEpochs epochs (the first is all of RAM) to this file
+	// (transport's page trace format).
+	Trace       string
+	TraceEpochs int
 	// Fault stops the agent at a point of the epoch cycle (testing aid).
 	Fault *Fault
 }
@@ -330,6 +335,30 @@ func session(ctx context.Context, cfg PrimaryConfig, q *QEMU, ram []byte, saver 
 			}
 			epochLog.Encode(rec)
 		},
+	}
+	if cfg.Trace != "" {
+		f, err := os.Create(cfg.Trace)
+		if err != nil {
+			return fmt.Errorf("page trace: %w", err)
+		}
+		defer f.Close()
+		tw := transport.NewTraceWriter(f)
+		defer tw.Flush()
+		left := cfg.TraceEpochs
+		pcfg.OnPages = func(epoch uint64, pages []transport.Page) {
+			if left <= 0 {
+				return
+			}
+			if err := tw.WriteEpoch(epoch, pages); err != nil {
+				log.Error("page trace", "err", err)
+				left = 0
+				return
+			}
+			if left--; left == 0 {
+				tw.Flush()
+				log.Info("page trace written", "file", cfg.Trace, "epochs", cfg.TraceEpochs)
+			}
+		}
 	}
 	if disk != nil {
 		pcfg.Disk, pcfg.Prepare = disk.rec, disk.prepare

@@ -9,7 +9,8 @@
 //     persisting each increment to /dev/vda when the guest has a disk;
 //  5. prints a tick line every remus.tick milliseconds, when set;
 //  6. dirties remus.dirty pages per second of a remus.dirtymem MiB buffer,
-//     so the checkpoint path has a steady load;
+//     so the checkpoint path has a steady load, and with remus.work=compress
+//     runs a compile-like workload (writes and gzips source-like text);
 //  7. prints the ready line (see testvm.ReadyPrefix) on the console.
 //
 // With remus.exec=PATH it instead runs PATH (with remus.args, comma
@@ -19,8 +20,11 @@ package main
 
 import (
 	"bufio"
+	"bytes"
+	"compress/gzip"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
@@ -54,6 +58,7 @@ type params struct {
 	port      int
 	dirty     int // pages per second
 	dirtyMiB  int
+	work      string // a workload: "compress" (compile-like)
 	tick      time.Duration
 	exec      string
 	args      []string
@@ -98,6 +103,13 @@ func run() error {
 	}
 	if p.dirty > 0 {
 		go dirtier(p.dirty, p.dirtyMiB)
+	}
+	switch p.work {
+	case "":
+	case "compress":
+		go compressWork()
+	default:
+		return fmt.Errorf("unknown workload remus.work=%s", p.work)
 	}
 	if p.tick > 0 {
 		go ticker(p.tick, svc.bootID)
@@ -158,6 +170,8 @@ func parseCmdline() (params, error) {
 			p.dirty, err = strconv.Atoi(v)
 		case "remus.dirtymem":
 			p.dirtyMiB, err = strconv.Atoi(v)
+		case "remus.work":
+			p.work = v
 		case "remus.tick":
 			var ms int
 			ms, err = strconv.Atoi(v)
@@ -361,5 +375,34 @@ func dirtier(pagesPerSec, mib int) {
 			}
 			next = (next + 1) % pages
 		}
+	}
+}
+
+// compressWork imitates a build: it writes source-like text, compresses it
+// with gzip and keeps the last results, over and over, churning the heap
+// the way compilers and archivers do. It pauses a millisecond between
+// files to leave the counter service its share of the CPU.
+func compressWork() {
+	rng := rand.New(rand.NewPCG(1, 2))
+	words := []string{"func", "return", "if", "err", "!=", "nil", ":=", "for", "range", "struct", "int", "string",
+		"package", "import", "var", "const", "{", "}", "(", ")", "ctx", "buf", "len", "make", "append", "\n\t", "\n"}
+	kept := make([][]byte, 256) // the last 256 outputs and inputs
+	for i := 0; ; i++ {
+		var src bytes.Buffer
+		for src.Len() < 32<<10 {
+			if rng.IntN(4) == 0 {
+				fmt.Fprintf(&src, "v%d ", rng.IntN(5000))
+			} else {
+				src.WriteString(words[rng.IntN(len(words))])
+				src.WriteByte(' ')
+			}
+		}
+		var out bytes.Buffer
+		zw := gzip.NewWriter(&out)
+		zw.Write(src.Bytes())
+		zw.Close()
+		kept[i%len(kept)] = out.Bytes()
+		kept[(i+128)%len(kept)] = src.Bytes()
+		time.Sleep(time.Millisecond)
 	}
 }
