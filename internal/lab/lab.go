@@ -259,6 +259,9 @@ func (l *Lab) Start(name string, echo io.Writer, args ...string) (*Proc, error) 
 	return p, nil
 }
 
+// PID is the process id.
+func (p *Proc) PID() int { return p.cmd.Process.Pid }
+
 // Kill sends SIGKILL and waits for the process to end.
 func (p *Proc) Kill() {
 	p.cmd.Process.Kill()

@@ -1,0 +1,250 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/remus-kvm/remus/internal/agent"
+	"github.com/remus-kvm/remus/internal/lab"
+	"github.com/remus-kvm/remus/testvm/counter"
+)
+
+type benchOptions struct {
+	Workload   string
+	Dirty      int
+	For, Epoch time.Duration
+	Compress   bool
+	QEMU       string
+	Remusd     string
+}
+
+// Pct is a median and a 99th percentile.
+type Pct struct {
+	P50 float64 `json:"p50"`
+	P99 float64 `json:"p99"`
+}
+
+// ClientStats is the counter client's view: requests per second and round
+// trips in milliseconds.
+type ClientStats struct {
+	ReqPerSec float64 `json:"req_per_s"`
+	RTTms     Pct     `json:"rtt_ms"`
+}
+
+// Result is one bench run.
+type Result struct {
+	Workload     string         `json:"workload"`
+	Accel        string         `json:"accel"`
+	Compress     bool           `json:"compress"`
+	Seconds      float64        `json:"seconds"`
+	Epochs       int            `json:"epochs"`
+	EpochsPerSec float64        `json:"epochs_per_s"`
+	PauseMS      map[string]Pct `json:"pause_ms"`
+	DirtyPages   Pct            `json:"dirty_pages"`
+	RawKiB       Pct            `json:"raw_kib"`
+	WireKiB      Pct            `json:"wire_kib"`
+	WireRatio    float64        `json:"wire_ratio"` // all bytes sent / all raw bytes
+	AckMS        Pct            `json:"ack_ms"`
+	RemusdCPU    float64        `json:"remusd_cpu_percent"` // of one core, primary remusd
+	Unprotected  ClientStats    `json:"unprotected"`
+	Protected    ClientStats    `json:"protected"`
+}
+
+var pauseSteps = []string{"total", "stop", "cut", "harvest", "copy", "save", "cont"}
+
+func runBench(ctx context.Context, o benchOptions, log io.Writer) (*Result, error) {
+	dirty, work := 0, ""
+	switch o.Workload {
+	case "idle", "counter":
+	case "dirtier":
+		dirty = o.Dirty
+	case "compile":
+		work = "compress"
+	default:
+		return nil, fmt.Errorf("unknown workload %q (idle, dirtier, compile or counter)", o.Workload)
+	}
+	fmt.Fprintf(log, "setting up: guest image, remusd, network namespace\n")
+	l, err := lab.New(ctx, lab.Options{QEMU: o.QEMU, Remusd: o.Remusd})
+	if err != nil {
+		return nil, err
+	}
+	defer l.Close()
+	prim, back := l.GuestConfig("primary", dirty), l.GuestConfig("backup", dirty)
+	prim.Guest.Work, back.Guest.Work = work, work
+	back.RAMPath = filepath.Join(l.Dir, "backup-image.ram")
+	fmt.Fprintf(log, "booting the test guest (workload %s)\n", o.Workload)
+	vm, err := l.StartVM(ctx, prim)
+	if err != nil {
+		return nil, err
+	}
+	bctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
+	defer cancel()
+	if _, err := vm.WaitReady(bctx); err != nil {
+		return nil, err
+	}
+	p, err := l.Protect(prim, back, lab.ProtectOptions{Epoch: o.Epoch, BackupLater: true,
+		PrimaryArgs: []string{"--compress=" + strconv.FormatBool(o.Compress)}})
+	if err != nil {
+		return nil, err
+	}
+	conn, err := l.Dial(bctx)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	cl := counter.NewClient(conn)
+	r := &Result{Workload: o.Workload, Accel: vm.Config.Accel, Compress: o.Compress, PauseMS: map[string]Pct{}}
+	fmt.Fprintf(log, "client, unprotected, 3s\n")
+	if r.Unprotected, err = client(ctx, conn, cl, 3*time.Second); err != nil {
+		return nil, err
+	}
+	fmt.Fprintf(log, "starting the backup; the first checkpoint copies all of RAM\n")
+	if err := p.StartBackup(); err != nil {
+		return nil, err
+	}
+	wctx, wcancel := context.WithTimeout(ctx, 5*time.Minute)
+	defer wcancel()
+	first, err := p.WaitCommitted(wctx, 1)
+	if err != nil {
+		return nil, fmt.Errorf("no checkpoint committed: %w\n%s", err, p.Primary.Output())
+	}
+	cpu0, err := cpuTime(p.Primary.PID())
+	if err != nil {
+		return nil, err
+	}
+	start := time.Now()
+	fmt.Fprintf(log, "client, protected, %v\n", o.For)
+	if r.Protected, err = client(ctx, conn, cl, o.For); err != nil {
+		return nil, err
+	}
+	cpu1, err := cpuTime(p.Primary.PID())
+	if err != nil {
+		return nil, err
+	}
+	r.Seconds = time.Since(start).Seconds()
+	r.RemusdCPU = 100 * (cpu1 - cpu0).Seconds() / r.Seconds
+	eps, err := p.Epochs()
+	if err != nil {
+		return nil, err
+	}
+	eps = eps[len(first):]
+	if len(eps) < 2 {
+		return nil, errors.New("fewer than 2 epochs committed while protected")
+	}
+	summarize(r, eps)
+	return r, nil
+}
+
+// client runs INC requests back to back for d.
+func client(ctx context.Context, conn interface{ SetDeadline(time.Time) error }, cl *counter.Client, d time.Duration) (ClientStats, error) {
+	var rtts []float64
+	from := time.Now()
+	for time.Since(from) < d && ctx.Err() == nil {
+		conn.SetDeadline(time.Now().Add(time.Minute))
+		t := time.Now()
+		if _, err := cl.Inc(); err != nil {
+			return ClientStats{}, fmt.Errorf("counter client: %w", err)
+		}
+		rtts = append(rtts, float64(time.Since(t).Microseconds())/1000)
+	}
+	return ClientStats{ReqPerSec: float64(len(rtts)) / time.Since(from).Seconds(), RTTms: pct(rtts)}, ctx.Err()
+}
+
+func summarize(r *Result, eps []agent.EpochRecord) {
+	r.Epochs = len(eps)
+	r.EpochsPerSec = float64(len(eps)-1) / eps[len(eps)-1].Start.Sub(eps[0].Start).Seconds()
+	field := func(f func(agent.EpochRecord) float64) Pct {
+		v := make([]float64, len(eps))
+		for i, e := range eps {
+			v[i] = f(e)
+		}
+		return pct(v)
+	}
+	ms := func(us int64) float64 { return float64(us) / 1000 }
+	for _, s := range pauseSteps {
+		r.PauseMS[s] = field(func(e agent.EpochRecord) float64 {
+			return ms(map[string]int64{"total": e.PauseUS, "stop": e.StopUS, "cut": e.CutUS, "harvest": e.HarvestUS,
+				"copy": e.CopyUS, "save": e.SaveUS, "cont": e.ContUS}[s])
+		})
+	}
+	raw := func(e agent.EpochRecord) float64 {
+		return float64(int64(e.DirtyPages)*4096+int64(e.DeviceBytes)) / 1024
+	}
+	r.DirtyPages = field(func(e agent.EpochRecord) float64 { return float64(e.DirtyPages) })
+	r.RawKiB = field(raw)
+	r.WireKiB = field(func(e agent.EpochRecord) float64 { return float64(e.WireBytes) / 1024 })
+	r.AckMS = field(func(e agent.EpochRecord) float64 { return ms(e.AckUS) })
+	var sumRaw, sumWire float64
+	for _, e := range eps {
+		sumRaw += raw(e)
+		sumWire += float64(e.WireBytes) / 1024
+	}
+	r.WireRatio = sumWire / sumRaw
+}
+
+// pct is the median and 99th percentile (nearest rank); it sorts v.
+func pct(v []float64) Pct {
+	if len(v) == 0 {
+		return Pct{}
+	}
+	slices.Sort(v)
+	at := func(q float64) float64 { return v[min(max(int(q*float64(len(v))+0.5)-1, 0), len(v)-1)] }
+	return Pct{P50: at(0.5), P99: at(0.99)}
+}
+
+// cpuTime is the user and system CPU time of a process so far.
+func cpuTime(pid int) (time.Duration, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, fmt.Errorf("remusd CPU time: %w", err)
+	}
+	// Fields after the command name, which is in parentheses.
+	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+2:]))
+	if len(f) < 13 {
+		return 0, fmt.Errorf("remusd CPU time: short /proc/%d/stat", pid)
+	}
+	utime, _ := strconv.ParseInt(f[11], 10, 64)
+	stime, _ := strconv.ParseInt(f[12], 10, 64)
+	return time.Duration(utime+stime) * time.Second / 100, nil // USER_HZ
+}
+
+func printTable(w io.Writer, r *Result) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintf(tw, "remus-kvm bench\tworkload %s, %s, compress %v, %.1f s protected\n", r.Workload, r.Accel, r.Compress, r.Seconds)
+	fmt.Fprintf(tw, "epochs/s\t%.2f (%d epochs)\n", r.EpochsPerSec, r.Epochs)
+	for _, s := range pauseSteps {
+		p := r.PauseMS[s]
+		fmt.Fprintf(tw, "pause %s (ms)\tp50 %.2f\tp99 %.2f\n", s, p.P50, p.P99)
+	}
+	fmt.Fprintf(tw, "dirty pages/epoch\tp50 %.0f\tp99 %.0f\n", r.DirtyPages.P50, r.DirtyPages.P99)
+	fmt.Fprintf(tw, "raw KiB/epoch\tp50 %.1f\tp99 %.1f\n", r.RawKiB.P50, r.RawKiB.P99)
+	fmt.Fprintf(tw, "wire KiB/epoch\tp50 %.1f\tp99 %.1f\tratio %.3f\n", r.WireKiB.P50, r.WireKiB.P99, r.WireRatio)
+	fmt.Fprintf(tw, "ack (ms)\tp50 %.1f\tp99 %.1f\n", r.AckMS.P50, r.AckMS.P99)
+	fmt.Fprintf(tw, "primary remusd CPU\t%.0f%% of a core\n", r.RemusdCPU)
+	fmt.Fprintf(tw, "client unprotected\t%.0f req/s\tRTT p50 %.2f ms\tp99 %.2f ms\n", r.Unprotected.ReqPerSec, r.Unprotected.RTTms.P50, r.Unprotected.RTTms.P99)
+	fmt.Fprintf(tw, "client protected\t%.0f req/s\tRTT p50 %.2f ms\tp99 %.2f ms\n", r.Protected.ReqPerSec, r.Protected.RTTms.P50, r.Protected.RTTms.P99)
+	tw.Flush()
+}
+
+func writeJSON(path string, r *Result) error {
+	b, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return err
+	}
+	b = append(b, '\n')
+	if path == "-" {
+		_, err = os.Stdout.Write(b)
+		return err
+	}
+	return os.WriteFile(path, b, 0o644)
+}
