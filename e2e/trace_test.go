@@ -17,11 +17,16 @@ import (
 // of RAM; it primes the replay's cache as it primed the primary's).
 const traceEpochs = 41
 
+// traceRAM is the test guest's RAM.
+const traceRAM = 256 << 20
+
 // BenchmarkPageTraces records the dirty pages of real guest workloads
 // (idle Linux, the page dirtier, a compile-like workload that writes and
 // gzips source-like text) under protection, then replays each trace
-// through the page encoder with each codec choice and reports bytes on the
-// wire per dirty page and the encoder's and decoder's CPU time per page.
+// through the page encoder with each codec choice, and with a page cache of
+// all of RAM or an LRU of a quarter or a twentieth of it, and reports bytes
+// on the wire per dirty page and the encoder's and decoder's CPU time per
+// page.
 // Run it with -benchtime=1x.
 func BenchmarkPageTraces(b *testing.B) {
 	for _, w := range []struct {
@@ -36,15 +41,18 @@ func BenchmarkPageTraces(b *testing.B) {
 		b.Run(w.name, func(b *testing.B) {
 			trace := recordTrace(b, w.dirty, w.work)
 			for _, v := range []struct {
-				name   string
-				codecs []transport.Codec
+				name     string
+				codecs   []transport.Codec
+				lruPages int // 0: a cache of all of RAM
 			}{
-				{"best-of-both", nil},
-				{"lz4", []transport.Codec{transport.CodecLZ4}},
-				{"zstd", []transport.Codec{transport.CodecZstd}},
-				{"xor-only", []transport.Codec{}},
+				{"best-of-both", nil, 0},
+				{"lz4", []transport.Codec{transport.CodecLZ4}, 0},
+				{"zstd", []transport.Codec{transport.CodecZstd}, 0},
+				{"xor-only", []transport.Codec{}, 0},
+				{"best-lru-25pct", nil, traceRAM / transport.PageSize / 4},
+				{"best-lru-5pct", nil, traceRAM / transport.PageSize / 20},
 			} {
-				b.Run(v.name, func(b *testing.B) { replayTrace(b, trace, v.codecs) })
+				b.Run(v.name, func(b *testing.B) { replayTrace(b, trace, v.codecs, v.lruPages) })
 			}
 		})
 	}
@@ -74,15 +82,18 @@ func recordTrace(b *testing.B, dirty int, work string) string {
 
 // replayTrace encodes the trace's epochs after the first and decodes them
 // against a copy that follows along, reporting per dirty page.
-func replayTrace(b *testing.B, trace string, codecs []transport.Codec) {
+func replayTrace(b *testing.B, trace string, codecs []transport.Codec, lruPages int) {
 	f, err := os.Open(trace)
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer f.Close()
 	r := transport.NewTraceReader(f)
-	const ram = 256 << 20
+	const ram = traceRAM
 	enc, err := transport.NewDeltaEncoder(ram)
+	if lruPages > 0 {
+		enc, err = transport.NewBoundedDeltaEncoder(ram, lruPages)
+	}
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -231,8 +231,7 @@ func xorPage(dst, a, b []byte) {
 // the next version goes as an XOR against it. It is not safe for concurrent
 // use; Reset it when a session starts (the backup's copy is then unknown).
 type DeltaEncoder struct {
-	cache []byte
-	valid []uint64 // bit per page: cache holds it
+	cache pageCache
 	zenc  *zstd.Encoder
 	lz    lz4.Compressor
 	raw   []byte
@@ -257,11 +256,23 @@ func NewDeltaEncoder(ramSize uint64) (*DeltaEncoder, error) {
 		return nil, fmt.Errorf("transport: zstd: %w", err)
 	}
 	pages := ramSize / PageSize
-	return &DeltaEncoder{cache: make([]byte, ramSize), valid: make([]uint64, (pages+63)/64), zenc: z}, nil
+	return &DeltaEncoder{cache: &fullCache{data: make([]byte, ramSize), valid: make([]uint64, (pages+63)/64)}, zenc: z}, nil
+}
+
+// NewBoundedDeltaEncoder returns an encoder whose cache holds at most
+// maxPages pages, the ones sent most recently (LRU): a page not in it goes
+// raw (compressed) instead of as an XOR.
+func NewBoundedDeltaEncoder(ramSize uint64, maxPages int) (*DeltaEncoder, error) {
+	e, err := NewDeltaEncoder(PageSize)
+	if err != nil {
+		return nil, err
+	}
+	e.cache = newLRUCache(ramSize/PageSize, maxPages)
+	return e, nil
 }
 
 // Reset forgets every cached page.
-func (e *DeltaEncoder) Reset() { clear(e.valid) }
+func (e *DeltaEncoder) Reset() { e.cache.reset() }
 
 // Encode makes a RAMDelta of up to MaxPagesPerFrame pages in ascending
 // index order and remembers their new versions.
@@ -270,12 +281,10 @@ func (e *DeltaEncoder) Encode(pages []Page) (RAMDelta, error) {
 	e.raw = e.raw[:0]
 	for i, pg := range pages {
 		m.Indexes[i] = pg.Index
-		off := pg.Index * PageSize
-		if off+PageSize > uint64(len(e.cache)) {
-			return RAMDelta{}, fmt.Errorf("transport: page %d beyond the encoder's %d bytes of RAM", pg.Index, len(e.cache))
+		if pg.Index >= e.cache.pages() {
+			return RAMDelta{}, fmt.Errorf("transport: page %d beyond the encoder's %d pages of RAM", pg.Index, e.cache.pages())
 		}
-		prev := e.cache[off : off+PageSize]
-		known := e.valid[pg.Index/64]&(1<<(pg.Index%64)) != 0
+		prev, known := e.cache.get(pg.Index)
 		switch {
 		case isZero(pg.Data):
 			m.Kinds[i] = PageZero
@@ -294,8 +303,7 @@ func (e *DeltaEncoder) Encode(pages []Page) (RAMDelta, error) {
 			e.raw = append(e.raw, pg.Data...)
 			e.Stats.Raw++
 		}
-		copy(prev, pg.Data)
-		e.valid[pg.Index/64] |= 1 << (pg.Index % 64)
+		e.cache.put(pg.Index, pg.Data)
 	}
 	e.Stats.Pages += uint64(len(pages))
 	m.RawLen = uint32(len(e.raw))
@@ -343,4 +351,112 @@ func isZero(p []byte) bool {
 		}
 	}
 	return true
+}
+
+// pageCache holds the version of each page the primary sent last.
+type pageCache interface {
+	pages() uint64
+	// get returns the cached version, which stays valid until the next put.
+	get(idx uint64) ([]byte, bool)
+	put(idx uint64, data []byte)
+	reset()
+}
+
+// fullCache holds every page: guest-RAM-sized.
+type fullCache struct {
+	data  []byte
+	valid []uint64 // bit per page
+}
+
+func (c *fullCache) pages() uint64 { return uint64(len(c.data)) / PageSize }
+
+func (c *fullCache) get(idx uint64) ([]byte, bool) {
+	return c.data[idx*PageSize : (idx+1)*PageSize], c.valid[idx/64]&(1<<(idx%64)) != 0
+}
+
+func (c *fullCache) put(idx uint64, data []byte) {
+	copy(c.data[idx*PageSize:(idx+1)*PageSize], data)
+	c.valid[idx/64] |= 1 << (idx % 64)
+}
+
+func (c *fullCache) reset() { clear(c.valid) }
+
+// lruCache holds the most recently sent pages, at most len(slots).
+type lruCache struct {
+	ramPages uint64
+	data     []byte
+	slotOf   map[uint64]int32
+	page     []uint64 // slot -> page
+	// a doubly linked list of slots, most recent first; -1 ends it
+	prev, next []int32
+	head, tail int32
+	used       int32
+}
+
+func newLRUCache(ramPages uint64, maxPages int) *lruCache {
+	maxPages = max(maxPages, 1)
+	c := &lruCache{ramPages: ramPages, data: make([]byte, maxPages*PageSize), page: make([]uint64, maxPages),
+		prev: make([]int32, maxPages), next: make([]int32, maxPages)}
+	c.reset()
+	return c
+}
+
+func (c *lruCache) pages() uint64 { return c.ramPages }
+
+func (c *lruCache) reset() {
+	c.slotOf = map[uint64]int32{}
+	c.head, c.tail, c.used = -1, -1, 0
+}
+
+func (c *lruCache) slot(s int32) []byte { return c.data[int(s)*PageSize : (int(s)+1)*PageSize] }
+
+func (c *lruCache) get(idx uint64) ([]byte, bool) {
+	s, ok := c.slotOf[idx]
+	if !ok {
+		return nil, false
+	}
+	return c.slot(s), true
+}
+
+func (c *lruCache) unlink(s int32) {
+	if c.prev[s] >= 0 {
+		c.next[c.prev[s]] = c.next[s]
+	} else {
+		c.head = c.next[s]
+	}
+	if c.next[s] >= 0 {
+		c.prev[c.next[s]] = c.prev[s]
+	} else {
+		c.tail = c.prev[s]
+	}
+}
+
+func (c *lruCache) pushFront(s int32) {
+	c.prev[s], c.next[s] = -1, c.head
+	if c.head >= 0 {
+		c.prev[c.head] = s
+	}
+	c.head = s
+	if c.tail < 0 {
+		c.tail = s
+	}
+}
+
+func (c *lruCache) put(idx uint64, data []byte) {
+	s, ok := c.slotOf[idx]
+	switch {
+	case ok:
+		c.unlink(s)
+	case int(c.used) < len(c.page):
+		s = c.used
+		c.used++
+	default: // evict the least recently sent
+		s = c.tail
+		c.unlink(s)
+		delete(c.slotOf, c.page[s])
+	}
+	copy(c.slot(s), data)
+	c.page[s] = idx
+	c.slotOf[idx] = s
+	c.pushFront(s)
 }

@@ -29,11 +29,15 @@ func (b backupRAM) apply(m RAMPages) {
 // exactly; every codec is tried alone and together.
 func TestDeltaRoundTrip(t *testing.T) {
 	const pages = 512
-	for _, codecs := range [][]Codec{nil, {CodecZstd}, {CodecLZ4}, {}} {
+	for v, codecs := range [][]Codec{nil, {CodecZstd}, {CodecLZ4}, {}, nil} {
+		bounded := v == 4 // the last: an LRU cache of a tenth of RAM
 		rng := rand.New(rand.NewPCG(7, uint64(len(codecs))))
 		ram := make([]byte, pages*PageSize)
 		backup := make(backupRAM, len(ram))
 		enc, err := NewDeltaEncoder(uint64(len(ram)))
+		if bounded {
+			enc, err = NewBoundedDeltaEncoder(uint64(len(ram)), pages/10)
+		}
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -163,4 +167,27 @@ func FuzzRAMDelta(f *testing.F) {
 			t.Fatalf("%d pages from %d indexes", len(got.Pages), len(m.Indexes))
 		}
 	})
+}
+
+func TestLRUCacheEvictsLeastRecentlySent(t *testing.T) {
+	c := newLRUCache(100, 3)
+	pg := func(b byte) []byte { return bytes.Repeat([]byte{b}, PageSize) }
+	for i := uint64(1); i <= 3; i++ {
+		c.put(i, pg(byte(i)))
+	}
+	c.put(1, pg(11)) // 1 is now the most recent
+	c.put(4, pg(4))  // evicts 2
+	if _, ok := c.get(2); ok {
+		t.Fatal("page 2 was not evicted")
+	}
+	for i, want := range map[uint64]byte{1: 11, 3: 3, 4: 4} {
+		got, ok := c.get(i)
+		if !ok || got[0] != want {
+			t.Fatalf("page %d: %v %v", i, ok, got[:1])
+		}
+	}
+	c.reset()
+	if _, ok := c.get(1); ok {
+		t.Fatal("a page survived reset")
+	}
 }
