@@ -11,6 +11,7 @@ import (
 
 	"github.com/remus-kvm/remus/internal/agent"
 	"github.com/remus-kvm/remus/internal/lab"
+	"github.com/remus-kvm/remus/testvm"
 	"github.com/remus-kvm/remus/testvm/counter"
 )
 
@@ -35,17 +36,7 @@ func benchOnce(b *testing.B, protectFor time.Duration) {
 	prim, back, vm := g.prim, g.back, g.vm
 	// The primary remusd relays the guest's network unprotected until the
 	// backup is started: the same connection then measures both.
-	p, err := l.Protect(prim, back, lab.ProtectOptions{HeartbeatTimeout: heartbeatTimeout, BackupLater: true})
-	if err != nil {
-		b.Fatal(err)
-	}
-	conn, err := l.Dial(ctx)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(5 * time.Minute))
-	cl := counter.NewClient(conn)
+	p, cl := protectLater(b, ctx, l, prim, back)
 	rate := func(d time.Duration) (float64, []time.Duration) { return incRate(b, cl, d) }
 	rttMetrics := func(name string, rtts []time.Duration) { reportRTT(b, name, rtts) }
 	unprotected, unprotectedRTT := rate(3 * time.Second)
@@ -174,17 +165,7 @@ func diskBenchOnce(b *testing.B) {
 		return nil
 	}
 	g := bootPrimary(b, l, ctx, 0, fill)
-	p, err := l.Protect(g.prim, g.back, lab.ProtectOptions{HeartbeatTimeout: heartbeatTimeout, BackupLater: true})
-	if err != nil {
-		b.Fatal(err)
-	}
-	conn, err := l.Dial(ctx)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(10 * time.Minute))
-	cl := counter.NewClient(conn)
+	p, cl := protectLater(b, ctx, l, g.prim, g.back)
 	unprotected, unprotectedRTT := incRate(b, cl, 3*time.Second)
 
 	start := time.Now()
@@ -207,4 +188,22 @@ func diskBenchOnce(b *testing.B) {
 	b.ReportMetric(protected, "protected-fsync-req/s")
 	reportRTT(b, "unprotected", unprotectedRTT)
 	reportRTT(b, "protected", protectedRTT)
+}
+
+// protectLater starts the primary remusd alone (it relays the guest's
+// network unprotected until p.StartBackup) and connects a counter client,
+// so that one connection measures the guest unprotected and protected.
+func protectLater(b *testing.B, ctx context.Context, l *lab.Lab, prim, back testvm.Config) (*lab.Protection, *counter.Client) {
+	b.Helper()
+	p, err := l.Protect(prim, back, lab.ProtectOptions{HeartbeatTimeout: heartbeatTimeout, BackupLater: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	conn, err := l.Dial(ctx)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { conn.Close() })
+	conn.SetDeadline(time.Now().Add(10 * time.Minute))
+	return p, counter.NewClient(conn)
 }
