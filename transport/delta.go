@@ -460,3 +460,40 @@ func (c *lruCache) put(idx uint64, data []byte) {
 	c.slotOf[idx] = s
 	c.pushFront(s)
 }
+
+// DeviceStateZ is a chunk of an epoch's device state compressed with zstd
+// as a whole: the chunks together, in offset order, are one zstd frame that
+// decompresses to the device state (at most MaxDeviceState bytes). Offset
+// and Total are those of the compressed bytes. Payload: as DeviceState.
+type DeviceStateZ struct{ DeviceState }
+
+// Type returns TypeDeviceStateZ.
+func (DeviceStateZ) Type() Type { return TypeDeviceStateZ }
+
+// compressDeviceState returns the zstd frame of a device state, or nil
+// when that is not smaller.
+func (e *DeltaEncoder) compressDeviceState(dev []byte) []byte {
+	z := e.zenc.EncodeAll(dev, nil)
+	if len(z) >= len(dev) {
+		return nil
+	}
+	return z
+}
+
+// decompressDeviceState reverses compressDeviceState, refusing more than
+// MaxDeviceState bytes.
+func decompressDeviceState(z []byte) ([]byte, error) {
+	d, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(MaxDeviceState))
+	if err != nil {
+		return nil, err
+	}
+	defer d.Close()
+	out, err := d.DecodeAll(z, nil)
+	if err != nil {
+		return nil, malformed(TypeDeviceStateZ, "zstd: %v", err)
+	}
+	if len(out) > MaxDeviceState {
+		return nil, tooLarge(TypeDeviceStateZ, "device state of %d bytes, max %d", len(out), MaxDeviceState)
+	}
+	return out, nil
+}

@@ -58,6 +58,8 @@
 //	                 count | raw length u32 | compressed blob
 //	10 Auth          nonce [32]byte (first frame each way on an authenticated
 //	                 connection; every later frame has FlagAuthenticated)
+//	11 DeviceStateZ  as DeviceState; the chunks together are one zstd frame
+//	                 that decompresses to the device state
 //
 // Sequence numbers start at 1 in each direction and grow by exactly one per
 // frame; Reader rejects a gap, a repeat or a reorder (ErrSequence). They are

@@ -83,21 +83,25 @@ const (
 	TypeRAMDelta Type = 9
 	// TypeAuth opens an authenticated connection: each side's nonce (Auth).
 	TypeAuth Type = 10
+	// TypeDeviceStateZ carries a chunk of the epoch's device state
+	// compressed with zstd (DeviceStateZ), in place of DeviceState.
+	TypeDeviceStateZ Type = 11
 
-	maxType = TypeAuth
+	maxType = TypeDeviceStateZ
 )
 
 var typeNames = [...]string{
-	TypeHello:       "Hello",
-	TypeRAMPages:    "RAMPages",
-	TypeDeviceState: "DeviceState",
-	TypeCommit:      "Commit",
-	TypeAck:         "Ack",
-	TypeHeartbeat:   "Heartbeat",
-	TypeError:       "Error",
-	TypeDiskWrite:   "DiskWrite",
-	TypeRAMDelta:    "RAMDelta",
-	TypeAuth:        "Auth",
+	TypeHello:        "Hello",
+	TypeRAMPages:     "RAMPages",
+	TypeDeviceState:  "DeviceState",
+	TypeCommit:       "Commit",
+	TypeAck:          "Ack",
+	TypeHeartbeat:    "Heartbeat",
+	TypeError:        "Error",
+	TypeDiskWrite:    "DiskWrite",
+	TypeRAMDelta:     "RAMDelta",
+	TypeAuth:         "Auth",
+	TypeDeviceStateZ: "DeviceStateZ",
 }
 
 // Known reports whether t is a type this version defines.

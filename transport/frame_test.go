@@ -178,7 +178,7 @@ func TestReaderRejects(t *testing.T) {
 		{"version 2", encodeFrames(Frame{Version: 2, Type: TypeAck, Seq: 1}), 0, ErrVersion, "version 2"},
 		{"version 255", encodeFrames(Frame{Version: 255, Type: TypeAck, Seq: 1}), 0, ErrVersion, "version 255"},
 		{"unknown type 0", encodeFrames(Frame{Type: 0, Seq: 1}), 0, ErrUnsupported, "unknown frame type 0"},
-		{"unknown type 11", encodeFrames(Frame{Type: 11, Epoch: 3, Seq: 1}), 0, ErrUnsupported, "frame seq 1 (Type(11), epoch 3) at byte 0: unknown frame type 11"},
+		{"unknown type 12", encodeFrames(Frame{Type: 12, Epoch: 3, Seq: 1}), 0, ErrUnsupported, "frame seq 1 (Type(12), epoch 3) at byte 0: unknown frame type 12"},
 		{"unknown type 255", encodeFrames(Frame{Type: 255, Seq: 1}), 0, ErrUnsupported, "unknown frame type 255"},
 		{"unknown flag bit", encodeFrames(Frame{Type: TypeAck, Flags: 1 << 2, Seq: 1}), 0, ErrUnsupported, "unknown flag bits 0x0004"},
 		{"unknown high flag bit", encodeFrames(Frame{Type: TypeAck, Flags: 1<<15 | FlagCompressed, Seq: 1}), 0, ErrUnsupported, "unknown flag bits 0x8000"},
@@ -378,7 +378,8 @@ func TestNames(t *testing.T) {
 		{Type(0).String(), "Type(0)"},
 		{TypeRAMDelta.String(), "RAMDelta"},
 		{TypeAuth.String(), "Auth"},
-		{Type(11).String(), "Type(11)"},
+		{TypeDeviceStateZ.String(), "DeviceStateZ"},
+		{Type(12).String(), "Type(12)"},
 		{Flags(0).String(), "0"},
 		{(FlagCompressed | FlagAuthenticated | 0x40).String(), "Compressed|Authenticated|0x0040"},
 		{RoleBackup.String(), "backup"},
@@ -399,7 +400,7 @@ func TestTypeNumbers(t *testing.T) {
 		got, want uint
 	}{
 		{uint(TypeHello), 1}, {uint(TypeRAMPages), 2}, {uint(TypeDeviceState), 3}, {uint(TypeCommit), 4},
-		{uint(TypeAck), 5}, {uint(TypeHeartbeat), 6}, {uint(TypeError), 7}, {uint(TypeDiskWrite), 8}, {uint(TypeRAMDelta), 9}, {uint(TypeAuth), 10},
+		{uint(TypeAck), 5}, {uint(TypeHeartbeat), 6}, {uint(TypeError), 7}, {uint(TypeDiskWrite), 8}, {uint(TypeRAMDelta), 9}, {uint(TypeAuth), 10}, {uint(TypeDeviceStateZ), 11},
 		{uint(FlagCompressed), 1}, {uint(FlagAuthenticated), 2},
 		{uint(RolePrimary), 1}, {uint(RoleBackup), 2},
 		{uint(CodeProtocol), 1}, {uint(CodeVersion), 2}, {uint(CodeMismatch), 3}, {uint(CodeEpoch), 4}, {uint(CodeInternal), 5},

@@ -58,7 +58,8 @@ func NewFrame(epoch uint64, m Message) (Frame, error) {
 }
 
 // Decode decodes f's payload as the message of f's type: Hello, RAMPages,
-// DeviceState, Commit, Ack, Heartbeat, Error, DiskWrite, RAMDelta or Auth. Decoding is strict: a
+// DeviceState, Commit, Ack, Heartbeat, Error, DiskWrite, RAMDelta, Auth or
+// DeviceStateZ. Decoding is strict: a
 // payload with trailing bytes or a field outside its range is rejected
 // (ErrMalformed, ErrTooLarge). Byte slices in the result alias f.Payload.
 func Decode(f Frame) (Message, error) {
@@ -86,6 +87,9 @@ func Decode(f Frame) (Message, error) {
 		return DecodeRAMDelta(f.Payload)
 	case TypeAuth:
 		return DecodeAuth(f.Payload)
+	case TypeDeviceStateZ:
+		m, err := DecodeDeviceState(f.Payload)
+		return DeviceStateZ{m}, err
 	}
 	return nil, fmt.Errorf("%w: unknown frame type %d", ErrUnsupported, uint8(f.Type))
 }

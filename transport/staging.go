@@ -32,7 +32,13 @@ func (e Epoch) FramesWith(enc *DeltaEncoder) ([]Frame, error) {
 	if e.Number == 0 {
 		return nil, fmt.Errorf("%w: epoch 0 (epochs are numbered from 1)", ErrMalformed)
 	}
-	chunks, err := ChunkDeviceState(e.DeviceState)
+	dev, zdev := e.DeviceState, false
+	if enc != nil && len(dev) > 0 {
+		if z := enc.compressDeviceState(dev); z != nil {
+			dev, zdev = z, true
+		}
+	}
+	chunks, err := ChunkDeviceState(dev)
 	if err != nil {
 		return nil, fmt.Errorf("epoch %d: %w", e.Number, err)
 	}
@@ -69,7 +75,11 @@ func (e Epoch) FramesWith(enc *DeltaEncoder) ([]Frame, error) {
 		frames = append(frames, f)
 	}
 	for _, c := range chunks {
-		f, err := NewFrame(e.Number, c)
+		var msg Message = c
+		if zdev {
+			msg = DeviceStateZ{c}
+		}
+		f, err := NewFrame(e.Number, msg)
 		if err != nil {
 			return nil, fmt.Errorf("epoch %d: %w", e.Number, err)
 		}
@@ -109,6 +119,7 @@ type Stage struct {
 	d        Digest
 	nextPage uint64 // the lowest index the next page may have
 	devTotal uint64 // announced device state length, 0 if none yet
+	devZ     bool   // the device state comes compressed (DeviceStateZ)
 }
 
 // NewStage returns a Stage for a VM with ramSize bytes of RAM (a positive
@@ -136,6 +147,7 @@ func (s *Stage) Reset() {
 	s.d.Reset()
 	s.nextPage = 0
 	s.devTotal = 0
+	s.devZ = false
 }
 
 // fail discards the partial epoch and returns the error.
@@ -167,7 +179,7 @@ func (s *Stage) begin(epoch uint64) error {
 // Any other frame type is an error.
 func (s *Stage) Add(f Frame) (Epoch, bool, error) {
 	switch f.Type {
-	case TypeRAMPages, TypeDeviceState, TypeCommit, TypeDiskWrite:
+	case TypeRAMPages, TypeDeviceState, TypeDeviceStateZ, TypeCommit, TypeDiskWrite:
 	default:
 		s.Reset()
 		return Epoch{}, false, fmt.Errorf("%w: epoch %d: a %s frame is not part of an epoch", ErrEpoch, f.Epoch, f.Type)
@@ -181,7 +193,9 @@ func (s *Stage) Add(f Frame) (Epoch, bool, error) {
 	case RAMPages:
 		return Epoch{}, false, s.AddPages(f.Epoch, m)
 	case DeviceState:
-		return Epoch{}, false, s.AddDeviceState(f.Epoch, m)
+		return Epoch{}, false, s.addDeviceState(f.Epoch, m, false)
+	case DeviceStateZ:
+		return Epoch{}, false, s.addDeviceState(f.Epoch, m.DeviceState, true)
 	case DiskWrite:
 		return Epoch{}, false, s.AddDiskWrite(f.Epoch, m)
 	default:
@@ -233,8 +247,19 @@ func (s *Stage) AddDiskWrite(epoch uint64, m DiskWrite) error {
 // AddDeviceState adds a device state chunk to epoch. Chunks must come in
 // offset order without gaps and agree on the total.
 func (s *Stage) AddDeviceState(epoch uint64, m DeviceState) error {
+	return s.addDeviceState(epoch, m, false)
+}
+
+// addDeviceState adds a chunk, compressed (DeviceStateZ) or not; the chunks
+// of an epoch must agree.
+func (s *Stage) addDeviceState(epoch uint64, m DeviceState, z bool) error {
 	if err := s.begin(epoch); err != nil {
 		return err
+	}
+	if s.devTotal == 0 {
+		s.devZ = z
+	} else if s.devZ != z {
+		return s.fail(epoch, "compressed and plain device state chunks mixed")
 	}
 	if err := m.validate(); err != nil {
 		s.Reset()
@@ -283,6 +308,13 @@ func (s *Stage) Commit(epoch uint64, c Commit) (Epoch, error) {
 		return Epoch{}, s.fail(epoch, "digest 0x%08x, commit says 0x%08x", got.Digest, c.Digest)
 	}
 	ep := s.ep
+	if s.devZ {
+		dev, err := decompressDeviceState(ep.DeviceState)
+		if err != nil {
+			return Epoch{}, s.fail(epoch, "device state: %v", err)
+		}
+		ep.DeviceState = dev
+	}
 	s.committed = epoch
 	s.Reset()
 	return ep, nil

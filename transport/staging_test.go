@@ -356,3 +356,56 @@ func TestStageEpochWithDiskWrites(t *testing.T) {
 		t.Fatalf("changed disk write: %v, want a digest mismatch", last)
 	}
 }
+
+// TestStageCompressedDeviceState: with an encoder the device state travels
+// zstd-compressed (DeviceStateZ) and comes out of the Stage as it was; a
+// compressed stream that does not decompress fails the commit.
+func TestStageCompressedDeviceState(t *testing.T) {
+	enc, err := NewDeltaEncoder(16 * PageSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev := bytes.Repeat([]byte("QEVM device state "), 4000)
+	ep := Epoch{Number: 1, DeviceState: dev} // pages with an encoder go as RAMDelta, which the backup expands itself
+	frames, err := ep.FramesWith(enc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var z int
+	for _, f := range frames {
+		if f.Type == TypeDeviceStateZ {
+			z += len(f.Payload)
+		}
+		if f.Type == TypeDeviceState {
+			t.Fatal("a compressible device state went plain")
+		}
+	}
+	if z == 0 || z > len(dev)/10 {
+		t.Fatalf("compressed device state of %d bytes for %d", z, len(dev))
+	}
+	s, _ := NewStage(16*PageSize, 0)
+	var got Epoch
+	for _, f := range frames {
+		e, done, err := s.Add(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if done {
+			got = e
+		}
+	}
+	if !bytes.Equal(got.DeviceState, dev) {
+		t.Fatal("the device state differs after the round trip")
+	}
+	// Garbage that is a valid chunk but no zstd frame.
+	s, _ = NewStage(16*PageSize, 0)
+	var d Digest
+	junk := DeviceStateZ{DeviceState{Total: 5, Data: []byte("12345")}}
+	d.AddDeviceState(junk.Data)
+	f1, _ := NewFrame(1, junk)
+	f2, _ := NewFrame(1, d.Commit())
+	s.Add(f1)
+	if _, _, err := s.Add(f2); !errors.Is(err, ErrEpoch) || !strings.Contains(err.Error(), "zstd") {
+		t.Fatalf("undecompressable device state: %v", err)
+	}
+}
