@@ -61,7 +61,7 @@ func app() *cli.App {
 					&cli.StringFlag{Name: "tracker", Value: agent.TrackerAuto, Usage: "dirty-page tracker: auto, softdirty or compare"},
 					&cli.StringFlag{Name: "device-state", Value: "auto", Usage: "how to save device state: auto, xen (xen-save-devices-state) or migrate (migration with x-ignore-shared)"},
 					&cli.DurationFlag{Name: "retry", Value: time.Second, Usage: "wait before protecting again after the backup was lost (0: exit instead)"},
-					&cli.BoolFlag{Name: "compress", Value: true, Usage: "send dirty pages as XOR deltas against their last version, compressed with zstd or lz4 (whichever is smaller); =false sends them raw"},
+					&cli.BoolFlag{Name: "compress", Value: true, Usage: "send dirty pages as XOR deltas against their last version, compressed with zstd or lz4 (whichever is smaller), and the device state with zstd; =false sends both raw"},
 					&cli.StringFlag{Name: "disk", Usage: "block node of the guest's disk (-blockdev ...,node-name=NODE): QEMU mirrors it to remusd and its writes go to the backup with their epochs"},
 					&cli.StringFlag{Name: "net-plug-tap", Usage: "for a guest whose NIC is a tap (-netdev tap, libvirt's default): hold its output in the kernel, with the sch_plug qdisc on an IFB device fed from this tap (one epoch in flight)"},
 					&cli.Int64Flag{Name: "net-hold-cap", Value: 16 << 20, Usage: "bytes of guest output held for commits at most; at the cap the guest waits"},
