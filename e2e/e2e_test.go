@@ -26,6 +26,15 @@ var (
 	remusdErr  error
 )
 
+// TestMain removes the remusd built for this test binary when it is done.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if remusdDir != "" {
+		os.RemoveAll(remusdDir)
+	}
+	os.Exit(code)
+}
+
 // newLab skips without root, /dev/net/tun, QEMU or the guest kernel, and
 // otherwise sets up a lab that is torn down with the test. remusd is built
 // once per test binary.
