@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"slices"
 	"time"
+
+	"github.com/remus-kvm/remus/internal/stats"
 )
 
 // Mode says what a Relay does with the guest's outbound frames.
@@ -123,7 +125,7 @@ func (q *outQueue) commit(epoch uint64, now time.Time) Release {
 	}
 	q.cut = slices.Delete(q.cut, 0, i)
 	r.Frames = len(waits)
-	r.WaitP50, r.WaitP99 = quantile(waits, 0.5), quantile(waits, 0.99)
+	r.WaitP50, r.WaitP99 = stats.Quantile(waits, 0.5), stats.Quantile(waits, 0.99)
 	return r
 }
 
@@ -164,14 +166,4 @@ func (q *outQueue) held() (frames int, bytes int64) {
 		}
 	}
 	return frames, bytes
-}
-
-// quantile is the q quantile of ds (nearest rank); 0 for none. It sorts ds.
-func quantile(ds []time.Duration, q float64) time.Duration {
-	if len(ds) == 0 {
-		return 0
-	}
-	slices.Sort(ds)
-	i := int(q*float64(len(ds))+0.5) - 1
-	return ds[min(max(i, 0), len(ds)-1)]
 }

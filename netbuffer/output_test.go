@@ -91,22 +91,6 @@ func TestOutQueueFullOnlyWhenHolding(t *testing.T) {
 	}
 }
 
-func TestQuantile(t *testing.T) {
-	var ds []time.Duration
-	for i := 100; i >= 1; i-- {
-		ds = append(ds, time.Duration(i))
-	}
-	if q := quantile(ds, 0.5); q != 50 {
-		t.Fatalf("p50 = %v", q)
-	}
-	if q := quantile(ds, 0.99); q != 99 {
-		t.Fatalf("p99 = %v", q)
-	}
-	if q := quantile(nil, 0.5); q != 0 {
-		t.Fatalf("p50 of none = %v", q)
-	}
-}
-
 // numbered returns a frame carrying n, padded to size bytes.
 func numbered(n uint32, size int) []byte {
 	f := make([]byte, max(size, 4))

@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -17,6 +16,7 @@ import (
 
 	"github.com/remus-kvm/remus/internal/agent"
 	"github.com/remus-kvm/remus/internal/lab"
+	"github.com/remus-kvm/remus/internal/stats"
 	"github.com/remus-kvm/remus/internal/testenv"
 	"github.com/remus-kvm/remus/testvm"
 	"github.com/remus-kvm/remus/testvm/counter"
@@ -447,9 +447,7 @@ func pct(eps []agent.EpochRecord, f func(agent.EpochRecord) int64, q float64) in
 	for i, e := range eps {
 		v[i] = f(e)
 	}
-	slices.Sort(v)
-	i := int(q*float64(len(v))+0.5) - 1
-	return v[max(0, min(i, len(v)-1))]
+	return stats.Quantile(v, q)
 }
 
 func sum(eps []agent.EpochRecord, f func(agent.EpochRecord) int64) int64 {

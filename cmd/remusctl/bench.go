@@ -8,7 +8,6 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -16,6 +15,7 @@ import (
 
 	"github.com/remus-kvm/remus/internal/agent"
 	"github.com/remus-kvm/remus/internal/lab"
+	"github.com/remus-kvm/remus/internal/stats"
 	"github.com/remus-kvm/remus/testvm/counter"
 )
 
@@ -194,12 +194,7 @@ func summarize(r *Result, eps []agent.EpochRecord) {
 
 // pct is the median and 99th percentile (nearest rank); it sorts v.
 func pct(v []float64) Pct {
-	if len(v) == 0 {
-		return Pct{}
-	}
-	slices.Sort(v)
-	at := func(q float64) float64 { return v[min(max(int(q*float64(len(v))+0.5)-1, 0), len(v)-1)] }
-	return Pct{P50: at(0.5), P99: at(0.99)}
+	return Pct{P50: stats.Quantile(v, 0.5), P99: stats.Quantile(v, 0.99)}
 }
 
 // cpuTime is the user and system CPU time of a process so far.
