@@ -247,17 +247,14 @@ func failOver(ctx context.Context, cfg BackupConfig, lost *checkpoint.PrimaryLos
 	if err := step(ctx, log, "connect to the new QEMU", func() error {
 		dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		defer cancel()
-		for {
-			var err error
-			if mon, err = qmp.Dial(dctx, cfg.QMPSocket, qmp.WithLogger(log)); err == nil {
-				return nil
-			}
-			select {
-			case <-dctx.Done():
-				return fmt.Errorf("QMP socket %s: %w", cfg.QMPSocket, err)
-			case <-time.After(5 * time.Millisecond):
-			}
+		var err error
+		mon, err = redial(dctx, 5*time.Millisecond, func(ctx context.Context) (*qmp.Client, error) {
+			return qmp.Dial(ctx, cfg.QMPSocket, qmp.WithLogger(log))
+		})
+		if err != nil {
+			return fmt.Errorf("QMP socket %s: %w", cfg.QMPSocket, err)
 		}
+		return nil
 	}); err != nil {
 		cmd.Process.Kill()
 		return r, err

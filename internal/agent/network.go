@@ -63,18 +63,12 @@ type guestNet struct {
 func startNetwork(ctx context.Context, cfg NetConfig, timeout time.Duration, log *slog.Logger) (*guestNet, error) {
 	dctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	var guest net.Conn
 	var d net.Dialer
-	for {
-		var err error
-		if guest, err = d.DialContext(dctx, "unix", cfg.Guest); err == nil {
-			break
-		}
-		select {
-		case <-dctx.Done():
-			return nil, fmt.Errorf("guest NIC socket %s: %w", cfg.Guest, err)
-		case <-time.After(5 * time.Millisecond):
-		}
+	guest, err := redial(dctx, 5*time.Millisecond, func(ctx context.Context) (net.Conn, error) {
+		return d.DialContext(ctx, "unix", cfg.Guest)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("guest NIC socket %s: %w", cfg.Guest, err)
 	}
 	tap, err := netbuffer.OpenTapIn(cfg.Netns, cfg.Tap)
 	if err != nil {

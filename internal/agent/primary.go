@@ -297,25 +297,21 @@ func session(ctx context.Context, cfg PrimaryConfig, q *QEMU, ram []byte, saver 
 		dctx, cancel := context.WithTimeout(ctx, timeout)
 		defer cancel()
 		var d net.Dialer
-		for {
-			nc, err := d.DialContext(dctx, "tcp", cfg.Peer)
-			if err == nil {
-				link = transport.NewConn(nc)
-				if cfg.Key == nil {
-					return nil
-				}
-				if err := link.Authenticate(dctx, cfg.Key, true); err != nil {
-					link.Close()
-					return fmt.Errorf("backup %s: %w", cfg.Peer, err)
-				}
-				return nil
-			}
-			select {
-			case <-dctx.Done():
-				return fmt.Errorf("backup unreachable: %w", err)
-			case <-time.After(100 * time.Millisecond):
-			}
+		nc, err := redial(dctx, 100*time.Millisecond, func(ctx context.Context) (net.Conn, error) {
+			return d.DialContext(ctx, "tcp", cfg.Peer)
+		})
+		if err != nil {
+			return fmt.Errorf("backup unreachable: %w", err)
 		}
+		link = transport.NewConn(nc)
+		if cfg.Key == nil {
+			return nil
+		}
+		if err := link.Authenticate(dctx, cfg.Key, true); err != nil {
+			link.Close()
+			return fmt.Errorf("backup %s: %w", cfg.Peer, err)
+		}
+		return nil
 	}); err != nil {
 		return err
 	}

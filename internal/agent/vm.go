@@ -16,6 +16,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -32,6 +33,23 @@ func step(ctx context.Context, log *slog.Logger, name string, fn func() error) e
 		return fmt.Errorf("%s: %w", name, err)
 	}
 	return nil
+}
+
+// redial calls dial every interval until it succeeds or ctx ends, and then
+// returns the last dial's error: for sockets that appear a moment after a
+// process starts, and peers that come back.
+func redial[T any](ctx context.Context, every time.Duration, dial func(context.Context) (T, error)) (T, error) {
+	for {
+		v, err := dial(ctx)
+		if err == nil {
+			return v, nil
+		}
+		select {
+		case <-ctx.Done():
+			return v, err
+		case <-time.After(every):
+		}
+	}
 }
 
 // ErrNotShared reports guest RAM that remusd cannot read: it is not in a
