@@ -151,6 +151,11 @@ var (
 		d, _ := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(MaxPagesPerFrame*PageSize))
 		return d
 	}}
+	// deviceStateDecoders allow the larger device state (one per commit).
+	deviceStateDecoders = sync.Pool{New: func() any {
+		d, _ := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(MaxDeviceState))
+		return d
+	}}
 )
 
 // raw decompresses the blob into exactly RawLen bytes.
@@ -483,11 +488,8 @@ func (e *DeltaEncoder) compressDeviceState(dev []byte) []byte {
 // decompressDeviceState reverses compressDeviceState, refusing more than
 // MaxDeviceState bytes.
 func decompressDeviceState(z []byte) ([]byte, error) {
-	d, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(MaxDeviceState))
-	if err != nil {
-		return nil, err
-	}
-	defer d.Close()
+	d := deviceStateDecoders.Get().(*zstd.Decoder)
+	defer deviceStateDecoders.Put(d)
 	out, err := d.DecodeAll(z, nil)
 	if err != nil {
 		return nil, malformed(TypeDeviceStateZ, "zstd: %v", err)
