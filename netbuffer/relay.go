@@ -374,7 +374,7 @@ func (r *Relay) Run(ctx context.Context) error {
 	errc := make(chan error, 3)
 	go func() { errc <- r.readGuest() }()
 	go func() { errc <- r.writeHost() }()
-	go func() { errc <- r.copy(Inbound, r.host, r.guestPort) }()
+	go func() { errc <- r.copyInbound() }()
 
 	var err error
 	pending := 3
@@ -565,7 +565,6 @@ func (r *Relay) inSocket() (int, error) {
 
 // writeHost writes released outbound frames to the host side, in order.
 func (r *Relay) writeHost() error {
-	c := &r.flows[Outbound]
 	for {
 		r.mu.Lock()
 		for len(r.q.ready) == 0 && !r.stopped {
@@ -578,15 +577,7 @@ func (r *Relay) writeHost() error {
 		batch := r.q.take()
 		r.mu.Unlock()
 		for i, f := range batch {
-			err := r.host.WriteFrame(f.data)
-			switch {
-			case err == nil:
-				c.frames.Add(1)
-				c.bytes.Add(uint64(len(f.data)))
-			case errors.Is(err, ErrFrameRejected):
-				c.dropped.Add(1)
-				r.log.Debug("frame dropped", "direction", Outbound.String(), "len", len(f.data), "err", err)
-			default:
+			if err := r.deliver(Outbound, r.host, f.data); err != nil {
 				var rest int64
 				for _, g := range batch[i:] {
 					rest += int64(len(g.data))
@@ -594,7 +585,7 @@ func (r *Relay) writeHost() error {
 				r.mu.Lock()
 				r.q.written(rest)
 				r.mu.Unlock()
-				return r.fail(Outbound, SideHost, "write", err)
+				return err
 			}
 			r.mu.Lock()
 			r.q.written(int64(len(f.data)))
@@ -606,30 +597,42 @@ func (r *Relay) writeHost() error {
 	}
 }
 
-// copy moves frames from src to dst until one of them fails.
-func (r *Relay) copy(dir Direction, src, dst FramePort) error {
-	srcSide, dstSide := SideGuest, SideHost
-	if dir == Inbound {
-		srcSide, dstSide = SideHost, SideGuest
-	}
-	c := &r.flows[dir]
+// copyInbound moves frames from the host side to the guest until one of
+// them fails.
+func (r *Relay) copyInbound() error {
 	buf := make([]byte, MaxFrameSize)
 	for {
-		n, err := src.ReadFrame(buf)
+		n, err := r.host.ReadFrame(buf)
 		if err != nil {
-			return r.fail(dir, srcSide, "read", err)
+			return r.fail(Inbound, SideHost, "read", err)
 		}
-		if err := dst.WriteFrame(buf[:n]); err != nil {
-			if errors.Is(err, ErrFrameRejected) {
-				c.dropped.Add(1)
-				r.log.Debug("frame dropped", "direction", dir.String(), "len", n, "err", err)
-				continue
-			}
-			return r.fail(dir, dstSide, "write", err)
+		if err := r.deliver(Inbound, r.guestPort, buf[:n]); err != nil {
+			return err
 		}
-		c.frames.Add(1)
-		c.bytes.Add(uint64(n))
 	}
+}
+
+// deliver writes one frame of dir to dst and counts it. A frame dst refuses
+// by itself (ErrFrameRejected) is dropped and counted; any other failure
+// is returned as the Relay's error.
+func (r *Relay) deliver(dir Direction, dst FramePort, frame []byte) error {
+	c := &r.flows[dir]
+	err := dst.WriteFrame(frame)
+	switch {
+	case err == nil:
+		c.frames.Add(1)
+		c.bytes.Add(uint64(len(frame)))
+	case errors.Is(err, ErrFrameRejected):
+		c.dropped.Add(1)
+		r.log.Debug("frame dropped", "direction", dir.String(), "len", len(frame), "err", err)
+	default:
+		dstSide := SideHost
+		if dir == Inbound {
+			dstSide = SideGuest
+		}
+		return r.fail(dir, dstSide, "write", err)
+	}
+	return nil
 }
 
 func (r *Relay) fail(dir Direction, side Side, op string, err error) error {
