@@ -10,9 +10,61 @@ import (
 	"github.com/remus-kvm/remus/transport"
 )
 
-// DefaultJournalMemory is how many bytes of an epoch's writes a Journal
-// keeps in memory before it spills the rest to its file.
-const DefaultJournalMemory = 64 << 20
+// The defaults of JournalLimits. Together they hold one epoch of 576 MiB
+// of data in at most 1Mi writes: more than twice what the primary's
+// Recorder lets an epoch hold by default (DefaultEpochWriteCap,
+// DefaultEpochWrites), so an epoch the primary cut always fits.
+const (
+	// DefaultJournalMemory is how many bytes of an epoch's writes a
+	// Journal keeps in memory before it spills the rest to its file.
+	DefaultJournalMemory = 64 << 20
+	// DefaultJournalSpill bounds the bytes of an epoch's writes in the
+	// journal file. The file is usually in the state directory, often a
+	// tmpfs: its bytes are RAM.
+	DefaultJournalSpill = 512 << 20
+	// DefaultJournalWrites bounds how many writes a Journal holds (zero
+	// writes included, which carry no data); each costs about 64 bytes of
+	// bookkeeping in memory.
+	DefaultJournalWrites = 1 << 20
+)
+
+// JournalLimits bound what a Journal holds of one epoch. A zero field takes
+// its default.
+type JournalLimits struct {
+	// Memory is how many bytes of data are kept in memory before the
+	// rest spills to the journal file (DefaultJournalMemory).
+	Memory int64
+	// Spill bounds the bytes of data in the journal file
+	// (DefaultJournalSpill).
+	Spill int64
+	// Writes bounds the number of held writes (DefaultJournalWrites).
+	Writes int
+}
+
+func (l JournalLimits) withDefaults() JournalLimits {
+	if l.Memory <= 0 {
+		l.Memory = DefaultJournalMemory
+	}
+	if l.Spill <= 0 {
+		l.Spill = DefaultJournalSpill
+	}
+	if l.Writes <= 0 {
+		l.Writes = DefaultJournalWrites
+	}
+	return l
+}
+
+var (
+	// ErrJournalFull: the epoch does not fit in the journal, because it
+	// has more writes or spilled bytes than the JournalLimits allow or
+	// because the journal file's file system is full (ENOSPC, EDQUOT,
+	// EFBIG; those errors match too). The write was not held and the
+	// epoch cannot commit: refuse it and Discard.
+	ErrJournalFull = errors.New("journal full")
+	// ErrIncomplete: the held epoch lost a write (an Add failed), so
+	// Commit refuses it; only Discard clears it.
+	ErrIncomplete = errors.New("epoch incomplete")
+)
 
 // Journal is the backup's side: it holds the disk writes of the epoch being
 // received and applies them to the disk image, in order, only when the
@@ -23,10 +75,13 @@ type Journal struct {
 	path     string // the journal file, created on the first spill
 	spill    *os.File
 	spillEnd int64
-	memLimit int64
+	lim      JournalLimits
 
 	entries  []entry
 	memBytes int64
+	broken   error  // why an Add failed: the held epoch is incomplete
+	epoch    uint64 // of the held writes, when named (AddEpoch)
+	named    bool
 	zeroes   []byte
 }
 
@@ -40,16 +95,19 @@ type entry struct {
 
 // OpenJournal opens the disk image at image (which must exist, sized as the
 // guest's disk) and returns a Journal that spills to journalPath beyond
-// memLimit bytes (DefaultJournalMemory when 0).
+// memLimit bytes (DefaultJournalMemory when 0), with the other limits at
+// their defaults.
 func OpenJournal(image, journalPath string, memLimit int64) (*Journal, error) {
+	return OpenJournalLimits(image, journalPath, JournalLimits{Memory: memLimit})
+}
+
+// OpenJournalLimits is OpenJournal with every limit chosen.
+func OpenJournalLimits(image, journalPath string, lim JournalLimits) (*Journal, error) {
 	img, err := os.OpenFile(image, os.O_RDWR, 0)
 	if err != nil {
 		return nil, fmt.Errorf("diskmirror: disk image: %w", err)
 	}
-	if memLimit <= 0 {
-		memLimit = DefaultJournalMemory
-	}
-	return &Journal{img: img, path: journalPath, memLimit: memLimit}, nil
+	return &Journal{img: img, path: journalPath, lim: lim.withDefaults()}, nil
 }
 
 // Size returns the disk image's size.
@@ -66,20 +124,72 @@ func (j *Journal) Direct(w transport.DiskWrite) error {
 	return j.write(w)
 }
 
-// Add holds a write of the epoch being received.
+// Add holds a write of the epoch being received. If it fails, the write is
+// not held and the epoch is incomplete: Commit refuses it until Discard.
+// errors.Is(err, ErrJournalFull) when the epoch does not fit.
 func (j *Journal) Add(w transport.DiskWrite) error {
+	return j.hold(w)
+}
+
+// AddEpoch is Add naming the write's epoch, which errors then name too.
+// The held writes are of one epoch: a write of another before Commit or
+// Discard is refused (and leaves the held epoch incomplete).
+func (j *Journal) AddEpoch(epoch uint64, w transport.DiskWrite) error {
+	if j.named && epoch != j.epoch {
+		if j.broken == nil {
+			j.broken = fmt.Errorf("diskmirror: epoch %d: a write of epoch %d while epoch %d is held", epoch, epoch, j.epoch)
+		}
+		return fmt.Errorf("diskmirror: epoch %d: %w: epoch %d is held; Commit or Discard it first", epoch, ErrIncomplete, j.epoch)
+	}
+	j.epoch, j.named = epoch, true
+	return j.hold(w)
+}
+
+// where names the held epoch in errors.
+func (j *Journal) where() string {
+	if j.named {
+		return fmt.Sprintf("epoch %d", j.epoch)
+	}
+	return "held epoch"
+}
+
+func (j *Journal) hold(w transport.DiskWrite) error {
+	if j.broken != nil {
+		return fmt.Errorf("diskmirror: %s: %w: a write was refused (%w); Discard it", j.where(), ErrIncomplete, j.broken)
+	}
+	if err := j.add(w); err != nil {
+		j.broken = err
+		return err
+	}
+	return nil
+}
+
+func (j *Journal) add(w transport.DiskWrite) error {
+	if len(j.entries) >= j.lim.Writes {
+		return fmt.Errorf("diskmirror: %s: %w: %d writes held, at most %d", j.where(), ErrJournalFull, len(j.entries), j.lim.Writes)
+	}
 	e := entry{w: w}
 	n := int64(len(w.Data))
-	if n > 0 && j.memBytes+n > j.memLimit {
+	if n > 0 && j.memBytes+n > j.lim.Memory {
+		if j.spillEnd+n > j.lim.Spill {
+			return fmt.Errorf("diskmirror: %s: %w: %d bytes in the journal file %s and %d more, at most %d",
+				j.where(), ErrJournalFull, j.spillEnd, j.path, n, j.lim.Spill)
+		}
 		if j.spill == nil {
 			f, err := os.OpenFile(j.path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
 			if err != nil {
-				return fmt.Errorf("diskmirror: journal file: %w", err)
+				return fmt.Errorf("diskmirror: %s: journal file: %w", j.where(), err)
 			}
 			j.spill = f
 		}
 		if _, err := j.spill.WriteAt(w.Data, j.spillEnd); err != nil {
-			return fmt.Errorf("diskmirror: journal file %s: %w", j.path, err)
+			// Give back what part of it took; the held writes stay as
+			// they were.
+			j.spill.Truncate(j.spillEnd)
+			if errors.Is(err, unix.ENOSPC) || errors.Is(err, unix.EDQUOT) || errors.Is(err, unix.EFBIG) {
+				return fmt.Errorf("diskmirror: %s: %w: journal file %s: %w", j.where(), ErrJournalFull, j.path, err)
+			}
+			return fmt.Errorf("diskmirror: %s: journal file %s: %w", j.where(), j.path, err)
 		}
 		e.inFile, e.fileOff = true, j.spillEnd
 		e.w.Data = nil
@@ -101,6 +211,9 @@ func (j *Journal) Held() (writes int, bytes, spilled int64) {
 // Commit applies the held writes to the image in the order they came,
 // makes them durable, and empties the journal.
 func (j *Journal) Commit() error {
+	if j.broken != nil {
+		return fmt.Errorf("diskmirror: %s: %w: a write was refused (%w); nothing applied, Discard it", j.where(), ErrIncomplete, j.broken)
+	}
 	buf := []byte(nil)
 	for _, e := range j.entries {
 		w := e.w
@@ -130,6 +243,8 @@ func (j *Journal) Commit() error {
 func (j *Journal) Discard() {
 	j.entries = j.entries[:0]
 	j.memBytes = 0
+	j.broken = nil
+	j.epoch, j.named = 0, false
 	if j.spill != nil {
 		j.spill.Truncate(0)
 	}

@@ -3,9 +3,13 @@ package diskmirror
 import (
 	"bytes"
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/remus-kvm/remus/transport"
 )
@@ -135,5 +139,129 @@ func TestRecorderCapBlocksUntilCut(t *testing.T) {
 	}
 	if n := len(r.Cut()); n != 1 {
 		t.Fatalf("second cut took %d writes", n)
+	}
+}
+
+// openImage makes a disk image of size bytes of 0xee in a new directory and
+// opens a Journal on it; journal, when set, places the journal file.
+func openImage(t *testing.T, size int64, lim JournalLimits, journal func(dir string) string) (string, *Journal) {
+	t.Helper()
+	dir := t.TempDir()
+	img := filepath.Join(dir, "disk.img")
+	if err := os.WriteFile(img, bytes.Repeat([]byte{0xee}, int(size)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	jpath := filepath.Join(dir, "journal")
+	if journal != nil {
+		jpath = journal(dir)
+	}
+	j, err := OpenJournalLimits(img, jpath, lim)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { j.Close() })
+	return img, j
+}
+
+func data(off uint64, n int, b byte) transport.DiskWrite {
+	return transport.DiskWrite{Offset: off, Length: uint32(n), Data: bytes.Repeat([]byte{b}, n)}
+}
+
+func zero(off uint64, n uint32) transport.DiskWrite {
+	return transport.DiskWrite{Offset: off, Length: n, Flags: transport.DiskZero}
+}
+
+// TestJournalBounds: a write past a bound (held writes, bytes spilled, a
+// full file system under the journal file) is refused with ErrJournalFull,
+// the journal keeps what it held, the epoch cannot commit (nothing of it
+// reaches the image) until it is discarded, and after that the journal
+// works again.
+func TestJournalBounds(t *testing.T) {
+	devFull := func(dir string) string {
+		if _, err := os.Stat("/dev/full"); err != nil {
+			t.Skip("needs /dev/full")
+		}
+		p := filepath.Join(dir, "journal")
+		if err := os.Symlink("/dev/full", p); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	for _, tc := range []struct {
+		name    string
+		lim     JournalLimits
+		journal func(dir string) string
+		fit     []transport.DiskWrite // held
+		over    transport.DiskWrite   // refused
+		want    []error
+		says    string
+	}{
+		{"writes", JournalLimits{Writes: 3}, nil,
+			[]transport.DiskWrite{data(0, 10, 1), zero(100, 50), data(200, 10, 2)}, zero(300, 10),
+			[]error{ErrJournalFull}, "3 writes held, at most 3"},
+		{"spill", JournalLimits{Memory: 100, Spill: 1000}, nil,
+			[]transport.DiskWrite{data(0, 100, 1), data(1000, 600, 2), data(2000, 400, 3)}, data(3000, 1, 4),
+			[]error{ErrJournalFull}, "1000 bytes in the journal file"},
+		{"ENOSPC", JournalLimits{Memory: 100}, devFull,
+			[]transport.DiskWrite{data(0, 60, 1), data(100, 40, 2)}, data(200, 10, 3),
+			[]error{ErrJournalFull, unix.ENOSPC}, "no space left on device"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			img, j := openImage(t, 64<<10, tc.lim, tc.journal)
+			read := func() []byte { b, _ := os.ReadFile(img); return b }
+			before := read()
+			for i, w := range tc.fit {
+				if err := j.AddEpoch(7, w); err != nil {
+					t.Fatalf("write %d: %v", i, err)
+				}
+			}
+			n, b, s := j.Held()
+			err := j.AddEpoch(7, tc.over)
+			for _, want := range tc.want {
+				if !errors.Is(err, want) {
+					t.Errorf("Add past the bound: %v, want %v", err, want)
+				}
+			}
+			if err == nil || !strings.Contains(err.Error(), "epoch 7") || !strings.Contains(err.Error(), tc.says) {
+				t.Errorf("Add past the bound: %v, want it to name epoch 7 and say %q", err, tc.says)
+			}
+			if n2, b2, s2 := j.Held(); n2 != n || b2 != b || s2 != s {
+				t.Errorf("held %d/%d/%d after the refused write, %d/%d/%d before", n2, b2, s2, n, b, s)
+			}
+			if err := j.AddEpoch(7, data(0, 1, 9)); !errors.Is(err, ErrIncomplete) {
+				t.Errorf("Add after a refused write: %v, want ErrIncomplete", err)
+			}
+			if err := j.Commit(); !errors.Is(err, ErrIncomplete) || !errors.Is(err, tc.want[0]) {
+				t.Errorf("Commit of an incomplete epoch: %v, want ErrIncomplete and %v", err, tc.want[0])
+			}
+			if !bytes.Equal(read(), before) {
+				t.Fatal("writes of an incomplete epoch reached the image")
+			}
+			j.Discard()
+			if err := j.AddEpoch(8, data(5, 3, 0x42)); err != nil {
+				t.Fatalf("Add after Discard: %v", err)
+			}
+			if err := j.Commit(); err != nil {
+				t.Fatalf("Commit after Discard: %v", err)
+			}
+			copy(before[5:], []byte{0x42, 0x42, 0x42})
+			if !bytes.Equal(read(), before) {
+				t.Fatal("the image after the next epoch is not that epoch applied")
+			}
+		})
+	}
+}
+
+// TestJournalRefusesMixedEpochs: the held writes are of one epoch.
+func TestJournalRefusesMixedEpochs(t *testing.T) {
+	_, j := openImage(t, 4096, JournalLimits{}, nil)
+	if err := j.AddEpoch(3, data(0, 1, 1)); err != nil {
+		t.Fatal(err)
+	}
+	if err := j.AddEpoch(4, data(1, 1, 1)); !errors.Is(err, ErrIncomplete) || !strings.Contains(err.Error(), "epoch 3 is held") {
+		t.Fatalf("a write of epoch 4 with epoch 3 held: %v", err)
+	}
+	if err := j.Commit(); !errors.Is(err, ErrIncomplete) {
+		t.Fatalf("Commit after a refused write: %v", err)
 	}
 }
