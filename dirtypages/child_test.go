@@ -2,6 +2,7 @@ package dirtypages
 
 import (
 	"bufio"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -34,10 +35,13 @@ func TestMain(m *testing.M) {
 
 // childMain is the helper process: it maps the memory passed as fd 3
 // shared, prints "ready ADDR" and then obeys lines on stdin, answering each
-// with "ok":
+// with "ok", or "error: " and why when a system call failed:
 //
 //	w GEN P...   store GEN in a word of each page P (a content change)
 //	s P...       store back the word a page holds (a write, no change)
+//	l            lock the whole mapping in memory (mlock)
+//	p P...       reclaim each page P (madvise MADV_PAGEOUT): unmap it and
+//	             write it out, as memory pressure would
 //
 // It exits when stdin closes.
 func childMain(sizeStr string) int {
@@ -62,6 +66,10 @@ func childMain(sizeStr string) int {
 		}
 		var gen uint64
 		args := f[1:]
+		var callErr error
+		if f[0] == "l" {
+			callErr = unix.Mlock(mem)
+		}
 		if f[0] == "w" {
 			if gen, err = strconv.ParseUint(args[0], 10, 64); err != nil {
 				fmt.Fprintln(os.Stderr, "child:", err)
@@ -81,7 +89,15 @@ func childMain(sizeStr string) int {
 				atomic.StoreUint64(w, gen)
 			case "s":
 				atomic.StoreUint64(w, atomic.LoadUint64(w))
+			case "p":
+				if err := unix.Madvise(mem[p*PageSize:(p+1)*PageSize], unix.MADV_PAGEOUT); err != nil && callErr == nil {
+					callErr = fmt.Errorf("madvise(MADV_PAGEOUT) of page %d: %w", p, err)
+				}
 			}
+		}
+		if callErr != nil {
+			fmt.Println("error:", callErr)
+			continue
 		}
 		fmt.Println("ok")
 	}
@@ -141,8 +157,9 @@ func startChild(t *testing.T, f *os.File, size int) *child {
 	return c
 }
 
-// do sends one command and waits for its "ok".
-func (c *child) do(t *testing.T, cmd string, pages []int) {
+// call sends one command and returns the error the child answered with,
+// nil for "ok".
+func (c *child) call(t *testing.T, cmd string, pages []int) error {
 	t.Helper()
 	var b strings.Builder
 	b.WriteString(cmd)
@@ -153,9 +170,40 @@ func (c *child) do(t *testing.T, cmd string, pages []int) {
 	if _, err := io.WriteString(c.in, b.String()); err != nil {
 		t.Fatalf("helper process: %v", err)
 	}
-	if line, err := c.out.ReadString('\n'); err != nil || line != "ok\n" {
+	line, err := c.out.ReadString('\n')
+	if err != nil {
 		t.Fatalf("helper process answered %q, %v", line, err)
 	}
+	if line == "ok\n" {
+		return nil
+	}
+	if msg, ok := strings.CutPrefix(line, "error: "); ok {
+		return errors.New(strings.TrimSpace(msg))
+	}
+	t.Fatalf("helper process answered %q", line)
+	return nil
+}
+
+// do sends one command and waits for its "ok".
+func (c *child) do(t *testing.T, cmd string, pages []int) {
+	t.Helper()
+	if err := c.call(t, cmd, pages); err != nil {
+		t.Fatalf("helper process: %s: %v", cmd, err)
+	}
+}
+
+// lock makes the child lock its mapping in memory, as QEMU's -overcommit
+// mem-lock=on does.
+func (c *child) lock(t *testing.T) {
+	t.Helper()
+	c.do(t, "l", nil)
+}
+
+// pageOut makes the child reclaim pages, and returns the error of the
+// first that could not be.
+func (c *child) pageOut(t *testing.T, pages ...int) error {
+	t.Helper()
+	return c.call(t, "p", pages)
 }
 
 // write makes the child change the content of pages.
@@ -229,6 +277,7 @@ func testSoftDirtyTracksChild(t *testing.T, backing string) {
 	if m.Start != c.addr || m.Len() != uintptr(size) {
 		t.Fatalf("found %v; the child mapped %d bytes at %#x", m, size, c.addr)
 	}
+	c.lock(t) // NewSoftDirty refuses RAM that reclaim could take
 	// Small batches, so one harvest takes several reads on both workers.
 	sd, err := NewSoftDirty(pid, m, Options{Workers: 2, BatchPages: 1024})
 	if err != nil {

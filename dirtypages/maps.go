@@ -208,3 +208,53 @@ func findMapping(ms []Mapping, name string, id fileID) (Mapping, error) {
 	}
 	return Mapping{}, fmt.Errorf("%w: %s is mapped %d times:%s", ErrAmbiguousMapping, want, len(runs), b.String())
 }
+
+// vma is one entry of /proc/PID/smaps: a mapping and the kernel's flags of
+// the virtual memory area behind it.
+type vma struct {
+	Mapping
+	// Flags are the two-letter mnemonics of the VmFlags line ("lo" for
+	// VM_LOCKED, "ht" for hugetlb, ...); nil when the entry has none.
+	Flags []string
+}
+
+// hasFlag reports whether the VMA's VmFlags include f.
+func (v vma) hasFlag(f string) bool {
+	for _, g := range v.Flags {
+		if g == f {
+			return true
+		}
+	}
+	return false
+}
+
+// parseSmaps parses the format of /proc/PID/smaps: a line of the maps
+// format for each VMA, followed by "Key: value" lines about it, of which
+// only VmFlags is kept.
+func parseSmaps(r io.Reader) ([]vma, error) {
+	var out []vma
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
+	for n := 1; sc.Scan(); n++ {
+		line := sc.Text()
+		if line == "" {
+			continue
+		}
+		first, _, _ := strings.Cut(line, " ")
+		if !strings.HasSuffix(first, ":") { // a VMA's maps line
+			m, err := parseMapsLine(line)
+			if err != nil {
+				return nil, fmt.Errorf("line %d %q: %w", n, line, err)
+			}
+			out = append(out, vma{Mapping: m})
+			continue
+		}
+		if len(out) == 0 {
+			return nil, fmt.Errorf("line %d %q: a field before the first mapping", n, line)
+		}
+		if first == "VmFlags:" {
+			out[len(out)-1].Flags = strings.Fields(strings.TrimPrefix(line, first))
+		}
+	}
+	return out, sc.Err()
+}

@@ -1,11 +1,13 @@
 package dirtypages
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"unsafe"
@@ -22,6 +24,12 @@ const (
 // ErrSoftDirtyUnsupported is returned (wrapped, with the reason) when the
 // kernel cannot track soft-dirty pages.
 var ErrSoftDirtyUnsupported = errors.New("dirtypages: soft-dirty tracking unsupported")
+
+// ErrRAMNotLocked is returned (wrapped, naming the mapping) by NewSoftDirty
+// when QEMU's mapping of guest RAM is not locked in memory (VM_LOCKED), so
+// that reclaim could drop pages' soft-dirty bits; see the package
+// documentation. QEMU locks it when started with -overcommit mem-lock=on.
+var ErrRAMNotLocked = errors.New("dirtypages: guest RAM not locked in memory")
 
 // SoftDirtySupported checks that the running kernel tracks soft-dirty bits:
 // it writes to a shared memory page of its own, clears the process's bits,
@@ -92,15 +100,19 @@ type pagemapSource interface {
 	ReadAt(p []byte, off int64) (int, error)
 	// ClearSoftDirty clears the soft-dirty bits of the whole process.
 	ClearSoftDirty() error
+	// Smaps returns the content of /proc/PID/smaps.
+	Smaps() ([]byte, error)
 	Close() error
 }
 
-// procSource reads /proc/PID/pagemap and writes /proc/PID/clear_refs. Both
-// stay open for the tracker's life; they refer to the process that had the
-// pid at open time, so a recycled pid cannot redirect them.
+// procSource reads /proc/PID/pagemap and /proc/PID/smaps and writes
+// /proc/PID/clear_refs. All three stay open for the tracker's life; they
+// refer to the process that had the pid at open time, so a recycled pid
+// cannot redirect them.
 type procSource struct {
 	pagemap   *os.File
 	clearRefs *os.File
+	smaps     *os.File
 }
 
 func openProc(pid int) (*procSource, error) {
@@ -113,7 +125,13 @@ func openProc(pid int) (*procSource, error) {
 		pm.Close()
 		return nil, err
 	}
-	return &procSource{pagemap: pm, clearRefs: cr}, nil
+	sm, err := os.Open(fmt.Sprintf("/proc/%d/smaps", pid))
+	if err != nil {
+		pm.Close()
+		cr.Close()
+		return nil, err
+	}
+	return &procSource{pagemap: pm, clearRefs: cr, smaps: sm}, nil
 }
 
 func (p *procSource) ReadAt(b []byte, off int64) (int, error) { return p.pagemap.ReadAt(b, off) }
@@ -129,13 +147,27 @@ func (p *procSource) ClearSoftDirty() error {
 	return nil
 }
 
+// Smaps reads smaps from its start. The kernel walks the page tables of
+// every VMA to produce it: milliseconds per GiB mapped.
+func (p *procSource) Smaps() ([]byte, error) {
+	if _, err := p.smaps.Seek(0, io.SeekStart); err != nil {
+		return nil, fmt.Errorf("read smaps: %w", err)
+	}
+	b, err := io.ReadAll(p.smaps)
+	if err != nil {
+		return nil, fmt.Errorf("read smaps: %w", err)
+	}
+	return b, nil
+}
+
 func (p *procSource) Close() error {
-	return errors.Join(p.pagemap.Close(), p.clearRefs.Close())
+	return errors.Join(p.pagemap.Close(), p.clearRefs.Close(), p.smaps.Close())
 }
 
 // SoftDirty is the Tracker that reads the kernel's soft-dirty bits of
 // another process's (QEMU's) mapping of guest RAM; see the package
-// documentation for its trade-offs.
+// documentation for its trade-offs and the rule it enforces (guest RAM
+// locked in memory).
 type SoftDirty struct {
 	pid     int
 	m       Mapping
@@ -147,6 +179,10 @@ type SoftDirty struct {
 	mu     sync.Mutex // serialises Harvest and Close
 	full   bool
 	closed bool
+	// present holds the pages mapped in (pagemap's present bit) at the
+	// last successful harvest; meaningless while full. spare is the set
+	// the next harvest fills, swapped with present when it succeeds.
+	present, spare *Set
 }
 
 var _ Tracker = (*SoftDirty)(nil)
@@ -155,9 +191,14 @@ var _ Tracker = (*SoftDirty)(nil)
 // process pid. The mapping must start at offset 0 of the RAM backend, so
 // that page indexes are offsets in the backend, and be whole pages. It
 // checks SoftDirtySupported first and returns its error, which wraps
-// ErrSoftDirtyUnsupported, when the kernel cannot track. Reading another
-// process's pagemap and writing its clear_refs needs the rights to ptrace
-// it (normally: the same user, or root).
+// ErrSoftDirtyUnsupported, when the kernel cannot track. It then reads
+// /proc/PID/smaps and refuses, with an error wrapping ErrRAMNotLocked, a
+// mapping whose VMAs are not all locked in memory (VM_LOCKED, "lo" in
+// VmFlags), as QEMU's -overcommit mem-lock=on makes them: reclaim of an
+// unlocked page drops its soft-dirty bit and with it the page's writes (see
+// the package documentation). Reading another process's pagemap and smaps
+// and writing its clear_refs needs the rights to ptrace it (normally: the
+// same user, or root).
 //
 // The first Harvest clears the bits and reports every page.
 func NewSoftDirty(pid int, m Mapping, opts Options) (*SoftDirty, error) {
@@ -168,7 +209,7 @@ func NewSoftDirty(pid int, m Mapping, opts Options) (*SoftDirty, error) {
 	if err != nil {
 		return nil, fmt.Errorf("dirtypages: soft-dirty of pid %d: %w", pid, err)
 	}
-	s, err := newSoftDirty(pid, m, src, opts)
+	s, err := newLockedSoftDirty(pid, m, src, opts)
 	if err != nil {
 		src.Close()
 		return nil, err
@@ -176,6 +217,58 @@ func NewSoftDirty(pid int, m Mapping, opts Options) (*SoftDirty, error) {
 	return s, nil
 }
 
+// newLockedSoftDirty is NewSoftDirty on src, without the kernel check: it
+// checks from src's smaps that m is locked in memory, then makes the
+// tracker.
+func newLockedSoftDirty(pid int, m Mapping, src pagemapSource, opts Options) (*SoftDirty, error) {
+	b, err := src.Smaps()
+	if err != nil {
+		return nil, fmt.Errorf("dirtypages: soft-dirty of pid %d: %w", pid, err)
+	}
+	vmas, err := parseSmaps(bytes.NewReader(b))
+	if err != nil {
+		return nil, fmt.Errorf("dirtypages: soft-dirty of pid %d: smaps: %w", pid, err)
+	}
+	if err := checkLocked(pid, m, vmas); err != nil {
+		return nil, err
+	}
+	return newSoftDirty(pid, m, src, opts)
+}
+
+// checkLocked checks that the VMAs of vmas (the process's smaps) cover m
+// without a gap, all map m's file, and all have VM_LOCKED. It does not rely
+// on smaps' Locked: field: that counts only resident pages, and only the
+// process's proportional share of pages that other processes map too (the
+// agent maps guest RAM as well), so it falls short of Size even for a
+// locked VMA.
+func checkLocked(pid int, m Mapping, vmas []vma) error {
+	next := m.Start
+	var unlocked []string
+	for _, v := range vmas {
+		if v.End <= next || v.Start >= m.End {
+			continue
+		}
+		if v.Start > next || v.Inode != m.Inode || v.Major != m.Major || v.Minor != m.Minor {
+			return fmt.Errorf("dirtypages: soft-dirty of pid %d: smaps no longer shows %s mapped at %#x-%#x (at %#x: %v)", pid, m.Path, m.Start, m.End, next, v.Mapping)
+		}
+		if !v.hasFlag("lo") {
+			unlocked = append(unlocked, fmt.Sprintf("%#x-%#x", max(v.Start, m.Start), min(v.End, m.End)))
+		}
+		next = v.End
+	}
+	if next < m.End {
+		return fmt.Errorf("dirtypages: soft-dirty of pid %d: smaps no longer shows %s mapped at %#x-%#x (nothing at %#x)", pid, m.Path, m.Start, m.End, next)
+	}
+	if len(unlocked) > 0 {
+		return fmt.Errorf("%w: pid %d maps %s at %#x-%#x without VM_LOCKED (unlocked: %s), so swap-out or writeback could drop "+
+			"pages' soft-dirty bits and lose their writes: start QEMU with -overcommit mem-lock=on, or use the compare tracker",
+			ErrRAMNotLocked, pid, m.Path, m.Start, m.End, strings.Join(unlocked, ", "))
+	}
+	return nil
+}
+
+// newSoftDirty makes the tracker of m on src, without checking the kernel
+// or the lock: tests and benchmarks use it on mappings of their own.
 func newSoftDirty(pid int, m Mapping, src pagemapSource, opts Options) (*SoftDirty, error) {
 	opts, err := opts.withDefaults(1)
 	if err != nil {
@@ -187,27 +280,37 @@ func newSoftDirty(pid int, m Mapping, src pagemapSource, opts Options) (*SoftDir
 	case m.Offset != 0:
 		return nil, fmt.Errorf("dirtypages: soft-dirty of pid %d: mapping %#x-%#x starts at offset %#x of %s, not at its start", pid, m.Start, m.End, m.Offset, m.Path)
 	}
+	pages := m.Pages()
 	return &SoftDirty{
 		pid:     pid,
 		m:       m,
 		src:     src,
-		pages:   m.Pages(),
+		pages:   pages,
 		workers: opts.Workers,
 		batch:   opts.BatchPages,
 		full:    true,
+		present: NewSet(pages),
+		spare:   NewSet(pages),
 	}, nil
 }
 
 // Pages is the number of pages tracked.
 func (s *SoftDirty) Pages() int { return s.pages }
 
-// Harvest reads the soft-dirty bits of the mapping from pagemap, then clears
-// the bits of the whole process. Nothing may write the mapping between the
-// read and the clear (a write there would be lost): the guest must be
-// paused (QMP stop, which also drains QEMU's block I/O) for the whole call.
+// Harvest reads the soft-dirty and present bits of the mapping from
+// pagemap, then clears the soft-dirty bits of the whole process. Nothing may
+// write the mapping between the read and the clear (a write there would be
+// lost): the guest must be paused (QMP stop, which also drains QEMU's block
+// I/O) for the whole call.
 //
-// The first Harvest, and the first successful one after a failure, only
-// clears and reports every page.
+// It reports the pages whose soft-dirty bit is set, and also every page
+// that was present at the previous harvest and is not now: whatever
+// unmapped it (reclaim, a hole punched) also dropped its soft-dirty bit,
+// so a write before that would otherwise go unseen. See the package
+// documentation for what this leaves to the lock NewSoftDirty checks.
+//
+// The first Harvest, and the first successful one after a failure, records
+// which pages are present, clears and reports every page.
 func (s *SoftDirty) Harvest(ctx context.Context) (*Set, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -220,23 +323,31 @@ func (s *SoftDirty) Harvest(ctx context.Context) (*Set, error) {
 	full := s.full
 	s.full = true
 	set := NewSet(s.pages)
+	prev := s.present
+	if full {
+		prev = nil
+	}
+	if err := s.scan(ctx, set, s.spare, prev); err != nil {
+		return nil, fmt.Errorf("dirtypages: pagemap of pid %d: %w", s.pid, err)
+	}
 	if full {
 		set.AddRange(0, s.pages)
-	} else if err := s.scan(ctx, set, pmSoftDirty); err != nil {
-		return nil, fmt.Errorf("dirtypages: pagemap of pid %d: %w", s.pid, err)
 	}
 	if err := s.src.ClearSoftDirty(); err != nil {
 		return nil, fmt.Errorf("dirtypages: clear_refs of pid %d: %w", s.pid, err)
 	}
+	s.present, s.spare = s.spare, s.present
 	s.full = false
 	return set, nil
 }
 
 // scan reads the pagemap entries of the mapping, at most s.batch pages per
-// read, spread over the workers, and adds to set the pages whose entry has bit
-// set. Each batch covers whole words of set's bitmap, so workers never
-// write the same word.
-func (s *SoftDirty) scan(ctx context.Context, set *Set, bit uint) error {
+// read, spread over the workers. It puts in dirty the pages whose entry is
+// soft-dirty and, when prev is not nil, those in prev whose entry is not
+// present; it overwrites present with the pages whose entry is present.
+// Each batch covers whole words of the bitmaps, so workers never write the
+// same word.
+func (s *SoftDirty) scan(ctx context.Context, dirty, present, prev *Set) error {
 	// Smaller batches when that gives every worker some.
 	batch := min(s.batch, ((s.pages+s.workers-1)/s.workers+63)&^63)
 	batches := (s.pages + batch - 1) / batch
@@ -278,7 +389,12 @@ func (s *SoftDirty) scan(ctx context.Context, set *Set, bit uint) error {
 				fail(err)
 				return
 			}
-			decode(set.words[first>>6:], buf[:n], bit)
+			w := first >> 6
+			var was []uint64
+			if prev != nil {
+				was = prev.words[w:]
+			}
+			decode(dirty.words[w:], present.words[w:], was, buf[:n])
 		}
 	}
 	for range workers - 1 {
@@ -289,23 +405,29 @@ func (s *SoftDirty) scan(ctx context.Context, set *Set, bit uint) error {
 	return failed
 }
 
-// decode packs bit of each pagemap entry into bitmap words, 64 entries per
-// word, overwriting words.
-func decode(words []uint64, entries []uint64, bit uint) {
-	for len(entries) > 0 {
+// decode packs the soft-dirty and present bits of pagemap entries into
+// bitmap words, 64 entries per word, overwriting the words of dirty and
+// present. When was (the present words of the previous harvest) is not nil,
+// a page present in was and not now is put in dirty as well.
+func decode(dirty, present, was []uint64, entries []uint64) {
+	for i := 0; len(entries) > 0; i++ {
 		e := entries[:min(64, len(entries))]
-		var w uint64
+		var d, p uint64
 		for k, v := range e {
-			w |= (v >> bit & 1) << uint(k)
+			d |= (v >> pmSoftDirty & 1) << uint(k)
+			p |= (v >> pmPresent & 1) << uint(k)
 		}
-		words[0] = w
-		words = words[1:]
+		if was != nil {
+			d |= was[i] &^ p
+		}
+		dirty[i] = d
+		present[i] = p
 		entries = entries[len(e):]
 	}
 }
 
-// Close closes the pagemap and clear_refs files. The soft-dirty bits are
-// left as they are.
+// Close closes the pagemap, smaps and clear_refs files. The soft-dirty
+// bits are left as they are.
 func (s *SoftDirty) Close() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()

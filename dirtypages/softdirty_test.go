@@ -24,6 +24,8 @@ type fakePagemap struct {
 	readErr  error // returned by every read while set
 	shortAt  int   // a read covering this entry stops before it; -1 for none
 	clearErr error
+	smaps    string // what Smaps returns
+	smapsErr error  // returned by Smaps while set
 	closed   bool
 }
 
@@ -69,6 +71,15 @@ func (f *fakePagemap) ClearSoftDirty() error {
 		f.entries[i] &^= 1 << pmSoftDirty
 	}
 	return nil
+}
+
+func (f *fakePagemap) Smaps() ([]byte, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.smapsErr != nil {
+		return nil, f.smapsErr
+	}
+	return []byte(f.smaps), nil
 }
 
 func (f *fakePagemap) Close() error {
@@ -240,8 +251,8 @@ func TestPagemapReadPathOwn(t *testing.T) {
 	for _, p := range touched {
 		writePage(mem, p, 0, 1) // a write fault maps just this page
 	}
-	got := NewSet(n)
-	if err := sd.scan(context.Background(), got, pmPresent); err != nil {
+	dirty, got := NewSet(n), NewSet(n)
+	if err := sd.scan(context.Background(), dirty, got, nil); err != nil {
 		t.Fatal(err)
 	}
 	wantSet(t, "present pages", got, setOf(n, touched...))
@@ -326,4 +337,254 @@ func requireSoftDirty(t *testing.T) {
 		}
 		t.Skip(err.Error())
 	}
+}
+
+// smapsVMA formats m as an entry of /proc/PID/smaps with VmFlags flags,
+// with the fields the kernel prints in between. Locked shows half of Size,
+// as it does for a locked VMA whose pages another process (the agent) maps
+// too: the check must not rely on it.
+func smapsVMA(m Mapping, flags string) string {
+	kb := m.Len() >> 10
+	locked := uintptr(0)
+	if strings.Contains(" "+flags+" ", " lo ") {
+		locked = kb / 2
+	}
+	return fmt.Sprintf("%x-%x %s %08x %02x:%02x %d                       %s\n"+
+		"Size:           %8d kB\nKernelPageSize:        4 kB\nMMUPageSize:           4 kB\n"+
+		"Rss:            %8d kB\nPss:            %8d kB\nSwap:                  0 kB\n"+
+		"Locked:         %8d kB\nTHPeligible:    0\nVmFlags: %s\n",
+		m.Start, m.End, m.Perms, m.Offset, m.Major, m.Minor, m.Inode, m.Path, kb, kb, kb/2, locked, flags)
+}
+
+// Flags of a shared read-write mapping of guest RAM, unlocked and locked
+// (VM_LOCKED: "lo"), as smaps shows them.
+const (
+	ramFlags       = "rd wr sh mr mw me ms sd"
+	lockedRAMFlags = "rd wr sh mr mw me ms lo sd"
+)
+
+// lockTestRAM is guest RAM of 64 pages at 0x7f0000000000 that QEMU maps in
+// two VMAs (the kernel splits a mapping when part of it changes flags),
+// with smaps entries around it.
+var lockTestRAM = struct {
+	m, lo, hi, before, after Mapping
+}{
+	m:      Mapping{Start: 0x7f0000000000, End: 0x7f0000040000, Perms: "rw-s", Minor: 0x1a, Inode: 4242, Path: "/dev/shm/vm.ram"},
+	lo:     Mapping{Start: 0x7f0000000000, End: 0x7f0000020000, Perms: "rw-s", Minor: 0x1a, Inode: 4242, Path: "/dev/shm/vm.ram"},
+	hi:     Mapping{Start: 0x7f0000020000, End: 0x7f0000040000, Perms: "rw-s", Offset: 0x20000, Minor: 0x1a, Inode: 4242, Path: "/dev/shm/vm.ram"},
+	before: Mapping{Start: 0x55f88adc1000, End: 0x55f88adc3000, Perms: "r--p", Major: 0xfe, Inode: 247026, Path: "/usr/bin/qemu-system-x86_64"},
+	after:  Mapping{Start: 0x7f0000040000, End: 0x7f0000041000, Perms: "---p"},
+}
+
+// lockedSmaps is smaps of a process whose guest RAM (lockTestRAM) is
+// locked, and nothing else is.
+func lockedSmaps() string {
+	r := lockTestRAM
+	return smapsVMA(r.before, "rd mr mw me dw sd") + smapsVMA(r.lo, lockedRAMFlags) + smapsVMA(r.hi, lockedRAMFlags) + smapsVMA(r.after, "mr mw me sd")
+}
+
+func TestParseSmaps(t *testing.T) {
+	vmas, err := parseSmaps(strings.NewReader(lockedSmaps()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(vmas) != 4 {
+		t.Fatalf("%d VMAs, want 4: %+v", len(vmas), vmas)
+	}
+	if vmas[2].Mapping != lockTestRAM.hi || !vmas[2].hasFlag("lo") || !vmas[2].hasFlag("sh") || vmas[2].hasFlag("l") {
+		t.Errorf("VMA 2 parsed as %+v", vmas[2])
+	}
+	if vmas[0].hasFlag("lo") || vmas[3].Path != "" {
+		t.Errorf("VMAs 0 and 3 parsed as %+v, %+v", vmas[0], vmas[3])
+	}
+	if _, err := parseSmaps(strings.NewReader("Size: 4 kB\n")); err == nil {
+		t.Error("a field before any mapping was accepted")
+	}
+}
+
+// TestSoftDirtyAcceptsLockedRAM: guest RAM whose VMAs all have VM_LOCKED
+// is tracked, although smaps' Locked: shows less than Size.
+func TestSoftDirtyAcceptsLockedRAM(t *testing.T) {
+	r := lockTestRAM
+	fake := newFakePagemap(r.m.Start, r.m.Pages())
+	fake.smaps = lockedSmaps()
+	sd, err := newLockedSoftDirty(1234, r.m, fake, Options{})
+	if err != nil {
+		t.Fatalf("locked RAM refused: %v", err)
+	}
+	defer sd.Close()
+	wantSet(t, "first harvest", harvest(t, sd), NewFullSet(r.m.Pages()))
+	fake.write(3)
+	wantSet(t, "second harvest", harvest(t, sd), setOf(r.m.Pages(), 3))
+}
+
+// TestSoftDirtyRefusesUnlockedRAM: guest RAM with a VMA lacking VM_LOCKED
+// is refused with ErrRAMNotLocked and a message naming what is unlocked
+// and the fix; smaps that no longer show the mapping, or cannot be read,
+// are refused too.
+func TestSoftDirtyRefusesUnlockedRAM(t *testing.T) {
+	r := lockTestRAM
+	for _, tc := range []struct {
+		name     string
+		smaps    string
+		smapsErr error
+		notLock  bool     // the error wraps ErrRAMNotLocked
+		want     []string // in the message
+	}{{
+		name:    "unlocked",
+		smaps:   smapsVMA(r.before, "rd mr mw me dw sd lo") + smapsVMA(r.lo, ramFlags) + smapsVMA(r.hi, ramFlags),
+		notLock: true,
+		want: []string{
+			"dirtypages: guest RAM not locked in memory: pid 1234 maps /dev/shm/vm.ram at 0x7f0000000000-0x7f0000040000 without VM_LOCKED",
+			"(unlocked: 0x7f0000000000-0x7f0000020000, 0x7f0000020000-0x7f0000040000)",
+			"start QEMU with -overcommit mem-lock=on, or use the compare tracker",
+		},
+	}, {
+		name:    "half locked",
+		smaps:   smapsVMA(r.lo, lockedRAMFlags) + smapsVMA(r.hi, ramFlags),
+		notLock: true,
+		want:    []string{"(unlocked: 0x7f0000020000-0x7f0000040000)", "-overcommit mem-lock=on"},
+	}, {
+		name:    "no VmFlags",
+		smaps:   strings.ReplaceAll(smapsVMA(r.m, lockedRAMFlags), "VmFlags: "+lockedRAMFlags+"\n", ""),
+		notLock: true,
+		want:    []string{"-overcommit mem-lock=on"},
+	}, {
+		name:  "mapping gone",
+		smaps: smapsVMA(r.before, "rd mr mw me dw sd"),
+		want:  []string{"dirtypages: soft-dirty of pid 1234: smaps no longer shows /dev/shm/vm.ram mapped at 0x7f0000000000-0x7f0000040000 (nothing at 0x7f0000000000)"},
+	}, {
+		name:  "half gone",
+		smaps: smapsVMA(r.lo, lockedRAMFlags),
+		want:  []string{"(nothing at 0x7f0000020000)"},
+	}, {
+		name:  "another file there",
+		smaps: smapsVMA(r.lo, lockedRAMFlags) + smapsVMA(Mapping{Start: r.hi.Start, End: r.hi.End, Perms: "rw-s", Minor: 0x1a, Inode: 99, Path: "/dev/shm/other"}, lockedRAMFlags),
+		want:  []string{"smaps no longer shows /dev/shm/vm.ram", "/dev/shm/other"},
+	}, {
+		name:     "smaps unreadable",
+		smapsErr: errors.New("read smaps: permission denied"),
+		want:     []string{"dirtypages: soft-dirty of pid 1234: read smaps: permission denied"},
+	}, {
+		name:  "smaps garbled",
+		smaps: "Size: 4 kB\n",
+		want:  []string{"dirtypages: soft-dirty of pid 1234: smaps: line 1"},
+	}} {
+		t.Run(tc.name, func(t *testing.T) {
+			fake := newFakePagemap(r.m.Start, r.m.Pages())
+			fake.smaps, fake.smapsErr = tc.smaps, tc.smapsErr
+			sd, err := newLockedSoftDirty(1234, r.m, fake, Options{})
+			if err == nil {
+				sd.Close()
+				t.Fatal("accepted")
+			}
+			if errors.Is(err, ErrRAMNotLocked) != tc.notLock {
+				t.Errorf("errors.Is(err, ErrRAMNotLocked) = %v: %v", !tc.notLock, err)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q lacks %q", err, w)
+				}
+			}
+			if fake.clears != 0 {
+				t.Errorf("refused, yet cleared the soft-dirty bits %d times", fake.clears)
+			}
+		})
+	}
+}
+
+// TestAutoFallsBackToCompare: the automatic choice takes soft-dirty for
+// locked RAM and falls back to compare for unlocked RAM, giving the reason.
+func TestAutoFallsBackToCompare(t *testing.T) {
+	r := lockTestRAM
+	ram := mapShared(t, newMemfd(t, "dirtypages-auto", int(r.m.Len())), int(r.m.Len()))
+	choose := func(smaps string) (Tracker, error, error) {
+		fake := newFakePagemap(r.m.Start, r.m.Pages())
+		fake.smaps = smaps
+		return chooseTracker(r.m, ram, Options{}, func() (*SoftDirty, error) {
+			return newLockedSoftDirty(1234, r.m, fake, Options{})
+		})
+	}
+
+	tr, fallback, err := choose(lockedSmaps())
+	if err != nil || fallback != nil {
+		t.Fatalf("locked RAM: fallback %v, err %v", fallback, err)
+	}
+	if _, ok := tr.(*SoftDirty); !ok {
+		t.Fatalf("locked RAM: chose %T", tr)
+	}
+	tr.Close()
+
+	tr, fallback, err = choose(smapsVMA(r.m, ramFlags))
+	if err != nil {
+		t.Fatalf("unlocked RAM: %v", err)
+	}
+	defer tr.Close()
+	if _, ok := tr.(*Compare); !ok {
+		t.Fatalf("unlocked RAM: chose %T", tr)
+	}
+	if !errors.Is(fallback, ErrRAMNotLocked) || !strings.Contains(fallback.Error(), "-overcommit mem-lock=on") {
+		t.Fatalf("unlocked RAM: fallback reason %v", fallback)
+	}
+	if tr.Pages() != r.m.Pages() {
+		t.Fatalf("compare tracks %d pages, want %d", tr.Pages(), r.m.Pages())
+	}
+
+	if _, _, err := chooseTracker(r.m, ram[:PageSize], Options{}, nil); err == nil || !strings.Contains(err.Error(), "RAM mapped here is 4096 bytes") {
+		t.Fatalf("RAM of the wrong size: %v", err)
+	}
+}
+
+// reclaim makes the fake entries what pagemap shows of pages that reclaim
+// took: no page table entry, so neither present nor soft-dirty.
+func (f *fakePagemap) reclaim(entries ...int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, i := range entries {
+		f.entries[i] = 0
+	}
+}
+
+// TestSoftDirtyReportsReclaimedPage: a page present at one harvest and not
+// at the next is reported dirty, whatever its soft-dirty bit, since
+// whatever unmapped it dropped the bit.
+func TestSoftDirtyReportsReclaimedPage(t *testing.T) {
+	const n = 200
+	const start = 0x10000000
+	m := Mapping{Start: start, End: start + n*PageSize, Inode: 1}
+	fake := newFakePagemap(start, n)
+	sd, err := newSoftDirty(77, m, fake, Options{Workers: 2, BatchPages: 64})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sd.Close()
+	fake.write(1, 2, 3, 4, 63, 64, 150)
+	wantSet(t, "first harvest", harvest(t, sd), NewFullSet(n))
+
+	// Present at the first harvest, so in its baseline: written then
+	// reclaimed (1, 64), reclaimed unwritten (2: reported too, harmlessly),
+	// swapped out or being migrated (3: pagemap shows a swap entry).
+	fake.write(1, 64)
+	fake.reclaim(1, 64, 2)
+	fake.entries[3] = 1 << 62
+	fake.write(5)                    // never present before: its soft-dirty bit tells
+	fake.entries[6] = 1 << pmPresent // faulted in by a read: not reported
+	wantSet(t, "after reclaim", harvest(t, sd), setOf(n, 1, 2, 3, 5, 64))
+
+	// Still absent: reported once, not again.
+	wantSet(t, "still reclaimed", harvest(t, sd), setOf(n))
+
+	// Read back in (present, clean): nothing to report; then reclaimed
+	// again, across a failed harvest.
+	fake.entries[1] = 1 << pmPresent
+	wantSet(t, "read back", harvest(t, sd), setOf(n))
+	fake.readErr = errors.New("input/output error")
+	if _, err := sd.Harvest(context.Background()); err == nil {
+		t.Fatal("harvest with a failing pagemap succeeded")
+	}
+	fake.readErr = nil
+	fake.reclaim(1)
+	wantSet(t, "after the failure", harvest(t, sd), NewFullSet(n))
+	fake.reclaim(150)
+	wantSet(t, "reclaimed after the resync", harvest(t, sd), setOf(n, 150))
 }

@@ -62,3 +62,31 @@ func (o Options) withDefaults(defaultWorkers int) (Options, error) {
 	o.BatchPages = (o.BatchPages + 63) &^ 63
 	return o, nil
 }
+
+// NewAuto picks the tracker for guest RAM that process pid (QEMU) maps at m
+// and this process at ram: a SoftDirty tracker when NewSoftDirty accepts m,
+// a Compare tracker of ram otherwise. When it falls back to Compare,
+// fallback is NewSoftDirty's error, which says why: it wraps
+// ErrSoftDirtyUnsupported when the kernel cannot track, and ErrRAMNotLocked,
+// naming the fix (QEMU's -overcommit mem-lock=on), when guest RAM is not
+// locked in memory; the caller should tell the user. err is set only when
+// no tracker could be made. ram must be as long as m.
+func NewAuto(pid int, m Mapping, ram []byte, opts Options) (tr Tracker, fallback error, err error) {
+	return chooseTracker(m, ram, opts, func() (*SoftDirty, error) { return NewSoftDirty(pid, m, opts) })
+}
+
+// chooseTracker is NewAuto with the soft-dirty constructor as a parameter.
+func chooseTracker(m Mapping, ram []byte, opts Options, softDirty func() (*SoftDirty, error)) (tr Tracker, fallback error, err error) {
+	if uintptr(len(ram)) != m.Len() {
+		return nil, nil, fmt.Errorf("dirtypages: choose a tracker: RAM mapped here is %d bytes, QEMU's mapping %#x-%#x of %s is %d", len(ram), m.Start, m.End, m.Path, m.Len())
+	}
+	sd, fallback := softDirty()
+	if fallback == nil {
+		return sd, nil, nil
+	}
+	c, err := NewCompare(ram, opts)
+	if err != nil {
+		return nil, fallback, fmt.Errorf("dirtypages: choose a tracker: soft-dirty unusable (%v), and compare: %w", fallback, err)
+	}
+	return c, fallback, nil
+}
