@@ -6,6 +6,7 @@ import (
 	"crypto/hmac"
 	"crypto/sha256"
 	"errors"
+	"io"
 	"net"
 	"strings"
 	"testing"
@@ -156,5 +157,66 @@ func TestAuthReplayAndTamper(t *testing.T) {
 	}
 	if _, err := b3.Recv(t.Context()); !errors.Is(err, ErrSequence) {
 		t.Fatalf("the same frame again: %v, want ErrSequence", err)
+	}
+}
+
+// TestAuthReflectingPeer: a peer without the key that sends back every
+// byte it receives (our own Auth frame, then our key confirmation, tag and
+// all) must not pass Authenticate, on either side of the handshake, and no
+// frame it sends is accepted afterwards.
+func TestAuthReflectingPeer(t *testing.T) {
+	for _, tt := range []struct {
+		name      string
+		initiator bool
+	}{
+		{"we dialled", true},
+		{"we accepted", false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			c1, c2 := net.Pipe()
+			a := NewConn(c1)
+			defer a.Close()
+			defer c2.Close()
+			go io.Copy(c2, c2) // the mirror
+			ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+			defer cancel()
+			err := a.Authenticate(ctx, testKey, tt.initiator)
+			if !errors.Is(err, ErrAuth) {
+				t.Fatalf("Authenticate against a mirror = %v, want ErrAuth", err)
+			}
+			// Whatever the mirror sends next is refused, and nothing more
+			// goes out to it.
+			go a.SendMessage(ctx, 1, Heartbeat{SentUnixNano: 1})
+			if f, err := a.Recv(ctx); !errors.Is(err, ErrAuth) {
+				t.Fatalf("after the failed Authenticate, Recv = %v, %v; want ErrAuth", f, err)
+			}
+		})
+	}
+}
+
+// TestAuthReflectedFrame: on an authenticated connection, a frame of our
+// own sent back to us in place of the peer's (same seq, tag intact) is
+// refused: each direction has its own key.
+func TestAuthReflectedFrame(t *testing.T) {
+	for _, side := range []string{"initiator", "acceptor"} {
+		t.Run(side, func(t *testing.T) {
+			a, b, errA, errB := authPair(t, testKey, testKey)
+			if errA != nil || errB != nil {
+				t.Fatal(errA, errB)
+			}
+			if side == "acceptor" {
+				a, b = b, a
+			}
+			// a's next frame, as it leaves a, fed back to a as if b
+			// sent it (b's next seq is the same: both sent two Auths).
+			own := sentRaw(t, a, b, 7)
+			if own.Seq != a.r.last+1 {
+				t.Fatalf("seq %d, a expects %d", own.Seq, a.r.last+1)
+			}
+			feed(a, own)
+			if f, err := a.Recv(t.Context()); !errors.Is(err, ErrAuth) || !strings.Contains(err.Error(), "wrong tag") {
+				t.Fatalf("own frame reflected: %v, %v; want ErrAuth (wrong tag)", f, err)
+			}
+		})
 	}
 }

@@ -28,8 +28,10 @@ type Conn struct {
 	r        *Reader
 
 	// sendMAC and recvMAC are set by Authenticate; each is used only under
-	// its turn.
+	// its turn. sendMAC keys this side's direction, recvMAC the peer's.
 	sendMAC, recvMAC hash.Hash
+	// authErr is set when Authenticate failed: Send and Recv refuse.
+	authErr error
 
 	closeOnce sync.Once
 	closeErr  error
@@ -68,6 +70,9 @@ func (c *Conn) Send(ctx context.Context, f Frame) error {
 		return fmt.Errorf("transport: send %s (epoch %d): waiting for another Send: %w", f.Type, f.Epoch, err)
 	}
 	defer func() { <-c.sendTurn }()
+	if c.authErr != nil {
+		return fmt.Errorf("transport: send %s (epoch %d): %w", f.Type, f.Epoch, c.authErr)
+	}
 	f.Seq = c.seq + 1
 	if c.sendMAC != nil {
 		f = c.seal(f)
@@ -114,6 +119,9 @@ func (c *Conn) Recv(ctx context.Context) (Frame, error) {
 		return Frame{}, fmt.Errorf("transport: recv: waiting for another Recv: %w", err)
 	}
 	defer func() { <-c.recvTurn }()
+	if c.authErr != nil {
+		return Frame{}, fmt.Errorf("transport: recv: %w", c.authErr)
+	}
 	if err := ctx.Err(); err != nil {
 		return Frame{}, fmt.Errorf("transport: recv: %w", context.Cause(ctx))
 	}

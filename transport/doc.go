@@ -63,8 +63,17 @@
 //
 // Sequence numbers start at 1 in each direction and grow by exactly one per
 // frame; Reader rejects a gap, a repeat or a reorder (ErrSequence). They are
-// the basis for replay protection once frames are authenticated
-// (FlagAuthenticated, reserved).
+// the basis for replay protection on an authenticated connection.
+//
+// # Authentication
+//
+// With a pre-shared key (Conn.Authenticate) each side first sends an Auth
+// frame with a fresh nonce; each direction then has its own key, derived
+// from the key and both nonces (see auth.go), and every later frame has
+// FlagAuthenticated and ends in a TagSize-byte HMAC-SHA256 tag made with
+// the key of the direction it travels in. A frame sent back to its sender
+// (reflection) therefore fails the tag check, and so does a peer that sends
+// back this side's own nonce as its own.
 //
 // # Compatibility rules
 //

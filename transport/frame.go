@@ -127,7 +127,8 @@ const (
 	FlagCompressed Flags = 1 << 0
 	// FlagAuthenticated marks a frame whose payload ends in an
 	// HMAC-SHA256 tag over its type, flags, epoch, seq and payload, keyed
-	// with the connection's session key (see Conn.Authenticate).
+	// with the key of the direction it travels in (see
+	// Conn.Authenticate).
 	FlagAuthenticated Flags = 1 << 1
 
 	// flagsDefined are the bits that have a meaning in some version.
