@@ -23,7 +23,7 @@ setup:
 	$(GO) mod download
 
 demo: setup
-	$(SUDO) $(GO) run ./cmd/remus-demo $(if $(REMUS_QEMU),--qemu '$(REMUS_QEMU)')
+	$(SUDO) $(GO) run ./cmd/remus-demo $(if $(REMUS_QEMU),--qemu '$(REMUS_QEMU)') $(if $(REMUS_ACCEL),--accel '$(REMUS_ACCEL)')
 
 test: setup vet
 	$(GO) test -race -timeout 45m ./...

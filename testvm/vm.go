@@ -4,7 +4,8 @@
 // dirtying memory at a set rate. It runs under QEMU with its RAM in a shared
 // backend (a file under /dev/shm, or a memfd), a QMP socket, the serial
 // console in a file and its NIC on a -netdev stream socket or a tap, with
-// KVM where /dev/kvm is usable and TCG otherwise.
+// KVM where QEMU can run a guest under it (see ChooseAccel: a /dev/kvm that
+// opens is not enough) and TCG otherwise.
 //
 // Config.Args renders the QEMU command line deterministically, so the backup
 // side can start the very same machine again with only the RAM path and
@@ -104,7 +105,8 @@ type Config struct {
 	SerialLog string   // file receiving the serial console
 	Disk      string   // raw disk image attached as virtio-blk; empty for none
 	NIC       NIC
-	// Accel is "kvm" or "tcg"; empty picks kvm when /dev/kvm is usable.
+	// Accel is "kvm" or "tcg". Start fills in an empty one with
+	// ChooseAccel's answer; Args needs it set.
 	Accel string
 	// Incoming, when set, starts QEMU waiting for an incoming migration
 	// ("defer" to give the URI later with migrate-incoming).
@@ -131,24 +133,7 @@ func (c Config) withDefaults() Config {
 	if c.NIC.MAC == "" {
 		c.NIC.MAC = DefaultMAC
 	}
-	if c.Accel == "" {
-		c.Accel = "tcg"
-		if KVMUsable() {
-			c.Accel = "kvm"
-		}
-	}
 	return c
-}
-
-// KVMUsable reports whether /dev/kvm can be opened for reading and writing,
-// that is whether QEMU can run the guest with -accel kvm.
-func KVMUsable() bool {
-	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
-	if err != nil {
-		return false
-	}
-	f.Close()
-	return true
 }
 
 // Validate reports configurations QEMU would reject or that could not be
@@ -172,7 +157,9 @@ func (c Config) Validate() error {
 		return errors.New("testvm: tap NIC needs a tap name")
 	case c.NIC.Mode != NICNone && !c.Guest.IP.IsValid() && c.Guest.Exec == "":
 		return errors.New("testvm: a guest with a NIC needs Guest.IP")
-	case c.Accel != "kvm" && c.Accel != "tcg":
+	case c.Accel == "":
+		return errors.New("testvm: no accelerator chosen (set Config.Accel, for example from ChooseAccel)")
+	case c.Accel != AccelKVM && c.Accel != AccelTCG:
 		return fmt.Errorf("testvm: unknown accelerator %q", c.Accel)
 	}
 	return nil
@@ -225,7 +212,7 @@ func (c Config) Args() ([]string, error) {
 		"-display", "none", "-vga", "none",
 		"-machine", "q35,memory-backend=" + RAMBackendID,
 		"-accel", c.Accel,
-		"-cpu", map[string]string{"kvm": "host", "tcg": "max"}[c.Accel],
+		"-cpu", cpuModel(c.Accel),
 		"-smp", strconv.Itoa(c.CPUs),
 		"-m", mem,
 	}
@@ -283,6 +270,13 @@ type VM struct {
 // Start launches QEMU. The process dies with the calling process (SIGKILL on
 // parent death) and Close always kills it.
 func Start(ctx context.Context, c Config) (*VM, error) {
+	if c.Accel == "" {
+		choice, err := ChooseAccel(ctx, c.QEMU, "")
+		if err != nil {
+			return nil, err
+		}
+		c.Accel = choice.Accel
+	}
 	args, err := c.Args()
 	if err != nil {
 		return nil, err

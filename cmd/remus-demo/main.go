@@ -12,6 +12,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/signal"
 	"syscall"
@@ -20,9 +21,13 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/remus-kvm/remus/internal/testenv"
+	"github.com/remus-kvm/remus/testvm"
 )
 
 func main() {
+	// The demo tells its own story, the accelerator and why included; the
+	// library's warnings would only repeat it.
+	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError})))
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if err := app().RunContext(ctx, os.Args); err != nil {
@@ -45,6 +50,7 @@ func app() *cli.App {
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "qemu", Value: "qemu-system-x86_64", EnvVars: []string{testenv.QEMUEnv},
 				Usage: "QEMU system emulator to run the guest with"},
+			&cli.StringFlag{Name: "accel", Value: "auto", EnvVars: []string{testvm.AccelEnv}, Usage: testvm.AccelUsage},
 			&cli.StringFlag{Name: "remusd", Usage: "remusd binary to use (default: build cmd/remusd of this module)"},
 			&cli.DurationFlag{Name: "protect-for", Value: 5 * time.Second,
 				Usage: "how long the guest runs protected, serving the client, before the primary is killed"},
@@ -60,6 +66,7 @@ func app() *cli.App {
 			}
 			return run(c.Context, config{
 				QEMU:             c.String("qemu"),
+				Accel:            c.String("accel"),
 				Remusd:           c.String("remusd"),
 				ProtectFor:       c.Duration("protect-for"),
 				DirtyPerSec:      c.Int("dirty"),

@@ -25,6 +25,7 @@ import (
 // config is what the command line sets.
 type config struct {
 	QEMU             string
+	Accel            string        // kvm, tcg or auto (probe)
 	Remusd           string        // empty: build cmd/remusd
 	ProtectFor       time.Duration // protected run before the kill
 	DirtyPerSec      int
@@ -117,11 +118,13 @@ func run(ctx context.Context, cfg config, w io.Writer) (err error) {
 			err = fmt.Errorf("%w (%v)", errInterrupted, err)
 		}
 	}()
-	d.banner()
+	if err := d.banner(ctx); err != nil {
+		return err
+	}
 
 	d.out.step("setting up: building the guest's initramfs%s, creating its outside network",
 		map[bool]string{true: " and remusd", false: ""}[cfg.Remusd == ""])
-	d.l, err = lab.New(ctx, lab.Options{QEMU: cfg.QEMU, Remusd: cfg.Remusd})
+	d.l, err = lab.New(ctx, lab.Options{QEMU: cfg.QEMU, Remusd: cfg.Remusd, Accel: cfg.Accel})
 	if err != nil {
 		return fmt.Errorf("setting up: %w", err)
 	}
@@ -149,16 +152,24 @@ func run(ctx context.Context, cfg config, w io.Writer) (err error) {
 	return nil
 }
 
-func (d *demo) banner() {
+// banner says what the demo runs, including the accelerator and why: the
+// probe (or --accel) decides, and a fallback to TCG gives QEMU's reason.
+func (d *demo) banner(ctx context.Context) error {
+	choice, err := testvm.ChooseAccel(ctx, d.cfg.QEMU, d.cfg.Accel)
+	if err != nil {
+		return err
+	}
 	accel := "KVM"
-	if !testvm.KVMUsable() {
-		accel = "TCG (no usable /dev/kvm, so the guest is emulated and everything is slower)"
+	if choice.Accel == testvm.AccelTCG {
+		accel = "TCG, so the guest is emulated and everything is slower"
 	}
 	d.out.plain("remus-kvm demo: a protected VM keeps running through the death of its host")
 	d.out.plain("  QEMU     %s, %s", d.cfg.QEMU, accel)
+	d.out.plain("  accel    %s", choice.Reason)
 	d.out.plain("  guest    256 MiB, counter service on %s, page dirtier at %d pages/s", lab.GuestSvc, d.cfg.DirtyPerSec)
 	d.out.plain("  remus    %v epochs, backup declares the primary dead after %v of silence", d.cfg.Epoch, d.cfg.HeartbeatTimeout)
 	d.out.plain("")
+	return nil
 }
 
 // boot starts the guest on the primary and the primary remusd, which

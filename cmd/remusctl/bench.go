@@ -25,6 +25,7 @@ type benchOptions struct {
 	For, Epoch time.Duration
 	Compress   bool
 	QEMU       string
+	Accel      string
 	Remusd     string
 }
 
@@ -45,6 +46,7 @@ type ClientStats struct {
 type Result struct {
 	Workload     string         `json:"workload"`
 	Accel        string         `json:"accel"`
+	AccelReason  string         `json:"accel_reason"`
 	Compress     bool           `json:"compress"`
 	Seconds      float64        `json:"seconds"`
 	Epochs       int            `json:"epochs"`
@@ -74,7 +76,7 @@ func runBench(ctx context.Context, o benchOptions, log io.Writer) (*Result, erro
 		return nil, fmt.Errorf("unknown workload %q (idle, dirtier, compile or counter)", o.Workload)
 	}
 	fmt.Fprintf(log, "setting up: guest image, remusd, network namespace\n")
-	l, err := lab.New(ctx, lab.Options{QEMU: o.QEMU, Remusd: o.Remusd})
+	l, err := lab.New(ctx, lab.Options{QEMU: o.QEMU, Remusd: o.Remusd, Accel: o.Accel})
 	if err != nil {
 		return nil, err
 	}
@@ -103,7 +105,7 @@ func runBench(ctx context.Context, o benchOptions, log io.Writer) (*Result, erro
 	}
 	defer conn.Close()
 	cl := counter.NewClient(conn)
-	r := &Result{Workload: o.Workload, Accel: vm.Config.Accel, Compress: o.Compress, PauseMS: map[string]Pct{}}
+	r := &Result{Workload: o.Workload, Accel: vm.Config.Accel, AccelReason: l.Accel.Reason, Compress: o.Compress, PauseMS: map[string]Pct{}}
 	fmt.Fprintf(log, "client, unprotected, 3s\n")
 	if r.Unprotected, err = client(ctx, conn, cl, 3*time.Second); err != nil {
 		return nil, err
@@ -216,6 +218,7 @@ func cpuTime(pid int) (time.Duration, error) {
 func printTable(w io.Writer, r *Result) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintf(tw, "remus-kvm bench\tworkload %s, %s, compress %v, %.1f s protected\n", r.Workload, r.Accel, r.Compress, r.Seconds)
+	fmt.Fprintf(tw, "accelerator\t%s\n", r.AccelReason)
 	fmt.Fprintf(tw, "epochs/s\t%.2f (%d epochs)\n", r.EpochsPerSec, r.Epochs)
 	for _, s := range pauseSteps {
 		p := r.PauseMS[s]

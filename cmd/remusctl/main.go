@@ -13,6 +13,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/remus-kvm/remus/testvm"
 	"github.com/urfave/cli/v2"
 )
 
@@ -44,11 +45,12 @@ func app() *cli.App {
 				&cli.BoolFlag{Name: "compress", Value: true, Usage: "compress pages on the link"},
 				&cli.StringFlag{Name: "json", Usage: "also write the results as JSON to this file (- for standard output)"},
 				&cli.StringFlag{Name: "qemu", Value: "qemu-system-x86_64", EnvVars: []string{"REMUS_QEMU"}, Usage: "QEMU system emulator"},
+				&cli.StringFlag{Name: "accel", Value: "auto", EnvVars: []string{testvm.AccelEnv}, Usage: testvm.AccelUsage},
 				&cli.StringFlag{Name: "remusd", Usage: "remusd binary (default: built from this module)"},
 			},
 			Action: func(c *cli.Context) error {
 				o := benchOptions{Workload: c.String("workload"), Dirty: c.Int("dirty"), For: c.Duration("for"), Epoch: c.Duration("epoch"),
-					Compress: c.Bool("compress"), QEMU: c.String("qemu"), Remusd: c.String("remusd")}
+					Compress: c.Bool("compress"), QEMU: c.String("qemu"), Accel: c.String("accel"), Remusd: c.String("remusd")}
 				r, err := runBench(c.Context, o, os.Stderr)
 				if err != nil {
 					return err

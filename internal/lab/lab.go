@@ -40,8 +40,10 @@ type Lab struct {
 	Dir    string // under /dev/shm: RAM files, sockets, logs
 	QEMU   string
 	Remusd string
-	Image  testvm.Image
-	Net    *Network
+	// Accel is the accelerator the lab's guests run under, and why.
+	Accel testvm.AccelChoice
+	Image testvm.Image
+	Net   *Network
 
 	mu      sync.Mutex
 	cleanup []func()
@@ -51,6 +53,9 @@ type Lab struct {
 type Options struct {
 	QEMU   string // qemu-system-x86_64 to use
 	Remusd string // remusd binary; built from the module when empty
+	// Accel is "kvm", "tcg", or empty / "auto" for testvm.ChooseAccel's
+	// choice ($REMUS_ACCEL, else the probe).
+	Accel string
 }
 
 // New builds what the lab needs and creates its network.
@@ -61,14 +66,18 @@ func New(ctx context.Context, o Options) (*Lab, error) {
 	}
 	l := &Lab{Dir: dir, QEMU: o.QEMU, Remusd: o.Remusd}
 	l.defer_(func() { os.RemoveAll(dir) })
-	if err := l.setup(ctx); err != nil {
+	if err := l.setup(ctx, o.Accel); err != nil {
 		l.Close()
 		return nil, err
 	}
 	return l, nil
 }
 
-func (l *Lab) setup(ctx context.Context) error {
+func (l *Lab) setup(ctx context.Context, accel string) error {
+	var err error
+	if l.Accel, err = testvm.ChooseAccel(ctx, l.QEMU, accel); err != nil {
+		return err
+	}
 	k, err := testvm.FindKernel()
 	if err != nil {
 		return err
@@ -129,7 +138,7 @@ func (l *Lab) Close() {
 // dirtyPerSec.
 func (l *Lab) GuestConfig(role string, dirtyPerSec int) testvm.Config {
 	c := testvm.Config{
-		QEMU: l.QEMU, Name: "remus-lab", MemoryMiB: 256, RAM: testvm.RAMFile,
+		QEMU: l.QEMU, Accel: l.Accel.Accel, Name: "remus-lab", MemoryMiB: 256, RAM: testvm.RAMFile,
 		RAMPath: filepath.Join(l.Dir, role+".ram"),
 		Kernel:  l.Image.Kernel.Image, Initrd: l.Image.Initrd,
 		QMP:       []string{filepath.Join(l.Dir, role+"-user.qmp"), filepath.Join(l.Dir, role+"-remusd.qmp")},

@@ -87,10 +87,15 @@ func imageDir() (string, error) {
 func Config(t testing.TB) testvm.Config {
 	t.Helper()
 	qemu := testenv.RequireQEMU(t)
+	accel, err := testvm.ChooseAccel(context.Background(), qemu, "")
+	if err != nil {
+		t.Fatal(err)
+	}
 	img := Image(t)
 	dir := t.TempDir()
 	return testvm.Config{
 		QEMU:      qemu,
+		Accel:     accel.Accel,
 		MemoryMiB: 256,
 		RAM:       testvm.RAMFile,
 		RAMPath:   filepath.Join(dir, "guest.ram"),
