@@ -3,6 +3,7 @@ package diskmirror
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 
 	"golang.org/x/sys/unix"
@@ -61,10 +62,28 @@ var (
 	// EFBIG; those errors match too). The write was not held and the
 	// epoch cannot commit: refuse it and Discard.
 	ErrJournalFull = errors.New("journal full")
+	// ErrOutOfRange: a write does not fit in the disk image (a
+	// *RangeError says where). Nothing of it was applied.
+	ErrOutOfRange = errors.New("write beyond the disk image")
 	// ErrIncomplete: the held epoch lost a write (an Add failed), so
 	// Commit refuses it; only Discard clears it.
 	ErrIncomplete = errors.New("epoch incomplete")
 )
+
+// RangeError is a write that does not fit in the disk image: it would grow
+// the file. It matches ErrOutOfRange.
+type RangeError struct {
+	Offset uint64
+	Length uint64
+	Size   int64 // the image's
+}
+
+func (e *RangeError) Error() string {
+	return fmt.Sprintf("write at %d+%d beyond image size %d", e.Offset, e.Length, e.Size)
+}
+
+// Is makes a *RangeError match ErrOutOfRange.
+func (e *RangeError) Is(target error) bool { return target == ErrOutOfRange }
 
 // Journal is the backup's side: it holds the disk writes of the epoch being
 // received and applies them to the disk image, in order, only when the
@@ -72,6 +91,7 @@ var (
 // Not safe for concurrent use.
 type Journal struct {
 	img      *os.File
+	size     int64  // the image's, when opened
 	path     string // the journal file, created on the first spill
 	spill    *os.File
 	spillEnd int64
@@ -107,21 +127,55 @@ func OpenJournalLimits(image, journalPath string, lim JournalLimits) (*Journal, 
 	if err != nil {
 		return nil, fmt.Errorf("diskmirror: disk image: %w", err)
 	}
-	return &Journal{img: img, path: journalPath, lim: lim.withDefaults()}, nil
+	size, err := imageSize(img)
+	if err == nil && size == 0 {
+		err = errors.New("empty: it must be sized as the guest's disk")
+	}
+	if err != nil {
+		img.Close()
+		return nil, fmt.Errorf("diskmirror: disk image %s: %w", image, err)
+	}
+	return &Journal{img: img, size: size, path: journalPath, lim: lim.withDefaults()}, nil
 }
 
-// Size returns the disk image's size.
+// imageSize returns the size of a regular file or a block device.
+func imageSize(f *os.File) (int64, error) {
+	return f.Seek(0, io.SeekEnd)
+}
+
+// Size returns the disk image's size when the Journal opened it: no write
+// beyond it is accepted.
 func (j *Journal) Size() (int64, error) {
-	st, err := j.img.Stat()
-	if err != nil {
-		return 0, fmt.Errorf("diskmirror: disk image: %w", err)
-	}
-	return st.Size(), nil
+	return j.size, nil
 }
 
 // Direct applies a write of the initial copy at once.
 func (j *Journal) Direct(w transport.DiskWrite) error {
-	return j.write(w)
+	if err := j.check(w); err != nil {
+		return fmt.Errorf("diskmirror: initial copy: %w", err)
+	}
+	if err := j.write(w); err != nil {
+		return fmt.Errorf("diskmirror: initial copy: %w", err)
+	}
+	return nil
+}
+
+// check returns why w cannot be applied to the image: data that disagrees
+// with its length, or a range beyond the image.
+func (j *Journal) check(w transport.DiskWrite) error {
+	zero := w.Flags&transport.DiskZero != 0
+	if !zero && len(w.Data) != int(w.Length) {
+		return fmt.Errorf("write at %d of length %d with %d bytes of data", w.Offset, w.Length, len(w.Data))
+	}
+	return j.checkRange(w.Offset, w.Length)
+}
+
+// checkRange returns a *RangeError for a range beyond the image.
+func (j *Journal) checkRange(off uint64, n uint32) error {
+	if end := off + uint64(n); end < off || end > uint64(j.size) {
+		return &RangeError{Offset: off, Length: uint64(n), Size: j.size}
+	}
+	return nil
 }
 
 // Add holds a write of the epoch being received. If it fails, the write is
@@ -165,6 +219,9 @@ func (j *Journal) hold(w transport.DiskWrite) error {
 }
 
 func (j *Journal) add(w transport.DiskWrite) error {
+	if err := j.check(w); err != nil {
+		return fmt.Errorf("diskmirror: %s: %w", j.where(), err)
+	}
 	if len(j.entries) >= j.lim.Writes {
 		return fmt.Errorf("diskmirror: %s: %w: %d writes held, at most %d", j.where(), ErrJournalFull, len(j.entries), j.lim.Writes)
 	}
@@ -214,6 +271,17 @@ func (j *Journal) Commit() error {
 	if j.broken != nil {
 		return fmt.Errorf("diskmirror: %s: %w: a write was refused (%w); nothing applied, Discard it", j.where(), ErrIncomplete, j.broken)
 	}
+	// Check again what the writes will meet before the first is applied.
+	if size, err := imageSize(j.img); err != nil {
+		return fmt.Errorf("diskmirror: %s: disk image: %w; nothing applied", j.where(), err)
+	} else if size != j.size {
+		return fmt.Errorf("diskmirror: %s: disk image is %d bytes, was %d when opened; nothing applied", j.where(), size, j.size)
+	}
+	for _, e := range j.entries {
+		if err := j.checkRange(e.w.Offset, e.w.Length); err != nil {
+			return fmt.Errorf("diskmirror: %s: %w; nothing applied", j.where(), err)
+		}
+	}
 	buf := []byte(nil)
 	for _, e := range j.entries {
 		w := e.w
@@ -251,8 +319,11 @@ func (j *Journal) Discard() {
 	j.spillEnd = 0
 }
 
-// write applies one write to the image.
+// write applies one checked write to the image.
 func (j *Journal) write(w transport.DiskWrite) error {
+	if err := j.check(w); err != nil {
+		return err // never grow the image
+	}
 	if w.Flags&transport.DiskZero == 0 {
 		if _, err := j.img.WriteAt(w.Data, int64(w.Offset)); err != nil {
 			return fmt.Errorf("diskmirror: write %d bytes at %d: %w", len(w.Data), w.Offset, err)

@@ -265,3 +265,93 @@ func TestJournalRefusesMixedEpochs(t *testing.T) {
 		t.Fatalf("Commit after a refused write: %v", err)
 	}
 }
+
+// TestJournalRejectsWritesBeyondImage: a write that does not fit in the
+// image is refused when it is recorded (Add, Direct) and again when it is
+// applied (Commit), with an error naming it; the image neither grows nor
+// changes.
+func TestJournalRejectsWritesBeyondImage(t *testing.T) {
+	const size = 4096
+	for _, tc := range []struct {
+		name string
+		do   func(j *Journal) error
+		says string // "" when it fits
+	}{
+		{"data to the end", func(j *Journal) error { return j.AddEpoch(812, data(size-512, 512, 1)) }, ""},
+		{"zeroes to the end", func(j *Journal) error { return j.AddEpoch(812, zero(0, size)) }, ""},
+		{"data across the end", func(j *Journal) error { return j.AddEpoch(812, data(size-512, 1024, 1)) },
+			"diskmirror: epoch 812: write at 3584+1024 beyond image size 4096"},
+		{"data past the end", func(j *Journal) error { return j.AddEpoch(812, data(size, 1, 1)) },
+			"diskmirror: epoch 812: write at 4096+1 beyond image size 4096"},
+		{"zeroes across the end", func(j *Journal) error { return j.AddEpoch(812, zero(4095, 2)) },
+			"diskmirror: epoch 812: write at 4095+2 beyond image size 4096"},
+		{"range overflows", func(j *Journal) error { return j.AddEpoch(812, zero(^uint64(0)-1, 4)) },
+			"beyond image size 4096"},
+		{"unnamed epoch", func(j *Journal) error { return j.Add(data(1<<40, 512, 1)) },
+			"diskmirror: held epoch: write at 1099511627776+512 beyond image size 4096"},
+		{"initial copy", func(j *Journal) error { return j.Direct(data(size-1, 2, 1)) },
+			"diskmirror: initial copy: write at 4095+2 beyond image size 4096"},
+		{"initial copy zeroes", func(j *Journal) error { return j.Direct(zero(size, 4096)) },
+			"diskmirror: initial copy: write at 4096+4096 beyond image size 4096"},
+		{"image shrank before the commit", func(j *Journal) error {
+			if err := j.AddEpoch(9, data(1024, 512, 1)); err != nil {
+				return err
+			}
+			if err := j.img.Truncate(1024); err != nil {
+				return err
+			}
+			return j.Commit()
+		}, "diskmirror: epoch 9: disk image is 1024 bytes, was 4096 when opened; nothing applied"},
+		{"apply time", func(j *Journal) error {
+			// An entry that did not pass Add: Commit checks again.
+			j.epoch, j.named = 10, true
+			j.entries = append(j.entries, entry{w: data(0, 512, 1)}, entry{w: data(size-10, 20, 2)})
+			return j.Commit()
+		}, "diskmirror: epoch 10: write at 4086+20 beyond image size 4096; nothing applied"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			img, j := openImage(t, size, JournalLimits{}, nil)
+			before, _ := os.ReadFile(img)
+			err := tc.do(j)
+			if tc.says == "" {
+				if err != nil {
+					t.Fatalf("a write that fits: %v", err)
+				}
+				return
+			}
+			if !errors.Is(err, ErrOutOfRange) && !strings.Contains(tc.name, "shrank") {
+				t.Errorf("%v: does not match ErrOutOfRange", err)
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.says) {
+				t.Errorf("error %q, want it to say %q", err, tc.says)
+			}
+			var re *RangeError
+			if errors.As(err, &re) && re.Size != size {
+				t.Errorf("RangeError.Size = %d", re.Size)
+			}
+			j.Commit() // whatever is still held
+			if st, err := os.Stat(img); err != nil || st.Size() > size {
+				t.Fatalf("the image grew to %d bytes (%v)", st.Size(), err)
+			}
+			after, _ := os.ReadFile(img)
+			if !strings.Contains(tc.name, "shrank") && !bytes.Equal(after, before) {
+				t.Fatal("a refused write changed the image")
+			}
+		})
+	}
+}
+
+func TestOpenJournalRefusesEmptyImage(t *testing.T) {
+	dir := t.TempDir()
+	img := filepath.Join(dir, "disk.img")
+	if err := os.WriteFile(img, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	j, err := OpenJournal(img, filepath.Join(dir, "journal"), 0)
+	if err == nil {
+		j.Close()
+	}
+	if err == nil || !strings.Contains(err.Error(), "empty") {
+		t.Fatalf("OpenJournal of an empty image: %v", err)
+	}
+}
