@@ -2,6 +2,7 @@ package dirtypages
 
 import (
 	"bufio"
+	"encoding/binary"
 	"errors"
 	"flag"
 	"fmt"
@@ -342,4 +343,121 @@ func testSoftDirtyTracksChild(t *testing.T, backing string) {
 		wantSet(t, round.name+": compare within soft-dirty", both, gotSD)
 		t.Logf("%s: soft-dirty %d pages, compare %d pages", round.name, gotSD.Count(), gotCmp.Count())
 	}
+}
+
+// TestSoftDirtyLockCheckOfChild runs the lock check on a real process's
+// smaps: the helper process's mapping of guest RAM is refused until it
+// locks it (mlock, as QEMU's -overcommit mem-lock=on does). It needs no
+// soft-dirty support, so it runs on any kernel.
+func TestSoftDirtyLockCheckOfChild(t *testing.T) {
+	const size = 64 * PageSize
+	for _, backing := range []string{"memfd", "file"} {
+		t.Run(backing, func(t *testing.T) {
+			f, name := childMemory(t, backing, size)
+			c := startChild(t, f, size)
+			pid := c.cmd.Process.Pid
+			m, err := FindMapping(pid, name)
+			if err != nil {
+				t.Fatal(err)
+			}
+			track := func() error {
+				src, err := openProc(pid)
+				if err != nil {
+					t.Fatal(err)
+				}
+				sd, err := newLockedSoftDirty(pid, m, src, Options{})
+				if err != nil {
+					src.Close()
+					return err
+				}
+				return sd.Close()
+			}
+			err = track()
+			if !errors.Is(err, ErrRAMNotLocked) || !strings.Contains(err.Error(), "-overcommit mem-lock=on") {
+				t.Fatalf("unlocked mapping: %v", err)
+			}
+			t.Logf("unlocked: %v", err)
+			c.lock(t)
+			if err := track(); err != nil {
+				t.Fatalf("locked mapping refused: %v", err)
+			}
+		})
+	}
+}
+
+// TestSoftDirtyReportsReclaimedPageOfChild reclaims pages of the helper
+// process's mapping (madvise MADV_PAGEOUT on a memfd: the kernel unmaps the
+// page, and with it goes its soft-dirty bit, even where no swap takes the
+// page out of memory), with the lock check bypassed: the pages written and
+// reclaimed between two harvests are reported, those written and left are
+// reported through their soft-dirty bit where the kernel tracks them. Once
+// the child locks its mapping, the kernel refuses to reclaim it. Without
+// soft-dirty support (this host) only the reclaimed pages are reported.
+func TestSoftDirtyReportsReclaimedPageOfChild(t *testing.T) {
+	const n = 256
+	f, name := childMemory(t, "memfd", n*PageSize)
+	c := startChild(t, f, n*PageSize)
+	pid := c.cmd.Process.Pid
+	m, err := FindMapping(pid, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	src, err := openProc(pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sd, err := newSoftDirty(pid, m, src, Options{Workers: 2, BatchPages: 64})
+	if err != nil {
+		src.Close()
+		t.Fatal(err)
+	}
+	defer sd.Close()
+	tracks := SoftDirtySupported() == nil
+	if *inGuest && !tracks {
+		t.Fatal("in the test guest, whose kernel has CONFIG_MEM_SOFT_DIRTY=y, soft-dirty tracking does not work")
+	}
+
+	c.write(t, 10, 11, 12, 100, 200)
+	wantSet(t, "first harvest", harvest(t, sd), NewFullSet(n))
+	c.write(t, 10, 11, 100)
+	if err := c.pageOut(t, 10, 12, 100); err != nil {
+		t.Fatalf("reclaim: %v", err)
+	}
+	present := func(p int) bool {
+		var e [8]byte
+		if _, err := src.ReadAt(e[:], int64(m.Start/PageSize+uintptr(p))*8); err != nil {
+			t.Fatal(err)
+		}
+		return binary.NativeEndian.Uint64(e[:])>>pmPresent&1 != 0
+	}
+	for _, p := range []int{10, 12, 100} {
+		if present(p) {
+			t.Fatalf("page %d still mapped after MADV_PAGEOUT", p)
+		}
+	}
+	want := setOf(n, 10, 12, 100) // written or not, reclaimed
+	if tracks {
+		want.Add(11) // written and left
+	}
+	wantSet(t, "after reclaim", harvest(t, sd), want)
+	wantSet(t, "still reclaimed", harvest(t, sd), NewSet(n))
+
+	// Locked, the pages cannot be reclaimed: the check NewSoftDirty makes
+	// covers what the harvest cannot see (a page mapped in, written and
+	// reclaimed between two harvests).
+	c.lock(t)
+	c.write(t, 10, 200)
+	if err := c.pageOut(t, 10, 200); err == nil {
+		t.Log("MADV_PAGEOUT of locked pages succeeded")
+	}
+	for _, p := range []int{10, 200} {
+		if !present(p) {
+			t.Fatalf("locked page %d was reclaimed", p)
+		}
+	}
+	want = NewSet(n)
+	if tracks {
+		want = setOf(n, 10, 200)
+	}
+	wantSet(t, "locked", harvest(t, sd), want)
 }

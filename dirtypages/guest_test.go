@@ -13,13 +13,17 @@ var guestTests = struct {
 	run  string
 	pass []string
 }{
-	run: "^(TestSoftDirtySupported|TestPagemapReadPathOwn|TestSoftDirtyTracksChild)$",
+	run: "^(TestSoftDirtySupported|TestPagemapReadPathOwn|TestSoftDirtyTracksChild|TestSoftDirtyLockCheckOfChild|TestSoftDirtyReportsReclaimedPageOfChild)$",
 	pass: []string{
 		"TestSoftDirtySupported",
 		"TestPagemapReadPathOwn",
 		"TestSoftDirtyTracksChild/memfd",
 		"TestSoftDirtyTracksChild/file",
 		"TestSoftDirtyTracksChild",
+		"TestSoftDirtyLockCheckOfChild/memfd",
+		"TestSoftDirtyLockCheckOfChild/file",
+		"TestSoftDirtyLockCheckOfChild",
+		"TestSoftDirtyReportsReclaimedPageOfChild",
 	},
 }
 
