@@ -220,3 +220,80 @@ func TestAuthReflectedFrame(t *testing.T) {
 		})
 	}
 }
+
+// TestAuthMaxSizeMessages: the largest message of each kind that carries
+// bulk data crosses an authenticated connection: the tag fits within
+// MaxPayload because message caps leave TagSize bytes for it.
+func TestAuthMaxSizeMessages(t *testing.T) {
+	fill := func(n int) []byte {
+		b := make([]byte, n)
+		for i := range b {
+			b[i] = byte(i*7 + i/4096)
+		}
+		return b
+	}
+	bigState, err := ChunkDeviceState(fill(MaxDeviceChunk + 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rawPages := make([]PageKind, MaxPagesPerFrame)
+	idx := make([]uint64, MaxPagesPerFrame)
+	for i := range idx {
+		idx[i], rawPages[i] = uint64(i), PageRaw
+	}
+	tests := []struct {
+		name string
+		m    Message
+	}{
+		{"DeviceState full chunk", DeviceState{Total: MaxDeviceState, Data: fill(MaxDeviceChunk)}},
+		{"DeviceState first of ChunkDeviceState", bigState[0]},
+		{"DeviceStateZ full chunk", DeviceStateZ{DeviceState{Offset: 5, Total: MaxDeviceState, Data: fill(MaxDeviceChunk)}}},
+		{"RAMDelta all pages raw", RAMDelta{Indexes: idx, Kinds: rawPages, Codec: CodecNone, RawLen: MaxPagesPerFrame * PageSize, Blob: fill(MaxPagesPerFrame * PageSize)}},
+		{"RAMPages full", RAMPages{Pages: pages(0, 1, MaxPagesPerFrame, 4)}},
+		{"DiskWrite full chunk", DiskWrite{Offset: 1 << 30, Length: MaxDiskChunk, Data: fill(MaxDiskChunk)}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			a, b, errA, errB := authPair(t, testKey, testKey)
+			if errA != nil || errB != nil {
+				t.Fatal(errA, errB)
+			}
+			ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+			defer cancel()
+			sent := make(chan error, 1)
+			go func() { sent <- a.SendMessage(ctx, 3, tt.m) }()
+			f, err := b.Recv(ctx)
+			if err != nil {
+				t.Fatalf("Recv: %v", err)
+			}
+			if err := <-sent; err != nil {
+				t.Fatalf("Send: %v", err)
+			}
+			got, err := Decode(f)
+			if err != nil {
+				t.Fatalf("Decode: %v", err)
+			}
+			want, _ := tt.m.AppendPayload(nil)
+			again, _ := got.AppendPayload(nil)
+			if got.Type() != tt.m.Type() || !bytes.Equal(again, want) {
+				t.Fatalf("received %s of %d bytes, sent %s of %d", got.Type(), len(again), tt.m.Type(), len(want))
+			}
+		})
+	}
+	// A hand-made frame whose payload leaves no room for the tag is
+	// refused before anything is written, and the Conn stays usable.
+	t.Run("raw frame over MaxMessage", func(t *testing.T) {
+		a, b, errA, errB := authPair(t, testKey, testKey)
+		if errA != nil || errB != nil {
+			t.Fatal(errA, errB)
+		}
+		err := a.Send(t.Context(), Frame{Type: TypeDeviceState, Payload: make([]byte, MaxMessage+1)})
+		if !errors.Is(err, ErrTooLarge) {
+			t.Fatalf("Send of %d bytes authenticated: %v, want ErrTooLarge", MaxMessage+1, err)
+		}
+		go a.SendMessage(t.Context(), 1, Ack{})
+		if f, err := b.Recv(t.Context()); err != nil || f.Type != TypeAck {
+			t.Fatalf("after the refused frame: %v, %v", f, err)
+		}
+	})
+}

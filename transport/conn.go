@@ -75,6 +75,10 @@ func (c *Conn) Send(ctx context.Context, f Frame) error {
 	}
 	f.Seq = c.seq + 1
 	if c.sendMAC != nil {
+		if len(f.Payload) > MaxMessage {
+			return fmt.Errorf("transport: send %s (epoch %d): %w: payload of %d bytes leaves no room for the tag (max %d)",
+				f.Type, f.Epoch, ErrTooLarge, len(f.Payload), MaxMessage)
+		}
 		f = c.seal(f)
 	}
 	if c.sendErr != nil {

@@ -33,6 +33,14 @@
 // than MaxPayload is rejected before anything is allocated, and a bit flip
 // in the length cannot make the reader wait for bytes that never come.
 //
+// Size rule: MaxPayload (8 MiB) caps the payload as it travels, the
+// TagSize (32) byte tag of an authenticated frame included, on both ends
+// (writer and Reader). The message inside is capped at MaxMessage =
+// MaxPayload - TagSize whether the connection is authenticated or not:
+// NewFrame and Decode refuse a longer one and every message cap
+// (MaxDeviceChunk, MaxDiskChunk, MaxPagesPerFrame) stays within it, so a
+// message that encodes also fits once tagged.
+//
 // # Payloads
 //
 // Each frame type's payload, decoded strictly (trailing bytes and fields out
@@ -46,7 +54,7 @@
 //	2 RAMPages       count u16 (1..256) | count × page index u64, strictly
 //	                 ascending | count × 4096 bytes of page data
 //	3 DeviceState    offset u32 | total u32 (1..64 MiB) | data (1 byte to
-//	                 MaxPayload-8, ending at or before total)
+//	                 MaxMessage-8, ending at or before total)
 //	4 Commit         page count u64 | device state length u64 | digest u32
 //	5 Ack            empty
 //	6 Heartbeat      sent time i64 (Unix ns) | last committed epoch u64

@@ -34,9 +34,16 @@ const (
 	TrailerSize = 4
 	// Overhead is what a frame adds to its payload.
 	Overhead = HeaderSize + TrailerSize
-	// MaxPayload caps a frame's payload: 8 MiB. A frame that announces more
-	// is rejected before anything is allocated for it.
+	// MaxPayload caps a frame's payload as it travels, the tag of an
+	// authenticated frame included: 8 MiB. A frame that announces more is
+	// rejected before anything is allocated for it.
 	MaxPayload = 8 << 20
+	// MaxMessage caps an encoded message: MaxPayload less room for the
+	// tag, so that every message fits in a frame on an authenticated
+	// connection as well as on a plain one. NewFrame and Decode refuse a
+	// longer one, and the message caps (MaxDeviceChunk, ...) stay within
+	// it.
+	MaxMessage = MaxPayload - TagSize
 )
 
 // Header field offsets.

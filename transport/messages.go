@@ -23,8 +23,9 @@ const (
 	// MaxDeviceState caps an epoch's whole device state: 64 MiB.
 	MaxDeviceState = 64 << 20
 	// MaxDeviceChunk caps the data in one DeviceState frame: what fits in
-	// MaxPayload after the chunk's offset and total.
-	MaxDeviceChunk = MaxPayload - deviceStateHeader
+	// MaxMessage after the chunk's offset and total (so an authenticated
+	// frame's tag still fits within MaxPayload).
+	MaxDeviceChunk = MaxMessage - deviceStateHeader
 	// MaxErrorMessage caps Error.Message, in bytes.
 	MaxErrorMessage = 1024
 
@@ -51,8 +52,8 @@ func NewFrame(epoch uint64, m Message) (Frame, error) {
 	if err != nil {
 		return Frame{}, err
 	}
-	if len(p) > MaxPayload { // the message caps keep payloads below it
-		return Frame{}, fmt.Errorf("%w: %s payload of %d bytes exceeds MaxPayload (%d)", ErrTooLarge, m.Type(), len(p), MaxPayload)
+	if len(p) > MaxMessage { // the message caps keep payloads below it
+		return Frame{}, fmt.Errorf("%w: %s message of %d bytes exceeds MaxMessage (%d)", ErrTooLarge, m.Type(), len(p), MaxMessage)
 	}
 	return Frame{Version: Version, Type: m.Type(), Epoch: epoch, Payload: p}, nil
 }
@@ -61,10 +62,14 @@ func NewFrame(epoch uint64, m Message) (Frame, error) {
 // DeviceState, Commit, Ack, Heartbeat, Error, DiskWrite, RAMDelta, Auth or
 // DeviceStateZ. Decoding is strict: a
 // payload with trailing bytes or a field outside its range is rejected
-// (ErrMalformed, ErrTooLarge). Byte slices in the result alias f.Payload.
+// (ErrMalformed, ErrTooLarge), and so is a payload over MaxMessage. Byte
+// slices in the result alias f.Payload.
 func Decode(f Frame) (Message, error) {
 	if f.Flags != 0 {
 		return nil, fmt.Errorf("%w: %s with flags %s", ErrUnsupported, f.Type, f.Flags)
+	}
+	if len(f.Payload) > MaxMessage {
+		return nil, fmt.Errorf("%w: %s message of %d bytes exceeds MaxMessage (%d)", ErrTooLarge, f.Type, len(f.Payload), MaxMessage)
 	}
 	switch f.Type {
 	case TypeHello:

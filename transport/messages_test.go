@@ -88,8 +88,8 @@ func TestMessagesPayloadSizes(t *testing.T) {
 		t.Errorf("full RAMPages payload is %d bytes, want %d (<= MaxPayload)", len(full), want)
 	}
 	chunk, err := DeviceState{Total: MaxDeviceState, Data: make([]byte, MaxDeviceChunk)}.AppendPayload(nil)
-	if err != nil || len(chunk) != MaxPayload {
-		t.Errorf("largest DeviceState payload: %d bytes, err %v; want exactly MaxPayload", len(chunk), err)
+	if err != nil || len(chunk) != MaxMessage || len(chunk)+TagSize != MaxPayload {
+		t.Errorf("largest DeviceState payload: %d bytes, err %v; want exactly MaxMessage, MaxPayload with its tag", len(chunk), err)
 	}
 }
 
@@ -206,6 +206,7 @@ func TestMessagesDecodeRejects(t *testing.T) {
 		{"disk write empty", TypeDiskWrite, 0, []byte{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1}, ErrMalformed, "empty write"},
 		{"disk write overflows", TypeDiskWrite, 0, []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 2, 1}, ErrMalformed, "overflows"},
 		{"disk zeroes too long", TypeDiskWrite, 0, []byte{0, 0, 0, 0, 0, 0, 0, 0, 0x40, 0, 0, 1, 1}, ErrTooLarge, "zero write of"},
+		{"message over MaxMessage", TypeDeviceState, 0, make([]byte, MaxMessage+1), ErrTooLarge, "exceeds MaxMessage"},
 		{"unknown type", 42, 0, nil, ErrUnsupported, "unknown frame type 42"},
 		{"flags", TypeAck, FlagCompressed, nil, ErrUnsupported, "Ack with flags Compressed"},
 	}
