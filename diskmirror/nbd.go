@@ -86,8 +86,14 @@ const (
 	nbdENOSPC = 28
 )
 
-// MaxRequestLength bounds the data of one WRITE or READ: 32 MiB, what QEMU
-// sends at most.
+// MaxRequestLength bounds the data of one WRITE or READ: 32 MiB (2^25).
+// QEMU's NBD client caps every data request, so every write its mirror
+// sends, at the smaller of its NBD_MAX_BUFFER_SIZE (32 MiB) and the maximum
+// the export advertises (this, in NBD_INFO_BLOCK_SIZE); the NBD spec asks
+// servers not to take a payload up to 2^25 bytes for a denial of service.
+// A longer request is a protocol error that ends the connection before
+// anything is allocated for it. WRITE_ZEROES and TRIM carry no data, so
+// their length (QEMU sends discards of up to about 2 GiB) costs nothing.
 const MaxRequestLength = 32 << 20
 
 // requestSize is the size of a request header.

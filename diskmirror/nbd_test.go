@@ -1,12 +1,16 @@
 package diskmirror
 
 import (
+	"bufio"
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
+	"io"
 	"net"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -152,4 +156,166 @@ func TestServerWithQEMUClient(t *testing.T) {
 	if out, _ := qio("write 8388608 4096"); !strings.Contains(out, "error") && !strings.Contains(out, "out of") && !strings.Contains(out, "beyond") {
 		t.Errorf("a write beyond the export was accepted:\n%s", out)
 	}
+}
+
+// serveRequests runs the transmission phase of s over the requests in in
+// and returns the reply error value for each handle, in reply order, and
+// what transmit returned.
+func serveRequests(t *testing.T, s *Server, in []byte) (errnos map[uint64]uint32, order []uint64, err error) {
+	t.Helper()
+	var out bytes.Buffer
+	err = s.transmit(t.Context(), bufio.NewReader(bytes.NewReader(in)), &out)
+	errnos = map[uint64]uint32{}
+	for b := out.Bytes(); len(b) > 0; b = b[16:] {
+		if len(b) < 16 || binary.BigEndian.Uint32(b) != nbdReplyMagic {
+			t.Fatalf("malformed replies: %x", out.Bytes())
+		}
+		h := binary.BigEndian.Uint64(b[8:])
+		errnos[h] = binary.BigEndian.Uint32(b[4:])
+		order = append(order, h)
+	}
+	return errnos, order, err
+}
+
+// TestServerRequestsBeyondTheExport: a request reaching past the export's
+// end gets the error the NBD spec names (ENOSPC for WRITE and WRITE_ZEROES,
+// EINVAL for TRIM and READ) and never reaches the sink; a refused WRITE's
+// data is skipped, so the requests after it are served.
+func TestServerRequestsBeyondTheExport(t *testing.T) {
+	const size = 1 << 20
+	for _, tc := range []struct {
+		name   string
+		req    Request
+		errno  uint32
+		reachs bool // the sink gets it
+	}{
+		{"write", Request{Type: CmdWrite, Offset: 0, Length: 512}, 0, true},
+		{"write to the end", Request{Type: CmdWrite, Offset: size - 512, Length: 512}, 0, true},
+		{"write across the end", Request{Type: CmdWrite, Offset: size - 512, Length: 1024}, nbdENOSPC, false},
+		{"write past the end", Request{Type: CmdWrite, Offset: size, Length: 4096}, nbdENOSPC, false},
+		{"write far past the end", Request{Type: CmdWrite, Offset: 1 << 62, Length: 1}, nbdENOSPC, false},
+		{"write zeroes", Request{Type: CmdWriteZeroes, Offset: 4096, Length: 4096}, 0, true},
+		{"write zeroes across the end", Request{Type: CmdWriteZeroes, Offset: size - 4096, Length: 8192}, nbdENOSPC, false},
+		{"write zeroes longer than the export", Request{Type: CmdWriteZeroes, Offset: 0, Length: 1<<32 - 1}, nbdENOSPC, false},
+		{"trim", Request{Type: CmdTrim, Offset: 0, Length: size}, 0, true},
+		{"trim across the end", Request{Type: CmdTrim, Offset: size - 1, Length: 2}, nbdEINVAL, false},
+		{"read", Request{Type: CmdRead, Offset: 0, Length: 512}, nbdEINVAL, false},
+		{"read past the end", Request{Type: CmdRead, Offset: size, Length: 512}, nbdEINVAL, false},
+		{"flush", Request{Type: CmdFlush}, 0, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			sink := &recordingSink{}
+			s := &Server{Size: size, Sink: sink}
+			req := tc.req
+			req.Handle = 1
+			in := req.Encode()
+			if req.Type == CmdWrite {
+				in = append(in, bytes.Repeat([]byte{0xab}, int(req.Length))...)
+			}
+			// The next request is read from where the first one ended.
+			in = append(in, Request{Type: CmdWrite, Handle: 2, Offset: 8, Length: 3}.Encode()...)
+			in = append(in, "abc"...)
+			in = append(in, Request{Type: CmdDisc, Handle: 3}.Encode()...)
+			errnos, order, err := serveRequests(t, s, in)
+			if err != nil {
+				t.Fatalf("transmit: %v", err)
+			}
+			if len(order) != 2 || order[0] != 1 || order[1] != 2 {
+				t.Fatalf("replies for handles %v, want [1 2]", order)
+			}
+			if errnos[1] != tc.errno {
+				t.Errorf("reply error %d, want %d", errnos[1], tc.errno)
+			}
+			if errnos[2] != 0 {
+				t.Errorf("the request after it: error %d", errnos[2])
+			}
+			want := 1
+			if tc.reachs {
+				want = 2
+			}
+			if len(sink.writes) != want || sink.writes[len(sink.writes)-1].Offset != 8 || string(sink.writes[len(sink.writes)-1].Data) != "abc" {
+				t.Fatalf("sink got %+v", sink.writes)
+			}
+			if tc.reachs && (sink.writes[0].Offset != req.Offset || uint64(sink.writes[0].Length) != uint64(req.Length)) {
+				t.Errorf("sink got %+v, want the request's range", sink.writes[0])
+			}
+		})
+	}
+}
+
+// allocated returns how many bytes of heap f allocated.
+func allocated(f func()) uint64 {
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	f()
+	runtime.ReadMemStats(&after)
+	return after.TotalAlloc - before.TotalAlloc
+}
+
+// TestServerRefusesWithoutAllocating: a request or option the server
+// refuses costs it no buffer of the size the client announced: a WRITE
+// longer than MaxRequestLength ends the connection unread, a WRITE past the
+// export's end has its data skipped, an option's data is capped.
+func TestServerRefusesWithoutAllocating(t *testing.T) {
+	const size = 1 << 20
+	const budget = 1 << 20 // far below what the requests announce
+	payload := make([]byte, MaxRequestLength)
+	for _, tc := range []struct {
+		name    string
+		in      []byte
+		handles int    // replies
+		errno   uint32 // of the first
+		err     error  // from transmit, after its replies
+	}{
+		{"write longer than MaxRequestLength", Request{Type: CmdWrite, Handle: 1, Length: MaxRequestLength + 1}.Encode(), 0, 0, ErrProtocol},
+		{"write of 4 GiB", Request{Type: CmdWrite, Handle: 1, Length: 1<<32 - 1}.Encode(), 0, 0, ErrProtocol},
+		{"read longer than MaxRequestLength", Request{Type: CmdRead, Handle: 1, Length: 1<<32 - 1}.Encode(), 0, 0, ErrProtocol},
+		{"write of MaxRequestLength past the end", append(append(
+			Request{Type: CmdWrite, Handle: 1, Offset: size, Length: MaxRequestLength}.Encode(), payload...),
+			Request{Type: CmdDisc}.Encode()...), 1, nbdENOSPC, nil},
+		{"zeroes of 4 GiB past the end", append(
+			Request{Type: CmdWriteZeroes, Handle: 1, Length: 1<<32 - 1}.Encode(),
+			Request{Type: CmdDisc}.Encode()...), 1, nbdENOSPC, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := &Server{Size: size, Sink: &recordingSink{}}
+			r := bufio.NewReader(bytes.NewReader(tc.in))
+			var out bytes.Buffer
+			out.Grow(1024)
+			var err error
+			n := allocated(func() { err = s.transmit(t.Context(), r, &out) })
+			if n > budget {
+				t.Errorf("allocated %d bytes for it", n)
+			}
+			if (tc.err == nil) != (err == nil) || (tc.err != nil && !errors.Is(err, tc.err)) {
+				t.Errorf("transmit: %v, want %v", err, tc.err)
+			}
+			if out.Len() != 16*tc.handles {
+				t.Fatalf("%d bytes of replies, want %d replies", out.Len(), tc.handles)
+			}
+			if tc.handles > 0 {
+				if e := binary.BigEndian.Uint32(out.Bytes()[4:]); e != tc.errno {
+					t.Errorf("reply error %d, want %d", e, tc.errno)
+				}
+			}
+		})
+	}
+
+	t.Run("option of 1 GiB", func(t *testing.T) {
+		in := binary.BigEndian.AppendUint32(nil, nbdFlagCFixed)
+		in = binary.BigEndian.AppendUint64(in, nbdOptMagic)
+		in = binary.BigEndian.AppendUint32(in, nbdOptGo)
+		in = binary.BigEndian.AppendUint32(in, 1<<30)
+		s := &Server{Size: size, Sink: &recordingSink{}}
+		r := bufio.NewReader(bytes.NewReader(in))
+		var err error
+		n := allocated(func() { _, err = s.handshake(r, io.Discard) })
+		if !errors.Is(err, ErrProtocol) {
+			t.Errorf("handshake: %v, want ErrProtocol", err)
+		}
+		if n > budget {
+			t.Errorf("allocated %d bytes for it", n)
+		}
+	})
 }

@@ -188,22 +188,33 @@ func (s *Server) transmit(ctx context.Context, r *bufio.Reader, w io.Writer) err
 		if err != nil {
 			return err
 		}
-		var errno uint32
+		errno := s.rangeErrno(req)
 		switch req.Type {
 		case CmdDisc:
 			return nil
 		case CmdRead:
 			errno = nbdEINVAL // a mirror target is never read
 		case CmdFlush:
+			errno = 0 // offset and length are not used
 			s.count(func(st *ServerStats) { st.Flushes++ })
 		case CmdWrite:
-			data := make([]byte, req.Length)
+			if errno != 0 {
+				// Skip the data without keeping it: the stream stays in
+				// step and the request is answered.
+				if _, err := io.CopyN(io.Discard, r, int64(req.Length)); err != nil {
+					return fmt.Errorf("diskmirror: skip %d bytes of write data: %w", req.Length, err)
+				}
+				break
+			}
+			data := make([]byte, req.Length) // at most MaxRequestLength (DecodeRequest)
 			if _, err := io.ReadFull(r, data); err != nil {
 				return fmt.Errorf("diskmirror: read %d bytes of write data: %w", req.Length, err)
 			}
-			errno = s.write(ctx, req, Write{Offset: req.Offset, Length: req.Length, Data: data})
+			errno = s.write(ctx, Write{Offset: req.Offset, Length: req.Length, Data: data})
 		case CmdWriteZeroes, CmdTrim:
-			errno = s.write(ctx, req, Write{Offset: req.Offset, Length: req.Length, Zero: true})
+			if errno == 0 {
+				errno = s.write(ctx, Write{Offset: req.Offset, Length: req.Length, Zero: true})
+			}
 		}
 		reply = appendReply(reply[:0], errno, req.Handle)
 		if _, err := w.Write(reply); err != nil {
@@ -212,11 +223,28 @@ func (s *Server) transmit(ctx context.Context, r *bufio.Reader, w io.Writer) err
 	}
 }
 
-// write checks the range and hands the write to the sink, returning the
-// reply's error value.
-func (s *Server) write(ctx context.Context, req Request, wr Write) uint32 {
-	if wr.End() > s.Size {
+// rangeErrno returns the reply's error value for a request that reaches
+// beyond the export, as the NBD spec asks: ENOSPC for WRITE and
+// WRITE_ZEROES, EINVAL for TRIM and READ; 0 when it fits.
+func (s *Server) rangeErrno(req Request) uint32 {
+	if req.Offset+uint64(req.Length) <= s.Size { // no overflow: DecodeRequest
+		return 0
+	}
+	if s.Log != nil && req.Type != CmdFlush && req.Type != CmdDisc {
+		s.Log.Warn("NBD request beyond the export refused", "command", req.Type, "offset", req.Offset, "length", req.Length, "export_size", s.Size)
+	}
+	switch req.Type {
+	case CmdWrite, CmdWriteZeroes:
 		return nbdENOSPC
+	}
+	return nbdEINVAL
+}
+
+// write hands a write that fits the export to the sink, returning the
+// reply's error value.
+func (s *Server) write(ctx context.Context, wr Write) uint32 {
+	if wr.End() > s.Size {
+		return nbdENOSPC // rangeErrno refused it already
 	}
 	if wr.Length == 0 {
 		return 0
