@@ -44,7 +44,8 @@
 // of resident RAM on the development machine, 6 ms per GiB) and a page-table walk of the
 // whole process to clear; outside it, the guest's faults. Its limits: the
 // kernel must be built with CONFIG_MEM_SOFT_DIRTY, as distribution kernels
-// are (check with SoftDirtySupported); clear_refs clears the bits of the
+// are (check with SoftDirtySupported); QEMU's guest RAM must be locked in
+// memory (see below); clear_refs clears the bits of the
 // whole process, so nothing else may rely on QEMU's soft-dirty bits (CRIU,
 // a second tracker); it sees only writes through QEMU's own page tables, so
 // writes by another process sharing the RAM (a vhost-user backend) and
@@ -54,6 +55,58 @@
 // Linux 6.7's PAGEMAP_SCAN ioctl could replace the pagemap read; it is not
 // used, since the guest kernel the tests run (6.1) lacks it.
 //
-// Choose SoftDirty when SoftDirtySupported returns nil and only QEMU writes
-// guest RAM; fall back to Compare otherwise, or for small guests.
+// # Soft-dirty needs guest RAM locked in memory
+//
+// A page's soft-dirty bit lives in QEMU's page table entry for it, and
+// whatever removes that entry removes the bit: reclaim above all (swap-out
+// of a memfd or /dev/shm page, writeback and eviction of a file backend on
+// a disk filesystem; on shmem the kernel unmaps a page it tries to reclaim
+// even when, without swap, it then has to keep it), but also a hole
+// punched in the backend. A page written during an epoch and unmapped
+// before the harvest would go unreported, and the backup would keep its
+// old content. Two rules guard against this.
+//
+// The rule: NewSoftDirty reads /proc/PID/smaps and refuses, with an error
+// wrapping ErrRAMNotLocked, guest RAM unless every VMA of QEMU's mapping of
+// it has VM_LOCKED ("lo" in VmFlags). QEMU locks its memory, guest RAM
+// included, when started with -overcommit mem-lock=on (mlockall of current
+// and future mappings); a lock on fault (MLOCK_ONFAULT) sets VM_LOCKED too,
+// and a page not faulted in yet gets its soft-dirty bit when written. What
+// this relies on: the kernel never unmaps a page for reclaim from a
+// VM_LOCKED VMA (reclaim's walk of the page's mappings gives up at a locked
+// one and moves the page to the unevictable list, and MADV_COLD and
+// MADV_PAGEOUT refuse locked VMAs), so the agent's own mapping of the RAM
+// need not be locked; and page migration (compaction, NUMA balancing),
+// which does move locked pages, carries the soft-dirty bit over in its
+// migration entry. smaps' Locked: field is not used: it counts resident
+// pages only, and of pages that other processes map too (the agent does)
+// only QEMU's proportional share, so it falls short of Size even when all
+// is locked. The check is made once, when the tracker is made (reading
+// smaps walks the page tables of the whole process): an unlock afterwards
+// goes unseen but for the defence below. "Reclaim is impossible" is not accepted instead:
+// a host without swap still unmaps the shmem pages it tries to reclaim
+// (seen with MADV_PAGEOUT), swap can be added at any time, and file
+// backends are written back.
+//
+// The defence in depth: each Harvest also reports every page that was
+// present (pagemap's bit 63) at the previous harvest and is not now. A page
+// whose entry is a swap or migration entry counts as not present, and a
+// page unmapped without having been written is reported too; either costs
+// a needless copy of the page, nothing else. This catches a page written
+// and then reclaimed or discarded between two harvests, even if the lock
+// check were bypassed. It misses what happens to a page within one epoch:
+// a page not present at the previous harvest that is mapped in, written
+// and unmapped again, and a written page that is unmapped and mapped in
+// again by a read (its new entry is clean). A locked page is never
+// unmapped by reclaim, so with the lock neither happens through reclaim; a
+// hole punched by a discard and read back within one epoch stays unseen,
+// as said above. The cost: the first harvest reads pagemap too, and the
+// tracker keeps two bitmaps of the RAM's pages (32 KiB per GiB each).
+//
+// # Choosing
+//
+// Choose SoftDirty when SoftDirtySupported returns nil, QEMU locks guest
+// RAM (-overcommit mem-lock=on) and only QEMU writes guest RAM; fall back
+// to Compare otherwise, or for small guests. NewAuto checks the first two
+// and falls back to Compare, returning the reason, when either fails.
 package dirtypages
