@@ -7,7 +7,7 @@ import (
 )
 
 // Set is a set of page indexes in [0, Len()), stored as a bitmap: one bit per
-// page, 8 KiB of bitmap per GiB of guest RAM. The zero Set is empty and has
+// page, 32 KiB of bitmap per GiB of guest RAM. The zero Set is empty and has
 // Len 0. Methods that take an index panic when it is out of range, like a
 // slice index would: a page outside the RAM backend is a programming error.
 //
