@@ -83,10 +83,10 @@
 // only QEMU's proportional share, so it falls short of Size even when all
 // is locked. The check is made once, when the tracker is made (reading
 // smaps walks the page tables of the whole process): an unlock afterwards
-// goes unseen but for the defence below. "Reclaim is impossible" is not accepted instead:
-// a host without swap still unmaps the shmem pages it tries to reclaim
-// (seen with MADV_PAGEOUT), swap can be added at any time, and file
-// backends are written back.
+// goes unseen but for the defence below. "Reclaim is impossible" is not
+// accepted instead: a host without swap still unmaps the shmem pages it
+// tries to reclaim (seen with MADV_PAGEOUT), swap can be added at any time,
+// and file backends are written back.
 //
 // The defence in depth: each Harvest also reports every page that was
 // present (pagemap's bit 63) at the previous harvest and is not now. A page
