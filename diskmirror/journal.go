@@ -68,6 +68,11 @@ var (
 	// ErrIncomplete: the held epoch lost a write (an Add failed), so
 	// Commit refuses it; only Discard clears it.
 	ErrIncomplete = errors.New("epoch incomplete")
+	// ErrTornImage: the disk image holds part of an epoch. A Commit that
+	// fails with it keeps the epoch held, and Commit again replays it
+	// whole; once it is discarded, no epoch commits until a new initial
+	// copy (Direct after Discard) rewrites the image.
+	ErrTornImage = errors.New("disk image holds part of an epoch")
 )
 
 // RangeError is a write that does not fit in the disk image: it would grow
@@ -87,10 +92,10 @@ func (e *RangeError) Is(target error) bool { return target == ErrOutOfRange }
 
 // Journal is the backup's side: it holds the disk writes of the epoch being
 // received and applies them to the disk image, in order, only when the
-// epoch commits. Writes of the initial copy (epoch 0) are applied at once.
-// Not safe for concurrent use.
+// epoch commits, all or nothing (see the package doc). Writes of the
+// initial copy (epoch 0) are applied at once. Not safe for concurrent use.
 type Journal struct {
-	img      *os.File
+	img      imageFile
 	size     int64  // the image's, when opened
 	path     string // the journal file, created on the first spill
 	spill    *os.File
@@ -103,6 +108,26 @@ type Journal struct {
 	epoch    uint64 // of the held writes, when named (AddEpoch)
 	named    bool
 	zeroes   []byte
+
+	// torn: a Commit of the held epoch failed after it began writing
+	// the image. stale: the image holds writes that no Commit will
+	// complete (a torn epoch was discarded, or a write of the initial
+	// copy failed); no epoch commits until a new initial copy.
+	torn   bool
+	stale  error
+	fresh  bool // Discard came; the next Direct begins a new initial copy
+	copied bool // Direct wrote since the last sync
+	dirty  bool // written since the last sync
+}
+
+// imageFile is the disk image as the Journal uses it (an *os.File; tests
+// inject faults).
+type imageFile interface {
+	io.WriterAt
+	io.Seeker
+	Sync() error
+	Fd() uintptr
+	Close() error
 }
 
 // entry is one held write: its data in memory, or at fileOff in the spill
@@ -139,7 +164,7 @@ func OpenJournalLimits(image, journalPath string, lim JournalLimits) (*Journal, 
 }
 
 // imageSize returns the size of a regular file or a block device.
-func imageSize(f *os.File) (int64, error) {
+func imageSize(f io.Seeker) (int64, error) {
 	return f.Seek(0, io.SeekEnd)
 }
 
@@ -149,13 +174,23 @@ func (j *Journal) Size() (int64, error) {
 	return j.size, nil
 }
 
-// Direct applies a write of the initial copy at once.
+// Direct applies a write of the initial copy at once. The first Direct
+// after a Discard begins a new initial copy, which rewrites the whole
+// image: it clears what a discarded torn epoch left (ErrTornImage). A
+// failed Direct leaves the image short of that write: no epoch commits
+// until a new initial copy.
 func (j *Journal) Direct(w transport.DiskWrite) error {
+	if j.fresh {
+		j.fresh, j.stale = false, nil
+	}
 	if err := j.check(w); err != nil {
 		return fmt.Errorf("diskmirror: initial copy: %w", err)
 	}
+	j.dirty, j.copied = true, true
 	if err := j.write(w); err != nil {
-		return fmt.Errorf("diskmirror: initial copy: %w", err)
+		err = fmt.Errorf("diskmirror: initial copy: %w", err)
+		j.stale = err
+		return err
 	}
 	return nil
 }
@@ -208,6 +243,9 @@ func (j *Journal) where() string {
 }
 
 func (j *Journal) hold(w transport.DiskWrite) error {
+	if j.torn && j.broken == nil {
+		j.broken = fmt.Errorf("diskmirror: %s: a write came after its Commit failed", j.where())
+	}
 	if j.broken != nil {
 		return fmt.Errorf("diskmirror: %s: %w: a write was refused (%w); Discard it", j.where(), ErrIncomplete, j.broken)
 	}
@@ -266,10 +304,22 @@ func (j *Journal) Held() (writes int, bytes, spilled int64) {
 }
 
 // Commit applies the held writes to the image in the order they came,
-// makes them durable, and empties the journal.
+// makes them durable (fsync, which also covers the initial copy's writes),
+// and empties the journal.
+//
+// It is all or nothing. When it returns nil, the image holds the epoch
+// whole, durably. When it fails, the epoch stays held and the error says
+// what state the image is in: errors.Is(err, ErrTornImage) when the image
+// holds part of the epoch (some writes applied, or all of them but not
+// known durable); Commit again then replays the epoch from its first
+// write, since the writes are idempotent. Without ErrTornImage nothing of
+// the epoch reached the image: it holds the last committed epoch.
 func (j *Journal) Commit() error {
 	if j.broken != nil {
 		return fmt.Errorf("diskmirror: %s: %w: a write was refused (%w); nothing applied, Discard it", j.where(), ErrIncomplete, j.broken)
+	}
+	if j.stale != nil {
+		return fmt.Errorf("diskmirror: %s: %w (%w); nothing applied: no epoch commits until a new initial copy", j.where(), ErrTornImage, j.stale)
 	}
 	// Check again what the writes will meet before the first is applied.
 	if size, err := imageSize(j.img); err != nil {
@@ -283,7 +333,7 @@ func (j *Journal) Commit() error {
 		}
 	}
 	buf := []byte(nil)
-	for _, e := range j.entries {
+	for i, e := range j.entries {
 		w := e.w
 		if e.inFile {
 			if cap(buf) < int(w.Length) {
@@ -291,24 +341,60 @@ func (j *Journal) Commit() error {
 			}
 			w.Data = buf[:w.Length]
 			if _, err := j.spill.ReadAt(w.Data, e.fileOff); err != nil {
-				return fmt.Errorf("diskmirror: journal file %s: %w", j.path, err)
+				return j.applyFailed(i, fmt.Errorf("read write %d of %d from the journal file %s: %w", i+1, len(j.entries), j.path, err))
 			}
 		}
+		j.torn, j.dirty = true, true
 		if err := j.write(w); err != nil {
-			return err
+			return j.applyFailed(i, fmt.Errorf("write %d of %d: %w", i+1, len(j.entries), err))
 		}
 	}
-	if len(j.entries) > 0 {
+	if j.dirty {
 		if err := j.img.Sync(); err != nil {
-			return fmt.Errorf("diskmirror: sync disk image: %w", err)
+			err = fmt.Errorf("sync disk image: %w", err)
+			if j.copied {
+				// Pages of the initial copy may be lost, and nothing
+				// holds them to write again.
+				j.stale = fmt.Errorf("the initial copy is not known durable: %w", err)
+			}
+			return j.applyFailed(len(j.entries), err)
 		}
+		j.dirty, j.copied = false, false
 	}
-	j.Discard()
+	j.torn, j.fresh = false, false
+	j.drop()
 	return nil
 }
 
-// Discard drops the held writes: their epoch will never commit.
+// applyFailed describes a Commit that failed after i of the held writes
+// were applied (i == len: at the sync), and what the image holds.
+func (j *Journal) applyFailed(i int, err error) error {
+	n := len(j.entries)
+	switch {
+	case j.stale != nil:
+		return fmt.Errorf("diskmirror: %s: %w: %w (%w); the epoch stays held, but no epoch commits until a new initial copy", j.where(), err, ErrTornImage, j.stale)
+	case !j.torn:
+		return fmt.Errorf("diskmirror: %s: %w; nothing applied, the image holds the last committed epoch; the epoch stays held", j.where(), err)
+	case i == n:
+		return fmt.Errorf("diskmirror: %s: %w: %w (all %d writes applied, not known durable); the epoch stays held: Commit again replays it whole", j.where(), err, ErrTornImage, n)
+	}
+	return fmt.Errorf("diskmirror: %s: %w: %w (%d of %d writes applied); the epoch stays held: Commit again replays it whole", j.where(), err, ErrTornImage, i, n)
+}
+
+// Discard drops the held writes: their epoch will never commit. If a
+// Commit of them failed midway (ErrTornImage), the image keeps part of
+// them, and no epoch commits until a new initial copy.
 func (j *Journal) Discard() {
+	if j.torn {
+		j.stale = fmt.Errorf("%s was discarded after a Commit of it failed midway", j.where())
+		j.torn = false
+	}
+	j.fresh = true
+	j.drop()
+}
+
+// drop empties the journal.
+func (j *Journal) drop() {
 	j.entries = j.entries[:0]
 	j.memBytes = 0
 	j.broken = nil
@@ -326,7 +412,7 @@ func (j *Journal) write(w transport.DiskWrite) error {
 	}
 	if w.Flags&transport.DiskZero == 0 {
 		if _, err := j.img.WriteAt(w.Data, int64(w.Offset)); err != nil {
-			return fmt.Errorf("diskmirror: write %d bytes at %d: %w", len(w.Data), w.Offset, err)
+			return fmt.Errorf("write %d bytes at %d: %w", len(w.Data), w.Offset, err)
 		}
 		return nil
 	}
@@ -337,7 +423,7 @@ func (j *Journal) write(w transport.DiskWrite) error {
 		return nil
 	}
 	if !errors.Is(err, unix.EOPNOTSUPP) {
-		return fmt.Errorf("diskmirror: zero %d bytes at %d: %w", w.Length, w.Offset, err)
+		return fmt.Errorf("zero %d bytes at %d: %w", w.Length, w.Offset, err)
 	}
 	if j.zeroes == nil {
 		j.zeroes = make([]byte, 1<<20)
@@ -345,7 +431,7 @@ func (j *Journal) write(w transport.DiskWrite) error {
 	for off, end := int64(w.Offset), int64(w.Offset)+int64(w.Length); off < end; {
 		n := min(end-off, int64(len(j.zeroes)))
 		if _, err := j.img.WriteAt(j.zeroes[:n], off); err != nil {
-			return fmt.Errorf("diskmirror: zero %d bytes at %d: %w", n, off, err)
+			return fmt.Errorf("zero %d bytes at %d: %w", n, off, err)
 		}
 		off += n
 	}

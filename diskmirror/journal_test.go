@@ -297,7 +297,7 @@ func TestJournalRejectsWritesBeyondImage(t *testing.T) {
 			if err := j.AddEpoch(9, data(1024, 512, 1)); err != nil {
 				return err
 			}
-			if err := j.img.Truncate(1024); err != nil {
+			if err := j.img.(*os.File).Truncate(1024); err != nil {
 				return err
 			}
 			return j.Commit()
@@ -353,5 +353,195 @@ func TestOpenJournalRefusesEmptyImage(t *testing.T) {
 	}
 	if err == nil || !strings.Contains(err.Error(), "empty") {
 		t.Fatalf("OpenJournal of an empty image: %v", err)
+	}
+}
+
+// faultyImage fails the failWrite-th WriteAt (counting from 1) after
+// writing half of it, and the next Sync when failSync is set.
+type faultyImage struct {
+	*os.File
+	writes, failWrite int
+	failSync          bool
+}
+
+func (f *faultyImage) WriteAt(b []byte, off int64) (int, error) {
+	f.writes++
+	if f.writes == f.failWrite {
+		n, _ := f.File.WriteAt(b[:len(b)/2], off)
+		return n, &os.PathError{Op: "write", Path: f.Name(), Err: unix.EIO}
+	}
+	return f.File.WriteAt(b, off)
+}
+
+func (f *faultyImage) Sync() error {
+	if f.failSync {
+		f.failSync = false
+		return &os.PathError{Op: "sync", Path: f.Name(), Err: unix.EIO}
+	}
+	return f.File.Sync()
+}
+
+func faulty(j *Journal) *faultyImage {
+	f := &faultyImage{File: j.img.(*os.File)}
+	j.img = f
+	return f
+}
+
+// applied returns image with ws applied in order.
+func applied(image []byte, ws ...transport.DiskWrite) []byte {
+	out := bytes.Clone(image)
+	for _, w := range ws {
+		if w.Flags&transport.DiskZero != 0 {
+			clear(out[w.Offset : w.Offset+uint64(w.Length)])
+		} else {
+			copy(out[w.Offset:], w.Data)
+		}
+	}
+	return out
+}
+
+// TestJournalCommitIsAllOrNothing: a Commit that fails midway (a write or
+// the sync fails) says so, with ErrTornImage and how much was applied,
+// and keeps the epoch: Commit again replays it whole. Discarded instead,
+// it leaves an image no later epoch may commit onto until a new initial
+// copy.
+func TestJournalCommitIsAllOrNothing(t *testing.T) {
+	epoch := []transport.DiskWrite{
+		data(0, 600, 1),
+		data(1000, 600, 2), // spilled
+		data(300, 500, 3),  // spilled, overlaps the first
+		data(5000, 100, 4),
+		data(0, 10, 5),
+	}
+	for _, tc := range []struct {
+		name      string
+		failWrite int
+		failSync  bool
+		says      string
+		discard   bool // instead of committing again
+	}{
+		{"first write fails", 1, false, "write 1 of 5: write 600 bytes at 0: write", false},
+		{"third write fails", 3, false, "(2 of 5 writes applied)", false},
+		{"last write fails", 5, false, "(4 of 5 writes applied)", false},
+		{"sync fails", 0, true, "sync disk image: sync", false},
+		{"third write fails, discarded", 3, false, "(2 of 5 writes applied)", true},
+		{"sync fails, discarded", 0, true, "(all 5 writes applied, not known durable)", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			img, j := openImage(t, 64<<10, JournalLimits{Memory: 1000}, nil)
+			read := func() []byte { b, _ := os.ReadFile(img); return b }
+			base := read()
+			for _, w := range epoch {
+				if err := j.AddEpoch(5, w); err != nil {
+					t.Fatal(err)
+				}
+			}
+			n, b, s := j.Held()
+			if s == 0 {
+				t.Fatal("nothing spilled")
+			}
+			f := faulty(j)
+			f.failWrite, f.failSync = tc.failWrite, tc.failSync
+			err := j.Commit()
+			if !errors.Is(err, ErrTornImage) || !errors.Is(err, unix.EIO) {
+				t.Fatalf("Commit: %v, want ErrTornImage and EIO", err)
+			}
+			for _, want := range []string{"diskmirror: epoch 5: ", tc.says, "disk image holds part of an epoch", "Commit again replays it whole"} {
+				if !strings.Contains(err.Error(), want) {
+					t.Errorf("Commit: %q, want it to say %q", err, want)
+				}
+			}
+			if n2, b2, s2 := j.Held(); n2 != n || b2 != b || s2 != s {
+				t.Fatalf("held %d/%d/%d after the failed Commit, %d/%d/%d before", n2, b2, s2, n, b, s)
+			}
+			torn := read()
+			if !tc.discard {
+				if err := j.Commit(); err != nil {
+					t.Fatalf("Commit again: %v", err)
+				}
+				if !bytes.Equal(read(), applied(base, epoch...)) {
+					t.Fatal("the image after the replay is not the epoch applied whole")
+				}
+				next := data(8000, 4, 6)
+				if err := j.AddEpoch(6, next); err != nil {
+					t.Fatal(err)
+				}
+				if err := j.Commit(); err != nil {
+					t.Fatalf("the next epoch: %v", err)
+				}
+				if !bytes.Equal(read(), applied(base, append(epoch, next)...)) {
+					t.Fatal("the image after the next epoch is wrong")
+				}
+				return
+			}
+			j.Discard()
+			if err := j.AddEpoch(6, data(8000, 4, 6)); err != nil {
+				t.Fatal(err)
+			}
+			err = j.Commit()
+			if !errors.Is(err, ErrTornImage) || !strings.Contains(err.Error(), "epoch 5 was discarded after a Commit of it failed midway") ||
+				!strings.Contains(err.Error(), "no epoch commits until a new initial copy") {
+				t.Fatalf("Commit of the next epoch onto a torn image: %v", err)
+			}
+			if !bytes.Equal(read(), torn) {
+				t.Fatal("an epoch was applied onto a torn image")
+			}
+			// A new session: its initial copy rewrites the image.
+			j.Discard()
+			if err := j.Direct(data(0, 8, 7)); err != nil {
+				t.Fatal(err)
+			}
+			if err := j.AddEpoch(1, data(16, 8, 8)); err != nil {
+				t.Fatal(err)
+			}
+			if err := j.Commit(); err != nil {
+				t.Fatalf("Commit after a new initial copy: %v", err)
+			}
+		})
+	}
+}
+
+// TestJournalFailedInitialCopyBlocksCommits: when a write of the initial
+// copy fails, or its sync at the first Commit, the image lacks writes
+// nothing holds any more: no epoch commits until a new initial copy.
+func TestJournalFailedInitialCopyBlocksCommits(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		failWrite int
+		failSync  bool
+		says      string
+	}{
+		{"write fails", 2, false, "initial copy: write 100 bytes at 200: write"},
+		{"sync fails", 0, true, "the initial copy is not known durable"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, j := openImage(t, 64<<10, JournalLimits{}, nil)
+			f := faulty(j)
+			f.failWrite, f.failSync = tc.failWrite, tc.failSync
+			j.Discard() // a session begins
+			for _, w := range []transport.DiskWrite{data(0, 100, 1), data(200, 100, 2), data(400, 100, 3)} {
+				j.Direct(w)
+			}
+			if err := j.AddEpoch(1, data(1000, 10, 4)); err != nil {
+				t.Fatal(err)
+			}
+			err := j.Commit()
+			if !errors.Is(err, ErrTornImage) || !strings.Contains(err.Error(), tc.says) {
+				t.Fatalf("Commit: %v, want ErrTornImage saying %q", err, tc.says)
+			}
+			if err := j.Commit(); !errors.Is(err, ErrTornImage) || !strings.Contains(err.Error(), "until a new initial copy") {
+				t.Fatalf("Commit again: %v", err)
+			}
+			j.Discard()
+			if err := j.Direct(data(0, 100, 1)); err != nil {
+				t.Fatal(err)
+			}
+			if err := j.AddEpoch(1, data(1000, 10, 4)); err != nil {
+				t.Fatal(err)
+			}
+			if err := j.Commit(); err != nil {
+				t.Fatalf("Commit after a new initial copy: %v", err)
+			}
+		})
 	}
 }
