@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -543,5 +544,38 @@ func TestJournalFailedInitialCopyBlocksCommits(t *testing.T) {
 				t.Fatalf("Commit after a new initial copy: %v", err)
 			}
 		})
+	}
+}
+
+// TestRecorderWriteCountCapBlocksUntilCut: at MaxWrites held writes (zero
+// writes, which the byte cap does not count) a write waits for the cut.
+func TestRecorderWriteCountCapBlocksUntilCut(t *testing.T) {
+	r := NewRecorder()
+	r.MaxWrites = 3
+	r.Record()
+	ctx := context.Background()
+	for i := range 3 {
+		if err := r.Write(ctx, Write{Offset: uint64(i) * 512, Length: 512, Zero: true}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	done := make(chan error, 1)
+	go func() { done <- r.Write(ctx, Write{Offset: 4096, Length: 512, Zero: true}) }()
+	select {
+	case err := <-done:
+		t.Fatalf("a write past the count cap did not wait (%v)", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	if n := len(r.Cut()); n != 3 {
+		t.Fatalf("cut took %d writes", n)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if n := len(r.Cut()); n != 1 {
+		t.Fatalf("second cut took %d writes", n)
+	}
+	if DefaultEpochWrites > DefaultJournalWrites || DefaultEpochWriteCap+MaxRequestLength > DefaultJournalMemory+DefaultJournalSpill {
+		t.Error("an epoch the primary cuts by default may not fit the backup's default journal")
 	}
 }

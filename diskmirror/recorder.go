@@ -13,13 +13,21 @@ import (
 // guest's I/O slows down instead of memory growing).
 const DefaultEpochWriteCap = 256 << 20
 
+// DefaultEpochWrites bounds how many write messages (DiskWrites, after
+// splitting) a Recorder holds for the open epoch; at the cap the next
+// write waits for the epoch's cut. It matters for zero writes and discards,
+// which the byte cap does not count; it is a quarter of the backup
+// journal's DefaultJournalWrites, so an epoch cut here always fits there.
+const DefaultEpochWrites = 1 << 18
+
 // Recorder is the primary's Sink. During the initial copy (Direct) each
 // write is sent at once, as epoch 0; once the mirror is in step (Record),
 // writes are kept for the open epoch until the checkpoint loop takes them
 // at the epoch's pause (Cut). Outside a protection session (Off) writes
 // are dropped: the next session copies the whole disk again.
 type Recorder struct {
-	Cap int64 // DefaultEpochWriteCap when 0
+	Cap       int64 // DefaultEpochWriteCap when 0
+	MaxWrites int   // DefaultEpochWrites when 0
 
 	mu        sync.Mutex
 	changed   *sync.Cond
@@ -124,13 +132,18 @@ func (r *Recorder) Write(ctx context.Context, w Write) error {
 	if limit <= 0 {
 		limit = DefaultEpochWriteCap
 	}
+	maxWrites := r.MaxWrites
+	if maxWrites <= 0 {
+		maxWrites = DefaultEpochWrites
+	}
 	stop := context.AfterFunc(ctx, func() {
 		r.mu.Lock()
 		r.changed.Broadcast()
 		r.mu.Unlock()
 	})
 	defer stop()
-	for r.mode == recRecording && r.openBytes > 0 && r.openBytes+int64(len(w.Data)) > limit {
+	for r.mode == recRecording && len(r.open) > 0 &&
+		(r.openBytes+int64(len(w.Data)) > limit || len(r.open)+len(msgs) > maxWrites) {
 		if err := ctx.Err(); err != nil {
 			return fmt.Errorf("diskmirror: waiting for the epoch's cut: %w", err)
 		}
