@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
-	"sync"
 
 	"github.com/klauspost/compress/zstd"
 	"github.com/pierrec/lz4/v4"
@@ -146,34 +145,30 @@ func DecodeRAMDelta(p []byte) (RAMDelta, error) {
 	return m, nil
 }
 
-var (
-	zstdDecoders = sync.Pool{New: func() any {
-		d, _ := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(MaxPagesPerFrame*PageSize))
-		return d
-	}}
-	// deviceStateDecoders allow the larger device state (one per commit).
-	deviceStateDecoders = sync.Pool{New: func() any {
-		d, _ := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(MaxDeviceState))
-		return d
-	}}
-)
-
-// raw decompresses the blob into exactly RawLen bytes.
+// raw decompresses the blob into exactly RawLen bytes (at most
+// count×PageSize): lz4 into a buffer of RawLen bytes, zstd from one frame
+// that declares RawLen bytes (see checkZstdFrame) into a buffer of that
+// and a block. An uncompressed blob is returned as it is.
 func (m RAMDelta) raw() ([]byte, error) {
-	switch m.Codec {
-	case CodecNone:
+	switch {
+	case m.Codec == CodecNone:
 		return m.Blob, nil
+	case m.RawLen == 0: // no page with data
+		if len(m.Blob) != 0 {
+			return nil, malformed(TypeRAMDelta, "%s blob of %d bytes for no page data", m.Codec, len(m.Blob))
+		}
+		return nil, nil
+	}
+	switch m.Codec {
 	case CodecZstd:
-		d := zstdDecoders.Get().(*zstd.Decoder)
-		defer zstdDecoders.Put(d)
-		out, err := d.DecodeAll(m.Blob, make([]byte, 0, m.RawLen))
+		f, err := checkZstdFrame(TypeRAMDelta, m.Blob, uint64(m.RawLen))
 		if err != nil {
-			return nil, malformed(TypeRAMDelta, "zstd: %v", err)
+			return nil, err
 		}
-		if len(out) != int(m.RawLen) {
-			return nil, malformed(TypeRAMDelta, "zstd blob holds %d bytes, raw length %d", len(out), m.RawLen)
+		if f.size != uint64(m.RawLen) {
+			return nil, malformed(TypeRAMDelta, "zstd frame declares %d bytes, raw length %d", f.size, m.RawLen)
 		}
-		return out, nil
+		return decodeZstdFrame(TypeRAMDelta, &zstdDecoders, m.Blob, f)
 	case CodecLZ4:
 		out := make([]byte, m.RawLen)
 		n, err := lz4.UncompressBlock(m.Blob, out)
@@ -256,7 +251,9 @@ type DeltaStats struct {
 
 // NewDeltaEncoder returns an encoder for a guest of ramSize bytes.
 func NewDeltaEncoder(ramSize uint64) (*DeltaEncoder, error) {
-	z, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1))
+	// Single-segment frames always declare their content size, which the
+	// backup needs (see zstdFrameSize).
+	z, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1), zstd.WithSingleSegment(true))
 	if err != nil {
 		return nil, fmt.Errorf("transport: zstd: %w", err)
 	}
@@ -468,8 +465,9 @@ func (c *lruCache) put(idx uint64, data []byte) {
 
 // DeviceStateZ is a chunk of an epoch's device state compressed with zstd
 // as a whole: the chunks together, in offset order, are one zstd frame that
-// decompresses to the device state (at most MaxDeviceState bytes). Offset
-// and Total are those of the compressed bytes. Payload: as DeviceState.
+// declares its content size, 1..MaxDeviceState bytes, and decompresses to
+// the device state (see checkZstdFrame). Offset and Total are those of the
+// compressed bytes. Payload: as DeviceState.
 type DeviceStateZ struct{ DeviceState }
 
 // Type returns TypeDeviceStateZ.
@@ -483,19 +481,4 @@ func (e *DeltaEncoder) compressDeviceState(dev []byte) []byte {
 		return nil
 	}
 	return z
-}
-
-// decompressDeviceState reverses compressDeviceState, refusing more than
-// MaxDeviceState bytes.
-func decompressDeviceState(z []byte) ([]byte, error) {
-	d := deviceStateDecoders.Get().(*zstd.Decoder)
-	defer deviceStateDecoders.Put(d)
-	out, err := d.DecodeAll(z, nil)
-	if err != nil {
-		return nil, malformed(TypeDeviceStateZ, "zstd: %v", err)
-	}
-	if len(out) > MaxDeviceState {
-		return nil, tooLarge(TypeDeviceStateZ, "device state of %d bytes, max %d", len(out), MaxDeviceState)
-	}
-	return out, nil
 }

@@ -15,7 +15,8 @@
 //	offset  size  field        meaning
 //	------  ----  -----------  ---------------------------------------------
 //	     0     4  magic        "RMUS"
-//	     4     1  version      MinVersion..MaxVersion (1 now)
+//	     4     1  version      MinVersion..MaxVersion (2 now; version 1 had
+//	                           no disk size in Hello)
 //	     5     1  type         Type; unknown types are rejected
 //	     6     2  flags        Flags; unknown or unsupported bits are rejected
 //	     8     8  epoch        epoch the frame belongs to, 0 when none
@@ -50,7 +51,7 @@
 //	---------------  -----------------------------------------------------
 //	1 Hello          version u8 | role u8 | name length u8 | name (1..255
 //	                 bytes of UTF-8) | RAM size u64 | page size u32 |
-//	                 last committed epoch u64
+//	                 last committed epoch u64 | disk size u64 (0: none)
 //	2 RAMPages       count u16 (1..256) | count × page index u64, strictly
 //	                 ascending | count × 4096 bytes of page data
 //	3 DeviceState    offset u32 | total u32 (1..64 MiB) | data (1 byte to
@@ -59,15 +60,18 @@
 //	5 Ack            empty
 //	6 Heartbeat      sent time i64 (Unix ns) | last committed epoch u64
 //	7 Error          code u16 (not 0) | message length u16 (0..1024) |
-//	                 message (UTF-8)
+//	                 message (UTF-8); codes 6 goodbye, 7 takeover and 8
+//	                 failed-over end a session on purpose (see ErrorCode)
 //	8 DiskWrite      offset u64 | length u32 | flags u8 | data (none for a
 //	                 zero write); epoch 0: the initial disk copy
 //	9 RAMDelta       count u16 | codec u8 | index u64 × count | kind u8 ×
-//	                 count | raw length u32 | compressed blob
+//	                 count | raw length u32 | compressed blob (zstd: one
+//	                 frame that declares the raw length; lz4: a block)
 //	10 Auth          nonce [32]byte (first frame each way on an authenticated
 //	                 connection; every later frame has FlagAuthenticated)
 //	11 DeviceStateZ  as DeviceState; the chunks together are one zstd frame
-//	                 that decompresses to the device state
+//	                 that declares its content size (1..64 MiB) and
+//	                 decompresses to the device state
 //
 // Sequence numbers start at 1 in each direction and grow by exactly one per
 // frame; Reader rejects a gap, a repeat or a reorder (ErrSequence). They are

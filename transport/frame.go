@@ -16,11 +16,13 @@ import (
 // Reader accepts MinVersion..MaxVersion.
 const (
 	// Version is the version this package writes.
-	Version uint8 = 1
-	// MinVersion is the oldest version this package reads.
-	MinVersion uint8 = 1
+	Version uint8 = 2
+	// MinVersion is the oldest version this package reads. Both agents
+	// ship together, so only the current layout is read: version 2 added
+	// Hello's disk size.
+	MinVersion uint8 = 2
 	// MaxVersion is the newest version this package reads.
-	MaxVersion uint8 = 1
+	MaxVersion uint8 = 2
 )
 
 // Frame layout sizes and caps; see the package documentation for the

@@ -30,7 +30,7 @@ const (
 	MaxErrorMessage = 1024
 
 	deviceStateHeader = 8
-	helloFixed        = 1 + 1 + 1 + 8 + 4 + 8
+	helloFixed        = 1 + 1 + 1 + 8 + 4 + 8 + 8
 	pageEntry         = 8 + PageSize
 	commitSize        = 8 + 8 + 4
 	heartbeatSize     = 8 + 8
@@ -141,7 +141,7 @@ func (r Role) String() string {
 // and what it holds, so each side can check it is talking about the same VM.
 //
 // Payload: version u8 | role u8 | name length u8 | name | RAM size u64 |
-// page size u32 | last committed u64.
+// page size u32 | last committed u64 | disk size u64.
 type Hello struct {
 	// Version is the newest protocol version the sender speaks; the
 	// connection uses the older of the two sides' versions.
@@ -158,6 +158,9 @@ type Hello struct {
 	// LastCommitted is the newest epoch the sender knows committed, 0 for
 	// none.
 	LastCommitted uint64
+	// DiskSize is the size in bytes of the disk the primary mirrors, or of
+	// the backup's disk image; 0 for none. Both sides must agree.
+	DiskSize uint64
 }
 
 // Type returns TypeHello.
@@ -193,6 +196,7 @@ func (m Hello) AppendPayload(dst []byte) ([]byte, error) {
 	dst = binary.BigEndian.AppendUint64(dst, m.RAMSize)
 	dst = binary.BigEndian.AppendUint32(dst, m.PageSize)
 	dst = binary.BigEndian.AppendUint64(dst, m.LastCommitted)
+	dst = binary.BigEndian.AppendUint64(dst, m.DiskSize)
 	return dst, nil
 }
 
@@ -213,6 +217,7 @@ func DecodeHello(p []byte) (Hello, error) {
 		RAMSize:       binary.BigEndian.Uint64(rest),
 		PageSize:      binary.BigEndian.Uint32(rest[8:]),
 		LastCommitted: binary.BigEndian.Uint64(rest[12:]),
+		DiskSize:      binary.BigEndian.Uint64(rest[20:]),
 	}
 	if err := m.validate(); err != nil {
 		return Hello{}, err
@@ -495,6 +500,18 @@ const (
 	CodeEpoch ErrorCode = 4
 	// CodeInternal: the sender failed for reasons of its own.
 	CodeInternal ErrorCode = 5
+	// CodeGoodbye: a planned end of the session. From the primary: the
+	// session ends and its guest runs on, so the backup must not resume
+	// it. From the backup: the confirmation of the primary's goodbye (it
+	// will not resume the guest), or its own planned end.
+	CodeGoodbye ErrorCode = 6
+	// CodeTakeOver: from the primary: its guest is gone for good (killed
+	// after it could not be checkpointed or resumed); the backup is to
+	// resume its last committed epoch at once.
+	CodeTakeOver ErrorCode = 7
+	// CodeFailedOver: from the backup: it already resumed the guest, so
+	// the primary's copy must not run.
+	CodeFailedOver ErrorCode = 8
 )
 
 // String returns the code's name, or "ErrorCode(n)" for an unknown one.
@@ -510,6 +527,12 @@ func (c ErrorCode) String() string {
 		return "epoch"
 	case CodeInternal:
 		return "internal"
+	case CodeGoodbye:
+		return "goodbye"
+	case CodeTakeOver:
+		return "takeover"
+	case CodeFailedOver:
+		return "failed-over"
 	}
 	return fmt.Sprintf("ErrorCode(%d)", uint16(c))
 }
