@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"time"
 
@@ -28,6 +29,9 @@ type BackupConfig struct {
 	// initial copy at once, an epoch's held until it commits
 	// (diskmirror.Journal).
 	Disk DiskJournal
+	// DiskSize is the size of the backup's disk image (0: none); a
+	// primary that mirrors a disk of another size is refused.
+	DiskSize uint64
 	// OnCommit, when set, is called after each epoch is applied, before it
 	// is acknowledged. It must not block.
 	OnCommit func(epoch uint64, pages int)
@@ -73,28 +77,50 @@ func (e *PrimaryLost) Error() string {
 // Is makes a *PrimaryLost match ErrPeerLost.
 func (e *PrimaryLost) Is(target error) bool { return target == ErrPeerLost }
 
-var (
-	errEpochRejected = errors.New("discarded epoch")
-	errApply         = errors.New("checkpoint: apply")
-)
-
-// Backup receives epochs from the primary and applies each only when it has
-// arrived whole and verified: the RAM image and the device state file
-// always hold one committed epoch.
+// Backup is the backup's driver: it feeds a Standby the primary's
+// connections and frames and carries out its decisions. It stages an epoch
+// until it arrived whole and verified, applies it to the RAM image and the
+// device state file, and resumes the guest only when the Standby says so.
 type Backup struct {
-	cfg       BackupConfig
-	log       *slog.Logger
-	ram       []byte
-	ramSize   uint64
-	committed uint64
+	cfg BackupConfig
+	log *slog.Logger
+	sb  *Standby
+
+	ram     []byte
+	ramSize uint64
+	// applied is the newest epoch written into the image (of any
+	// session); the Standby says whether it may be resumed.
+	applied uint64
+
+	conns  map[ConnID]*backupConn
+	nextID ConnID
+	stage  *transport.Stage
+	staged transport.Epoch // the epoch the stage completed, until applied
+	ended  error           // why the last session ended (Serve)
+	lost   *PrimaryLost    // the Standby's failover decision
 }
+
+// backupConn is one connection from a primary (or anyone).
+type backupConn struct {
+	id   ConnID
+	link Link
+	// session: the Standby answered its hello; its frames are the
+	// session's.
+	session bool
+	cancel  context.CancelFunc
+}
+
+// HelloTimeout bounds how long a new connection may take to send its hello;
+// until then it is not a session and nothing it does counts.
+const HelloTimeout = 5 * time.Second
 
 // NewBackup prepares a backup. Nothing is created until a primary connects.
 func NewBackup(cfg BackupConfig) (*Backup, error) {
 	if cfg.RAMImage == "" || cfg.StateFile == "" || cfg.VMName == "" {
 		return nil, errors.New("checkpoint: backup needs VMName, RAMImage and StateFile")
 	}
-	if err := cfg.Heartbeat.Validate(); err != nil {
+	sb, err := NewStandby(StandbyConfig{VMName: cfg.VMName, DiskSize: cfg.DiskSize, Heartbeat: cfg.Heartbeat})
+	if err != nil {
 		return nil, err
 	}
 	cfg.Heartbeat = cfg.Heartbeat.WithDefaults()
@@ -102,13 +128,16 @@ func NewBackup(cfg BackupConfig) (*Backup, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Backup{cfg: cfg, log: log.With("vm", cfg.VMName, "role", "backup")}, nil
+	return &Backup{cfg: cfg, sb: sb, conns: map[ConnID]*backupConn{}, log: log.With("vm", cfg.VMName, "role", "backup")}, nil
 }
 
-// Committed is the newest checkpoint the backup holds (Epoch 0: none).
+// Committed is the newest checkpoint the backup may resume (Epoch 0: none).
 func (b *Backup) Committed() Committed {
-	return Committed{Epoch: b.committed, RAMImage: b.cfg.RAMImage, StateFile: b.cfg.StateFile, RAMSize: b.ramSize}
+	return Committed{Epoch: b.sb.Committed(), RAMImage: b.cfg.RAMImage, StateFile: b.cfg.StateFile, RAMSize: b.ramSize}
 }
+
+// State is the Standby's state.
+func (b *Backup) State() StandbyState { return b.sb.State() }
 
 // Close unmaps the RAM image.
 func (b *Backup) Close() error {
@@ -120,96 +149,196 @@ func (b *Backup) Close() error {
 	return nil
 }
 
-// Serve runs one session with a primary over link. A new session starts
-// from a full copy of RAM (epoch 1) and replaces what an earlier session
-// left only when that epoch commits. Serve returns a *PrimaryLost (matching
-// ErrPeerLost) when the primary stops being heard for the heartbeat
-// timeout: the caller then fails over to Committed(). A broken connection
-// alone is not taken as the primary's death; the timeout still runs from
-// the last frame heard, so a failover never comes sooner than the timeout.
+// backupEvent is what a connection's reader hands the loop.
+type backupEvent struct {
+	id    ConnID
+	link  Link // set on a connection's first event
+	f     transport.Frame
+	err   error
+	hello bool // f is the connection's first frame
+}
+
+// Serve runs one connection's session with a primary: it returns a
+// *PrimaryLost (matching ErrPeerLost) when the Standby decides to fail over
+// (the caller then resumes Committed()), the reason when the session ends
+// otherwise (a goodbye, a rejected epoch), or ctx's error.
 func (b *Backup) Serve(ctx context.Context, link Link) error {
+	conns := make(chan Link, 1)
+	conns <- link
+	return b.loop(ctx, conns, nil, true)
+}
+
+// Run serves the primaries that connect through conns (authenticated
+// already, where a key is set) until ctx ends. Any number may connect at
+// once; only a connection whose hello the Standby accepts is a session.
+// When the Standby decides to fail over, Run calls failOver (in its own
+// goroutine) and then goes on refusing primaries until ctx ends: a primary
+// agent that comes back after the failover is told the guest runs here.
+func (b *Backup) Run(ctx context.Context, conns <-chan Link, failOver func(context.Context, *PrimaryLost) error) error {
+	return b.loop(ctx, conns, failOver, false)
+}
+
+func (b *Backup) loop(ctx context.Context, conns <-chan Link, failOver func(context.Context, *PrimaryLost) error, single bool) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	// The disk writes of an epoch that did not commit are never applied.
-	defer b.discardDisk()
-	live := startLiveness(ctx, b.cfg.Heartbeat, link)
-	frames := receive(ctx, link, live)
-
-	var stage *transport.Stage
-	var cause error
+	defer func() {
+		for _, c := range b.conns {
+			b.closeConn(ctx, c, "the backup stops")
+		}
+		b.discard()
+	}()
+	events := make(chan backupEvent, 64)
+	tick := time.NewTicker(b.cfg.Heartbeat.Interval / 4)
+	defer tick.Stop()
+	hadSession := false
 	for {
+		var acts []any
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case r := <-frames:
-			if r.err == nil {
-				var err error
-				stage, err = b.handle(ctx, link, stage, r.f)
-				if err != nil {
-					reply(ctx, link, r.f.Epoch, err)
-					return err
-				}
-				live.committed.Store(b.committed)
+		case link, ok := <-conns:
+			if !ok {
+				conns = nil
 				continue
 			}
-			err := r.err
-			var fe *transport.FrameError
-			if errors.As(err, &fe) && !errors.Is(err, io.ErrUnexpectedEOF) {
-				// The stream itself is damaged: the epoch in flight is
-				// discarded and the primary is told; this is no failure
-				// of the primary.
-				err = fmt.Errorf("checkpoint: %w %d: %w", errEpochRejected, fe.Epoch, err)
-				reply(ctx, link, fe.Epoch, err)
+			b.nextID++
+			c := &backupConn{id: b.nextID, link: link}
+			var cctx context.Context
+			cctx, c.cancel = context.WithCancel(ctx)
+			b.conns[c.id] = c
+			go readConn(cctx, c.id, link, events)
+			continue
+		case now := <-tick.C:
+			acts = b.sb.Step(Tick{Now: now})
+		case ev := <-events:
+			acts = b.event(ev)
+		}
+		if err := b.do(ctx, acts); err != nil {
+			return err
+		}
+		if b.sb.Session() != 0 {
+			hadSession = true
+		}
+		if b.lost != nil {
+			if single || failOver == nil {
+				return b.lost
+			}
+			if err := failOver(ctx, b.lost); err != nil {
 				return err
 			}
-			// A connection that breaks (also mid-frame) is what a dead
-			// primary looks like, but so is a broken link: only the
-			// heartbeat timeout decides.
-			frames = nil
-			cause = fmt.Errorf("receive from primary: %w", err)
-			b.log.Warn("connection to primary broken; waiting out the heartbeat timeout", "err", err)
-		case <-live.dead:
-			lastHeard, deadAt, silence := live.verdict()
-			if cause == nil {
-				cause = fmt.Errorf("no frame for %v", silence.Round(time.Millisecond))
-			}
-			return &PrimaryLost{Committed: b.Committed(), LastHeard: lastHeard, DeclaredAt: deadAt, Cause: cause}
+			b.lost = nil
+		}
+		if single && hadSession && b.sb.State() == Waiting {
+			return b.ended
 		}
 	}
 }
 
-// reply tells the primary why the session ends.
-func reply(ctx context.Context, link Link, epoch uint64, err error) {
-	code := transport.CodeProtocol
-	switch {
-	case errors.Is(err, errEpochRejected):
-		code = transport.CodeEpoch
-	case errors.Is(err, ErrPeerRejected):
-		code = transport.CodeMismatch
-	case errors.Is(err, errApply):
-		code = transport.CodeInternal
+// readConn reads a connection's frames into events; the first one must be
+// a hello and come within HelloTimeout.
+func readConn(ctx context.Context, id ConnID, link Link, events chan<- backupEvent) {
+	hctx, cancel := context.WithTimeout(ctx, HelloTimeout)
+	f, err := link.Recv(hctx)
+	cancel()
+	ev := backupEvent{id: id, link: link, f: f, err: err, hello: true}
+	for {
+		select {
+		case events <- ev:
+		case <-ctx.Done():
+			return
+		}
+		if ev.err != nil {
+			return
+		}
+		f, err := link.Recv(ctx)
+		ev = backupEvent{id: id, f: f, err: err}
 	}
-	ctx, cancel := context.WithTimeout(ctx, time.Second)
-	defer cancel()
-	msg := err.Error()
-	if len(msg) > transport.MaxErrorMessage {
-		msg = msg[:transport.MaxErrorMessage]
-	}
-	sendMessage(ctx, link, epoch, transport.Error{Code: code, Message: msg})
 }
 
-func (b *Backup) handle(ctx context.Context, link Link, stage *transport.Stage, f transport.Frame) (*transport.Stage, error) {
-	if stage == nil {
-		return b.hello(ctx, link, f)
+// event turns what a connection delivered into the Standby's events.
+func (b *Backup) event(ev backupEvent) []any {
+	c := b.conns[ev.id]
+	if c == nil {
+		return nil
+	}
+	now := time.Now()
+	if ev.hello {
+		return b.helloIn(c, ev, now)
+	}
+	if ev.err != nil {
+		var fe *transport.FrameError
+		if errors.As(ev.err, &fe) && !errors.Is(ev.err, io.ErrUnexpectedEOF) {
+			// The stream itself is damaged: the epoch in flight is
+			// discarded and the primary told; no failure of the primary.
+			return b.sb.Step(EpochRejected{Now: now, Conn: c.id, Epoch: fe.Epoch, Err: ev.err})
+		}
+		if !c.session {
+			b.closeConn(context.Background(), c, "")
+			return nil
+		}
+		return b.sb.Step(ConnClosed{Now: now, Conn: c.id, Err: ev.err})
+	}
+	if !c.session {
+		return nil
+	}
+	acts := b.sb.Step(FrameHeard{Now: now, Conn: c.id})
+	return append(acts, b.frame(c, ev.f, now)...)
+}
+
+func (b *Backup) helloIn(c *backupConn, ev backupEvent, now time.Time) []any {
+	refuse := func(code transport.ErrorCode, err error) []any {
+		b.log.Warn("refused a connection", "from", remoteAddr(c.link), "err", err)
+		return []any{Reject{Conn: c.id, Code: code, Err: err}}
+	}
+	if ev.err != nil {
+		b.log.Info("a connection closed before its hello", "from", remoteAddr(c.link), "err", ev.err)
+		b.closeConn(context.Background(), c, "")
+		return nil
+	}
+	m, err := transport.Decode(ev.f)
+	if err != nil {
+		return refuse(transport.CodeProtocol, fmt.Errorf("checkpoint: primary's hello: %w", err))
+	}
+	h, ok := m.(transport.Hello)
+	switch {
+	case !ok && ev.f.Type == transport.TypeAuth:
+		return refuse(transport.CodeMismatch, fmt.Errorf("%w: %w: the primary authenticates and this backup has no key (give both the same --key-file)", ErrPeerRejected, transport.ErrAuth))
+	case !ok:
+		return refuse(transport.CodeProtocol, fmt.Errorf("%w: primary sent %s before its hello", ErrPeerRejected, ev.f.Type))
+	}
+	if b.sb.State() != FailedOver && h.Role == transport.RolePrimary && h.VMName == b.cfg.VMName {
+		if err := b.mapRAM(h.RAMSize); err != nil {
+			return refuse(transport.CodeMismatch, err)
+		}
+	}
+	return b.sb.Step(HelloIn{Now: now, Conn: c.id, Hello: h})
+}
+
+// frame handles one frame of the session.
+func (b *Backup) frame(c *backupConn, f transport.Frame, now time.Time) []any {
+	rejected := func(err error) []any {
+		return b.sb.Step(EpochRejected{Now: now, Conn: c.id, Epoch: f.Epoch, Err: err})
 	}
 	switch f.Type {
 	case transport.TypeHeartbeat:
-		return stage, nil
+		return nil
+	case transport.TypeError:
+		m, err := transport.Decode(f)
+		if err != nil {
+			return rejected(err)
+		}
+		e := m.(transport.Error)
+		// A primary that reports an error ends the session alive: its
+		// guest runs on, so it counts as a goodbye, unless it hands over.
+		return b.sb.Step(GoodbyeIn{Now: now, Conn: c.id, TakeOver: e.Code == transport.CodeTakeOver, Reason: fmt.Sprintf("%s: %s", e.Code, e.Message)})
 	case transport.TypeDiskWrite:
-		return stage, b.diskWrite(stage, f)
+		if err := b.diskWrite(f); err != nil {
+			return rejected(err)
+		}
+		return nil
 	case transport.TypeRAMDelta:
-		// Compressed pages: XORed ones are against the committed image,
-		// which holds the version the primary sent last (epochs commit in
+		// Compressed pages: XORed ones are against the image, which
+		// holds the version the primary sent last (epochs commit in
 		// order). The Commit's digest covers the expanded pages.
 		m, err := transport.Decode(f)
 		var pages transport.RAMPages
@@ -217,71 +346,154 @@ func (b *Backup) handle(ctx context.Context, link Link, stage *transport.Stage, 
 			pages, err = m.(transport.RAMDelta).Expand(b.basePage)
 		}
 		if err == nil {
-			err = stage.AddPages(f.Epoch, pages)
+			err = b.stage.AddPages(f.Epoch, pages)
 		}
 		if err != nil {
-			stage.Reset()
-			b.discardDisk()
-			return stage, fmt.Errorf("checkpoint: %w %d: %w", errEpochRejected, f.Epoch, err)
+			return rejected(err)
 		}
-		return stage, nil
-	case transport.TypeError:
-		m, err := transport.Decode(f)
-		if err != nil {
-			return stage, fmt.Errorf("checkpoint: from primary: %w", err)
-		}
-		e := m.(transport.Error)
-		return stage, fmt.Errorf("%w: primary: %s: %s", ErrPeerRejected, e.Code, e.Message)
+		return nil
 	}
-	ep, done, err := stage.Add(f)
+	ep, done, err := b.stage.Add(f)
 	if err != nil {
-		b.discardDisk()
-		return stage, fmt.Errorf("checkpoint: %w %d: %w", errEpochRejected, f.Epoch, err)
+		return rejected(err)
 	}
 	if !done {
-		return stage, nil
+		return nil
 	}
-	if err := b.apply(ep); err != nil {
-		return stage, fmt.Errorf("%w: %w", errApply, err)
+	b.staged = ep
+	return b.sb.Step(EpochStaged{Now: now, Conn: c.id, Epoch: ep.Number})
+}
+
+// do carries out the Standby's actions, feeding back what they report.
+func (b *Backup) do(ctx context.Context, acts []any) error {
+	for len(acts) > 0 {
+		a := acts[0]
+		acts = acts[1:]
+		switch a := a.(type) {
+		case SendHello:
+			c := b.conns[a.Conn]
+			stage, err := transport.NewStage(b.ramSize, 0)
+			if err != nil {
+				return err
+			}
+			b.stage = stage
+			c.session = true
+			if err := b.send(ctx, c, 0, transport.Hello{Version: transport.Version, Role: transport.RoleBackup,
+				VMName: b.cfg.VMName, RAMSize: b.ramSize, DiskSize: b.cfg.DiskSize, PageSize: transport.PageSize}); err != nil {
+				acts = append(acts, b.sb.Step(ConnClosed{Now: time.Now(), Conn: c.id, Err: err})...)
+				continue
+			}
+			b.log.Info("primary connected", "from", remoteAddr(c.link), "ram_bytes", b.ramSize)
+		case Reject:
+			if c := b.conns[a.Conn]; c != nil {
+				if c.session {
+					b.ended = a.Err
+					b.log.Error("session with the primary ended; nothing is resumable until a new session commits", "err", a.Err)
+				}
+				b.sendError(ctx, c, a.Epoch, a.Code, a.Err.Error())
+				b.closeConn(ctx, c, a.Err.Error())
+			}
+		case CloseConn:
+			if c := b.conns[a.Conn]; c != nil {
+				b.closeConn(ctx, c, a.Reason)
+			}
+		case Discard:
+			b.discard()
+		case Apply:
+			err := b.apply(b.staged)
+			b.staged = transport.Epoch{}
+			acts = append(acts, b.sb.Step(Applied{Now: time.Now(), Conn: a.Conn, Epoch: a.Epoch, Err: err})...)
+		case SendAck:
+			if c := b.conns[a.Conn]; c != nil {
+				if err := b.send(ctx, c, a.Epoch, transport.Ack{}); err != nil {
+					acts = append(acts, b.sb.Step(ConnClosed{Now: time.Now(), Conn: c.id, Err: err})...)
+				}
+			}
+		case SendHeartbeat:
+			if c := b.conns[a.Conn]; c != nil {
+				// A heartbeat that cannot leave shows as the
+				// connection's read error soon enough.
+				b.send(ctx, c, 0, transport.Heartbeat{SentUnixNano: time.Now().UnixNano(), LastCommitted: a.Committed})
+			}
+		case SendGoodbye:
+			if c := b.conns[a.Conn]; c != nil {
+				b.ended = fmt.Errorf("%w: the primary said goodbye", ErrPeerRejected)
+				b.sendError(ctx, c, 0, transport.CodeGoodbye, a.Reason)
+			}
+		case Note:
+			if a.Err != nil {
+				b.log.Warn(a.Msg, "err", a.Err)
+			} else {
+				b.log.Info(a.Msg)
+			}
+		case FailOver:
+			b.lost = &PrimaryLost{Committed: b.Committed(), LastHeard: a.LastHeard, DeclaredAt: a.Declared, Cause: a.Cause}
+		}
 	}
-	if err := sendMessage(ctx, link, ep.Number, transport.Ack{}); err != nil {
-		return stage, fmt.Errorf("checkpoint: epoch %d: send ack: %w", ep.Number, err)
+	return nil
+}
+
+func (b *Backup) send(ctx context.Context, c *backupConn, epoch uint64, m transport.Message) error {
+	ctx, cancel := context.WithTimeout(ctx, b.cfg.Heartbeat.Timeout)
+	defer cancel()
+	return sendMessage(ctx, c.link, epoch, m)
+}
+
+func (b *Backup) sendError(ctx context.Context, c *backupConn, epoch uint64, code transport.ErrorCode, msg string) {
+	if len(msg) > transport.MaxErrorMessage {
+		msg = msg[:transport.MaxErrorMessage]
 	}
-	return stage, nil
+	b.send(ctx, c, epoch, transport.Error{Code: code, Message: msg})
+}
+
+// closeConn ends a connection: it half-closes so that the peer reads the
+// last frame (an Error) before the end, then closes, without holding up the
+// loop.
+func (b *Backup) closeConn(ctx context.Context, c *backupConn, reason string) {
+	delete(b.conns, c.id)
+	c.cancel()
+	go func() {
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+		defer cancel()
+		if s, ok := c.link.(interface{ Shutdown(context.Context) error }); ok {
+			s.Shutdown(sctx)
+			return
+		}
+		c.link.Close()
+	}()
+}
+
+func remoteAddr(l Link) string {
+	if a, ok := l.(interface{ RemoteAddr() net.Addr }); ok && a.RemoteAddr() != nil {
+		return a.RemoteAddr().String()
+	}
+	return "?"
 }
 
 // diskWrite takes a DiskWrite frame: applied at once in epoch 0 (the
 // initial copy), else staged with its epoch and held in the journal.
-func (b *Backup) diskWrite(stage *transport.Stage, f transport.Frame) error {
+func (b *Backup) diskWrite(f transport.Frame) error {
 	m, err := transport.Decode(f)
 	if err != nil {
-		b.discardDisk()
-		return fmt.Errorf("checkpoint: %w %d: %w", errEpochRejected, f.Epoch, err)
+		return err
 	}
 	w := m.(transport.DiskWrite)
 	if b.cfg.Disk == nil {
 		return fmt.Errorf("%w: the primary mirrors a disk; this backup has no disk image", ErrPeerRejected)
 	}
 	if f.Epoch == 0 {
-		if _, staging := stage.Staging(); staging || stage.Committed() > 0 {
-			return fmt.Errorf("checkpoint: %w 0: a write of the initial disk copy after the first epoch began", errEpochRejected)
+		if _, staging := b.stage.Staging(); staging || b.stage.Committed() > 0 {
+			return errors.New("a write of the initial disk copy after the first epoch began")
 		}
-		if err := b.cfg.Disk.Direct(w); err != nil {
-			return fmt.Errorf("%w: %w", errApply, err)
-		}
-		return nil
+		return b.cfg.Disk.Direct(w)
 	}
-	if err := stage.AddDiskWrite(f.Epoch, w); err != nil {
-		b.discardDisk()
-		return fmt.Errorf("checkpoint: %w %d: %w", errEpochRejected, f.Epoch, err)
+	if err := b.stage.AddDiskWrite(f.Epoch, w); err != nil {
+		return err
 	}
-	if err := b.cfg.Disk.Add(w); err != nil {
-		return fmt.Errorf("%w: %w", errApply, err)
-	}
-	return nil
+	return b.cfg.Disk.Add(w)
 }
 
-// basePage returns the committed version of a page, nil beyond RAM.
+// basePage returns the image's version of a page, nil beyond RAM.
 func (b *Backup) basePage(idx uint64) []byte {
 	off := idx * transport.PageSize
 	if idx > transport.MaxPageIndex || off+transport.PageSize > uint64(len(b.ram)) {
@@ -290,47 +502,15 @@ func (b *Backup) basePage(idx uint64) []byte {
 	return b.ram[off : off+transport.PageSize]
 }
 
-func (b *Backup) discardDisk() {
+// discard drops whatever is staged of an epoch not committed.
+func (b *Backup) discard() {
+	if b.stage != nil {
+		b.stage.Reset()
+	}
+	b.staged = transport.Epoch{}
 	if b.cfg.Disk != nil {
 		b.cfg.Disk.Discard()
 	}
-}
-
-func (b *Backup) hello(ctx context.Context, link Link, f transport.Frame) (*transport.Stage, error) {
-	m, err := transport.Decode(f)
-	if err != nil {
-		return nil, fmt.Errorf("checkpoint: primary's hello: %w", err)
-	}
-	h, ok := m.(transport.Hello)
-	if !ok && f.Type == transport.TypeAuth {
-		return nil, fmt.Errorf("%w: %w: the primary authenticates and this backup has no key (give both the same --key-file)", ErrPeerRejected, transport.ErrAuth)
-	}
-	if !ok {
-		return nil, fmt.Errorf("%w: primary sent %s before its hello", ErrPeerRejected, f.Type)
-	}
-	if h.Role != transport.RolePrimary || h.VMName != b.cfg.VMName {
-		return nil, fmt.Errorf("%w: peer is %s for VM %q; this backup protects %q", ErrPeerRejected, h.Role, h.VMName, b.cfg.VMName)
-	}
-	if err := b.mapRAM(h.RAMSize); err != nil {
-		return nil, err
-	}
-	// A new session starts again from a full copy, numbered from 1. What an
-	// earlier session committed is stale now (the primary ran on without
-	// protection in between and the world saw its output), so it is no
-	// longer a checkpoint to fail over to: until this session's first epoch
-	// commits, the backup holds nothing it may resume.
-	b.committed = 0
-	b.discardDisk()
-	stage, err := transport.NewStage(h.RAMSize, 0)
-	if err != nil {
-		return nil, err
-	}
-	if err := sendMessage(ctx, link, 0, transport.Hello{Version: transport.Version, Role: transport.RoleBackup,
-		VMName: b.cfg.VMName, RAMSize: h.RAMSize, PageSize: transport.PageSize, LastCommitted: b.committed}); err != nil {
-		return nil, fmt.Errorf("checkpoint: send hello: %w", err)
-	}
-	b.log.Info("primary connected", "ram_bytes", h.RAMSize)
-	return stage, nil
 }
 
 // mapRAM creates (or reuses) the RAM image and maps it.
@@ -357,16 +537,13 @@ func (b *Backup) mapRAM(size uint64) error {
 	return nil
 }
 
-// apply writes a verified epoch into the RAM image and the device state
-// file. It runs to completion before a failover can start (the same
-// goroutine decides both), so a failover sees either all of an epoch or
-// none of it.
+// apply writes a verified epoch into the image: the disk first, then RAM,
+// then the device state. It runs to completion before the Standby decides
+// anything else (one goroutine does both), and the Standby counts nothing
+// resumable while it runs or when it fails.
 func (b *Backup) apply(ep transport.Epoch) error {
 	if b.cfg.Disk != nil {
 		if err := b.cfg.Disk.Commit(); err != nil {
-			// Part of the epoch may be on the disk now: neither it nor
-			// the one before is a state to resume.
-			b.committed = 0
 			return fmt.Errorf("checkpoint: epoch %d: disk: %w", ep.Number, err)
 		}
 	}
@@ -377,7 +554,7 @@ func (b *Backup) apply(ep transport.Epoch) error {
 	if err := (failover.StateFile{Path: b.cfg.StateFile}).Save(ep.DeviceState); err != nil {
 		return fmt.Errorf("checkpoint: epoch %d: %w", ep.Number, err)
 	}
-	b.committed = ep.Number
+	b.applied = ep.Number
 	if b.cfg.OnCommit != nil {
 		b.cfg.OnCommit(ep.Number, len(ep.Pages))
 	}

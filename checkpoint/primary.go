@@ -93,6 +93,18 @@ type PrimaryConfig struct {
 	// OnEpoch, when set, is called from the loop's goroutine with the
 	// statistics of each epoch once it is acknowledged. It must not block.
 	OnEpoch func(EpochStats)
+	// DiskSize is the size of the mirrored disk (0: none); the backup's
+	// disk image must have the same.
+	DiskSize uint64
+	// CommandTimeout bounds each QMP command of a checkpoint (stop, save,
+	// cont). A stop that does not return in time leaves the guest in an
+	// unknown state: the session hands the guest over to the backup (see
+	// Session). Default DefaultCommandTimeout.
+	CommandTimeout time.Duration
+	// KillGuest ends the guest's QEMU here for good: the backup resumed it
+	// or is told to (see Session). Required: a session that cannot stop a
+	// guest cannot promise there is only one.
+	KillGuest func(ctx context.Context, reason string) error
 	// Fault, when set, is called at each FaultPoint with the epoch; tests
 	// use it to stop the agent at a chosen point of the epoch cycle.
 	Fault  func(FaultPoint, uint64)
@@ -103,8 +115,9 @@ type PrimaryConfig struct {
 // netbuffer's Relay, through a small adapter).
 type Output interface {
 	// Hold starts holding output for a new session, whose epochs are
-	// numbered from 1; called in the first pause, after Cut(1).
-	Hold()
+	// numbered from 1; called in the first pause, after Cut(1). An error
+	// fails the checkpoint: output must never leave unheld unnoticed.
+	Hold() error
 	// Cut closes epoch: everything the guest sent before its pause belongs
 	// to it. Called with the guest paused.
 	Cut(ctx context.Context, epoch uint64) error
@@ -117,6 +130,10 @@ type Output interface {
 
 // DiskSource yields the guest's disk writes of the epoch being closed.
 type DiskSource interface {
+	// BeginCut is called just before the pause: writes held back by a
+	// per-epoch cap must go into the epoch now, since QMP stop waits for
+	// the guest's I/O to finish.
+	BeginCut()
 	// Cut returns the writes received since the last Cut. Called with the
 	// guest paused, after QMP stop drained its I/O.
 	Cut() []transport.DiskWrite
@@ -171,6 +188,9 @@ type EpochStats struct {
 // AckLatency is the time from the start of the epoch's pause to its ack.
 func (e EpochStats) AckLatency() time.Duration { return e.Acked.Sub(e.Start) }
 
+// DefaultCommandTimeout bounds a checkpoint's QMP commands by default.
+const DefaultCommandTimeout = 10 * time.Second
+
 // Primary runs the epoch loop for one VM.
 type Primary struct {
 	cfg     PrimaryConfig
@@ -202,8 +222,14 @@ func NewPrimary(cfg PrimaryConfig, mon Monitor, ram []byte, tracker dirtypages.T
 	if cfg.VMName == "" {
 		return nil, errors.New("checkpoint: VMName is required")
 	}
+	if cfg.KillGuest == nil {
+		return nil, errors.New("checkpoint: KillGuest is required")
+	}
 	cfg.Pipeline = cfg.Pipeline.WithDefaults()
 	cfg.Heartbeat = cfg.Heartbeat.WithDefaults()
+	if cfg.CommandTimeout <= 0 {
+		cfg.CommandTimeout = DefaultCommandTimeout
+	}
 	log := cfg.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -218,6 +244,7 @@ type epochData struct {
 	resume time.Time
 }
 
+// shipped is the sender's report on one epoch.
 type shipped struct {
 	epoch     uint64
 	wireBytes int64
@@ -225,210 +252,266 @@ type shipped struct {
 	err       error
 }
 
-// Run protects the VM over link until ctx ends or protection fails. The
-// guest is never left paused: every stop is followed by a cont, also on
-// errors. It returns ctx.Err() when ctx ends, and an error wrapping
-// ErrPeerLost or ErrPeerRejected when the backup goes away or refuses an
-// epoch; the guest keeps running unprotected then.
+// pendingEpoch is an epoch in flight as the driver tracks it for its
+// statistics: reported once both shipped and acknowledged.
+type pendingEpoch struct {
+	EpochStats
+	shipped, acked bool
+}
+
+// Run protects the VM over link until the session ends, and returns why.
+// It drives a Session: every end says why to the backup (see Session), and
+// the guest is never left paused by a failed checkpoint. When ctx ends the
+// session says goodbye (waiting up to the goodbye timeout for the backup's
+// confirmation) and Run returns an error matching ErrStopped. Other ends
+// match ErrPeerLost (the backup is gone; the guest runs on unprotected),
+// ErrPeerRejected (the backup refused), ErrFailedOver (the backup already
+// resumed the guest: it was killed here) or ErrHandedOver.
 func (p *Primary) Run(ctx context.Context, link Link) error {
-	ctx, cancel := context.WithCancel(ctx)
+	// Link I/O outlives ctx: the goodbye must still go out after it ends.
+	ioctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancel()
-	if err := p.hello(ctx, link); err != nil {
+	s, acts, err := NewSession(SessionConfig{VMName: p.cfg.VMName, RAMSize: uint64(len(p.ram)), DiskSize: p.cfg.DiskSize,
+		Pipeline: p.cfg.Pipeline, Heartbeat: p.cfg.Heartbeat, Prepare: p.cfg.Prepare != nil}, time.Now())
+	if err != nil {
 		return err
 	}
-	if out := p.cfg.Output; out != nil {
-		defer out.PassThrough()
-	}
-	pipe, _ := NewPipeline(p.cfg.Pipeline, 0)
-	live := startLiveness(ctx, p.cfg.Heartbeat, link)
-	frames := receive(ctx, link, live)
-
-	// Epochs start once Prepare (the disk's initial copy) is done; the loop
-	// meanwhile keeps reading the backup's frames and watching its
-	// heartbeats.
-	prepared := make(chan error, 1)
-	if p.cfg.Prepare != nil {
-		go func() { prepared <- p.cfg.Prepare(ctx, link) }()
-	} else {
-		prepared <- nil
-	}
-	ready := false
-
 	var enc *transport.DeltaEncoder
 	if p.cfg.Compress {
-		var err error
 		if enc, err = transport.NewDeltaEncoder(uint64(len(p.ram))); err != nil {
 			return err
 		}
 	}
-	// The sender ships epochs in order while the loop goes on.
-	sendq := make(chan *epochData, p.cfg.Pipeline.MaxInFlight)
-	shippedc := make(chan shipped, p.cfg.Pipeline.MaxInFlight)
+	d := &primaryDriver{p: p, s: s, link: link, enc: enc, ctx: ioctx,
+		events: make(chan any, 64), pending: map[uint64]*pendingEpoch{}, taken: map[uint64]*epochData{},
+		sendq: make(chan *epochData, p.cfg.Pipeline.MaxInFlight+1), beats: make(chan uint64, 1)}
+	go d.receive()
 	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for ed := range sendq {
-			s := p.ship(ctx, link, ed, enc)
-			shippedc <- s
-			if s.err != nil {
-				return
-			}
-		}
-	}()
+	wg.Add(2)
+	go func() { defer wg.Done(); d.sender() }()
+	go func() { defer wg.Done(); d.heartbeats() }()
 	defer func() {
-		close(sendq)
+		close(d.sendq)
 		cancel()
 		wg.Wait()
 	}()
 
-	pending := map[uint64]*pendingEpoch{}
-	noteShipped := func(s shipped) error {
-		if s.err != nil {
-			// A backup that ends the session sends its reason first:
-			// prefer that to the broken pipe it leaves behind.
-			if why := backupsReason(ctx, frames); why != nil {
-				return why
-			}
-			return fmt.Errorf("%w: epoch %d: send to backup: %w", ErrPeerLost, s.epoch, s.err)
-		}
-		if pe := pending[s.epoch]; pe != nil {
-			pe.WireBytes, pe.Ship, pe.shipped = s.wireBytes, s.ship, true
-		}
-		p.fault(FaultShipped, s.epoch)
-		return nil
-	}
+	tick := time.NewTicker(p.cfg.Heartbeat.Interval / 4)
+	defer tick.Stop()
 	timer := time.NewTimer(0)
 	defer timer.Stop()
+	done := ctx.Done()
 	for {
+		if end, ok := d.do(acts); ok {
+			return end
+		}
+		if w := s.NextWake(); !w.IsZero() {
+			timer.Reset(max(time.Until(w), 0))
+		}
 		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case s := <-shippedc:
-			if err := noteShipped(s); err != nil {
-				return err
+		case <-done:
+			done = nil
+			acts = s.Step(StopRequested{Now: time.Now(), Reason: "the primary agent stops: " + context.Cause(ctx).Error()})
+		case ev := <-d.events:
+			if r, ok := ev.(shippedReport); ok {
+				d.shipped(r)
+				acts = nil
+				continue
 			}
-		case r := <-frames:
-			if r.err != nil {
-				return fmt.Errorf("%w: receive from backup: %w", ErrPeerLost, r.err)
+			acts = s.Step(ev)
+		case now := <-tick.C:
+			acts = s.Step(Tick{Now: now})
+		case now := <-timer.C:
+			acts = s.Step(Tick{Now: now})
+		}
+	}
+}
+
+// primaryDriver carries out a Session's actions.
+type primaryDriver struct {
+	p       *Primary
+	s       *Session
+	link    Link
+	enc     *transport.DeltaEncoder
+	ctx     context.Context // link I/O; ends when Run returns
+	events  chan any
+	pending map[uint64]*pendingEpoch
+	taken   map[uint64]*epochData // taken, not yet handed to the sender
+	sendq   chan *epochData
+	beats   chan uint64
+}
+
+// do carries out actions, feeding back what the synchronous ones report;
+// it returns the session's end once End comes.
+func (d *primaryDriver) do(acts []any) (error, bool) {
+	p := d.p
+	for len(acts) > 0 {
+		a := acts[0]
+		acts = acts[1:]
+		switch a := a.(type) {
+		case SendHelloToBackup:
+			h := transport.Hello{Version: transport.Version, Role: transport.RolePrimary, VMName: p.cfg.VMName,
+				RAMSize: uint64(len(p.ram)), DiskSize: p.cfg.DiskSize, PageSize: transport.PageSize}
+			if err := d.send(0, h); err != nil {
+				acts = append(acts, d.s.Step(LinkDown{Now: time.Now(), Err: fmt.Errorf("send hello: %w", err)})...)
 			}
-			f := r.f
-			if f.Type == transport.TypeAck {
-				// The ack can overtake the sender's report that the
-				// epoch's last frame went out: take that report first.
-				for pending[f.Epoch] != nil && !pending[f.Epoch].shipped {
-					if err := noteShipped(<-shippedc); err != nil {
-						return err
-					}
+		case StartPrepare:
+			go func() {
+				err := p.cfg.Prepare(d.ctx, d.link)
+				d.post(Prepared{Now: time.Now(), Err: err})
+			}()
+		case TakeCheckpoint:
+			ed, err, stuck := p.checkpoint(d.ctx, a.Epoch, a.Started)
+			if err != nil {
+				acts = append(acts, d.s.Step(CheckpointFailed{Now: time.Now(), Epoch: a.Epoch, Err: err, GuestStuck: stuck})...)
+				continue
+			}
+			d.pending[a.Epoch] = &pendingEpoch{EpochStats: ed.stats}
+			d.taken[a.Epoch] = ed
+			acts = append(acts, d.s.Step(CheckpointTaken{Now: time.Now(), Epoch: a.Epoch})...)
+		case Ship:
+			ed := d.taken[a.Epoch]
+			delete(d.taken, a.Epoch)
+			d.sendq <- ed // room for MaxInFlight+1: never blocks
+		case Release:
+			p.fault(FaultAcked, a.Epoch)
+			var released OutputCommit
+			if p.cfg.Output != nil {
+				released = p.cfg.Output.Commit(a.Epoch)
+			}
+			if pe := d.pending[a.Epoch]; pe != nil {
+				pe.Acked, pe.Output, pe.acked = time.Now(), released, true
+				d.report(a.Epoch)
+			}
+		case Heartbeat:
+			select {
+			case d.beats <- a.Committed:
+			default: // one is on its way
+			}
+		case Goodbye:
+			code := transport.CodeGoodbye
+			if a.TakeOver {
+				code = transport.CodeTakeOver
+			}
+			msg := a.Reason
+			if len(msg) > transport.MaxErrorMessage {
+				msg = msg[:transport.MaxErrorMessage]
+			}
+			p.log.Info("telling the backup the session ends", "takeover", a.TakeOver, "reason", a.Reason)
+			if err := d.send(0, transport.Error{Code: code, Message: msg}); err != nil {
+				acts = append(acts, d.s.Step(LinkDown{Now: time.Now(), Err: fmt.Errorf("send goodbye: %w", err)})...)
+			}
+		case KillGuest:
+			p.log.Error("stopping the guest here for good", "reason", a.Reason)
+			if p.cfg.KillGuest != nil {
+				if err := p.cfg.KillGuest(d.ctx, a.Reason); err != nil {
+					p.log.Error("kill the guest", "err", err)
 				}
 			}
-			if err := p.handle(f, pipe, pending); err != nil {
-				return err
+		case PassThrough:
+			if p.cfg.Output != nil {
+				p.cfg.Output.PassThrough()
 			}
-			live.committed.Store(pipe.Committed())
-		case <-live.dead:
-			_, _, silence := live.verdict()
-			return fmt.Errorf("%w: no frame from the backup for %v", ErrPeerLost, silence.Round(time.Millisecond))
-		case err := <-prepared:
-			if err != nil {
-				return fmt.Errorf("checkpoint: before the first epoch: %w", err)
+		case End:
+			if s, ok := d.link.(interface{ Shutdown(context.Context) error }); ok {
+				// The backup reads the goodbye, then a clean end.
+				sctx, cancel := context.WithTimeout(d.ctx, time.Second)
+				s.Shutdown(sctx)
+				cancel()
 			}
-			ready, prepared = true, nil
-		case <-timer.C:
+			return a.Err, true
 		}
-		if !ready {
-			continue
-		}
-		now := time.Now()
-		due, blocked := pipe.Due(now)
-		if due {
-			ed, err := p.checkpoint(ctx, pipe, now)
-			if err != nil {
-				return err
-			}
-			pending[ed.stats.Epoch] = &pendingEpoch{EpochStats: ed.stats}
-			sendq <- ed
-			timer.Reset(max(time.Until(pipe.NextDue()), 0))
-		} else if !blocked {
-			timer.Reset(max(time.Until(pipe.NextDue()), 0))
-		}
-		// When blocked, the next ack wakes the loop.
+	}
+	return nil, false
+}
+
+func (d *primaryDriver) post(ev any) {
+	select {
+	case d.events <- ev:
+	case <-d.ctx.Done():
 	}
 }
 
-func (p *Primary) hello(ctx context.Context, link Link) error {
-	h := transport.Hello{Version: transport.Version, Role: transport.RolePrimary, VMName: p.cfg.VMName,
-		RAMSize: uint64(len(p.ram)), PageSize: transport.PageSize}
-	if err := sendMessage(ctx, link, 0, h); err != nil {
-		return fmt.Errorf("%w: send hello: %w", ErrPeerLost, err)
-	}
-	hctx, cancel := context.WithTimeout(ctx, p.cfg.Heartbeat.Timeout)
+func (d *primaryDriver) send(epoch uint64, m transport.Message) error {
+	ctx, cancel := context.WithTimeout(d.ctx, d.p.cfg.Heartbeat.Timeout)
 	defer cancel()
-	f, err := link.Recv(hctx)
-	if err != nil {
-		return fmt.Errorf("%w: wait for the backup's hello: %w", ErrPeerLost, err)
+	return sendMessage(ctx, d.link, epoch, m)
+}
+
+// report hands an epoch's statistics out once it was both shipped and
+// acknowledged (the ack can overtake the sender's report).
+func (d *primaryDriver) report(n uint64) {
+	pe := d.pending[n]
+	if pe == nil || !pe.shipped || !pe.acked {
+		return
 	}
-	m, err := transport.Decode(f)
-	if err != nil {
-		return fmt.Errorf("%w: backup's hello: %w", ErrPeerRejected, err)
-	}
-	switch m := m.(type) {
-	case transport.Error:
-		return fmt.Errorf("%w: backup refused: %s: %s", ErrPeerRejected, m.Code, m.Message)
-	case transport.Hello:
-		if m.Role != transport.RoleBackup || m.VMName != p.cfg.VMName || m.RAMSize != uint64(len(p.ram)) {
-			return fmt.Errorf("%w: backup answered as %s for VM %q with %d bytes of RAM; want backup for %q with %d",
-				ErrPeerRejected, m.Role, m.VMName, m.RAMSize, p.cfg.VMName, len(p.ram))
-		}
-		p.log.Info("backup connected", "backup_last_committed", m.LastCommitted)
-		return nil
-	case transport.Auth:
-		return fmt.Errorf("%w: %w: the backup authenticates and this primary has no key (give both the same --key-file)", ErrPeerRejected, transport.ErrAuth)
-	default:
-		return fmt.Errorf("%w: backup sent %s before its hello", ErrPeerRejected, f.Type)
+	delete(d.pending, n)
+	d.p.log.Debug("epoch committed", "epoch", n, "pause", pe.Pause.Total(), "dirty_pages", pe.DirtyPages,
+		"wire_bytes", pe.WireBytes, "ack_latency", pe.AckLatency())
+	if d.p.cfg.OnEpoch != nil {
+		d.p.cfg.OnEpoch(pe.EpochStats)
 	}
 }
 
-// pendingEpoch is an epoch in flight as the loop tracks it.
-type pendingEpoch struct {
-	EpochStats
-	shipped bool
+// shipped records that an epoch went out whole.
+func (d *primaryDriver) shipped(r shippedReport) {
+	if pe := d.pending[r.epoch]; pe != nil {
+		pe.WireBytes, pe.Ship, pe.shipped = r.wireBytes, r.ship, true
+		d.report(r.epoch)
+	}
+	d.p.fault(FaultShipped, r.epoch)
 }
 
-func (p *Primary) handle(f transport.Frame, pipe *Pipeline, pending map[uint64]*pendingEpoch) error {
-	m, err := transport.Decode(f)
-	if err != nil {
-		return fmt.Errorf("%w: from backup: %w", ErrPeerRejected, err)
-	}
-	switch m := m.(type) {
-	case transport.Ack:
-		p.fault(FaultAcked, f.Epoch)
-		e, err := pipe.Acked(f.Epoch)
+// receive reads the backup's frames into events until the link fails.
+func (d *primaryDriver) receive() {
+	for {
+		f, err := d.link.Recv(d.ctx)
 		if err != nil {
-			return fmt.Errorf("%w: %w", ErrPeerRejected, err)
+			d.post(LinkDown{Now: time.Now(), Err: fmt.Errorf("receive from backup: %w", err)})
+			return
 		}
-		st := pending[f.Epoch]
-		delete(pending, f.Epoch)
-		var released OutputCommit
-		if p.cfg.Output != nil {
-			released = p.cfg.Output.Commit(f.Epoch)
+		m, err := transport.Decode(f)
+		if err != nil {
+			d.post(LinkDown{Now: time.Now(), Err: fmt.Errorf("%w: from backup: %w", ErrPeerRejected, err)})
+			return
 		}
-		if st != nil {
-			st.Acked = time.Now()
-			st.Output = released
-			p.log.Debug("epoch committed", "epoch", e.Epoch, "pause", st.Pause.Total(), "dirty_pages", st.DirtyPages,
-				"wire_bytes", st.WireBytes, "ack_latency", st.AckLatency())
-			if p.cfg.OnEpoch != nil {
-				p.cfg.OnEpoch(st.EpochStats)
-			}
+		if _, ok := m.(transport.Auth); ok {
+			d.post(LinkDown{Now: time.Now(), Err: fmt.Errorf("%w: %w: the backup authenticates and this primary has no key (give both the same --key-file)", ErrPeerRejected, transport.ErrAuth)})
+			return
 		}
-	case transport.Heartbeat:
-	case transport.Error:
-		return rejected(f.Epoch, m)
-	default:
-		return fmt.Errorf("%w: unexpected %s frame from the backup", ErrPeerRejected, f.Type)
+		d.post(BackupMessage{Now: time.Now(), Epoch: f.Epoch, Msg: m})
 	}
-	return nil
+}
+
+// sender ships epochs in order while the loop goes on.
+func (d *primaryDriver) sender() {
+	for ed := range d.sendq {
+		s := d.p.ship(d.ctx, d.link, ed, d.enc)
+		if s.err != nil {
+			d.post(ShipFailed{Now: time.Now(), Epoch: s.epoch, Err: s.err})
+			for range d.sendq { // drain: nothing more goes out
+			}
+			return
+		}
+		d.post(shippedReport(s))
+	}
+}
+
+// shippedReport is the sender's note that an epoch went out whole; it is
+// statistics, not a Session event.
+type shippedReport shipped
+
+// heartbeats sends heartbeats on their own goroutine: a stalled link blocks
+// only this one.
+func (d *primaryDriver) heartbeats() {
+	for {
+		select {
+		case <-d.ctx.Done():
+			return
+		case c := <-d.beats:
+			sendMessage(d.ctx, d.link, 0, transport.Heartbeat{SentUnixNano: time.Now().UnixNano(), LastCommitted: c})
+		}
+	}
 }
 
 func sendMessage(ctx context.Context, link Link, epoch uint64, m transport.Message) error {
@@ -445,9 +528,11 @@ func (p *Primary) fault(at FaultPoint, epoch uint64) {
 	}
 }
 
-// checkpoint pauses the guest, takes the epoch and resumes the guest.
-func (p *Primary) checkpoint(ctx context.Context, pipe *Pipeline, now time.Time) (ed *epochData, err error) {
-	n := pipe.Begin(now)
+// checkpoint pauses the guest, takes epoch n and resumes the guest. Each
+// QMP command is bounded by the command timeout. stuck reports a guest that
+// may not be running normally afterwards: the stop timed out (its state is
+// unknown), or no cont succeeded after a successful stop.
+func (p *Primary) checkpoint(ctx context.Context, n uint64, now time.Time) (ed *epochData, err error, stuck bool) {
 	st := EpochStats{Epoch: n, Start: now}
 	mark := time.Now()
 	step := func(d *time.Duration) {
@@ -455,8 +540,18 @@ func (p *Primary) checkpoint(ctx context.Context, pipe *Pipeline, now time.Time)
 		*d = t.Sub(mark)
 		mark = t
 	}
-	if err := p.mon.Execute(ctx, "stop", nil, nil); err != nil {
-		return nil, fmt.Errorf("checkpoint: epoch %d: stop: %w", n, err)
+	qmp := func(cmd string, args any) error {
+		cctx, cancel := context.WithTimeout(ctx, p.cfg.CommandTimeout)
+		defer cancel()
+		return p.mon.Execute(cctx, cmd, args, nil)
+	}
+	if p.cfg.Disk != nil {
+		// Writes waiting for room in the epoch go in now: QMP stop waits
+		// for the guest's I/O, and so for them.
+		p.cfg.Disk.BeginCut()
+	}
+	if err := qmp("stop", nil); err != nil {
+		return nil, fmt.Errorf("stop: %w", err), errors.Is(err, context.DeadlineExceeded)
 	}
 	step(&st.Pause.Stop)
 	resumed := false
@@ -465,22 +560,23 @@ func (p *Primary) checkpoint(ctx context.Context, pipe *Pipeline, now time.Time)
 			return
 		}
 		// Never leave the guest paused, whatever failed.
-		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-		defer cancel()
-		if cerr := p.mon.Execute(cctx, "cont", nil, nil); cerr != nil {
-			err = errors.Join(err, fmt.Errorf("checkpoint: epoch %d: cont after failure: %w", n, cerr))
+		if cerr := qmp("cont", nil); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("cont after failure: %w", cerr))
+			stuck = true
 		}
 	}()
 	p.fault(FaultPaused, n)
 
 	if out := p.cfg.Output; out != nil {
 		if err := out.Cut(ctx, n); err != nil {
-			return nil, fmt.Errorf("checkpoint: epoch %d: cut network output: %w", n, err)
+			return nil, fmt.Errorf("cut network output: %w", err), false
 		}
 		if n == 1 {
 			// Output from before the session's first pause needs no
 			// holding: every state the backup can resume includes it.
-			out.Hold()
+			if err := out.Hold(); err != nil {
+				return nil, fmt.Errorf("hold network output: %w", err), false
+			}
 		}
 	}
 	step(&st.Pause.Cut)
@@ -495,7 +591,7 @@ func (p *Primary) checkpoint(ctx context.Context, pipe *Pipeline, now time.Time)
 
 	set, err := p.tracker.Harvest(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("checkpoint: epoch %d: harvest dirty pages: %w", n, err)
+		return nil, fmt.Errorf("harvest dirty pages: %w", err), false
 	}
 	step(&st.Pause.Harvest)
 
@@ -510,38 +606,40 @@ func (p *Primary) checkpoint(ctx context.Context, pipe *Pipeline, now time.Time)
 	}
 	step(&st.Pause.Copy)
 
-	dev, err := p.saveDevices(ctx, n)
+	dctx, cancel := context.WithTimeout(ctx, p.cfg.CommandTimeout)
+	dev, err := p.saveDevices(dctx)
+	cancel()
 	if err != nil {
-		return nil, err
+		return nil, err, false
 	}
 	step(&st.Pause.Save)
 
-	if err := p.mon.Execute(ctx, "cont", nil, nil); err != nil {
-		return nil, fmt.Errorf("checkpoint: epoch %d: cont: %w", n, err)
+	if err := qmp("cont", nil); err != nil {
+		return nil, fmt.Errorf("cont: %w", err), false // the deferred cont tries again
 	}
 	resumed = true
 	step(&st.Pause.Cont)
 	st.DirtyPages, st.DeviceBytes = count, len(dev)
 	p.fault(FaultResumed, n)
-	return &epochData{stats: st, epoch: transport.Epoch{Number: n, Pages: pages, DeviceState: dev, Disk: disk}, resume: time.Now()}, nil
+	return &epochData{stats: st, epoch: transport.Epoch{Number: n, Pages: pages, DeviceState: dev, Disk: disk}, resume: time.Now()}, nil, false
 }
 
-func (p *Primary) saveDevices(ctx context.Context, n uint64) ([]byte, error) {
+func (p *Primary) saveDevices(ctx context.Context) ([]byte, error) {
 	path := filepath.Join(p.cfg.StateDir, "devices.state")
 	os.Remove(path)
 	switch p.cfg.Saver {
 	case SaveXen:
 		if err := p.mon.Execute(ctx, "xen-save-devices-state", map[string]any{"filename": path, "live": false}, nil); err != nil {
-			return nil, fmt.Errorf("checkpoint: epoch %d: save device state: %w", n, err)
+			return nil, fmt.Errorf("save device state: %w", err)
 		}
 	case SaveMigrate:
 		if err := p.migrateToFile(ctx, path); err != nil {
-			return nil, fmt.Errorf("checkpoint: epoch %d: save device state: %w", n, err)
+			return nil, fmt.Errorf("save device state: %w", err)
 		}
 	}
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("checkpoint: epoch %d: read device state: %w", n, err)
+		return nil, fmt.Errorf("read device state: %w", err)
 	}
 	return data, nil
 }
@@ -608,70 +706,4 @@ func (p *Primary) ship(ctx context.Context, link Link, ed *epochData, enc *trans
 		}
 	}
 	return shipped{epoch: n, wireBytes: bytes, ship: time.Since(ed.resume)}
-}
-
-// received is a frame, or the error that ended the connection, in the order
-// they came off the link.
-type received struct {
-	f   transport.Frame
-	err error
-}
-
-// backupsReason looks briefly among the frames still arriving for the
-// Error frame in which a backup says why it ends the session, and returns it
-// as an error matching ErrPeerRejected; nil when none comes.
-func backupsReason(ctx context.Context, frames <-chan received) error {
-	ctx, cancel := context.WithTimeout(ctx, reasonWait)
-	defer cancel()
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case r := <-frames:
-			if r.err != nil {
-				return nil
-			}
-			if r.f.Type != transport.TypeError {
-				continue
-			}
-			m, err := transport.Decode(r.f)
-			if err != nil {
-				return fmt.Errorf("%w: from backup: %w", ErrPeerRejected, err)
-			}
-			return rejected(r.f.Epoch, m.(transport.Error))
-		}
-	}
-}
-
-// rejected is the error for a backup's Error frame.
-func rejected(epoch uint64, e transport.Error) error {
-	return fmt.Errorf("%w: epoch %d: %s: %s", ErrPeerRejected, epoch, e.Code, e.Message)
-}
-
-// reasonWait bounds how long a primary whose sends failed waits for the
-// backup's explanation.
-const reasonWait = 500 * time.Millisecond
-
-// receive reads frames from link until it fails or ctx ends, marking each
-// one heard. The error comes on the same channel, after every frame that
-// preceded it.
-func receive(ctx context.Context, link Link, live *liveness) <-chan received {
-	c := make(chan received, 64)
-	go func() {
-		for {
-			f, err := link.Recv(ctx)
-			if err == nil {
-				live.heard()
-			}
-			select {
-			case c <- received{f, err}:
-			case <-ctx.Done():
-				return
-			}
-			if err != nil {
-				return
-			}
-		}
-	}()
-	return c
 }

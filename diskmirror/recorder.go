@@ -35,7 +35,10 @@ type Recorder struct {
 	send      func(context.Context, transport.DiskWrite) error
 	open      []transport.DiskWrite
 	openBytes int64
-	direct    DirectStats
+	// cutting: a pause is coming; writes go into the open epoch whatever
+	// its caps, since the pause waits for them.
+	cutting bool
+	direct  DirectStats
 }
 
 type recMode int
@@ -96,6 +99,18 @@ func (r *Recorder) dropOpen() {
 	r.changed.Broadcast()
 }
 
+// BeginCut lets every write in, over the epoch's caps, until the next Cut.
+// Call it just before pausing the guest: QMP stop waits for the guest's
+// I/O to complete, and a write waiting here for the cut would wait for the
+// stop in turn. The overshoot is what the guest has in flight (bounded by
+// the mirror job's buffer).
+func (r *Recorder) BeginCut() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.cutting = true
+	r.changed.Broadcast()
+}
+
 // Cut takes the writes of the epoch being closed: everything received
 // since the last Cut. Call it with the guest paused (QMP stop drained the
 // guest's I/O, so every write of the epoch was received).
@@ -103,6 +118,7 @@ func (r *Recorder) Cut() []transport.DiskWrite {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	ws := r.open
+	r.cutting = false
 	r.dropOpen()
 	return ws
 }
@@ -142,7 +158,7 @@ func (r *Recorder) Write(ctx context.Context, w Write) error {
 		r.mu.Unlock()
 	})
 	defer stop()
-	for r.mode == recRecording && len(r.open) > 0 &&
+	for r.mode == recRecording && len(r.open) > 0 && !r.cutting &&
 		(r.openBytes+int64(len(w.Data)) > limit || len(r.open)+len(msgs) > maxWrites) {
 		if err := ctx.Err(); err != nil {
 			return fmt.Errorf("diskmirror: waiting for the epoch's cut: %w", err)

@@ -129,11 +129,15 @@ func RunBackup(ctx context.Context, cfg BackupConfig, log *slog.Logger) (*Failov
 		bcfg := checkpoint.BackupConfig{VMName: cfg.VM, RAMImage: cfg.RAMImage, StateFile: stateFile,
 			Heartbeat: cfg.Heartbeat, Logger: log}
 		if cfg.DiskImage != "" {
+			st, err := os.Stat(cfg.DiskImage)
+			if err != nil {
+				return fmt.Errorf("disk image: %w", err)
+			}
 			j, err := diskmirror.OpenJournal(cfg.DiskImage, filepath.Join(cfg.StateDir, "disk.journal"), 0)
 			if err != nil {
 				return err
 			}
-			journal, bcfg.Disk = j, j
+			journal, bcfg.Disk, bcfg.DiskSize = j, j, uint64(st.Size())
 		}
 		b, err = checkpoint.NewBackup(bcfg)
 		if err != nil {
@@ -150,57 +154,92 @@ func RunBackup(ctx context.Context, cfg BackupConfig, log *slog.Logger) (*Failov
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
 
-	for {
-		log.Info("waiting for the primary", "listen", ln.Addr().String())
-		nc, err := ln.Accept()
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil, nil
-			}
-			return nil, fmt.Errorf("accept primary: %w", err)
-		}
-		link := transport.NewConn(nc)
-		if cfg.Key != nil {
-			actx, cancel := context.WithTimeout(ctx, 10*time.Second)
-			err := link.Authenticate(actx, cfg.Key, false)
-			cancel()
-			if err != nil {
-				log.Error("refused a connection", "from", nc.RemoteAddr().String(), "err", err)
-				link.Close()
-				continue
-			}
-		}
-		err = b.Serve(ctx, link)
-		// Let the primary read why the session ended (an Error frame)
-		// before the connection goes.
-		shut, cancelShut := context.WithTimeout(ctx, time.Second)
-		link.Shutdown(shut)
-		cancelShut()
-		var lost *checkpoint.PrimaryLost
-		switch {
-		case ctx.Err() != nil:
-			return nil, nil
-		case errors.As(err, &lost):
-			if lost.Committed.Epoch == 0 {
-				log.Error("primary lost before the first checkpoint committed: nothing to fail over to", "err", err)
-				continue
-			}
+	log.Info("waiting for the primary", "listen", ln.Addr().String())
+	conns := make(chan checkpoint.Link)
+	go acceptPrimaries(ctx, ln, cfg.Key, conns, log)
+	var report *FailoverReport
+	var gnet *guestNet
+	relayDone := make(chan error, 1)
+	rctx, cancelRun := context.WithCancel(ctx)
+	defer cancelRun()
+	runDone := make(chan error, 1)
+	go func() {
+		runDone <- b.Run(rctx, conns, func(ctx context.Context, lost *checkpoint.PrimaryLost) error {
 			log.Warn("primary lost: failing over", "committed_epoch", lost.Committed.Epoch, "cause", lost.Cause)
-			var gnet *guestNet
 			r, err := failOver(ctx, cfg, lost, &gnet, log)
-			if err != nil || gnet == nil {
-				return r, err
+			report = r
+			if err != nil {
+				return err
+			}
+			if gnet == nil {
+				relayDone <- nil
+				return nil
 			}
 			log.Info("relaying the guest's network", "tap", cfg.Net.Tap)
+			go func() { relayDone <- <-gnet.done }()
+			return nil
+		})
+	}()
+	select {
+	case <-ctx.Done():
+		<-runDone
+		return report, nil
+	case err := <-runDone:
+		if ctx.Err() != nil {
+			return report, nil
+		}
+		return report, err
+	case err := <-relayDone:
+		// Failed over. Run goes on answering primaries that come back
+		// (they are told the guest runs here) while the guest's network
+		// is relayed.
+		if gnet != nil && err == nil {
 			select {
 			case <-ctx.Done():
-			case err := <-gnet.done:
-				log.Warn("the guest's network relay stopped", "err", err)
+			case err = <-relayDone:
 			}
-			return r, nil
-		default:
-			log.Error("session with the primary ended; the committed checkpoint is kept", "err", err, "committed_epoch", b.Committed().Epoch)
 		}
+		if err != nil {
+			log.Warn("the guest's network relay stopped", "err", err)
+		}
+		cancelRun()
+		<-runDone
+		return report, nil
+	}
+}
+
+// acceptPrimaries accepts connections until ctx ends and hands each one, once
+// authenticated where a key is set, to conns. Each handshake runs on its own
+// goroutine with a deadline, so a connection that says nothing (a port scan)
+// holds up no other; no connection is a session before the Standby accepts
+// its hello.
+func acceptPrimaries(ctx context.Context, ln net.Listener, key []byte, conns chan<- checkpoint.Link, log *slog.Logger) {
+	for {
+		nc, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() == nil {
+				log.Error("accept", "err", err)
+			}
+			return
+		}
+		go func() {
+			link := transport.NewConn(nc)
+			if key != nil {
+				actx, cancel := context.WithTimeout(ctx, checkpoint.HelloTimeout)
+				err := link.Authenticate(actx, key, false)
+				cancel()
+				if err != nil {
+					log.Warn("refused a connection", "from", nc.RemoteAddr().String(), "err", err)
+					link.Close()
+					return
+				}
+			}
+			select {
+			case conns <- link:
+			case <-ctx.Done():
+				link.Close()
+			}
+		}()
 	}
 }
 

@@ -87,7 +87,7 @@ func startNetwork(ctx context.Context, cfg NetConfig, timeout time.Duration, log
 // output adapts the relay to the epoch loop.
 type output struct{ r *netbuffer.Relay }
 
-func (o output) Hold() { o.r.Hold() }
+func (o output) Hold() error { o.r.Hold(); return nil }
 
 func (o output) Cut(ctx context.Context, epoch uint64) error { return o.r.Cut(ctx, epoch) }
 
@@ -104,11 +104,7 @@ type plugOutput struct {
 	log *slog.Logger
 }
 
-func (o plugOutput) Hold() {
-	if err := o.kb.Hold(); err != nil {
-		o.log.Error("hold the guest's output", "err", err)
-	}
-}
+func (o plugOutput) Hold() error { return o.kb.Hold() }
 
 func (o plugOutput) Cut(ctx context.Context, epoch uint64) error { return o.kb.Cut(epoch) }
 

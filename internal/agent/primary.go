@@ -60,6 +60,9 @@ type PrimaryConfig struct {
 	// (transport's page trace format).
 	Trace       string
 	TraceEpochs int
+	// CommandTimeout bounds each QMP command of a checkpoint; a stop that
+	// does not return in time hands the guest over to the backup.
+	CommandTimeout time.Duration
 	// Fault stops the agent at a point of the epoch cycle (testing aid).
 	Fault *Fault
 }
@@ -223,6 +226,10 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 				log.Error("the guest's network relay stopped", "err", err)
 			}
 		}()
+		// Nothing the guest sends leaves until the backup answered (a
+		// backup that already resumed this guest says so, and this copy
+		// is stopped) or is found unreachable.
+		gnet.relay.Hold()
 	}
 
 	var plug *netbuffer.KernelBuffer
@@ -260,12 +267,15 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 		epochLog = json.NewEncoder(f)
 	}
 
+	s := &primarySession{cfg: cfg, q: q, ram: ram, saver: saver, gnet: gnet, plug: plug, disk: disk, epochLog: epochLog, log: log}
 	for {
-		err := session(ctx, cfg, q, ram, saver, gnet, plug, disk, epochLog, log)
-		if ctx.Err() != nil {
+		err := s.run(ctx)
+		switch {
+		case errors.Is(err, checkpoint.ErrFailedOver), errors.Is(err, checkpoint.ErrHandedOver):
+			return err
+		case ctx.Err() != nil:
 			return nil
-		}
-		if cfg.Retry == 0 {
+		case cfg.Retry == 0:
 			return err
 		}
 		log.Error("protection lost; the guest runs unprotected until the backup is back", "err", err, "retry_in", cfg.Retry)
@@ -277,8 +287,53 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 	}
 }
 
-func session(ctx context.Context, cfg PrimaryConfig, q *QEMU, ram []byte, saver checkpoint.DeviceSaver, gnet *guestNet,
-	plug *netbuffer.KernelBuffer, disk *primaryDisk, epochLog *json.Encoder, log *slog.Logger) error {
+// primarySession is what every protection session of the primary uses.
+type primarySession struct {
+	cfg      PrimaryConfig
+	q        *QEMU
+	ram      []byte
+	saver    checkpoint.DeviceSaver
+	gnet     *guestNet
+	plug     *netbuffer.KernelBuffer
+	disk     *primaryDisk
+	epochLog *json.Encoder
+	log      *slog.Logger
+}
+
+// output is the session's output commit, nil without one.
+func (s *primarySession) output() checkpoint.Output {
+	switch {
+	case s.cfg.Net.NoOutputCommit:
+	case s.gnet != nil:
+		return output{s.gnet.relay}
+	case s.plug != nil:
+		return plugOutput{s.plug, s.log}
+	}
+	return nil
+}
+
+// killGuest ends the guest's QEMU for good: quit, and SIGKILL if QEMU does
+// not go (a QMP monitor blocked behind a hung command).
+func (s *primarySession) killGuest(ctx context.Context, reason string) error {
+	qctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	s.q.Mon.Execute(qctx, "quit", nil, nil)
+	cancel()
+	deadline := time.Now().Add(3 * time.Second)
+	for time.Now().Before(deadline) {
+		if err := unix.Kill(s.q.PID, 0); err != nil {
+			return nil // gone
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err := unix.Kill(s.q.PID, unix.SIGKILL); err != nil && !errors.Is(err, unix.ESRCH) {
+		return fmt.Errorf("kill QEMU pid %d: %w", s.q.PID, err)
+	}
+	return nil
+}
+
+func (s *primarySession) run(ctx context.Context) error {
+	cfg, q, ram, saver, gnet, disk, epochLog, log := s.cfg, s.q, s.ram, s.saver, s.gnet, s.disk, s.epochLog, s.log
+	out := s.output()
 	var tracker dirtypages.Tracker
 	if err := step(ctx, log, "start dirty-page tracking", func() (err error) {
 		tracker, err = newTracker(cfg.Tracker, q, ram, log)
@@ -297,8 +352,17 @@ func session(ctx context.Context, cfg PrimaryConfig, q *QEMU, ram []byte, saver 
 		dctx, cancel := context.WithTimeout(ctx, timeout)
 		defer cancel()
 		var d net.Dialer
+		first := true
 		nc, err := redial(dctx, 100*time.Millisecond, func(ctx context.Context) (net.Conn, error) {
-			return d.DialContext(ctx, "tcp", cfg.Peer)
+			c, err := d.DialContext(ctx, "tcp", cfg.Peer)
+			if err != nil && first && out != nil {
+				// No backup to have resumed the guest: it runs on,
+				// unprotected (hosts fail-stop).
+				log.Warn("backup unreachable: the guest runs unprotected until it answers", "err", err)
+				out.PassThrough()
+			}
+			first = false
+			return c, err
 		})
 		if err != nil {
 			return fmt.Errorf("backup unreachable: %w", err)
@@ -320,6 +384,7 @@ func session(ctx context.Context, cfg PrimaryConfig, q *QEMU, ram []byte, saver 
 	pcfg := checkpoint.PrimaryConfig{
 		VMName: cfg.VM, Pipeline: cfg.Pipeline, Heartbeat: cfg.Heartbeat, StateDir: cfg.StateDir,
 		Saver: saver, QEMUVersion: q.Version, Logger: log, Compress: cfg.Compress,
+		CommandTimeout: cfg.CommandTimeout, KillGuest: s.killGuest, Output: out,
 		OnEpoch: func(s checkpoint.EpochStats) {
 			if epochLog == nil {
 				return
@@ -357,15 +422,8 @@ func session(ctx context.Context, cfg PrimaryConfig, q *QEMU, ram []byte, saver 
 		}
 	}
 	if disk != nil {
-		pcfg.Disk, pcfg.Prepare = disk.rec, disk.prepare
+		pcfg.Disk, pcfg.Prepare, pcfg.DiskSize = disk.rec, disk.prepare, disk.size
 		defer disk.stopMirror()
-	}
-	switch {
-	case cfg.Net.NoOutputCommit:
-	case gnet != nil:
-		pcfg.Output = output{gnet.relay}
-	case plug != nil:
-		pcfg.Output = plugOutput{plug, log}
 	}
 	if f := cfg.Fault; f != nil {
 		pcfg.Fault = func(at checkpoint.FaultPoint, epoch uint64) {
