@@ -324,7 +324,7 @@ func TestConnRecvCorrupt(t *testing.T) {
 	b := NewConn(c2)
 	defer b.Close()
 	go func() {
-		c1.Write([]byte("RMUS\x01" + string(make([]byte, 27))))
+		c1.Write([]byte("RMUS" + string(rune(Version)) + string(make([]byte, 27))))
 		c1.Close()
 	}()
 	_, err := b.Recv(t.Context())

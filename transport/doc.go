@@ -93,6 +93,19 @@
 // appended, never renumbered or reused. A change to any layout needs a new
 // version number; a decoder accepts the range MinVersion..MaxVersion.
 //
+// The primary and the backup agent ship together, so this package reads
+// only the version it writes: MinVersion = MaxVersion = Version. A peer of
+// another version is refused at its first frame with ErrVersion (the
+// version byte is checked before anything else of the header), and nothing
+// of an older layout is decoded. Version 2 changed, from version 1:
+//
+//   - Hello ends in a disk size u64 (0: no disk);
+//   - authentication keys are per direction (see Authentication);
+//   - a message is at most MaxMessage = MaxPayload - TagSize bytes, so a
+//     DeviceState chunk carries at most MaxMessage-8 bytes;
+//   - a zstd blob (RAMDelta, DeviceStateZ) is one frame that declares its
+//     content size.
+//
 // # Epochs
 //
 // An epoch is sent as RAMPages frames (pages in ascending index order, each

@@ -62,7 +62,7 @@ func TestFrameLayout(t *testing.T) {
 	b = b[len("prefix"):]
 	want := []byte{
 		'R', 'M', 'U', 'S', // magic
-		1,    // version (zero encodes as Version)
+		2,    // version (zero encodes as Version)
 		5,    // type Ack
 		0, 0, // flags
 		1, 2, 3, 4, 5, 6, 7, 8, // epoch
@@ -174,15 +174,16 @@ func TestReaderRejects(t *testing.T) {
 		{"not our protocol", []byte("GET / HTTP/1.1\r\n\r\n"), 0, ErrCorrupt, "bad magic"},
 		{"garbage shorter than the magic", []byte("X"), 0, ErrCorrupt, "bad magic"},
 		{"cut after the magic", encodeFrames(valid(1))[:4], 0, io.ErrUnexpectedEOF, "frame at byte 0: truncated in header after 4 of 32 bytes: unexpected EOF"},
-		{"version 0 in a whole header", patched(valid(1), offVersion, 0), 0, ErrVersion, "version 0, supported 1..1"},
-		{"version 2", encodeFrames(Frame{Version: 2, Type: TypeAck, Seq: 1}), 0, ErrVersion, "version 2"},
+		{"version 0 in a whole header", patched(valid(1), offVersion, 0), 0, ErrVersion, "version 0, supported 2..2"},
+		{"version 1 (Hello without a disk size)", encodeFrames(Frame{Version: 1, Type: TypeAck, Seq: 1}), 0, ErrVersion, "version 1, supported 2..2"},
+		{"version 3", encodeFrames(Frame{Version: 3, Type: TypeAck, Seq: 1}), 0, ErrVersion, "version 3"},
 		{"version 255", encodeFrames(Frame{Version: 255, Type: TypeAck, Seq: 1}), 0, ErrVersion, "version 255"},
 		{"unknown type 0", encodeFrames(Frame{Type: 0, Seq: 1}), 0, ErrUnsupported, "unknown frame type 0"},
 		{"unknown type 12", encodeFrames(Frame{Type: 12, Epoch: 3, Seq: 1}), 0, ErrUnsupported, "frame seq 1 (Type(12), epoch 3) at byte 0: unknown frame type 12"},
 		{"unknown type 255", encodeFrames(Frame{Type: 255, Seq: 1}), 0, ErrUnsupported, "unknown frame type 255"},
 		{"unknown flag bit", encodeFrames(Frame{Type: TypeAck, Flags: 1 << 2, Seq: 1}), 0, ErrUnsupported, "unknown flag bits 0x0004"},
 		{"unknown high flag bit", encodeFrames(Frame{Type: TypeAck, Flags: 1<<15 | FlagCompressed, Seq: 1}), 0, ErrUnsupported, "unknown flag bits 0x8000"},
-		{"reserved flag compressed", encodeFrames(Frame{Type: TypeRAMPages, Flags: FlagCompressed, Seq: 1}), 0, ErrUnsupported, "flags Compressed not supported in version 1"},
+		{"reserved flag compressed", encodeFrames(Frame{Type: TypeRAMPages, Flags: FlagCompressed, Seq: 1}), 0, ErrUnsupported, "flags Compressed not supported in version 2"},
 		{"length MaxPayload+1", withLength(MaxPayload + 1), 0, ErrTooLarge, fmt.Sprintf("payload length %d exceeds MaxPayload (%d)", MaxPayload+1, MaxPayload)},
 		{"length 4 GiB-1", withLength(1<<32 - 1), 0, ErrTooLarge, "payload length 4294967295"},
 		{"length not matching the header checksum", append(patched(valid(1), offLength, 0, 0, 0, 9), make([]byte, 13)...), 0, ErrCorrupt, "header checksum"},
@@ -197,7 +198,7 @@ func TestReaderRejects(t *testing.T) {
 		{"gap", encodeFrames(valid(1), valid(2), valid(5)), 2, ErrSequence, "seq skips 2 frames: previous frame was seq 2"},
 		{"reorder", encodeFrames(valid(1), valid(3), valid(2)), 1, ErrSequence, "seq skips 1 frames"},
 		{"back", encodeFrames(valid(1), valid(2), valid(3), valid(2)), 3, ErrSequence, "frame seq 2 (Ack, epoch 7) at byte 108: seq repeats or goes back: previous frame was seq 3"},
-		{"corrupt after good frames", append(encodeFrames(valid(1), valid(2)), "RMUS\x01"+strings.Repeat("j", 27)...), 2, ErrCorrupt, "frame at byte 72: header checksum"},
+		{"corrupt after good frames", append(encodeFrames(valid(1), valid(2)), "RMUS"+string(rune(Version))+strings.Repeat("j", 27)...), 2, ErrCorrupt, "frame at byte 72: header checksum"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -353,7 +354,8 @@ func TestWriteFrame(t *testing.T) {
 	}{
 		{"seq 0", Frame{Type: TypeAck}, ErrSequence},
 		{"unknown type", Frame{Type: 42, Seq: 1}, ErrUnsupported},
-		{"version 2", Frame{Version: 2, Type: TypeAck, Seq: 1}, ErrVersion},
+		{"version 1", Frame{Version: 1, Type: TypeAck, Seq: 1}, ErrVersion},
+		{"version 3", Frame{Version: 3, Type: TypeAck, Seq: 1}, ErrVersion},
 		{"reserved flag", Frame{Type: TypeAck, Flags: FlagCompressed, Seq: 1}, ErrUnsupported},
 		{"unknown flag", Frame{Type: TypeAck, Flags: 0x100, Seq: 1}, ErrUnsupported},
 		{"oversized", Frame{Type: TypeDeviceState, Seq: 1, Payload: make([]byte, MaxPayload+1)}, ErrTooLarge},

@@ -39,7 +39,8 @@ func FuzzReader(f *testing.F) {
 	}
 	f.Add(stream[:len(stream)/2])
 	f.Add(encodeFrames(Frame{Type: TypeAck, Seq: 1}, Frame{Type: TypeAck, Seq: 3}))
-	f.Add(encodeFrames(Frame{Version: 2, Type: TypeAck, Seq: 1}))
+	f.Add(encodeFrames(Frame{Version: 1, Type: TypeAck, Seq: 1}))
+	f.Add(encodeFrames(Frame{Version: 3, Type: TypeAck, Seq: 1}))
 	f.Add(encodeFrames(Frame{Type: 9, Seq: 1}))
 	f.Add(encodeFrames(Frame{Type: TypeAck, Flags: FlagCompressed, Seq: 1}))
 	huge := encodeFrames(Frame{Type: TypeDeviceState, Seq: 1})

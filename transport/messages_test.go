@@ -23,6 +23,8 @@ func sampleMessages() []struct {
 		{"hello backup resuming", Hello{Version: 1, Role: RoleBackup, VMName: "データベース", RAMSize: 1 << 20, PageSize: PageSize, LastCommitted: 812}},
 		{"hello longest name", Hello{Version: 7, Role: RoleBackup, VMName: strings.Repeat("n", MaxVMName), RAMSize: PageSize, PageSize: PageSize, LastCommitted: 1<<64 - 1}},
 		{"hello other page size", Hello{Version: 1, Role: RolePrimary, VMName: "huge", RAMSize: 2 << 20, PageSize: 2 << 20}},
+		{"hello with a disk", Hello{Version: 2, Role: RolePrimary, VMName: "db", RAMSize: 1 << 30, PageSize: PageSize, DiskSize: 20 << 30}},
+		{"hello largest disk", Hello{Version: 2, Role: RoleBackup, VMName: "db", RAMSize: 1 << 30, PageSize: PageSize, LastCommitted: 9, DiskSize: 1<<64 - 1}},
 		{"one page", RAMPages{Pages: pages(0, 1, 1, 1)}},
 		{"full frame of pages", RAMPages{Pages: pages(1000, 3, MaxPagesPerFrame, 2)}},
 		{"highest page index", RAMPages{Pages: []Page{page(MaxPageIndex-1, 3), page(MaxPageIndex, 3)}}},
@@ -90,6 +92,41 @@ func TestMessagesPayloadSizes(t *testing.T) {
 	chunk, err := DeviceState{Total: MaxDeviceState, Data: make([]byte, MaxDeviceChunk)}.AppendPayload(nil)
 	if err != nil || len(chunk) != MaxMessage || len(chunk)+TagSize != MaxPayload {
 		t.Errorf("largest DeviceState payload: %d bytes, err %v; want exactly MaxMessage, MaxPayload with its tag", len(chunk), err)
+	}
+}
+
+// TestHelloLayout pins Hello's version 2 payload, disk size last.
+func TestHelloLayout(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		m    Hello
+		want []byte
+	}{
+		{"with a disk", Hello{Version: 2, Role: RoleBackup, VMName: "vm", RAMSize: 4 << 30, PageSize: PageSize, LastCommitted: 0x0102030405060708, DiskSize: 0x1112131415161718}, []byte{
+			2, 2, 2, 'v', 'm', // version, role, name length, name
+			0, 0, 0, 1, 0, 0, 0, 0, // RAM size
+			0, 0, 0x10, 0, // page size
+			1, 2, 3, 4, 5, 6, 7, 8, // last committed
+			0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, // disk size
+		}},
+		{"no disk", Hello{Version: 2, Role: RolePrimary, VMName: "a", RAMSize: PageSize, PageSize: PageSize}, []byte{
+			2, 1, 1, 'a',
+			0, 0, 0, 0, 0, 0, 0x10, 0,
+			0, 0, 0x10, 0,
+			0, 0, 0, 0, 0, 0, 0, 0,
+			0, 0, 0, 0, 0, 0, 0, 0, // 0: no disk
+		}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			p, err := tt.m.AppendPayload(nil)
+			if err != nil || !bytes.Equal(p, tt.want) {
+				t.Fatalf("payload % x (err %v)\nwant    % x", p, err, tt.want)
+			}
+			got, err := DecodeHello(tt.want)
+			if err != nil || got != tt.m {
+				t.Fatalf("DecodeHello = %+v, %v; want %+v", got, err, tt.m)
+			}
+		})
 	}
 }
 
@@ -170,10 +207,11 @@ func TestMessagesDecodeRejects(t *testing.T) {
 		want    error
 		detail  string
 	}{
-		{"hello trailing byte", TypeHello, 0, plus(hello), ErrMalformed, "Hello: payload is 26 bytes, want 25"},
-		{"hello short", TypeHello, 0, hello[:len(hello)-1], ErrMalformed, "want 25"},
+		{"hello trailing byte", TypeHello, 0, plus(hello), ErrMalformed, "Hello: payload is 34 bytes, want 33"},
+		{"hello short", TypeHello, 0, hello[:len(hello)-1], ErrMalformed, "want 33"},
+		{"hello of version 1 (no disk size)", TypeHello, 0, hello[:len(hello)-8], ErrMalformed, "Hello: payload is 25 bytes, want 33"},
 		{"hello empty", TypeHello, 0, nil, ErrMalformed, "Hello: payload is 0 bytes"},
-		{"hello name length too long", TypeHello, 0, set(hello, 2, 3), ErrMalformed, "want 26"},
+		{"hello name length too long", TypeHello, 0, set(hello, 2, 3), ErrMalformed, "want 34"},
 		{"hello role", TypeHello, 0, set(hello, 1, 9), ErrMalformed, "unknown role 9"},
 		{"hello name not UTF-8", TypeHello, 0, set(hello, 3, 0xff), ErrMalformed, "not UTF-8"},
 		{"hello empty name", TypeHello, 0, append([]byte{1, 2, 0}, hello[5:]...), ErrMalformed, "empty VM name"},
