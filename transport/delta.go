@@ -252,7 +252,7 @@ type DeltaStats struct {
 // NewDeltaEncoder returns an encoder for a guest of ramSize bytes.
 func NewDeltaEncoder(ramSize uint64) (*DeltaEncoder, error) {
 	// Single-segment frames always declare their content size, which the
-	// backup needs (see zstdFrameSize).
+	// backup needs (see checkZstdFrame).
 	z, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1), zstd.WithSingleSegment(true))
 	if err != nil {
 		return nil, fmt.Errorf("transport: zstd: %w", err)
