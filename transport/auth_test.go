@@ -297,3 +297,32 @@ func TestAuthMaxSizeMessages(t *testing.T) {
 		}
 	})
 }
+
+// TestAuthDirectionKeys pins the derivation documented in auth.go: one key
+// per direction, from the key, a label naming the direction, and both
+// nonces, the initiator's first.
+func TestAuthDirectionKeys(t *testing.T) {
+	var ni, nr [NonceSize]byte
+	for i := range ni {
+		ni[i], nr[i] = byte(i), byte(100+i)
+	}
+	want := func(label string) []byte {
+		m := hmac.New(sha256.New, testKey)
+		m.Write([]byte(label))
+		m.Write(ni[:])
+		m.Write(nr[:])
+		return m.Sum(nil)
+	}
+	i2r := directionKey(testKey, labelI2R, &ni, &nr)
+	r2i := directionKey(testKey, labelR2I, &ni, &nr)
+	switch {
+	case labelI2R != "remus-kvm v2 initiator->acceptor" || labelR2I != "remus-kvm v2 acceptor->initiator":
+		t.Fatalf("labels %q, %q", labelI2R, labelR2I)
+	case !bytes.Equal(i2r, want(labelI2R)) || !bytes.Equal(r2i, want(labelR2I)):
+		t.Fatal("the keys are not HMAC-SHA256(PSK, label | Ni | Nr)")
+	case bytes.Equal(i2r, r2i):
+		t.Fatal("both directions have the same key")
+	case bytes.Equal(i2r, directionKey(testKey, labelI2R, &nr, &ni)):
+		t.Fatal("the key does not depend on which nonce is the initiator's")
+	}
+}
