@@ -251,6 +251,12 @@ func checkLocked(pid int, m Mapping, vmas []vma) error {
 		if v.Start > next || v.Inode != m.Inode || v.Major != m.Major || v.Minor != m.Minor {
 			return fmt.Errorf("dirtypages: soft-dirty of pid %d: smaps no longer shows %s mapped at %#x-%#x (at %#x: %v)", pid, m.Path, m.Start, m.End, next, v.Mapping)
 		}
+		if v.hasFlag("ht") {
+			// The kernel reports soft-dirty for hugetlb pages from the
+			// VMA's flag alone, which every clear resets: after the first
+			// harvest nothing would ever be reported dirty.
+			return fmt.Errorf("dirtypages: soft-dirty of pid %d: %s at %#x-%#x is on huge pages (hugetlbfs), whose soft-dirty bits the kernel does not track per page: use the compare tracker", pid, m.Path, m.Start, m.End)
+		}
 		if !v.hasFlag("lo") {
 			unlocked = append(unlocked, fmt.Sprintf("%#x-%#x", max(v.Start, m.Start), min(v.End, m.End)))
 		}

@@ -462,6 +462,10 @@ func TestSoftDirtyRefusesUnlockedRAM(t *testing.T) {
 		smaps: smapsVMA(r.lo, lockedRAMFlags) + smapsVMA(Mapping{Start: r.hi.Start, End: r.hi.End, Perms: "rw-s", Minor: 0x1a, Inode: 99, Path: "/dev/shm/other"}, lockedRAMFlags),
 		want:  []string{"smaps no longer shows /dev/shm/vm.ram", "/dev/shm/other"},
 	}, {
+		name:  "huge pages",
+		smaps: smapsVMA(r.m, lockedRAMFlags+" ht"),
+		want:  []string{"is on huge pages (hugetlbfs)", "use the compare tracker"},
+	}, {
 		name:     "smaps unreadable",
 		smapsErr: errors.New("read smaps: permission denied"),
 		want:     []string{"dirtypages: soft-dirty of pid 1234: read smaps: permission denied"},
