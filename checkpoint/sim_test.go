@@ -1,0 +1,1623 @@
+package checkpoint
+
+// A deterministic simulation of the epoch protocol, in the manner of etcd
+// raft's tests: one Session (the primary's agent) and one Standby (the
+// backup's agent) run against a fake clock, a simulated network and a
+// simulated QEMU, all driven by one seeded random source. Nothing here does
+// I/O or reads the real clock, so a seed replays exactly.
+//
+// What is simulated (sim_test.go):
+//
+//   - The clock and a queue of happenings (simWorld): time jumps from one
+//     happening to the next; both agents tick every TickEvery (the drivers'
+//     Interval/4) with a little jitter, the Session also at its NextWake.
+//   - Connections (simConn): each direction a FIFO (TCP never reorders) whose
+//     frames take a random delay; a partition holds them until it heals (TCP
+//     retransmits); a reset (simPipe.cut) loses a random tail of the frames
+//     in flight and the far end sees the end (ConnClosed, LinkDown) after a
+//     random delay; a dead host's connection goes silent.
+//   - The primary host (simPrimaryHost): its guest, the agent's network relay
+//     (holding or passing the guest's output), the agent process (SIGTERM,
+//     SIGKILL, restarts; a new agent holds output until the backup answers,
+//     and retries a lost session after Retry), and one simPrimarySession per
+//     connection carrying out the Session's actions as Primary.Run does:
+//     TakeCheckpoint is synchronous (the loop is blocked for the pause, and a
+//     stuck one for the command timeout) and fed back at once; Ship is
+//     asynchronous (a sender writes the epoch's frames, the last one the
+//     commit); events that arrive while the loop is busy wait in its inbox,
+//     stamped with their arrival time, and the loop picks among ready events
+//     and ticks at random, as Go's select does.
+//   - The backup host (simBackupHost): the Standby and its driver (Backup):
+//     frames become FrameHeard, EpochStaged (the commit frame), EpochRejected
+//     (a corrupt frame; the reader stops), GoodbyeIn (TakeOver for a
+//     takeover), ConnClosed; Apply is synchronous and answered by Applied;
+//     the backup's RAM image (simImage) records which session's epoch it
+//     holds, and whether an apply tore it. A backup restart is a fresh
+//     Standby; port scans and strangers' hellos arrive on connections that
+//     are not sessions.
+//
+// The invariants (sim_check_test.go) are checked as the actions happen and
+// after every happening; TestSimRandomized (sim_random_test.go) runs
+// thousands of seeds with random faults, TestSimScenarios
+// (sim_script_test.go) runs the scripts in testdata/sim.
+//
+// # Scenario scripts
+//
+// One command a line; '#' starts a comment; "---" on a line of its own
+// starts a new, independent run in the same file. Durations are Go
+// durations (300ms, 1.5s). Every run starts with the backup up and the
+// primary's agent starting its first session at time 0 (simDefaults: seed
+// 1, no random faults), and ends with the invariants checked; a violation
+// fails the run unless it is declared with known-bug.
+//
+//	config KEY VALUE            before the first command of a run:
+//	                            seed N, retry D, pause D, apply D, link D
+//	                            (the largest one-way delay), interval D,
+//	                            max-in-flight N, command-timeout D,
+//	                            prepare on|off
+//	run D                       let D of simulated time pass
+//	repeat N ... end            the commands between, N times
+//	kill primary-host [rst]     the primary host dies (guest included); its
+//	                            connection goes silent (rst: then resets)
+//	kill primary-host at POINT [epoch N]
+//	                            the host dies when a session next reaches
+//	                            POINT (of epoch N): paused (in a checkpoint),
+//	                            taken (taken, not shipped), shipping (half of
+//	                            the epoch's frames sent), shipped (all sent,
+//	                            not acked), acked (released)
+//	sigterm primary             the agent is asked to stop (StopRequested);
+//	                            it exits when the session ends
+//	sigkill primary-agent       the agent dies: its connection closes, the
+//	                            guest's output is cut, the guest runs on
+//	restart primary after D     start the agent D after it exits (or now,
+//	                            if it is down)
+//	break link                  the network resets the session's connection
+//	partition D                 no frame passes between the hosts for D
+//	scan backup                 a port scan: a connection that is heard,
+//	                            says nothing valid and closes
+//	hello backup from NAME      a connection says hello for VM NAME
+//	checkpoint fails [stuck]    the next checkpoint fails, the guest running
+//	                            (stuck: it hangs for the command timeout and
+//	                            leaves the guest in an unknown state)
+//	checkpoint slow D           the next checkpoint takes D and succeeds
+//	apply fails                 the backup's next apply fails midway (torn)
+//	apply slow D                every apply from now on takes D
+//	corrupt next epoch          the next epoch's commit frame arrives corrupt
+//	lose next ack               the next ack is dropped (TCP would not: a
+//	                            transport bug the protocol must survive)
+//	delay acks D                every ack takes D more (FIFO: what follows
+//	                            waits behind it)
+//	delay backup hello D        the backup's next hello takes D more
+//	stray heartbeat to primary  a heartbeat reaches the primary's session
+//	                            that the Standby never sent (the old
+//	                            driver's race ahead of the hello)
+//	delay ship-reports D        the sender's report of a shipped epoch
+//	                            reaches the loop D late (after the ack)
+//	restart backup after D      the backup's agent dies and comes back
+//	                            fresh after D
+//	second primary [for D]      another host claiming the same VM connects;
+//	                            its agent stops after D (default 300ms)
+//	expect failover [epoch>=N|epoch<=N|epoch=N]
+//	expect no-failover
+//	expect backup state STATE   waiting, syncing, protecting, suspect,
+//	                            failed-over
+//	expect primary state STATE  the current session's state (greeting,
+//	                            preparing, protecting, leaving, draining),
+//	                            or none
+//	expect primary ended ERR    the newest ended session's error matches
+//	                            ErrStopped, ErrPeerLost, ErrPeerRejected,
+//	                            ErrFailedOver or ErrHandedOver (other
+//	                            words: its text contains them)
+//	expect guest alive|dead     the primary's guest
+//	expect committed>=N         the current session's committed epoch
+//	expect split-brain          two live guests were seen, excused as a
+//	                            network fault (see invariant d)
+//	expect no-split-brain
+//	known-bug INVS TEXT         this run reproduces a known bug: a violation
+//	                            of one of the invariants INVS (letters a..g,
+//	                            e.g. bd) must occur, and violations of those
+//	                            are logged, not failed; the run fails once
+//	                            the bug is gone (then make it a regression
+//	                            test)
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/remus-kvm/remus/failover"
+	"github.com/remus-kvm/remus/transport"
+)
+
+// The hellos the two sides send.
+var (
+	simPrimaryHello = transport.Hello{Version: transport.Version, Role: transport.RolePrimary, VMName: "vm1", RAMSize: 1 << 20, PageSize: transport.PageSize}
+	simBackupHello  = transport.Hello{Version: transport.Version, Role: transport.RoleBackup, VMName: "vm1", RAMSize: 1 << 20, PageSize: transport.PageSize}
+)
+
+// simRange is a range of durations a random one is drawn from.
+type simRange struct{ Min, Max time.Duration }
+
+// simConfig sets the simulated timings and the faults' odds.
+type simConfig struct {
+	Heartbeat      failover.DetectorConfig
+	Pipeline       PipelineConfig
+	Prepare        bool     // sessions have a step before the first epoch
+	PrepareTime    simRange // how long it takes
+	TickEvery      time.Duration
+	Link           simRange      // one-way delay of a frame
+	LinkSpike      float64       // odds that a frame takes up to SpikeMax more
+	SpikeMax       time.Duration // the largest such spike
+	Pause          simRange      // a checkpoint: stop, save, cont
+	CommandTimeout time.Duration // how long a stuck checkpoint hangs
+	ShipGap        simRange      // between the frames of an epoch
+	Apply          simRange      // the backup's apply
+	Retry          simRange      // the primary agent's wait before a new session
+	Redial         time.Duration // between dial attempts to a backup that is down
+	BreakNotice    simRange      // from a reset until the far end notices
+
+	// Odds of faults per checkpoint, apply, epoch, ack (randomized runs).
+	PFailRunning, PFailStuck, PSlowPause float64
+	SlowPause                            simRange
+	PApplyFail, PSlowApply               float64
+	SlowApply                            simRange
+	PCorrupt, PLoseAck, PPrepareFail     float64
+}
+
+// simDefaults are the timings of a run: the agents' defaults (heartbeat
+// every 100 ms, dead after 500 ms, an epoch every 25 ms, two in flight), a
+// LAN, and pauses, applies and a command timeout that stay below the
+// heartbeat timeout. That last part is an assumption the protocol needs
+// (see the known-bug runs in testdata/sim/slow-checkpoint.txt and
+// slow-backup.txt): the agents' real command timeout is 10 s. Scripts
+// retry a lost session after 100 ms; randomized runs draw the retry up to
+// the agents' default of 1 s.
+func simDefaults() simConfig {
+	return simConfig{
+		Heartbeat:      failover.DetectorConfig{Interval: 100 * time.Millisecond, Timeout: 500 * time.Millisecond},
+		Pipeline:       PipelineConfig{Interval: 25 * time.Millisecond, MaxInFlight: 2},
+		PrepareTime:    simRange{10 * time.Millisecond, 80 * time.Millisecond},
+		TickEvery:      25 * time.Millisecond,
+		Link:           simRange{500 * time.Microsecond, 3 * time.Millisecond},
+		SpikeMax:       20 * time.Millisecond,
+		Pause:          simRange{time.Millisecond, 5 * time.Millisecond},
+		CommandTimeout: 250 * time.Millisecond,
+		ShipGap:        simRange{200 * time.Microsecond, 3 * time.Millisecond},
+		Apply:          simRange{time.Millisecond, 4 * time.Millisecond},
+		Retry:          simRange{100 * time.Millisecond, 100 * time.Millisecond},
+		Redial:         100 * time.Millisecond,
+		BreakNotice:    simRange{0, 20 * time.Millisecond},
+		SlowPause:      simRange{20 * time.Millisecond, 150 * time.Millisecond},
+		SlowApply:      simRange{20 * time.Millisecond, 200 * time.Millisecond},
+	}
+}
+
+// simScripted holds what a script asked for: one-shot faults and settings
+// that last.
+type simScripted struct {
+	checkpoints []simCheckpoint // the next checkpoints' outcomes, in order
+	applyFails  int             // the next applies that fail
+	applySlow   time.Duration   // every apply takes this long (0: random)
+	loseAcks    int
+	corrupt     int
+	ackDelay    time.Duration
+	helloDelay  time.Duration // the backup's next hello
+	reportDelay time.Duration
+}
+
+// simCheckpoint is what a TakeCheckpoint does in the simulated QEMU.
+type simCheckpoint struct {
+	kind simCheckpointKind
+	took time.Duration
+}
+
+type simCheckpointKind int
+
+const (
+	simTaken       simCheckpointKind = iota
+	simFailRunning                   // save failed, cont worked: the guest runs
+	simFailStuck                     // stop hung: the guest's state is unknown
+)
+
+// simPartition holds every frame between host and the backup from from to to.
+type simPartition struct {
+	host     *simPrimaryHost
+	from, to time.Time
+}
+
+// simWorld is one simulated run.
+type simWorld struct {
+	cfg      simConfig
+	seed     uint64
+	rng      *rand.Rand
+	start    time.Time
+	now      time.Time
+	seq      uint64
+	queue    simQueue
+	trace    *simTrace
+	check    *simChecker
+	primary  *simPrimaryHost // the protected guest's host
+	second   *simPrimaryHost // another host claiming the same VM, if any
+	backup   *simBackupHost
+	conns    map[ConnID]*simConn
+	nextConn ConnID
+	sessions int // primary sessions so far, for their numbers
+	parts    []simPartition
+	script   simScripted
+	quiet    bool // no random faults from now on
+	halted   bool // a panic: the world is inconsistent, stop
+}
+
+func newSimWorld(seed uint64, cfg simConfig, keepTrace bool) *simWorld {
+	start := time.Unix(1_000_000, 0)
+	w := &simWorld{cfg: cfg, seed: seed, rng: rand.New(rand.NewPCG(seed, 0x5eed)), start: start, now: start,
+		conns: map[ConnID]*simConn{}, trace: &simTrace{keepAll: keepTrace}}
+	w.check = newSimChecker(w)
+	w.backup = newSimBackupHost(w)
+	w.primary = newSimPrimaryHost(w, "primary")
+	return w
+}
+
+// begin boots the backup and starts the primary's agent.
+func (w *simWorld) begin() {
+	w.backup.boot()
+	w.primary.startAgent()
+	w.watchdog()
+}
+
+// runFor lets d of simulated time pass, a happening at a time. A panic in
+// a machine is a violation (invariant e) and halts the world.
+func (w *simWorld) runFor(d time.Duration) {
+	end := w.now.Add(d)
+	defer func() {
+		if r := recover(); r != nil {
+			w.halted = true
+			w.check.violate("e", "panic: %v", r)
+		}
+	}()
+	for len(w.queue) > 0 && w.queue[0].at <= int64(end.Sub(w.start)) && !w.halted {
+		h := w.queue.pop()
+		w.now = w.start.Add(time.Duration(h.at))
+		h.fn()
+		w.check.afterStep()
+	}
+	if !w.halted && w.now.Before(end) {
+		w.now = end
+	}
+}
+
+// at schedules fn at t (not before now); after, d from now.
+func (w *simWorld) at(t time.Time, fn func()) {
+	if t.Before(w.now) {
+		t = w.now
+	}
+	w.seq++
+	w.queue.push(simHappening{at: int64(t.Sub(w.start)), seq: w.seq, fn: fn})
+}
+
+func (w *simWorld) after(d time.Duration, fn func()) { w.at(w.now.Add(d), fn) }
+
+// watchdog wakes the checker now and then, so that a world where nothing
+// happens any more is still checked for stuck states.
+func (w *simWorld) watchdog() {
+	w.after(50*time.Millisecond, w.watchdog)
+}
+
+func (w *simWorld) dur(r simRange) time.Duration {
+	if r.Max <= r.Min {
+		return r.Min
+	}
+	return r.Min + time.Duration(w.rng.Int64N(int64(r.Max-r.Min)+1))
+}
+
+func (w *simWorld) chance(p float64) bool { return p > 0 && !w.quiet && w.rng.Float64() < p }
+
+func (w *simWorld) jitter() time.Duration {
+	return time.Duration(w.rng.Int64N(int64(2 * time.Millisecond)))
+}
+
+func (w *simWorld) linkDelay() time.Duration {
+	d := w.dur(w.cfg.Link)
+	if w.chance(w.cfg.LinkSpike) {
+		d += time.Duration(w.rng.Int64N(int64(w.cfg.SpikeMax) + 1))
+	}
+	return d
+}
+
+// partitioned reports whether frames between h and the backup are held now,
+// and until when.
+func (w *simWorld) partitioned(h *simPrimaryHost) (time.Time, bool) {
+	if h == nil {
+		return time.Time{}, false
+	}
+	for _, p := range w.parts {
+		if p.host == h && !w.now.Before(p.from) && w.now.Before(p.to) {
+			return p.to, true
+		}
+	}
+	return time.Time{}, false
+}
+
+// mergedPartitions are h's partitions, overlapping ones merged, in order.
+func (w *simWorld) mergedPartitions(h *simPrimaryHost) []simPartition {
+	var ps []simPartition
+	for _, p := range w.parts {
+		if p.host == h {
+			ps = append(ps, p)
+		}
+	}
+	sort.Slice(ps, func(i, j int) bool { return ps[i].from.Before(ps[j].from) })
+	var out []simPartition
+	for _, p := range ps {
+		if n := len(out); n > 0 && !p.from.After(out[n-1].to) {
+			out[n-1].to = later(out[n-1].to, p.to)
+			continue
+		}
+		out = append(out, p)
+	}
+	return out
+}
+
+func (w *simWorld) partition(h *simPrimaryHost, d time.Duration) {
+	w.logf("net", "partition between %s and the backup for %v", h.name, d)
+	w.parts = append(w.parts, simPartition{host: h, from: w.now, to: w.now.Add(d)})
+}
+
+func (w *simWorld) elapsed() time.Duration { return w.now.Sub(w.start) }
+
+func (w *simWorld) logf(who, format string, args ...any) {
+	if w.trace.off {
+		return
+	}
+	w.trace.add(simTraceLine{at: w.elapsed(), who: who, format: format, args: args})
+}
+
+// simHappening is something due at a time; seq keeps ties in the order
+// they were scheduled.
+type simHappening struct {
+	at  int64 // nanoseconds since the start
+	seq uint64
+	fn  func()
+}
+
+// simQueue is a binary min-heap of happenings (typed, to spare the
+// boxing of container/heap).
+type simQueue []simHappening
+
+func (q simQueue) less(i, j int) bool {
+	if q[i].at != q[j].at {
+		return q[i].at < q[j].at
+	}
+	return q[i].seq < q[j].seq
+}
+
+func (q *simQueue) push(h simHappening) {
+	*q = append(*q, h)
+	s := *q
+	for i := len(s) - 1; i > 0; {
+		p := (i - 1) / 2
+		if !s.less(i, p) {
+			break
+		}
+		s[i], s[p] = s[p], s[i]
+		i = p
+	}
+}
+
+func (q *simQueue) pop() simHappening {
+	s := *q
+	h := s[0]
+	n := len(s) - 1
+	s[0] = s[n]
+	s[n] = simHappening{}
+	s = s[:n]
+	for i := 0; ; {
+		l, r, m := 2*i+1, 2*i+2, i
+		if l < n && s.less(l, m) {
+			m = l
+		}
+		if r < n && s.less(r, m) {
+			m = r
+		}
+		if m == i {
+			break
+		}
+		s[i], s[m] = s[m], s[i]
+		i = m
+	}
+	*q = s
+	return h
+}
+
+// simTrace keeps the newest lines of what happened (all of them with
+// keepAll), formatted only when shown.
+type simTrace struct {
+	ring    [200]simTraceLine
+	n       int
+	keepAll bool
+	off     bool // a first pass over many seeds: a failing one is run again
+	all     []simTraceLine
+}
+
+type simTraceLine struct {
+	at     time.Duration
+	who    string
+	format string
+	args   []any
+}
+
+func (t *simTrace) add(l simTraceLine) {
+	if t.off {
+		return
+	}
+	t.ring[t.n%len(t.ring)] = l
+	t.n++
+	if t.keepAll {
+		t.all = append(t.all, l)
+	}
+}
+
+// String is the trace: everything with keepAll, else the newest lines.
+func (t *simTrace) String() string {
+	var lines []simTraceLine
+	switch {
+	case t.keepAll:
+		lines = t.all
+	case t.n <= len(t.ring):
+		lines = t.ring[:t.n]
+	default:
+		lines = append(append(lines, t.ring[t.n%len(t.ring):]...), t.ring[:t.n%len(t.ring)]...)
+	}
+	var b strings.Builder
+	if !t.keepAll && t.n > len(t.ring) {
+		fmt.Fprintf(&b, "  (the last %d of %d lines)\n", len(t.ring), t.n)
+	}
+	for _, l := range lines {
+		fmt.Fprintf(&b, "  %9.3fs %-9s %s\n", l.at.Seconds(), l.who, fmt.Sprintf(l.format, l.args...))
+	}
+	return b.String()
+}
+
+// ---- connections ----
+
+// simFrameKind is what a frame is, as far as the protocol cares.
+type simFrameKind int
+
+const (
+	simHelloFrame     simFrameKind = iota
+	simHeartbeatFrame              //
+	simEpochFrame                  // part of an epoch: pages, device state
+	simCommitFrame                 // an epoch's last frame: it completes the epoch
+	simAckFrame                    //
+	simErrorFrame                  // goodbye, takeover, or the backup's error
+	simEOF                         // the stream ends (FIN, RST)
+)
+
+type simFrame struct {
+	kind    simFrameKind
+	epoch   uint64
+	code    transport.ErrorCode
+	corrupt bool
+	readyAt time.Time
+}
+
+func (f simFrame) String() string {
+	switch f.kind {
+	case simHelloFrame:
+		return "hello"
+	case simHeartbeatFrame:
+		return "heartbeat"
+	case simEpochFrame, simCommitFrame:
+		s := fmt.Sprintf("epoch %d frame", f.epoch)
+		if f.kind == simCommitFrame {
+			s = fmt.Sprintf("epoch %d commit", f.epoch)
+		}
+		if f.corrupt {
+			s += " (corrupt)"
+		}
+		return s
+	case simAckFrame:
+		return fmt.Sprintf("ack %d", f.epoch)
+	case simErrorFrame:
+		return fmt.Sprintf("error %s", f.code)
+	}
+	return "EOF"
+}
+
+// simConn is one TCP connection to the backup, from a primary session or
+// from a stranger (a port scan).
+type simConn struct {
+	w                   *simWorld
+	id                  ConnID
+	host                *simPrimaryHost    // the far end's host (nil: a stranger)
+	ps                  *simPrimarySession // the primary end (nil: a stranger)
+	backupInc           int                // the backup incarnation that accepted it
+	toBackup, toPrimary *simPipe           //
+	primaryClosed       bool               // the primary end closed it: reads nothing more
+	backupClosed        bool               // the backup end closed it
+	readerStopped       bool               // the backup's reader quit (corrupt frame)
+	helloSeen           bool               // the backup read the primary's hello
+	helloSent           bool               // the backup answered it (SendHello)
+	backupSession       int                // the backup's session number for it
+	openedAt            time.Time          //
+	netResetAt          time.Time          // the network reset it (zero: never)
+	heardAt             time.Time          // the backup last took a frame of it
+	goodbyeIn           bool               // a plain goodbye reached the Standby
+	appliedOK           uint64             // newest epoch of it the backup applied whole
+}
+
+func (w *simWorld) newConn(h *simPrimaryHost, ps *simPrimarySession) *simConn {
+	w.nextConn++
+	c := &simConn{w: w, id: w.nextConn, host: h, ps: ps, backupInc: w.backup.inc, openedAt: w.now}
+	c.toBackup = &simPipe{c: c, toBackup: true}
+	c.toPrimary = &simPipe{c: c}
+	w.conns[c.id] = c
+	w.backup.conns = append(w.backup.conns, c)
+	return c
+}
+
+// reset is a network fault: the connection breaks with both ends alive.
+func (c *simConn) reset() {
+	c.w.logf("net", "connection %d reset", c.id)
+	c.netResetAt = c.w.now
+	c.toBackup.cut(true, true)
+	c.toPrimary.cut(true, true)
+}
+
+// simPipe is one direction of a connection: a FIFO of frames in flight.
+type simPipe struct {
+	c        *simConn
+	toBackup bool
+	q        []simFrame
+	last     time.Time // when the newest frame arrives: none arrives before it
+	dead     bool      // nothing more goes in
+	gen      int       // bumped when the queue is cut: stale deliveries see it
+	armed    bool
+}
+
+// push sends f: it arrives after the link's delay plus extra, never before
+// the frames sent earlier.
+func (p *simPipe) push(f simFrame, extra time.Duration) {
+	if p.dead {
+		return
+	}
+	w := p.c.w
+	at := w.now.Add(w.linkDelay() + extra)
+	if at.Before(p.last) {
+		at = p.last
+	}
+	f.readyAt, p.last = at, at
+	p.q = append(p.q, f)
+	p.arm()
+}
+
+// close ends the stream cleanly: what was sent arrives, then the end.
+func (p *simPipe) close() {
+	p.push(simFrame{kind: simEOF}, 0)
+	p.dead = true
+}
+
+// cut breaks the stream: a random part of what is in flight still arrives
+// (keepSome), the rest is lost; with eof the far end then sees the end,
+// BreakNotice later.
+func (p *simPipe) cut(keepSome, eof bool) {
+	if p.dead {
+		return
+	}
+	w := p.c.w
+	keep := 0
+	if _, held := w.partitioned(p.c.host); held {
+		keepSome = false // nothing got through; no one retransmits now
+	}
+	if keepSome && len(p.q) > 0 {
+		keep = w.rng.IntN(len(p.q) + 1)
+	}
+	p.q = p.q[:keep]
+	p.last = time.Time{}
+	if keep > 0 {
+		p.last = p.q[keep-1].readyAt
+	}
+	p.gen++
+	p.armed = false
+	if eof {
+		p.eof(w.dur(w.cfg.BreakNotice))
+	}
+	p.dead = true
+	p.arm()
+}
+
+// eof queues the end of the stream d from now, dead or not (a reset that
+// comes later).
+func (p *simPipe) eof(d time.Duration) {
+	w := p.c.w
+	at := w.now.Add(d)
+	if at.Before(p.last) {
+		at = p.last
+	}
+	p.last = at
+	p.q = append(p.q, simFrame{kind: simEOF, readyAt: at})
+	p.arm()
+}
+
+func (p *simPipe) arm() {
+	if p.armed || len(p.q) == 0 {
+		return
+	}
+	p.armed = true
+	gen := p.gen
+	w := p.c.w
+	w.at(p.q[0].readyAt, func() {
+		if p.gen != gen {
+			return
+		}
+		p.armed = false
+		if len(p.q) == 0 {
+			return
+		}
+		if end, held := w.partitioned(p.c.host); held {
+			p.armed = true
+			w.at(end, func() {
+				if p.gen == gen {
+					p.armed = false
+					p.arm()
+				}
+			})
+			return
+		}
+		f := p.q[0]
+		p.q = p.q[1:]
+		if p.toBackup {
+			w.backup.receive(p.c, f)
+		} else if p.c.ps != nil {
+			p.c.ps.receive(f)
+		}
+		if p.gen == gen {
+			p.arm()
+		}
+	})
+}
+
+// ---- the primary ----
+
+// simPrimaryHost is a primary host: its guest, the agent's relay of the
+// guest's output, and the agent.
+type simPrimaryHost struct {
+	w       *simWorld
+	name    string
+	alive   bool // the host
+	guest   bool // the guest's QEMU runs
+	passing bool // the relay lets the guest's output out (while an agent runs)
+	agent   *simAgent
+	agents  int
+	// restartIn: when the agent exits (or now, if it is down), start a
+	// new one this long after.
+	restartIn  time.Duration
+	restartSet bool
+	oneSession bool // the agent exits after one session (the second primary)
+	dieAt      simDieAt
+	sessions   []*simPrimarySession
+	ends       []error // how the sessions ended, in order
+}
+
+// simDieAt is a point of the epoch cycle at which the host dies.
+type simDieAt struct {
+	point FaultPoint // "": none
+	epoch uint64     // 0: the next one
+}
+
+func newSimPrimaryHost(w *simWorld, name string) *simPrimaryHost {
+	return &simPrimaryHost{w: w, name: name, alive: true, guest: true}
+}
+
+// live is whether the guest's output reaches the world now.
+func (h *simPrimaryHost) live() bool {
+	return h.alive && h.guest && h.agent != nil && h.passing
+}
+
+// current is the agent's session, nil between sessions.
+func (h *simPrimaryHost) current() *simPrimarySession {
+	if h.agent == nil {
+		return nil
+	}
+	return h.agent.sess
+}
+
+// reached is called at each FaultPoint; the host dies there if asked to.
+func (h *simPrimaryHost) reached(at FaultPoint, epoch uint64) bool {
+	if h.dieAt.point != at || (h.dieAt.epoch != 0 && h.dieAt.epoch != epoch) {
+		return false
+	}
+	h.w.logf(h.name, "reached %s of epoch %d", at, epoch)
+	h.dieAt = simDieAt{}
+	h.die(false)
+	return true
+}
+
+func (h *simPrimaryHost) startAgent() {
+	if !h.alive || !h.guest || h.agent != nil {
+		return
+	}
+	h.agents++
+	a := &simAgent{host: h, gen: h.agents}
+	h.agent = a
+	// A new agent holds the guest's output until a backup answers.
+	h.passing = false
+	h.w.logf(h.name, "agent %d starts (output held)", a.gen)
+	a.dial(true)
+}
+
+// die: the host is gone, its guest with it; its connection goes silent,
+// and with rst resets a little later.
+func (h *simPrimaryHost) die(rst bool) {
+	if !h.alive {
+		return
+	}
+	w := h.w
+	w.logf(h.name, "host dies")
+	w.check.hostDies(h)
+	h.alive, h.guest = false, false
+	if a := h.agent; a != nil {
+		a.dead = true
+		h.agent = nil
+		if ps := a.sess; ps != nil {
+			ps.killed = true
+			ps.conn.toBackup.cut(true, false)
+			if rst {
+				ps.conn.toBackup.eof(w.dur(simRange{50 * time.Millisecond, time.Second}))
+			}
+		}
+	}
+}
+
+// sigkill: the agent dies; the kernel closes its connection; the guest
+// runs on, its output cut with the relay.
+func (h *simPrimaryHost) sigkill() {
+	a := h.agent
+	if a == nil {
+		return
+	}
+	h.w.logf(h.name, "agent %d killed (SIGKILL)", a.gen)
+	a.dead = true
+	h.agent = nil
+	if ps := a.sess; ps != nil {
+		ps.killed, ps.agentKilled = true, true
+		ps.conn.toBackup.cut(true, true)
+	}
+	h.agentExited()
+}
+
+// sigterm asks the agent to stop: its session says goodbye.
+func (h *simPrimaryHost) sigterm() {
+	a := h.agent
+	if a == nil {
+		return
+	}
+	h.w.logf(h.name, "agent %d asked to stop (SIGTERM)", a.gen)
+	a.stopping = true
+	if a.sess != nil {
+		a.sess.post(StopRequested{Now: h.w.now, Reason: "SIGTERM"})
+		return
+	}
+	a.exit()
+}
+
+func (h *simPrimaryHost) restartAfter(d time.Duration) {
+	h.restartIn, h.restartSet = d, true
+	if h.agent == nil {
+		h.agentExited()
+	}
+}
+
+func (h *simPrimaryHost) agentExited() {
+	if !h.restartSet {
+		return
+	}
+	h.restartSet = false
+	h.w.after(h.restartIn, h.startAgent)
+}
+
+// simAgent is one run of the primary's agent process.
+type simAgent struct {
+	host     *simPrimaryHost
+	gen      int
+	sess     *simPrimarySession
+	stopping bool // SIGTERM: exit once the session ended
+	dead     bool
+}
+
+// dial connects to the backup and starts a session. A dial into a
+// partition waits until it heals; a backup that is down refuses, the first
+// refusal lets the guest's output pass (no backup can resume it), and the
+// agent dials again.
+func (a *simAgent) dial(first bool) {
+	h, w := a.host, a.host.w
+	if a.dead || a.stopping || h.agent != a || a.sess != nil {
+		return
+	}
+	if end, held := w.partitioned(h); held {
+		w.at(end, func() { a.dial(first) })
+		return
+	}
+	if !w.backup.up {
+		if first {
+			w.logf(h.name, "backup unreachable: output passes")
+			h.passing = true
+			w.check.released(h, nil, "relay pass-through (backup unreachable)")
+		}
+		w.after(w.cfg.Redial, func() { a.dial(false) })
+		return
+	}
+	a.sess = newSimPrimarySession(a)
+}
+
+// ended: the session is over; the agent exits (the guest is gone, or it
+// was asked to stop) or tries again after Retry.
+func (a *simAgent) ended(err error) {
+	h, w := a.host, a.host.w
+	a.sess = nil
+	h.ends = append(h.ends, err)
+	switch {
+	case errors.Is(err, ErrFailedOver), errors.Is(err, ErrHandedOver), a.stopping, h.oneSession:
+		a.exit()
+	default:
+		w.after(w.dur(w.cfg.Retry), func() { a.dial(true) })
+	}
+}
+
+func (a *simAgent) exit() {
+	h := a.host
+	h.w.logf(h.name, "agent %d exits", a.gen)
+	a.dead = true
+	if h.agent == a {
+		h.agent = nil
+	}
+	h.agentExited()
+}
+
+// simPrimarySession is one Session and the driver around it (Primary.Run).
+type simPrimarySession struct {
+	w     *simWorld
+	id    int
+	who   string // for the trace
+	agent *simAgent
+	host  *simPrimaryHost
+	s     *Session
+	conn  *simConn
+	// The loop: actions left to carry out, events waiting, a tick due,
+	// and whether a synchronous action (TakeCheckpoint) holds it.
+	pending, inbox []any
+	tickDue, busy  bool
+	timerAt        time.Time
+	// The sender: epochs to ship, one at a time.
+	sendq               []uint64
+	sending, senderDead bool
+	killed              bool // its agent or host died under it
+	agentKilled         bool // by SIGKILL
+	ended               bool // End carried out
+	endErr              error
+	taken, released     uint64
+	saidGoodbye         bool // a plain goodbye was sent
+	saidTakeover        bool
+	// For the liveness checks.
+	state           SessionState
+	since, progress time.Time
+}
+
+func newSimPrimarySession(a *simAgent) *simPrimarySession {
+	h, w := a.host, a.host.w
+	w.sessions++
+	ps := &simPrimarySession{w: w, id: w.sessions, agent: a, host: h, since: w.now, progress: w.now}
+	ps.who = fmt.Sprintf("%s/s%d", h.name, ps.id)
+	ps.conn = w.newConn(h, ps)
+	s, acts, err := NewSession(SessionConfig{VMName: "vm1", RAMSize: 1 << 20, Pipeline: w.cfg.Pipeline,
+		Heartbeat: w.cfg.Heartbeat, Prepare: w.cfg.Prepare}, w.now)
+	if err != nil {
+		panic(err)
+	}
+	ps.s = s
+	h.sessions = append(h.sessions, ps)
+	w.logf(ps.who, "session on connection %d", ps.conn.id)
+	ps.pending = acts
+	ps.tickLoop()
+	ps.run()
+	return ps
+}
+
+func (ps *simPrimarySession) gone() bool { return ps.ended || ps.killed }
+
+func (ps *simPrimarySession) tickLoop() {
+	ps.w.after(ps.w.cfg.TickEvery+ps.w.jitter(), func() {
+		if ps.gone() {
+			return
+		}
+		ps.tickDue = true
+		ps.run()
+		ps.tickLoop()
+	})
+}
+
+// post hands the loop an event (stamped by the caller: the driver's
+// goroutines stamp what they receive when they receive it).
+func (ps *simPrimarySession) post(ev any) {
+	if ps.gone() {
+		return
+	}
+	ps.inbox = append(ps.inbox, ev)
+	ps.run()
+}
+
+// simShipReport is the sender's note that an epoch went out whole:
+// statistics, not a Session event (shippedReport).
+type simShipReport struct{ epoch uint64 }
+
+// run is the driver's loop: carry out the actions, then take the next
+// event, until the loop blocks or has nothing to do.
+func (ps *simPrimarySession) run() {
+	for !ps.gone() && !ps.busy {
+		if len(ps.pending) > 0 {
+			a := ps.pending[0]
+			ps.pending = ps.pending[1:]
+			ps.carry(a)
+			continue
+		}
+		ev := ps.next()
+		if ev == nil {
+			break
+		}
+		if r, ok := ev.(simShipReport); ok {
+			ps.w.logf(ps.who, "sender reports epoch %d shipped", r.epoch)
+			continue
+		}
+		ps.step(ev)
+	}
+	if !ps.gone() && !ps.busy {
+		ps.armTimer()
+	}
+}
+
+// next picks what the loop's select would: an event or a tick, at random
+// when both are ready.
+func (ps *simPrimarySession) next() any {
+	if ps.tickDue && (len(ps.inbox) == 0 || ps.w.rng.IntN(2) == 0) {
+		ps.tickDue = false
+		return Tick{Now: ps.w.now}
+	}
+	if len(ps.inbox) > 0 {
+		ev := ps.inbox[0]
+		ps.inbox = ps.inbox[1:]
+		return ev
+	}
+	return nil
+}
+
+func (ps *simPrimarySession) armTimer() {
+	wake := ps.s.NextWake()
+	if wake.IsZero() || wake.Equal(ps.timerAt) {
+		return
+	}
+	ps.timerAt = wake
+	ps.w.at(wake, func() {
+		if ps.gone() || !ps.timerAt.Equal(wake) {
+			return
+		}
+		ps.tickDue = true
+		ps.run()
+	})
+}
+
+func (ps *simPrimarySession) step(ev any) {
+	if _, tick := ev.(Tick); !tick {
+		ps.w.logf(ps.who, "← %v", simDesc{ev})
+	}
+	acts := ps.s.Step(ev)
+	ps.pending = append(ps.pending, acts...)
+}
+
+// carry carries out one action as Primary.Run's driver does.
+func (ps *simPrimarySession) carry(a any) {
+	w, h := ps.w, ps.host
+	if _, hb := a.(Heartbeat); !hb {
+		w.logf(ps.who, "→ %v", simDesc{a})
+	}
+	switch a := a.(type) {
+	case SendHelloToBackup:
+		ps.conn.toBackup.push(simFrame{kind: simHelloFrame}, 0)
+	case StartPrepare:
+		fail := w.chance(w.cfg.PPrepareFail)
+		w.after(w.dur(w.cfg.PrepareTime), func() {
+			var err error
+			if fail {
+				err = errors.New("initial disk copy: write failed")
+			}
+			ps.post(Prepared{Now: w.now, Err: err})
+		})
+	case TakeCheckpoint:
+		ps.takeCheckpoint(a.Epoch)
+	case Ship:
+		if !ps.senderDead {
+			ps.sendq = append(ps.sendq, a.Epoch)
+			ps.ship()
+		}
+	case Release:
+		w.check.release(ps, a.Epoch)
+		ps.released = a.Epoch
+		ps.progress = w.now
+		h.reached(FaultAcked, a.Epoch)
+	case Heartbeat:
+		ps.conn.toBackup.push(simFrame{kind: simHeartbeatFrame}, 0)
+	case Goodbye:
+		code := transport.CodeGoodbye
+		if a.TakeOver {
+			code = transport.CodeTakeOver
+			ps.saidTakeover = true
+		} else {
+			ps.saidGoodbye = true
+		}
+		w.check.goodbye(ps, a)
+		ps.conn.toBackup.push(simFrame{kind: simErrorFrame, code: code}, 0)
+	case KillGuest:
+		w.check.killGuest(ps)
+		h.guest = false
+		w.logf(h.name, "guest killed")
+	case PassThrough:
+		h.passing = true
+		w.check.released(h, ps, "PassThrough")
+	case End:
+		ps.ended, ps.endErr = true, a.Err
+		ps.conn.primaryClosed = true
+		ps.conn.toBackup.close()
+		ps.agent.ended(a.Err)
+	}
+}
+
+// takeCheckpoint pauses the guest and takes the epoch; the loop is held
+// until it is done, and its outcome is fed back at once.
+func (ps *simPrimarySession) takeCheckpoint(n uint64) {
+	w, h := ps.w, ps.host
+	o := w.nextCheckpoint()
+	ps.busy = true
+	if h.dieAt.point == FaultPaused {
+		w.after(o.took/2, func() {
+			if !ps.gone() {
+				h.reached(FaultPaused, n)
+			}
+		})
+	}
+	w.after(o.took, func() {
+		if ps.gone() {
+			return
+		}
+		ps.busy = false
+		var ev any
+		switch o.kind {
+		case simTaken:
+			ps.taken = n
+			if n == 1 {
+				h.passing = false // Output.Hold, in the first pause
+			}
+			if h.reached(FaultResumed, n) {
+				return
+			}
+			ev = CheckpointTaken{Now: w.now, Epoch: n}
+		case simFailRunning:
+			ev = CheckpointFailed{Now: w.now, Epoch: n, Err: errors.New("xen-save-devices-state: error")}
+		case simFailStuck:
+			ev = CheckpointFailed{Now: w.now, Epoch: n, Err: errors.New("stop: context deadline exceeded"), GuestStuck: true}
+		}
+		ps.step(ev)
+		ps.run()
+	})
+}
+
+// ship runs the sender: it writes the epochs' frames in order, the last
+// one of each its commit, and reports a failed write as ShipFailed.
+func (ps *simPrimarySession) ship() {
+	if ps.sending || len(ps.sendq) == 0 || ps.gone() {
+		return
+	}
+	n := ps.sendq[0]
+	ps.sendq = ps.sendq[1:]
+	ps.sending = true
+	ps.shipFrame(n, 0, 2+ps.w.rng.IntN(2))
+}
+
+func (ps *simPrimarySession) shipFrame(n uint64, i, frames int) {
+	w, h := ps.w, ps.host
+	w.after(w.dur(w.cfg.ShipGap), func() {
+		if ps.gone() {
+			return
+		}
+		if ps.conn.toBackup.dead {
+			ps.sending, ps.senderDead, ps.sendq = false, true, nil
+			ps.post(ShipFailed{Now: w.now, Epoch: n, Err: errors.New("write: connection reset by peer")})
+			return
+		}
+		last := i == frames-1
+		f := simFrame{kind: simEpochFrame, epoch: n}
+		if last {
+			f.kind = simCommitFrame
+			if w.script.corrupt > 0 {
+				w.script.corrupt--
+				f.corrupt = true
+			} else {
+				f.corrupt = w.chance(w.cfg.PCorrupt)
+			}
+		}
+		ps.conn.toBackup.push(f, 0)
+		if i == (frames-1)/2 && !last && h.reached(FaultShipping, n) {
+			return
+		}
+		if !last {
+			ps.shipFrame(n, i+1, frames)
+			return
+		}
+		if h.reached(FaultShipped, n) {
+			return
+		}
+		w.after(w.script.reportDelay, func() { ps.post(simShipReport{epoch: n}) })
+		ps.sending = false
+		ps.ship()
+	})
+}
+
+// receive is the driver's reader: the backup's frames become events.
+func (ps *simPrimarySession) receive(f simFrame) {
+	if ps.gone() || ps.conn.primaryClosed {
+		return
+	}
+	now := ps.w.now
+	switch f.kind {
+	case simHelloFrame:
+		ps.post(BackupMessage{Now: now, Msg: simBackupHello})
+	case simAckFrame:
+		ps.post(BackupMessage{Now: now, Epoch: f.epoch, Msg: transport.Ack{}})
+	case simHeartbeatFrame:
+		ps.post(BackupMessage{Now: now, Msg: transport.Heartbeat{}})
+	case simErrorFrame:
+		ps.post(BackupMessage{Now: now, Epoch: f.epoch, Msg: transport.Error{Code: f.code, Message: "from the backup"}})
+	case simEOF:
+		ps.conn.primaryClosed = true // the reader stops
+		ps.post(LinkDown{Now: now, Err: io.EOF})
+	}
+}
+
+// nextCheckpoint is the simulated QEMU's next checkpoint: scripted, or
+// drawn.
+func (w *simWorld) nextCheckpoint() simCheckpoint {
+	if len(w.script.checkpoints) > 0 {
+		o := w.script.checkpoints[0]
+		w.script.checkpoints = w.script.checkpoints[1:]
+		return o
+	}
+	switch {
+	case w.chance(w.cfg.PFailStuck):
+		return simCheckpoint{kind: simFailStuck, took: w.cfg.CommandTimeout}
+	case w.chance(w.cfg.PFailRunning):
+		return simCheckpoint{kind: simFailRunning, took: w.dur(w.cfg.Pause)}
+	case w.chance(w.cfg.PSlowPause):
+		return simCheckpoint{kind: simTaken, took: w.dur(w.cfg.SlowPause)}
+	}
+	return simCheckpoint{kind: simTaken, took: w.dur(w.cfg.Pause)}
+}
+
+// ---- the backup ----
+
+// simImage is what the backup's RAM image (and state file) holds: the
+// epoch of which session of which incarnation, and whether an apply tore
+// it.
+type simImage struct {
+	inc, session int
+	epoch        uint64
+	torn         bool
+}
+
+// simBackupHost is the backup's agent: the Standby and its driver.
+type simBackupHost struct {
+	w              *simWorld
+	up             bool
+	inc            int // incarnation: bumped at each boot
+	sb             *Standby
+	pending, inbox []any
+	tickDue, busy  bool
+	conns          []*simConn // accepted by this incarnation
+	session        *simConn   // the newest SendHello's connection
+	sessions       int        // SendHellos so far: session numbers
+	image          simImage
+	failedOver     bool
+	failover       FailOver
+	// For the liveness checks.
+	state StandbyState
+	since time.Time
+}
+
+// simFrameIn is a frame the backup's reader hands its loop.
+type simFrameIn struct {
+	c *simConn
+	f simFrame
+}
+
+// simTakeoverFailOver marks a FailOver that a takeover goodbye caused.
+type simTakeoverFailOver struct{ FailOver }
+
+func newSimBackupHost(w *simWorld) *simBackupHost { return &simBackupHost{w: w} }
+
+func (b *simBackupHost) boot() {
+	w := b.w
+	sb, err := NewStandby(StandbyConfig{VMName: "vm1", Heartbeat: w.cfg.Heartbeat})
+	if err != nil {
+		panic(err)
+	}
+	b.up, b.sb, b.session, b.conns = true, sb, nil, nil
+	b.pending, b.inbox, b.busy, b.tickDue = nil, nil, false, false
+	b.inc++
+	b.state, b.since = Waiting, w.now
+	w.logf("backup", "agent starts (incarnation %d)", b.inc)
+	b.tickLoop(b.inc)
+}
+
+// crash: the backup's agent dies; the kernel resets its connections.
+func (b *simBackupHost) crash() {
+	if !b.up {
+		return
+	}
+	w := b.w
+	w.logf("backup", "agent dies")
+	b.up = false
+	w.check.backupCrashed()
+	for _, c := range b.conns {
+		c.backupClosed = true
+		c.toPrimary.cut(true, true)
+		c.toBackup.dead = true
+	}
+	b.conns = nil
+}
+
+func (b *simBackupHost) tickLoop(inc int) {
+	b.w.after(b.w.cfg.TickEvery+b.w.jitter(), func() {
+		if !b.up || b.inc != inc {
+			return
+		}
+		b.tickDue = true
+		b.run()
+		b.tickLoop(inc)
+	})
+}
+
+// receive: a frame arrived on c; the reader hands it to the loop.
+func (b *simBackupHost) receive(c *simConn, f simFrame) {
+	if !b.up || c.backupInc != b.inc || c.backupClosed || c.readerStopped {
+		return
+	}
+	if f.kind == simEOF || (f.corrupt && c.helloSeen) {
+		c.readerStopped = true
+	}
+	b.inbox = append(b.inbox, simFrameIn{c: c, f: f})
+	b.run()
+}
+
+// stranger: a connection that is no session does something (a scan).
+func (b *simBackupHost) stranger(ev any) {
+	if !b.up {
+		return
+	}
+	b.inbox = append(b.inbox, ev)
+	b.run()
+}
+
+func (b *simBackupHost) run() {
+	for b.up && !b.busy {
+		if len(b.pending) > 0 {
+			a := b.pending[0]
+			b.pending = b.pending[1:]
+			b.carry(a)
+			continue
+		}
+		if b.tickDue && (len(b.inbox) == 0 || b.w.rng.IntN(2) == 0) {
+			b.tickDue = false
+			b.step(Tick{Now: b.w.now})
+			continue
+		}
+		if len(b.inbox) == 0 {
+			break
+		}
+		in := b.inbox[0]
+		b.inbox = b.inbox[1:]
+		b.take(in)
+	}
+}
+
+// take turns what the reader delivered into the Standby's events, stamped
+// now, as Backup.event does.
+func (b *simBackupHost) take(in any) {
+	now := b.w.now
+	fi, ok := in.(simFrameIn)
+	if !ok {
+		switch e := in.(type) {
+		case HelloIn:
+			e.Now = now
+			b.step(e)
+		case FrameHeard:
+			e.Now = now
+			b.step(e)
+		case ConnClosed:
+			e.Now = now
+			b.step(e)
+		}
+		return
+	}
+	c, f := fi.c, fi.f
+	if c.backupClosed {
+		return
+	}
+	if !c.helloSeen {
+		if f.kind != simHelloFrame {
+			// Closed (or reset) before its hello: no session, no event.
+			b.closeConn(c)
+			return
+		}
+		c.helloSeen = true
+		b.step(HelloIn{Now: now, Conn: c.id, Hello: simPrimaryHello})
+		return
+	}
+	c.heardAt = now
+	switch f.kind {
+	case simEOF:
+		b.step(ConnClosed{Now: now, Conn: c.id, Err: io.EOF})
+	case simHeartbeatFrame:
+		b.step(FrameHeard{Now: now, Conn: c.id})
+	case simEpochFrame, simCommitFrame:
+		if f.corrupt {
+			b.step(EpochRejected{Now: now, Conn: c.id, Epoch: f.epoch, Err: transport.ErrCorrupt})
+			return
+		}
+		b.step(FrameHeard{Now: now, Conn: c.id})
+		if f.kind == simCommitFrame {
+			b.step(EpochStaged{Now: now, Conn: c.id, Epoch: f.epoch})
+		}
+	case simErrorFrame:
+		b.step(FrameHeard{Now: now, Conn: c.id})
+		b.step(GoodbyeIn{Now: now, Conn: c.id, TakeOver: f.code == transport.CodeTakeOver, Reason: f.code.String()})
+	}
+}
+
+func (b *simBackupHost) step(ev any) {
+	w := b.w
+	if _, tick := ev.(Tick); !tick {
+		w.logf("backup", "← %v", simDesc{ev})
+	}
+	if g, ok := ev.(GoodbyeIn); ok && !g.TakeOver && b.sb.Session() == g.Conn && g.Conn != 0 {
+		w.conns[g.Conn].goodbyeIn = true
+	}
+	acts := b.sb.Step(ev)
+	if g, ok := ev.(GoodbyeIn); ok && g.TakeOver {
+		for i, a := range acts {
+			if f, ok := a.(FailOver); ok {
+				acts[i] = simTakeoverFailOver{f}
+			}
+		}
+	}
+	b.pending = append(b.pending, acts...)
+}
+
+// carry carries out one of the Standby's actions as Backup.do does.
+func (b *simBackupHost) carry(a any) {
+	w := b.w
+	if _, hb := a.(SendHeartbeat); !hb {
+		w.logf("backup", "→ %v", simDesc{a})
+	}
+	switch a := a.(type) {
+	case SendHello:
+		c := w.conns[a.Conn]
+		b.sessions++
+		c.helloSent, c.backupSession, c.heardAt = true, b.sessions, w.now
+		b.session = c
+		w.check.sessionOpened()
+		extra := w.script.helloDelay
+		w.script.helloDelay = 0
+		c.toPrimary.push(simFrame{kind: simHelloFrame}, extra)
+	case Reject:
+		c := w.conns[a.Conn]
+		if c == nil {
+			return // a stranger: nothing to tell
+		}
+		w.check.backupRejects(b, c)
+		if !c.backupClosed {
+			c.toPrimary.push(simFrame{kind: simErrorFrame, epoch: a.Epoch, code: a.Code}, 0)
+			b.closeConn(c)
+		}
+	case CloseConn:
+		if c := w.conns[a.Conn]; c != nil {
+			b.closeConn(c)
+		}
+	case Apply:
+		b.apply(a)
+	case SendAck:
+		c := w.conns[a.Conn]
+		w.check.backupSends(c, "an ack")
+		if w.script.loseAcks > 0 || w.chance(w.cfg.PLoseAck) {
+			if w.script.loseAcks > 0 {
+				w.script.loseAcks--
+			}
+			w.logf("net", "ack %d lost", a.Epoch)
+			return
+		}
+		c.toPrimary.push(simFrame{kind: simAckFrame, epoch: a.Epoch}, w.script.ackDelay)
+	case SendHeartbeat:
+		c := w.conns[a.Conn]
+		w.check.backupSends(c, "a heartbeat")
+		c.toPrimary.push(simFrame{kind: simHeartbeatFrame}, 0)
+	case SendGoodbye:
+		c := w.conns[a.Conn]
+		w.check.backupSends(c, "a goodbye")
+		c.toPrimary.push(simFrame{kind: simErrorFrame, code: transport.CodeGoodbye}, 0)
+	case FailOver:
+		w.check.failOver(b, a, false)
+		b.failedOver, b.failover = true, a
+	case simTakeoverFailOver:
+		w.check.failOver(b, a.FailOver, true)
+		b.failedOver, b.failover = true, a.FailOver
+	}
+}
+
+func (b *simBackupHost) closeConn(c *simConn) {
+	if c.backupClosed {
+		return
+	}
+	c.backupClosed = true
+	if c.ps != nil {
+		c.toPrimary.close()
+	}
+}
+
+// apply writes the staged epoch into the image; the loop is held until it
+// is done, then Applied is fed back at once.
+func (b *simBackupHost) apply(a Apply) {
+	w := b.w
+	c := w.conns[a.Conn]
+	w.check.apply(b, c, a.Epoch)
+	took := w.dur(w.cfg.Apply)
+	switch {
+	case w.script.applySlow > 0:
+		took = w.script.applySlow
+	case w.chance(w.cfg.PSlowApply):
+		took = w.dur(w.cfg.SlowApply)
+	}
+	fail := w.script.applyFails > 0 || w.chance(w.cfg.PApplyFail)
+	if w.script.applyFails > 0 {
+		w.script.applyFails--
+	}
+	b.busy = true
+	inc := b.inc
+	w.after(took, func() {
+		if !b.up || b.inc != inc {
+			return
+		}
+		b.busy = false
+		var err error
+		if fail {
+			b.image.torn = true
+			err = errors.New("device state: no space left on device")
+		} else {
+			b.image = simImage{inc: b.inc, session: c.backupSession, epoch: a.Epoch}
+			c.appliedOK = a.Epoch
+		}
+		b.step(Applied{Now: w.now, Conn: a.Conn, Epoch: a.Epoch, Err: err})
+		b.run()
+	})
+}
+
+// scan: a stranger connects, is heard, perhaps says a wrong hello, and
+// goes.
+func (w *simWorld) scan(vm string) {
+	if !w.backup.up {
+		return
+	}
+	w.nextConn++
+	id := w.nextConn
+	w.logf("net", "connection %d from a stranger (%s)", id, map[bool]string{true: "hello for " + vm, false: "port scan"}[vm != ""])
+	w.backup.stranger(FrameHeard{Conn: id})
+	if vm != "" {
+		h := simPrimaryHello
+		h.VMName = vm
+		w.after(time.Millisecond, func() { w.backup.stranger(HelloIn{Conn: id, Hello: h}) })
+	} else if w.rng.IntN(2) == 0 {
+		h := simPrimaryHello
+		h.Role = transport.RoleBackup
+		w.after(time.Millisecond, func() { w.backup.stranger(HelloIn{Conn: id, Hello: h}) })
+	}
+	w.after(2*time.Millisecond+w.jitter(), func() {
+		w.backup.stranger(FrameHeard{Conn: id})
+		w.backup.stranger(ConnClosed{Conn: id, Err: errors.New("garbage")})
+	})
+}
+
+// secondPrimary: another host claiming vm1 connects; its agent makes one
+// session and is stopped after d.
+func (w *simWorld) secondPrimary(d time.Duration) {
+	if w.second != nil {
+		return
+	}
+	h := newSimPrimaryHost(w, "second")
+	h.oneSession = true
+	w.second = h
+	h.startAgent()
+	w.after(d, h.sigterm)
+}
+
+// simDesc shows an event or action in the trace, formatted only when the
+// trace is shown.
+type simDesc struct{ v any }
+
+func (d simDesc) String() string { return simDescribe(d.v) }
+
+// simDescribe is an event or action for the trace.
+func simDescribe(v any) string {
+	switch v := v.(type) {
+	case BackupMessage:
+		if v.Epoch != 0 {
+			return fmt.Sprintf("%s %d", v.Msg.Type(), v.Epoch)
+		}
+		if e, ok := v.Msg.(transport.Error); ok {
+			return fmt.Sprintf("error %s", e.Code)
+		}
+		return v.Msg.Type().String()
+	case HelloIn:
+		return fmt.Sprintf("HelloIn conn=%d vm=%s role=%s", v.Conn, v.Hello.VMName, v.Hello.Role)
+	case FrameHeard:
+		return fmt.Sprintf("FrameHeard conn=%d", v.Conn)
+	case ConnClosed:
+		return fmt.Sprintf("ConnClosed conn=%d", v.Conn)
+	case EpochStaged:
+		return fmt.Sprintf("EpochStaged conn=%d epoch=%d", v.Conn, v.Epoch)
+	case EpochRejected:
+		return fmt.Sprintf("EpochRejected conn=%d epoch=%d", v.Conn, v.Epoch)
+	case Applied:
+		return fmt.Sprintf("Applied conn=%d epoch=%d err=%v", v.Conn, v.Epoch, v.Err)
+	case GoodbyeIn:
+		return fmt.Sprintf("GoodbyeIn conn=%d takeover=%v", v.Conn, v.TakeOver)
+	case FailOver:
+		return fmt.Sprintf("FailOver epoch=%d (last heard %v before)", v.Epoch, v.Declared.Sub(v.LastHeard))
+	case simTakeoverFailOver:
+		return "(takeover) " + simDescribe(v.FailOver)
+	case Reject:
+		return fmt.Sprintf("Reject conn=%d %s", v.Conn, v.Code)
+	case CloseConn:
+		return fmt.Sprintf("CloseConn conn=%d", v.Conn)
+	case Note:
+		return "Note: " + v.Msg
+	case End:
+		return fmt.Sprintf("End: %v", v.Err)
+	case TakeCheckpoint:
+		return fmt.Sprintf("TakeCheckpoint %d", v.Epoch)
+	case CheckpointTaken:
+		return fmt.Sprintf("CheckpointTaken %d", v.Epoch)
+	case CheckpointFailed:
+		return fmt.Sprintf("CheckpointFailed %d stuck=%v: %v", v.Epoch, v.GuestStuck, v.Err)
+	case Ship:
+		return fmt.Sprintf("Ship %d", v.Epoch)
+	case ShipFailed:
+		return fmt.Sprintf("ShipFailed %d: %v", v.Epoch, v.Err)
+	case Release:
+		return fmt.Sprintf("Release %d", v.Epoch)
+	case Goodbye:
+		return fmt.Sprintf("Goodbye takeover=%v: %s", v.TakeOver, v.Reason)
+	case KillGuest:
+		return "KillGuest: " + v.Reason
+	case LinkDown:
+		return fmt.Sprintf("LinkDown: %v", v.Err)
+	case Prepared:
+		return fmt.Sprintf("Prepared err=%v", v.Err)
+	case StopRequested:
+		return "StopRequested: " + v.Reason
+	case SendAck:
+		return fmt.Sprintf("SendAck conn=%d epoch=%d", v.Conn, v.Epoch)
+	case Apply:
+		return fmt.Sprintf("Apply conn=%d epoch=%d", v.Conn, v.Epoch)
+	}
+	s := fmt.Sprintf("%T%+v", v, v)
+	return strings.TrimPrefix(s, "checkpoint.")
+}
