@@ -210,11 +210,11 @@ func NewPrimary(cfg PrimaryConfig, mon Monitor, ram []byte, tracker dirtypages.T
 	if err := cfg.Heartbeat.Validate(); err != nil {
 		return nil, err
 	}
-	if len(ram) == 0 || len(ram)%dirtypages.PageSize != 0 {
+	if len(ram) == 0 || len(ram)%transport.PageSize != 0 {
 		return nil, fmt.Errorf("checkpoint: guest RAM of %d bytes is not a whole number of pages", len(ram))
 	}
-	if tracker.Pages() != len(ram)/dirtypages.PageSize {
-		return nil, fmt.Errorf("checkpoint: tracker covers %d pages, RAM has %d", tracker.Pages(), len(ram)/dirtypages.PageSize)
+	if tracker.Pages() != len(ram)/transport.PageSize {
+		return nil, fmt.Errorf("checkpoint: tracker covers %d pages, RAM has %d", tracker.Pages(), len(ram)/transport.PageSize)
 	}
 	if cfg.StateDir == "" {
 		return nil, errors.New("checkpoint: StateDir is required")
@@ -596,12 +596,12 @@ func (p *Primary) checkpoint(ctx context.Context, n uint64, now time.Time) (ed *
 	step(&st.Pause.Harvest)
 
 	count := set.Count()
-	buf := make([]byte, count*dirtypages.PageSize)
+	buf := make([]byte, count*transport.PageSize)
 	pages := make([]transport.Page, 0, count)
 	for i := range set.All() {
-		off := i * dirtypages.PageSize
-		data := buf[len(pages)*dirtypages.PageSize : (len(pages)+1)*dirtypages.PageSize]
-		copy(data, p.ram[off:off+dirtypages.PageSize])
+		off := i * transport.PageSize
+		data := buf[len(pages)*transport.PageSize : (len(pages)+1)*transport.PageSize]
+		copy(data, p.ram[off:off+transport.PageSize])
 		pages = append(pages, transport.Page{Index: uint64(i), Data: data})
 	}
 	step(&st.Pause.Copy)

@@ -36,9 +36,9 @@ type fakeGuest struct {
 }
 
 func newFakeGuest(pages int) *fakeGuest {
-	g := &fakeGuest{ram: make([]byte, pages*dirtypages.PageSize), running: true, snaps: map[int][]byte{}, devs: map[int]string{}}
+	g := &fakeGuest{ram: make([]byte, pages*transport.PageSize), running: true, snaps: map[int][]byte{}, devs: map[int]string{}}
 	for i := range g.ram {
-		g.ram[i] = byte(i / dirtypages.PageSize)
+		g.ram[i] = byte(i / transport.PageSize)
 	}
 	return g
 }
@@ -57,10 +57,10 @@ func (g *fakeGuest) Execute(ctx context.Context, cmd string, args, result any) e
 	case "cont":
 		g.running = true
 		// The guest runs: it writes page (3*stops) mod N and page 0.
-		pages := len(g.ram) / dirtypages.PageSize
+		pages := len(g.ram) / transport.PageSize
 		for _, p := range []int{0, (3 * g.stops) % pages} {
-			off := p * dirtypages.PageSize
-			g.ram[off+g.stops%dirtypages.PageSize] ^= byte(g.stops)
+			off := p * transport.PageSize
+			g.ram[off+g.stops%transport.PageSize] ^= byte(g.stops)
 			g.ram[off] = byte(g.stops)
 		}
 	case "xen-save-devices-state":

@@ -4,11 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+
+	"github.com/remus-kvm/remus/transport"
 )
 
 // PageSize is the size of a guest page as tracked here: the host's base
-// page size on x86-64, which is also the guest's.
-const PageSize = 4096
+// page size on x86-64, which is also the guest's. It is the wire format's
+// page (transport.PageSize), so a harvested page is a transport.Page.
+const PageSize = transport.PageSize
 
 // Tracker finds the pages of guest RAM written since the previous harvest.
 // Harvest is called while the guest is paused; calls must not overlap.

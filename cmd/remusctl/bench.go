@@ -17,6 +17,7 @@ import (
 	"github.com/remus-kvm/remus/internal/lab"
 	"github.com/remus-kvm/remus/internal/stats"
 	"github.com/remus-kvm/remus/testvm/counter"
+	"github.com/remus-kvm/remus/transport"
 )
 
 type benchOptions struct {
@@ -180,7 +181,7 @@ func summarize(r *Result, eps []agent.EpochRecord) {
 		})
 	}
 	raw := func(e agent.EpochRecord) float64 {
-		return float64(int64(e.DirtyPages)*4096+int64(e.DeviceBytes)) / 1024
+		return float64(int64(e.DirtyPages)*transport.PageSize+int64(e.DeviceBytes)) / 1024
 	}
 	r.DirtyPages = field(func(e agent.EpochRecord) float64 { return float64(e.DirtyPages) })
 	r.RawKiB = field(raw)
