@@ -87,17 +87,22 @@ func (ck *simChecker) once(key, inv, format string, args ...any) {
 
 // netExcuse names the network fault that can make the backup take the
 // primary of connection c for dead between lastHeard and declared, or ""
-// if there was none: the network reset c, or a partition long enough for
-// either side's detector to give up (the heartbeat timeout less an
-// interval) that began before declared and ended not long before
-// lastHeard. A partition shorter than that must never lead to a failover.
+// if there was none: the network reset c; or a partition (overlapping
+// ones merged) that covered at least half the heartbeat timeout of that
+// silence; or one long enough for either side's detector to give up (the
+// heartbeat timeout less an interval) that began before declared and
+// ended not long before lastHeard (its aftermath: a session one side
+// ended without the other hearing). A partition shorter than that, alone,
+// must never lead to a failover (partition.txt checks it).
 func (ck *simChecker) netExcuse(c *simConn, lastHeard, declared time.Time) string {
 	if !c.netResetAt.IsZero() && !c.netResetAt.After(declared) {
 		return fmt.Sprintf("the network reset connection %d at %.3fs", c.id, c.netResetAt.Sub(ck.w.start).Seconds())
 	}
 	hb := ck.w.cfg.Heartbeat
 	for _, p := range ck.w.mergedPartitions(c.host) {
-		if p.to.Sub(p.from) >= hb.Timeout-hb.Interval && p.from.Before(declared) && p.to.After(lastHeard.Add(-2*hb.Timeout)) {
+		overlap := earlier(p.to, declared).Sub(later(p.from, lastHeard))
+		long := p.to.Sub(p.from) >= hb.Timeout-hb.Interval && p.from.Before(declared) && p.to.After(lastHeard.Add(-2*hb.Timeout))
+		if overlap >= hb.Timeout/2 || long {
 			return fmt.Sprintf("a %v partition from %.3fs", p.to.Sub(p.from), p.from.Sub(ck.w.start).Seconds())
 		}
 	}
@@ -183,6 +188,11 @@ func (ck *simChecker) failOver(b *simBackupHost, fo FailOver, byTakeover bool) {
 	// primary's copy must not be live (host up, guest running, agent up,
 	// output passing); see released for what follows.
 	if h.live() {
+		// The output passes since a session ended: if a network fault
+		// ended that one, that is what made two live guests.
+		if excused == "" && h.passedBy != nil {
+			excused = ck.netExcuse(h.passedBy.conn, h.passedBy.conn.openedAt, w.now)
+		}
 		ck.twoGuests(excused, "the primary's guest is live (its output passes) as the backup resumes it")
 	}
 }
@@ -317,10 +327,14 @@ func (ck *simChecker) expect(h *simPrimaryHost, why string) {
 }
 
 // hostDies: a primary host that dies while the backup holds a committed
-// epoch of its session leaves the backup to fail over.
+// epoch of its session leaves the backup to fail over — unless the
+// session said goodbye before it died (the backup may read that first).
 func (ck *simChecker) hostDies(h *simPrimaryHost) {
 	b := ck.w.backup
 	if !b.up || b.session == nil || b.session.host != h || ck.failover != nil {
+		return
+	}
+	if ps := b.session.ps; ps != nil && (ps.saidGoodbye || ps.saidTakeover) {
 		return
 	}
 	if st := b.sb.State(); st == Protecting || st == Suspect {
@@ -418,6 +432,13 @@ func (ck *simChecker) afterStep() {
 			}
 		}
 	}
+}
+
+func earlier(a, b time.Time) time.Time {
+	if a.Before(b) {
+		return a
+	}
+	return b
 }
 
 func later(a, b time.Time) time.Time {

@@ -248,6 +248,7 @@ type simWorld struct {
 	sessions int // primary sessions so far, for their numbers
 	parts    []simPartition
 	script   simScripted
+	lostAcks int  // acks dropped (lose next ack, PLoseAck)
 	quiet    bool // no random faults from now on
 	halted   bool // a panic: the world is inconsistent, stop
 }
@@ -691,8 +692,11 @@ type simPrimaryHost struct {
 	alive   bool // the host
 	guest   bool // the guest's QEMU runs
 	passing bool // the relay lets the guest's output out (while an agent runs)
-	agent   *simAgent
-	agents  int
+	// passedBy is the session whose PassThrough let it out (nil: the
+	// agent, finding no backup).
+	passedBy *simPrimarySession
+	agent    *simAgent
+	agents   int
 	// restartIn: when the agent exits (or now, if it is down), start a
 	// new one this long after.
 	restartIn  time.Duration
@@ -845,7 +849,7 @@ func (a *simAgent) dial(first bool) {
 	if !w.backup.up {
 		if first {
 			w.logf(h.name, "backup unreachable: output passes")
-			h.passing = true
+			h.passing, h.passedBy = true, nil
 			w.check.released(h, nil, "relay pass-through (backup unreachable)")
 		}
 		w.after(w.cfg.Redial, func() { a.dial(false) })
@@ -1064,7 +1068,7 @@ func (ps *simPrimarySession) carry(a any) {
 		h.guest = false
 		w.logf(h.name, "guest killed")
 	case PassThrough:
-		h.passing = true
+		h.passing, h.passedBy = true, ps
 		w.check.released(h, ps, "PassThrough")
 	case End:
 		ps.ended, ps.endErr = true, a.Err
@@ -1442,6 +1446,7 @@ func (b *simBackupHost) carry(a any) {
 			if w.script.loseAcks > 0 {
 				w.script.loseAcks--
 			}
+			w.lostAcks++
 			w.logf("net", "ack %d lost", a.Epoch)
 			return
 		}
