@@ -19,6 +19,7 @@ import (
 	"github.com/remus-kvm/remus/checkpoint"
 	"github.com/remus-kvm/remus/failover"
 	"github.com/remus-kvm/remus/internal/agent"
+	"github.com/remus-kvm/remus/netbuffer"
 	"github.com/remus-kvm/remus/transport"
 )
 
@@ -64,7 +65,7 @@ func app() *cli.App {
 					&cli.BoolFlag{Name: "compress", Value: true, Usage: "send dirty pages as XOR deltas against their last version, compressed with zstd or lz4 (whichever is smaller), and the device state with zstd; =false sends both raw"},
 					&cli.StringFlag{Name: "disk", Usage: "block node of the guest's disk (-blockdev ...,node-name=NODE): QEMU mirrors it to remusd and its writes go to the backup with their epochs"},
 					&cli.StringFlag{Name: "net-plug-tap", Usage: "for a guest whose NIC is a tap (-netdev tap, libvirt's default): hold its output in the kernel, with the sch_plug qdisc on an IFB device fed from this tap (one epoch in flight)"},
-					&cli.Int64Flag{Name: "net-hold-cap", Value: 16 << 20, Usage: "bytes of guest output held for commits at most; at the cap the guest waits"},
+					&cli.Int64Flag{Name: "net-hold-cap", Value: netbuffer.DefaultHoldCap, Usage: "bytes of guest output held for commits at most; at the cap the guest waits"},
 					&cli.BoolFlag{Name: "net-output-commit", Value: true, Usage: "hold the guest's output until its epoch commits; =false lets it straight through, and a failover can then take back replies clients saw"},
 					&cli.StringFlag{Name: "epoch-log", Usage: "append one JSON line per committed epoch to this file"},
 					&cli.StringFlag{Name: "trace", Usage: "benchmark aid: record the dirty pages of --trace-epochs epochs to this file", Hidden: true},
