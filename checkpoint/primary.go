@@ -12,6 +12,7 @@ import (
 
 	"github.com/remus-kvm/remus/dirtypages"
 	"github.com/remus-kvm/remus/failover"
+	"github.com/remus-kvm/remus/netbuffer"
 	"github.com/remus-kvm/remus/qmp"
 	"github.com/remus-kvm/remus/transport"
 )
@@ -121,8 +122,9 @@ type Output interface {
 	// Cut closes epoch: everything the guest sent before its pause belongs
 	// to it. Called with the guest paused.
 	Cut(ctx context.Context, epoch uint64) error
-	// Commit releases the output of every epoch up to epoch.
-	Commit(epoch uint64) OutputCommit
+	// Commit releases the output of every epoch up to epoch and says what
+	// it released (zero where the buffer does not count it).
+	Commit(epoch uint64) netbuffer.Release
 	// PassThrough releases everything held and stops holding: the session
 	// ended and the guest runs on unprotected.
 	PassThrough()
@@ -137,14 +139,6 @@ type DiskSource interface {
 	// Cut returns the writes received since the last Cut. Called with the
 	// guest paused, after QMP stop drained its I/O.
 	Cut() []transport.DiskWrite
-}
-
-// OutputCommit describes the network output one commit released.
-type OutputCommit struct {
-	Frames int
-	Bytes  int64
-	// WaitP50 and WaitP99: how long the released frames were held.
-	WaitP50, WaitP99 time.Duration
 }
 
 // FaultPoint names a point of the epoch cycle.
@@ -182,7 +176,7 @@ type EpochStats struct {
 	WireBytes   int64         // frame bytes sent for the epoch
 	Ship        time.Duration // from resume until the commit frame was written
 	Acked       time.Time
-	Output      OutputCommit // the network output the commit released
+	Output      netbuffer.Release // the network output the commit released
 }
 
 // AckLatency is the time from the start of the epoch's pause to its ack.
@@ -375,7 +369,7 @@ func (d *primaryDriver) do(acts []any) (error, bool) {
 			d.sendq <- ed // room for MaxInFlight+1: never blocks
 		case Release:
 			p.fault(FaultAcked, a.Epoch)
-			var released OutputCommit
+			var released netbuffer.Release
 			if p.cfg.Output != nil {
 				released = p.cfg.Output.Commit(a.Epoch)
 			}

@@ -15,6 +15,7 @@ import (
 
 	"github.com/remus-kvm/remus/dirtypages"
 	"github.com/remus-kvm/remus/failover"
+	"github.com/remus-kvm/remus/netbuffer"
 	"github.com/remus-kvm/remus/transport"
 )
 
@@ -210,12 +211,12 @@ func (o *fakeOutput) Cut(ctx context.Context, epoch uint64) error {
 	return nil
 }
 
-func (o *fakeOutput) Commit(epoch uint64) OutputCommit {
+func (o *fakeOutput) Commit(epoch uint64) netbuffer.Release {
 	if c := o.backup(); c < epoch {
 		o.problem("output of epoch %d released with the backup at epoch %d", epoch, c)
 	}
 	o.note("commit %d", epoch)
-	return OutputCommit{Frames: 1}
+	return netbuffer.Release{Epoch: epoch, Frames: 1}
 }
 
 func (o *fakeOutput) PassThrough() { o.note("pass") }

@@ -8,7 +8,6 @@ import (
 	"net"
 	"time"
 
-	"github.com/remus-kvm/remus/checkpoint"
 	"github.com/remus-kvm/remus/netbuffer"
 )
 
@@ -91,10 +90,7 @@ func (o output) Hold() error { o.r.Hold(); return nil }
 
 func (o output) Cut(ctx context.Context, epoch uint64) error { return o.r.Cut(ctx, epoch) }
 
-func (o output) Commit(epoch uint64) checkpoint.OutputCommit {
-	r := o.r.Commit(epoch)
-	return checkpoint.OutputCommit{Frames: r.Frames, Bytes: r.Bytes, WaitP50: r.WaitP50, WaitP99: r.WaitP99}
-}
+func (o output) Commit(epoch uint64) netbuffer.Release { return o.r.Commit(epoch) }
 
 func (o output) PassThrough() { o.r.PassThrough() }
 
@@ -108,11 +104,13 @@ func (o plugOutput) Hold() error { return o.kb.Hold() }
 
 func (o plugOutput) Cut(ctx context.Context, epoch uint64) error { return o.kb.Cut(epoch) }
 
-func (o plugOutput) Commit(epoch uint64) checkpoint.OutputCommit {
+// Commit releases the epoch's output in the kernel, which does not count
+// it: the Release names only the epoch.
+func (o plugOutput) Commit(epoch uint64) netbuffer.Release {
 	if err := o.kb.Commit(epoch); err != nil {
 		o.log.Error("release the guest's output", "epoch", epoch, "err", err)
 	}
-	return checkpoint.OutputCommit{}
+	return netbuffer.Release{Epoch: epoch}
 }
 
 func (o plugOutput) PassThrough() {
