@@ -13,11 +13,12 @@ import (
 	"github.com/remus-kvm/remus/dirtypages"
 	"github.com/remus-kvm/remus/failover"
 	"github.com/remus-kvm/remus/netbuffer"
-	"github.com/remus-kvm/remus/qmp"
+	"github.com/remus-kvm/remus/qemu"
 	"github.com/remus-kvm/remus/transport"
 )
 
-// Monitor is the part of a QMP client the checkpoint loop uses.
+// Monitor is the part of a QMP client the checkpoint loop uses (a
+// *qmp.Client); package qemu's commands run on it.
 type Monitor interface {
 	Execute(ctx context.Context, command string, args, result any) error
 }
@@ -39,25 +40,6 @@ var (
 	ErrPeerRejected = errors.New("checkpoint: peer rejected the session")
 )
 
-// DeviceSaver saves the guest's device and CPU state while it is paused.
-type DeviceSaver int
-
-const (
-	// SaveXen uses xen-save-devices-state (live: false): about 2 ms and
-	// 32 KiB for a small q35 guest.
-	SaveXen DeviceSaver = iota
-	// SaveMigrate uses migrate with x-ignore-shared to a file: slower and
-	// larger, for QEMU builds without xen-save-devices-state.
-	SaveMigrate
-)
-
-func (s DeviceSaver) String() string {
-	if s == SaveMigrate {
-		return "migrate(x-ignore-shared)"
-	}
-	return "xen-save-devices-state"
-}
-
 // PrimaryConfig configures the primary's epoch loop.
 type PrimaryConfig struct {
 	VMName   string
@@ -67,10 +49,10 @@ type PrimaryConfig struct {
 	// StateDir is a directory QEMU can write the device state into (it must
 	// be on this host; a tmpfs such as /dev/shm is best).
 	StateDir string
-	// Saver picks how the device state is saved.
-	Saver DeviceSaver
-	// QEMUVersion selects the migrate URI form for SaveMigrate.
-	QEMUVersion qmp.Version
+	// Saver picks how the device state is saved: xen-save-devices-state
+	// (the zero value), or a migration with x-ignore-shared for QEMU
+	// builds without it.
+	Saver qemu.DeviceSaver
 	// Output, when set, holds the guest's network output until the epoch
 	// that produced it commits (output commit). It holds from the first
 	// pause of each session (what the guest sent before is in every state
@@ -534,17 +516,17 @@ func (p *Primary) checkpoint(ctx context.Context, n uint64, now time.Time) (ed *
 		*d = t.Sub(mark)
 		mark = t
 	}
-	qmp := func(cmd string, args any) error {
+	bounded := func(cmd func(context.Context, qemu.Monitor) error) error {
 		cctx, cancel := context.WithTimeout(ctx, p.cfg.CommandTimeout)
 		defer cancel()
-		return p.mon.Execute(cctx, cmd, args, nil)
+		return cmd(cctx, p.mon)
 	}
 	if p.cfg.Disk != nil {
 		// Writes waiting for room in the epoch go in now: QMP stop waits
 		// for the guest's I/O, and so for them.
 		p.cfg.Disk.BeginCut()
 	}
-	if err := qmp("stop", nil); err != nil {
+	if err := bounded(qemu.Stop); err != nil {
 		return nil, fmt.Errorf("stop: %w", err), errors.Is(err, context.DeadlineExceeded)
 	}
 	step(&st.Pause.Stop)
@@ -554,7 +536,7 @@ func (p *Primary) checkpoint(ctx context.Context, n uint64, now time.Time) (ed *
 			return
 		}
 		// Never leave the guest paused, whatever failed.
-		if cerr := qmp("cont", nil); cerr != nil {
+		if cerr := bounded(qemu.Cont); cerr != nil {
 			err = errors.Join(err, fmt.Errorf("cont after failure: %w", cerr))
 			stuck = true
 		}
@@ -608,7 +590,7 @@ func (p *Primary) checkpoint(ctx context.Context, n uint64, now time.Time) (ed *
 	}
 	step(&st.Pause.Save)
 
-	if err := qmp("cont", nil); err != nil {
+	if err := bounded(qemu.Cont); err != nil {
 		return nil, fmt.Errorf("cont: %w", err), false // the deferred cont tries again
 	}
 	resumed = true
@@ -620,55 +602,14 @@ func (p *Primary) checkpoint(ctx context.Context, n uint64, now time.Time) (ed *
 
 func (p *Primary) saveDevices(ctx context.Context) ([]byte, error) {
 	path := filepath.Join(p.cfg.StateDir, "devices.state")
-	os.Remove(path)
-	switch p.cfg.Saver {
-	case SaveXen:
-		if err := p.mon.Execute(ctx, "xen-save-devices-state", map[string]any{"filename": path, "live": false}, nil); err != nil {
-			return nil, fmt.Errorf("save device state: %w", err)
-		}
-	case SaveMigrate:
-		if err := p.migrateToFile(ctx, path); err != nil {
-			return nil, fmt.Errorf("save device state: %w", err)
-		}
+	if err := p.cfg.Saver.Save(ctx, p.mon, path); err != nil {
+		return nil, fmt.Errorf("save device state: %w", err)
 	}
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("read device state: %w", err)
 	}
 	return data, nil
-}
-
-// migrateToFile saves the device state with a migration that skips shared
-// RAM, for QEMU builds without xen-save-devices-state.
-func (p *Primary) migrateToFile(ctx context.Context, path string) error {
-	caps := map[string]any{"capabilities": []map[string]any{{"capability": "x-ignore-shared", "state": true}}}
-	if err := p.mon.Execute(ctx, "migrate-set-capabilities", caps, nil); err != nil {
-		return fmt.Errorf("migrate-set-capabilities x-ignore-shared: %w", err)
-	}
-	uri := failover.OutgoingURI(path, p.cfg.QEMUVersion.Major, p.cfg.QEMUVersion.Minor)
-	if err := p.mon.Execute(ctx, "migrate", map[string]any{"uri": uri}, nil); err != nil {
-		return fmt.Errorf("migrate to %s: %w", path, err)
-	}
-	for {
-		var st struct {
-			Status    string `json:"status"`
-			ErrorDesc string `json:"error-desc"`
-		}
-		if err := p.mon.Execute(ctx, "query-migrate", nil, &st); err != nil {
-			return fmt.Errorf("query-migrate: %w", err)
-		}
-		switch st.Status {
-		case "completed":
-			return nil
-		case "failed", "cancelled":
-			return fmt.Errorf("migration to %s %s: %s", path, st.Status, st.ErrorDesc)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(time.Millisecond):
-		}
-	}
 }
 
 // ship sends one epoch's frames in order.

@@ -3,6 +3,7 @@ package checkpoint
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -65,10 +66,15 @@ func (g *fakeGuest) Execute(ctx context.Context, cmd string, args, result any) e
 			g.ram[off] = byte(g.stops)
 		}
 	case "xen-save-devices-state":
-		a := args.(map[string]any)
+		var a struct {
+			Filename string `json:"filename"`
+		}
+		if b, err := json.Marshal(args); err != nil || json.Unmarshal(b, &a) != nil {
+			return fmt.Errorf("fake: %s: arguments %v", cmd, args)
+		}
 		dev := fmt.Sprintf("QEVM devices at stop %d", g.stops)
 		g.devs[g.stops] = dev
-		return os.WriteFile(a["filename"].(string), []byte(dev), 0o600)
+		return os.WriteFile(a.Filename, []byte(dev), 0o600)
 	default:
 		return fmt.Errorf("fake: unexpected command %s", cmd)
 	}

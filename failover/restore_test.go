@@ -1,53 +1,90 @@
 package failover
 
 import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
+
+	"github.com/remus-kvm/remus/qemu"
 )
 
-func TestParseStateFormat(t *testing.T) {
+// fakeQEMU plays a QEMU started with -incoming defer: the load completes
+// after a few polls, or fails with loadErr.
+type fakeQEMU struct {
+	calls   []string
+	polls   int
+	loadErr string
+	status  string // after cont
+}
+
+func (q *fakeQEMU) Execute(ctx context.Context, command string, args, result any) error {
+	q.calls = append(q.calls, command)
+	switch command {
+	case "query-migrate":
+		m := result.(*qemu.Migration)
+		q.polls++
+		switch {
+		case q.polls < 3:
+			m.Status = "active"
+		case q.loadErr != "":
+			m.Status, m.ErrorDesc = "failed", q.loadErr
+		default:
+			m.Status = "completed"
+		}
+	case "query-status":
+		st := result.(*struct {
+			Status string `json:"status"`
+		})
+		st.Status = q.status
+	}
+	return nil
+}
+
+func TestRestore(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
-		head   []byte
-		config bool
-		ok     bool
+		format qemu.StateFormat
+		q      fakeQEMU
+		calls  []string
+		err    string
 	}{
-		{"xen-save-devices-state", []byte("QEVM\x00\x00\x00\x03\x04"), false, true},
-		{"migration with configuration", []byte("QEVM\x00\x00\x00\x03\x07"), true, true},
-		{"wrong magic", []byte("QEMU\x00\x00\x00\x03\x04"), false, false},
-		{"wrong version", []byte("QEVM\x00\x00\x00\x02\x04"), false, false},
-		{"short", []byte("QEVM"), false, false},
+		{"xen state", qemu.StateFormat{}, fakeQEMU{status: "running"},
+			[]string{"migrate-incoming", "query-migrate", "query-migrate", "query-migrate", "cont", "query-status"}, ""},
+		{"migration state skips shared RAM", qemu.StateFormat{Configuration: true}, fakeQEMU{status: "running"},
+			[]string{"migrate-set-capabilities", "migrate-incoming", "query-migrate", "query-migrate", "query-migrate", "cont", "query-status"}, ""},
+		{"load fails", qemu.StateFormat{}, fakeQEMU{loadErr: "bad section"},
+			[]string{"migrate-incoming", "query-migrate", "query-migrate", "query-migrate"}, "loading the device state: migration failed: bad section"},
+		{"guest not running", qemu.StateFormat{}, fakeQEMU{status: "paused"},
+			[]string{"migrate-incoming", "query-migrate", "query-migrate", "query-migrate", "cont", "query-status"}, `guest is "paused" after cont`},
 	} {
-		f, err := ParseStateFormat(tc.head)
-		if (err == nil) != tc.ok || f.Configuration != tc.config {
-			t.Errorf("%s: got %+v, %v", tc.name, f, err)
-		}
-	}
-	if !slices.Contains(RestoreArgs(StateFormat{}), "migration.send-configuration=off") {
-		t.Error("a state without configuration must be loaded with send-configuration=off")
-	}
-	if slices.Contains(RestoreArgs(StateFormat{Configuration: true}), "migration.send-configuration=off") {
-		t.Error("a state with configuration must not be loaded with send-configuration=off")
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Restore(t.Context(), &tc.q, "file:/state", tc.format)
+			if tc.err == "" && err != nil || tc.err != "" && (!errors.Is(err, ErrRestore) || !strings.Contains(err.Error(), tc.err)) {
+				t.Errorf("Restore = %v, want %q", err, tc.err)
+			}
+			if !slices.Equal(tc.q.calls, tc.calls) {
+				t.Errorf("sent %q, want %q", tc.q.calls, tc.calls)
+			}
+		})
 	}
 }
 
-func TestURIs(t *testing.T) {
-	for _, tc := range []struct {
-		major, minor int
-		in, out      string
-	}{
-		{7, 2, "exec:cat '/tmp/a b'", "exec:cat > '/tmp/a b'"},
-		{8, 2, "file:/tmp/a b", "file:/tmp/a b"},
-		{10, 0, "file:/tmp/a b", "file:/tmp/a b"},
-	} {
-		if got := IncomingURI("/tmp/a b", tc.major, tc.minor); got != tc.in {
-			t.Errorf("IncomingURI on %d.%d = %q, want %q", tc.major, tc.minor, got, tc.in)
+func TestStateFileSave(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "devices.state")
+	s := StateFile{Path: path}
+	for _, data := range []string{"QEVM first", "QEVM second"} {
+		if err := s.Save([]byte(data)); err != nil {
+			t.Fatal(err)
 		}
-		if got := OutgoingURI("/tmp/a b", tc.major, tc.minor); got != tc.out {
-			t.Errorf("OutgoingURI on %d.%d = %q, want %q", tc.major, tc.minor, got, tc.out)
+		if got, err := os.ReadFile(path); err != nil || string(got) != data {
+			t.Errorf("after Save(%q): %q, %v", data, got, err)
 		}
 	}
-	if got := IncomingURI("/it's", 7, 2); got != `exec:cat '/it'\''s'` {
-		t.Errorf("quoting: %q", got)
+	if _, err := os.Stat(path + ".tmp"); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the temporary file is left: %v", err)
 	}
 }

@@ -19,6 +19,7 @@ import (
 	"github.com/remus-kvm/remus/checkpoint"
 	"github.com/remus-kvm/remus/diskmirror"
 	"github.com/remus-kvm/remus/failover"
+	"github.com/remus-kvm/remus/qemu"
 	"github.com/remus-kvm/remus/qmp"
 	"github.com/remus-kvm/remus/transport"
 )
@@ -249,14 +250,14 @@ func failOver(ctx context.Context, cfg BackupConfig, lost *checkpoint.PrimaryLos
 	if st, err := os.Stat(lost.Committed.StateFile); err == nil {
 		r.DeviceStateLen = st.Size()
 	}
-	format, err := failover.ReadStateFormat(lost.Committed.StateFile)
+	format, err := qemu.ReadStateFormat(lost.Committed.StateFile)
 	if err != nil {
 		return r, err
 	}
 	var cmd *exec.Cmd
 	if err := step(ctx, log, "start QEMU on the RAM image", func() error {
 		os.Remove(cfg.QMPSocket)
-		args := append(append([]string{}, cfg.QEMU[1:]...), failover.RestoreArgs(format)...)
+		args := append(append([]string{}, cfg.QEMU[1:]...), qemu.RestoreArgs(format)...)
 		cmd = exec.Command(cfg.QEMU[0], args...)
 		// The restored guest must outlive remusd: its own session, no
 		// death signal, output to a log beside the state.
@@ -301,7 +302,7 @@ func failOver(ctx context.Context, cfg BackupConfig, lost *checkpoint.PrimaryLos
 	defer mon.Close()
 	v := mon.Version()
 	r.QEMUVersion = v.String()
-	r.IncomingURI = failover.IncomingURI(lost.Committed.StateFile, v.Major, v.Minor)
+	r.IncomingURI = qemu.IncomingURI(lost.Committed.StateFile, v)
 	if cfg.Net.Enabled() {
 		// Connected before the guest runs, so that nothing it sends is lost.
 		if err := step(ctx, log, "connect the guest's NIC to "+cfg.Net.Tap, func() (err error) {
@@ -322,7 +323,7 @@ func failOver(ctx context.Context, cfg BackupConfig, lost *checkpoint.PrimaryLos
 	}
 	// The guest's MAC address now lives behind another port: tell the
 	// switches (gratuitous RARP from each NIC, as after a migration).
-	if err := failover.Announce(ctx, mon); err != nil {
+	if err := qemu.Announce(ctx, mon); err != nil {
 		log.Warn("announce the guest on the network", "err", err)
 	}
 	r.Running = time.Now()

@@ -12,6 +12,7 @@ import (
 
 	"github.com/remus-kvm/remus/checkpoint"
 	"github.com/remus-kvm/remus/diskmirror"
+	"github.com/remus-kvm/remus/qemu"
 	"github.com/remus-kvm/remus/qmp"
 	"github.com/remus-kvm/remus/transport"
 )
@@ -37,7 +38,7 @@ type primaryDisk struct {
 // startPrimaryDisk finds the size of the block node, and serves an NBD
 // export of that size on a unix socket in stateDir until ctx ends.
 func startPrimaryDisk(ctx context.Context, q *QEMU, node, stateDir string, log *slog.Logger) (*primaryDisk, error) {
-	size, err := nodeSize(ctx, q.Mon, node)
+	size, err := qemu.NodeSize(ctx, q.Mon, node)
 	if err != nil {
 		return nil, err
 	}
@@ -53,28 +54,6 @@ func startPrimaryDisk(ctx context.Context, q *QEMU, node, stateDir string, log *
 	return d, nil
 }
 
-// nodeSize returns the virtual size of a block node.
-func nodeSize(ctx context.Context, mon *qmp.Client, node string) (uint64, error) {
-	type blockNode struct {
-		NodeName string `json:"node-name"`
-		Image    struct {
-			VirtualSize uint64 `json:"virtual-size"`
-		} `json:"image"`
-	}
-	nodes, err := qmp.Run[[]blockNode](ctx, mon, "query-named-block-nodes", map[string]any{"flat": true})
-	if err != nil {
-		return 0, fmt.Errorf("block nodes: %w", err)
-	}
-	var names []string
-	for _, n := range nodes {
-		if n.NodeName == node {
-			return n.Image.VirtualSize, nil
-		}
-		names = append(names, n.NodeName)
-	}
-	return 0, fmt.Errorf("QEMU has no block node %q (it has %v)", node, names)
-}
-
 // prepare is the session's Prepare: the initial copy of the whole disk,
 // sent to the backup as it goes, until the mirror is in step; from then on
 // writes are recorded per epoch.
@@ -87,25 +66,20 @@ func (d *primaryDisk) prepare(ctx context.Context, link checkpoint.Link) error {
 		}
 		return link.Send(ctx, f)
 	})
-	add := map[string]any{"driver": "nbd", "node-name": mirrorTarget, "export": diskmirror.ExportName,
-		"server": map[string]any{"type": "unix", "path": d.socket}}
-	if err := d.mon.Execute(ctx, "blockdev-add", add, nil); err != nil {
+	add := qemu.NBDNode{NodeName: mirrorTarget, Export: diskmirror.ExportName, Socket: d.socket}
+	if err := qemu.AddNBDNode(ctx, d.mon, add); err != nil {
 		return fmt.Errorf("disk: attach the mirror target: %w", err)
 	}
-	mirror := map[string]any{"job-id": mirrorJob, "device": d.node, "target": mirrorTarget, "sync": "full", "copy-mode": "write-blocking"}
-	if err := d.mon.Execute(ctx, "blockdev-mirror", mirror, nil); err != nil {
+	mirror := qemu.Mirror{JobID: mirrorJob, Device: d.node, Target: mirrorTarget, Sync: "full", CopyMode: "write-blocking"}
+	if err := qemu.StartMirror(ctx, d.mon, mirror); err != nil {
 		return fmt.Errorf("disk: start the mirror of %s: %w", d.node, err)
 	}
 	start := time.Now()
 	d.log.Info("syncing the disk to the backup", "node", d.node, "bytes", d.size)
 	lastLog := start
-	for {
-		job, err := d.job(ctx)
-		if err != nil {
-			return err
-		}
+	err := qemu.PollBlockJob(ctx, d.mon, mirrorJob, 20*time.Millisecond, func(job *qemu.BlockJob) (bool, error) {
 		if job == nil {
-			return fmt.Errorf("disk: the mirror job of %s ended during the initial copy", d.node)
+			return false, fmt.Errorf("the mirror job of %s ended during the initial copy", d.node)
 		}
 		if job.Ready {
 			// Writes from here on go with epoch 1; the first pause comes
@@ -113,40 +87,18 @@ func (d *primaryDisk) prepare(ctx context.Context, link checkpoint.Link) error {
 			d.rec.Record()
 			st := d.rec.DirectStats()
 			d.log.Info("disk in step with the backup", "copied_bytes", st.Bytes, "writes", st.Writes, "took", time.Since(start).Round(time.Millisecond))
-			return nil
+			return true, nil
 		}
 		if time.Since(lastLog) >= time.Second {
 			d.log.Info("syncing the disk to the backup", "done_bytes", job.Offset, "of", job.Len)
 			lastLog = time.Now()
 		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
-}
-
-// blockJob is what query-block-jobs says of a job.
-type blockJob struct {
-	Device string `json:"device"`
-	Ready  bool   `json:"ready"`
-	Offset uint64 `json:"offset"`
-	Len    uint64 `json:"len"`
-}
-
-// job returns the mirror job, nil when there is none.
-func (d *primaryDisk) job(ctx context.Context) (*blockJob, error) {
-	jobs, err := qmp.Run[[]blockJob](ctx, d.mon, "query-block-jobs", nil)
+		return false, nil
+	})
 	if err != nil {
-		return nil, fmt.Errorf("disk: query the mirror: %w", err)
+		return fmt.Errorf("disk: initial copy: %w", err)
 	}
-	for _, j := range jobs {
-		if j.Device == mirrorJob {
-			return &j, nil
-		}
-	}
-	return nil, nil
+	return nil
 }
 
 // stopMirror ends the session's mirror: writes are dropped from now on,
@@ -157,19 +109,14 @@ func (d *primaryDisk) stopMirror() {
 	d.rec.Off()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if job, err := d.job(ctx); err == nil && job != nil {
-		if err := d.mon.Execute(ctx, "block-job-cancel", map[string]any{"device": mirrorJob, "force": true}, nil); err != nil {
+	if job, err := qemu.FindBlockJob(ctx, d.mon, mirrorJob); err == nil && job != nil {
+		if err := qemu.CancelBlockJob(ctx, d.mon, mirrorJob, true); err != nil {
 			d.log.Warn("cancel the disk mirror", "err", err)
 		}
-		for {
-			job, err := d.job(ctx)
-			if err != nil || job == nil {
-				break
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
+		// Until it is gone; QEMU may be gone too, or ctx end.
+		qemu.PollBlockJob(ctx, d.mon, mirrorJob, 10*time.Millisecond, func(job *qemu.BlockJob) (bool, error) { return job == nil, nil })
 	}
-	err := d.mon.Execute(ctx, "blockdev-del", map[string]any{"node-name": mirrorTarget}, nil)
+	err := qemu.DelNode(ctx, d.mon, mirrorTarget)
 	var qe *qmp.Error
 	if err != nil && !(errors.As(err, &qe) && qe.Class == "GenericError") {
 		d.log.Warn("remove the mirror target", "err", err)

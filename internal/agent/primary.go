@@ -16,6 +16,7 @@ import (
 	"github.com/remus-kvm/remus/dirtypages"
 	"github.com/remus-kvm/remus/failover"
 	"github.com/remus-kvm/remus/netbuffer"
+	"github.com/remus-kvm/remus/qemu"
 	"github.com/remus-kvm/remus/transport"
 )
 
@@ -193,19 +194,19 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 	}
 	defer unix.Munmap(ram)
 
-	saver := checkpoint.SaveXen
+	saver := qemu.DeviceSaver{Version: q.Version}
 	if err := step(ctx, log, "check device state saving", func() error {
-		ok, err := q.HasCommand(ctx, "xen-save-devices-state")
+		ok, err := qemu.HasCommand(ctx, q.Mon, "xen-save-devices-state")
 		if err != nil {
 			return err
 		}
 		switch {
 		case cfg.DeviceState == "migrate":
-			saver = checkpoint.SaveMigrate
+			saver.Migrate = true
 		case !ok && cfg.DeviceState == "xen":
 			return errors.New("QEMU lacks xen-save-devices-state")
 		case !ok:
-			saver = checkpoint.SaveMigrate
+			saver.Migrate = true
 			log.Warn("QEMU lacks xen-save-devices-state; saving device state by migration (slower)")
 		}
 		return os.MkdirAll(cfg.StateDir, 0o700)
@@ -292,7 +293,7 @@ type primarySession struct {
 	cfg      PrimaryConfig
 	q        *QEMU
 	ram      []byte
-	saver    checkpoint.DeviceSaver
+	saver    qemu.DeviceSaver
 	gnet     *guestNet
 	plug     *netbuffer.KernelBuffer
 	disk     *primaryDisk
@@ -316,7 +317,7 @@ func (s *primarySession) output() checkpoint.Output {
 // not go (a QMP monitor blocked behind a hung command).
 func (s *primarySession) killGuest(ctx context.Context, reason string) error {
 	qctx, cancel := context.WithTimeout(ctx, 3*time.Second)
-	s.q.Mon.Execute(qctx, "quit", nil, nil)
+	qemu.Quit(qctx, s.q.Mon)
 	cancel()
 	deadline := time.Now().Add(3 * time.Second)
 	for time.Now().Before(deadline) {
@@ -383,7 +384,7 @@ func (s *primarySession) run(ctx context.Context) error {
 
 	pcfg := checkpoint.PrimaryConfig{
 		VMName: cfg.VM, Pipeline: cfg.Pipeline, Heartbeat: cfg.Heartbeat, StateDir: cfg.StateDir,
-		Saver: saver, QEMUVersion: q.Version, Logger: log, Compress: cfg.Compress,
+		Saver: saver, Logger: log, Compress: cfg.Compress,
 		CommandTimeout: cfg.CommandTimeout, KillGuest: s.killGuest, Output: out,
 		OnEpoch: func(s checkpoint.EpochStats) {
 			if epochLog == nil {

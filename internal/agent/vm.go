@@ -20,6 +20,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/remus-kvm/remus/qemu"
 	"github.com/remus-kvm/remus/qmp"
 )
 
@@ -52,24 +53,12 @@ func redial[T any](ctx context.Context, every time.Duration, dial func(context.C
 	}
 }
 
-// ErrNotShared reports guest RAM that remusd cannot read: it is not in a
-// memory backend with share=on.
-var ErrNotShared = errors.New("guest RAM is not in a shared memory backend (use memory-backend-file or memory-backend-memfd with share=on, and -machine memory-backend=)")
-
 // QEMU is a running QEMU process that remusd attached to.
 type QEMU struct {
 	Mon     *qmp.Client
 	PID     int
 	Version qmp.Version
-	RAM     RAMBackend
-}
-
-// RAMBackend is the guest RAM backend as QOM describes it.
-type RAMBackend struct {
-	ID   string // QOM id, e.g. "ram0"
-	Type string // memory-backend-file or memory-backend-memfd
-	Path string // mem-path (file backends)
-	Size uint64
+	RAM     qemu.RAMBackend
 }
 
 // Attach connects to QEMU's QMP socket, learns QEMU's PID from the socket's
@@ -90,7 +79,7 @@ func Attach(ctx context.Context, socket string, log *slog.Logger) (*QEMU, error)
 		return nil, fmt.Errorf("QMP socket %s: %w", socket, err)
 	}
 	q := &QEMU{Mon: mon, PID: pid, Version: mon.Version()}
-	if q.RAM, err = findRAM(ctx, mon); err != nil {
+	if q.RAM, err = qemu.FindRAMBackend(ctx, mon); err != nil {
 		mon.Close()
 		return nil, err
 	}
@@ -117,51 +106,6 @@ func peerPID(nc net.Conn) (int, error) {
 		return 0, fmt.Errorf("peer credentials: %w", serr)
 	}
 	return int(cred.Pid), nil
-}
-
-// findRAM looks for the one memory backend object in /objects. Guests with
-// several backends (NUMA nodes) are not supported yet.
-func findRAM(ctx context.Context, mon *qmp.Client) (RAMBackend, error) {
-	type prop struct {
-		Name string `json:"name"`
-		Type string `json:"type"`
-	}
-	objs, err := qmp.Run[[]prop](ctx, mon, "qom-list", map[string]string{"path": "/objects"})
-	if err != nil {
-		return RAMBackend{}, fmt.Errorf("list QOM objects: %w", err)
-	}
-	var found []RAMBackend
-	for _, o := range objs {
-		t := strings.TrimSuffix(strings.TrimPrefix(o.Type, "child<"), ">")
-		if !strings.HasPrefix(t, "memory-backend-") {
-			continue
-		}
-		found = append(found, RAMBackend{ID: o.Name, Type: t})
-	}
-	if len(found) == 0 {
-		return RAMBackend{}, ErrNotShared
-	}
-	if len(found) > 1 {
-		return RAMBackend{}, fmt.Errorf("guest has %d memory backends; remus-kvm protects guests with one", len(found))
-	}
-	b := found[0]
-	path := "/objects/" + b.ID
-	share, err := qmp.Run[bool](ctx, mon, "qom-get", map[string]string{"path": path, "property": "share"})
-	if err != nil {
-		return b, fmt.Errorf("read %s.share: %w", path, err)
-	}
-	if !share || (b.Type != "memory-backend-file" && b.Type != "memory-backend-memfd") {
-		return b, fmt.Errorf("%w: %s is a %s with share=%v", ErrNotShared, b.ID, b.Type, share)
-	}
-	if b.Size, err = qmp.Run[uint64](ctx, mon, "qom-get", map[string]string{"path": path, "property": "size"}); err != nil {
-		return b, fmt.Errorf("read %s.size: %w", path, err)
-	}
-	if b.Type == "memory-backend-file" {
-		if b.Path, err = qmp.Run[string](ctx, mon, "qom-get", map[string]string{"path": path, "property": "mem-path"}); err != nil {
-			return b, fmt.Errorf("read %s.mem-path: %w", path, err)
-		}
-	}
-	return b, nil
 }
 
 // MapRAM maps the guest RAM read-only into this process. A file backend is
@@ -211,21 +155,4 @@ func (q *QEMU) memfdPath() (string, error) {
 		}
 	}
 	return "", fmt.Errorf("find guest RAM memfd: no memfd of %d bytes among QEMU's (pid %d) file descriptors", q.RAM.Size, q.PID)
-}
-
-// HasCommand reports whether QEMU offers the QMP command.
-func (q *QEMU) HasCommand(ctx context.Context, name string) (bool, error) {
-	type cmd struct {
-		Name string `json:"name"`
-	}
-	cmds, err := qmp.Run[[]cmd](ctx, q.Mon, "query-commands", nil)
-	if err != nil {
-		return false, err
-	}
-	for _, c := range cmds {
-		if c.Name == name {
-			return true, nil
-		}
-	}
-	return false, nil
 }
