@@ -93,9 +93,10 @@ type committedEpoch struct {
 	dev   []byte
 }
 
-// runSession runs a primary and a backup over a loopback TCP connection
-// until the backup has committed `epochs` epochs, checking each committed
-// image against the primary's RAM at the matching stop.
+// TestPrimaryBackupCommitWholeEpochs runs a primary and a backup over a
+// loopback TCP connection, with and without compression, until the backup
+// has committed 20 epochs, checking each committed image against the
+// primary's RAM at the matching stop.
 func TestPrimaryBackupCommitWholeEpochs(t *testing.T) {
 	for _, compress := range []bool{false, true} {
 		t.Run(fmt.Sprintf("compress=%v", compress), func(t *testing.T) { commitWholeEpochs(t, compress) })

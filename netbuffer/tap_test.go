@@ -123,8 +123,8 @@ func TestOpenTapAttachesToExisting(t *testing.T) {
 	}
 }
 
-// tapNet is the addressing of TestRelayTap: the namespace's kernel owns
-// hostIP on the tap; the fake guest is guestIP with guestMAC.
+// The addressing of TestRelayTap: the namespace's kernel owns hostIP on
+// the tap; the fake guest is guestIP with guestMAC.
 var (
 	hostIP   = netip.MustParseAddr("10.213.7.1")
 	guestIP  = netip.MustParseAddr("10.213.7.2")

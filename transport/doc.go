@@ -2,10 +2,13 @@
 // agent, and a connection wrapper that speaks it.
 //
 // Each protected VM has one TCP connection between the two agents. Both
-// directions carry a stream of frames: the primary sends Hello, then for every
-// epoch its RAMPages and DeviceState frames followed by a Commit, and
-// Heartbeats; the backup sends Hello, an Ack for every epoch it verified and
-// applied, Heartbeats and Errors.
+// directions carry a stream of frames. On an authenticated connection each
+// side first sends Auth. The primary sends Hello, the disk's initial copy
+// as DiskWrite frames of epoch 0, then for every epoch its DiskWrite,
+// RAMPages (or RAMDelta) and DeviceState (or DeviceStateZ) frames followed
+// by a Commit; the backup sends Hello and an Ack for every epoch it
+// verified and applied. Both send Heartbeats, and an Error that ends the
+// session (a goodbye, a takeover, a refusal: see ErrorCode).
 //
 // # Frame layout
 //
@@ -108,10 +111,12 @@
 //
 // # Epochs
 //
-// An epoch is sent as RAMPages frames (pages in ascending index order, each
-// page at most once per epoch), DeviceState chunks in offset order, and a
-// Commit carrying the page count, the device state length and a CRC32C
-// digest of the content in send order (see Digest). All of them carry the
+// An epoch is sent as its disk writes (DiskWrite), its pages (RAMPages, or
+// RAMDelta when compressed; in ascending index order, each page at most
+// once per epoch), its device state in chunks in offset order
+// (DeviceState, or DeviceStateZ when compressed), and a Commit carrying
+// the page count, the device state length and a CRC32C digest of the
+// content in send order (see Digest). All of them carry the
 // epoch number in the header. The backup feeds them to a Stage, which hands
 // the epoch out only when the Commit verifies; the backup applies it and
 // sends an Ack with the same epoch number. Epochs are numbered from 1 and

@@ -36,8 +36,9 @@ const (
 	heartbeatSize     = 8 + 8
 )
 
-// Message is a frame payload's decoded form: Hello, RAMPages, DeviceState,
-// Commit, Ack, Heartbeat or Error.
+// Message is a frame payload's decoded form, one type per frame Type:
+// Hello, RAMPages, DeviceState, Commit, Ack, Heartbeat, Error, DiskWrite,
+// RAMDelta, Auth or DeviceStateZ.
 type Message interface {
 	// Type is the frame type that carries the message.
 	Type() Type
@@ -58,12 +59,10 @@ func NewFrame(epoch uint64, m Message) (Frame, error) {
 	return Frame{Version: Version, Type: m.Type(), Epoch: epoch, Payload: p}, nil
 }
 
-// Decode decodes f's payload as the message of f's type: Hello, RAMPages,
-// DeviceState, Commit, Ack, Heartbeat, Error, DiskWrite, RAMDelta, Auth or
-// DeviceStateZ. Decoding is strict: a
-// payload with trailing bytes or a field outside its range is rejected
-// (ErrMalformed, ErrTooLarge), and so is a payload over MaxMessage. Byte
-// slices in the result alias f.Payload.
+// Decode decodes f's payload as the Message of f's type. Decoding is
+// strict: a payload with trailing bytes or a field outside its range is
+// rejected (ErrMalformed, ErrTooLarge), and so is a payload over
+// MaxMessage. Byte slices in the result alias f.Payload.
 func Decode(f Frame) (Message, error) {
 	if f.Flags != 0 {
 		return nil, fmt.Errorf("%w: %s with flags %s", ErrUnsupported, f.Type, f.Flags)
@@ -389,7 +388,8 @@ func ChunkDeviceState(data []byte) ([]DeviceState, error) {
 //
 // Payload: page count u64 | device state length u64 | digest u32.
 type Commit struct {
-	// PageCount is the number of pages sent in the epoch's RAMPages frames.
+	// PageCount is the number of pages sent in the epoch's RAMPages (or
+	// RAMDelta) frames.
 	PageCount uint64
 	// DeviceStateLen is the length of the epoch's device state.
 	DeviceStateLen uint64
