@@ -31,6 +31,7 @@ test: setup vet
 vet:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+	@if $(GO) list -deps ./cmd/... | grep -qx testing; then echo "a command links package testing: production code imports a test harness (go list -deps ./cmd/...)"; exit 1; fi
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./...

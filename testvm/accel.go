@@ -88,7 +88,7 @@ func (p AccelProbe) Run(ctx context.Context) AccelChoice {
 // why not.
 func (p AccelProbe) tryKVM(ctx context.Context) error {
 	if p.QEMU == "" {
-		p.QEMU = "qemu-system-x86_64"
+		p.QEMU = DefaultQEMU
 	}
 	if p.KVMDevice == "" {
 		p.KVMDevice = DefaultKVMDevice
@@ -231,7 +231,7 @@ var probes struct {
 // probe cut short by ctx is not remembered.
 func probeOnce(ctx context.Context, qemu string) AccelChoice {
 	if qemu == "" {
-		qemu = "qemu-system-x86_64"
+		qemu = DefaultQEMU
 	}
 	probes.Lock()
 	defer probes.Unlock()

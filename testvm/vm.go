@@ -116,7 +116,7 @@ type Config struct {
 
 func (c Config) withDefaults() Config {
 	if c.QEMU == "" {
-		c.QEMU = "qemu-system-x86_64"
+		c.QEMU = DefaultQEMU
 	}
 	if c.Name == "" {
 		c.Name = "remus-testvm"

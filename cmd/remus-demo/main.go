@@ -20,7 +20,6 @@ import (
 
 	"github.com/urfave/cli/v2"
 
-	"github.com/remus-kvm/remus/internal/testenv"
 	"github.com/remus-kvm/remus/testvm"
 )
 
@@ -48,7 +47,7 @@ func app() *cli.App {
 		Usage:     "show a VM protected by remus-kvm surviving the death of its host",
 		UsageText: "remus-demo [options]   (as root)",
 		Flags: []cli.Flag{
-			&cli.StringFlag{Name: "qemu", Value: "qemu-system-x86_64", EnvVars: []string{testenv.QEMUEnv},
+			&cli.StringFlag{Name: "qemu", Value: testvm.DefaultQEMU, EnvVars: []string{testvm.QEMUEnv},
 				Usage: "QEMU system emulator to run the guest with"},
 			&cli.StringFlag{Name: "accel", Value: "auto", EnvVars: []string{testvm.AccelEnv}, Usage: testvm.AccelUsage},
 			&cli.StringFlag{Name: "remusd", Usage: "remusd binary to use (default: build cmd/remusd of this module)"},

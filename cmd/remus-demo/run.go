@@ -17,7 +17,6 @@ import (
 	"github.com/remus-kvm/remus/internal/agent"
 	"github.com/remus-kvm/remus/internal/lab"
 	"github.com/remus-kvm/remus/internal/stats"
-	"github.com/remus-kvm/remus/internal/testenv"
 	"github.com/remus-kvm/remus/testvm"
 	"github.com/remus-kvm/remus/testvm/counter"
 )
@@ -68,7 +67,7 @@ func (c *config) check() error {
 	}
 	qemu, err := exec.LookPath(c.QEMU)
 	if err != nil {
-		return fmt.Errorf("QEMU %q not found: run `make setup`, or point --qemu or %s at a qemu-system-x86_64", c.QEMU, testenv.QEMUEnv)
+		return fmt.Errorf("QEMU %q not found: run `make setup`, or point --qemu or %s at a %s", c.QEMU, testvm.QEMUEnv, testvm.DefaultQEMU)
 	}
 	c.QEMU = qemu
 	if c.Remusd != "" {

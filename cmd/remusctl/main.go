@@ -44,7 +44,7 @@ func app() *cli.App {
 				&cli.DurationFlag{Name: "epoch", Value: 25 * time.Millisecond, Usage: "checkpoint interval"},
 				&cli.BoolFlag{Name: "compress", Value: true, Usage: "compress pages on the link"},
 				&cli.StringFlag{Name: "json", Usage: "also write the results as JSON to this file (- for standard output)"},
-				&cli.StringFlag{Name: "qemu", Value: "qemu-system-x86_64", EnvVars: []string{"REMUS_QEMU"}, Usage: "QEMU system emulator"},
+				&cli.StringFlag{Name: "qemu", Value: testvm.DefaultQEMU, EnvVars: []string{testvm.QEMUEnv}, Usage: "QEMU system emulator"},
 				&cli.StringFlag{Name: "accel", Value: "auto", EnvVars: []string{testvm.AccelEnv}, Usage: testvm.AccelUsage},
 				&cli.StringFlag{Name: "remusd", Usage: "remusd binary (default: built from this module)"},
 			},

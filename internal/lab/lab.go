@@ -24,7 +24,7 @@ import (
 	"time"
 
 	"github.com/remus-kvm/remus/internal/agent"
-	"github.com/remus-kvm/remus/internal/testnet"
+	"github.com/remus-kvm/remus/internal/netns"
 	"github.com/remus-kvm/remus/testvm"
 )
 
@@ -177,12 +177,12 @@ func (l *Lab) AddDisk(prim, back *testvm.Config, sizeMiB int) error {
 // guest's MAC address moves from the primary's tap to the backup's, and the
 // bridge learns it from the guest's announcement.
 type Network struct {
-	NS                    *testnet.Namespace
+	NS                    *netns.Namespace
 	TapPrimary, TapBackup string
 }
 
 func newNetwork() (*Network, error) {
-	ns, err := testnet.Create()
+	ns, err := netns.Create()
 	if err != nil {
 		return nil, err
 	}

@@ -2,40 +2,25 @@
 // the host (root, /dev/net/tun, a QEMU binary, KVM) and to skip with a clear
 // message when it is missing. CI installs everything these checks look for,
 // so in CI nothing is skipped.
+//
+// Only tests import it: it imports "testing". What programs need to find
+// the same things lives beside them (testvm.FindQEMU for QEMU).
 package testenv
 
 import (
 	"os"
 	"os/exec"
 	"testing"
+
+	"github.com/remus-kvm/remus/testvm"
 )
 
-// QEMUEnv names the environment variable that selects the QEMU system
-// emulator used by tests and the demo (for example a QEMU 10.0 build from
-// bookworm-backports). Unset, qemu-system-x86_64 is taken from PATH.
-const QEMUEnv = "REMUS_QEMU"
-
-// QEMUBinary returns the QEMU system emulator to use, or an empty string and
-// the reason when there is none.
-func QEMUBinary() (string, string) {
-	if p := os.Getenv(QEMUEnv); p != "" {
-		if _, err := exec.LookPath(p); err != nil {
-			return "", QEMUEnv + "=" + p + " is not an executable: " + err.Error()
-		}
-		return p, ""
-	}
-	p, err := exec.LookPath("qemu-system-x86_64")
-	if err != nil {
-		return "", "qemu-system-x86_64 is not installed (run `make setup`, or set " + QEMUEnv + ")"
-	}
-	return p, ""
-}
-
-// RequireQEMU skips the test when no QEMU system emulator is available and
+// RequireQEMU skips the test when no QEMU system emulator is available
+// (testvm.FindQEMU: $REMUS_QEMU, else qemu-system-x86_64 from PATH) and
 // returns its path otherwise.
 func RequireQEMU(t testing.TB) string {
 	t.Helper()
-	p, why := QEMUBinary()
+	p, why := testvm.FindQEMU()
 	if p == "" {
 		t.Skip("needs QEMU: " + why)
 	}
