@@ -176,14 +176,8 @@ func (n *Namespace) DialContext(ctx context.Context, network, addr string) (net.
 	}
 	// A single address means the dialer connects on this goroutine, so on
 	// the thread Do moved into n.
-	var c net.Conn
-	err := n.Do(func() error {
-		var d net.Dialer
-		var err error
-		c, err = d.DialContext(ctx, network, addr)
-		return err
-	})
-	return c, err
+	var d net.Dialer
+	return inside(n, func() (net.Conn, error) { return d.DialContext(ctx, network, addr) })
 }
 
 // Listen listens on addr over a stream network (tcp, tcp4, tcp6, unix)
@@ -192,14 +186,8 @@ func (n *Namespace) Listen(ctx context.Context, network, addr string) (net.Liste
 	if err := checkAddr(network, addr); err != nil {
 		return nil, err
 	}
-	var ln net.Listener
-	err := n.Do(func() error {
-		var lc net.ListenConfig
-		var err error
-		ln, err = lc.Listen(ctx, network, addr)
-		return err
-	})
-	return ln, err
+	var lc net.ListenConfig
+	return inside(n, func() (net.Listener, error) { return lc.Listen(ctx, network, addr) })
 }
 
 // ListenPacket listens on addr over a packet network (udp, udp4, udp6,
@@ -215,14 +203,18 @@ func (n *Namespace) ListenPacket(ctx context.Context, network, addr string) (net
 			return nil, fmt.Errorf("netns: address %q: must be an IP literal", addr)
 		}
 	}
-	var pc net.PacketConn
-	err := n.Do(func() error {
-		var lc net.ListenConfig
-		var err error
-		pc, err = lc.ListenPacket(ctx, network, addr)
+	var lc net.ListenConfig
+	return inside(n, func() (net.PacketConn, error) { return lc.ListenPacket(ctx, network, addr) })
+}
+
+// inside returns what open makes on a thread inside n (see Do).
+func inside[T any](n *Namespace, open func() (T, error)) (T, error) {
+	var v T
+	err := n.Do(func() (err error) {
+		v, err = open()
 		return err
 	})
-	return pc, err
+	return v, err
 }
 
 // Exists reports whether a namespace called name is registered with ip
