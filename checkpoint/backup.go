@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -98,6 +99,13 @@ type Backup struct {
 	staged transport.Epoch // the epoch the stage completed, until applied
 	ended  error           // why the last session ended (Serve)
 	lost   *PrimaryLost    // the Standby's failover decision
+
+	// An epoch is applied beside the loop, which meanwhile sends
+	// heartbeats; what arrives is held until it ends (the next epoch's
+	// deltas need this one in the image), its frames counted as heard.
+	applying  *Apply
+	applyDone chan error
+	deferred  []backupEvent
 }
 
 // backupConn is one connection from a primary (or anyone).
@@ -106,8 +114,9 @@ type backupConn struct {
 	link Link
 	// session: the Standby answered its hello; its frames are the
 	// session's.
-	session bool
-	cancel  context.CancelFunc
+	session  bool
+	cancel   context.CancelFunc
+	lastRecv *atomic.Int64 // Unix ns of the newest frame, set by its reader
 }
 
 // HelloTimeout bounds how long a new connection may take to send its hello;
@@ -128,7 +137,8 @@ func NewBackup(cfg BackupConfig) (*Backup, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Backup{cfg: cfg, sb: sb, conns: map[ConnID]*backupConn{}, log: log.With("vm", cfg.VMName, "role", "backup")}, nil
+	return &Backup{cfg: cfg, sb: sb, conns: map[ConnID]*backupConn{}, applyDone: make(chan error, 1),
+		log: log.With("vm", cfg.VMName, "role", "backup")}, nil
 }
 
 // Committed is the newest checkpoint the backup may resume (Epoch 0: none).
@@ -151,6 +161,7 @@ func (b *Backup) Close() error {
 
 // backupEvent is what a connection's reader hands the loop.
 type backupEvent struct {
+	at    time.Time // when it came off the connection
 	id    ConnID
 	link  Link // set on a connection's first event
 	f     transport.Frame
@@ -182,6 +193,10 @@ func (b *Backup) loop(ctx context.Context, conns <-chan Link, failOver func(cont
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	defer func() {
+		if b.applying != nil {
+			<-b.applyDone // never leave an apply running
+			b.applying = nil
+		}
 		for _, c := range b.conns {
 			b.closeConn(ctx, c, "the backup stops")
 		}
@@ -202,18 +217,34 @@ func (b *Backup) loop(ctx context.Context, conns <-chan Link, failOver func(cont
 				continue
 			}
 			b.nextID++
-			c := &backupConn{id: b.nextID, link: link}
+			c := &backupConn{id: b.nextID, link: link, lastRecv: new(atomic.Int64)}
 			var cctx context.Context
 			cctx, c.cancel = context.WithCancel(ctx)
 			b.conns[c.id] = c
-			go readConn(cctx, c.id, link, events)
+			go readConn(cctx, c, events)
 			continue
 		case now := <-tick.C:
-			acts = b.sb.Step(Tick{Now: now})
+			// Frames still queued count as heard when they came.
+			var heard time.Time
+			if c := b.conns[b.sb.Session()]; c != nil {
+				if ns := c.lastRecv.Load(); ns != 0 {
+					heard = time.Unix(0, ns)
+				}
+			}
+			acts = b.sb.Step(Tick{Now: now, Heard: heard})
+		case err := <-b.applyDone:
+			a := b.applying
+			b.applying = nil
+			acts = b.sb.Step(Applied{Now: time.Now(), Conn: a.Conn, Epoch: a.Epoch, Err: err})
 		case ev := <-events:
-			acts = b.event(ev)
+			if err := b.handle(ctx, ev); err != nil {
+				return err
+			}
 		}
 		if err := b.do(ctx, acts); err != nil {
+			return err
+		}
+		if err := b.replay(ctx); err != nil {
 			return err
 		}
 		if b.sb.Session() != 0 {
@@ -234,13 +265,43 @@ func (b *Backup) loop(ctx context.Context, conns <-chan Link, failOver func(cont
 	}
 }
 
+// handle takes one event from a connection: held while an epoch is being
+// applied (its frame counted as heard), else turned into the Standby's
+// events and carried out.
+func (b *Backup) handle(ctx context.Context, ev backupEvent) error {
+	if b.applying != nil || len(b.deferred) > 0 {
+		if c := b.conns[ev.id]; c != nil && c.session && ev.err == nil {
+			b.sb.Step(FrameHeard{Now: ev.at, Conn: ev.id})
+		}
+		b.deferred = append(b.deferred, ev)
+		return b.replay(ctx)
+	}
+	if b.lost != nil {
+		return nil
+	}
+	return b.do(ctx, b.event(ev))
+}
+
+// replay takes what arrived during an apply, once it ended.
+func (b *Backup) replay(ctx context.Context) error {
+	for b.applying == nil && len(b.deferred) > 0 && b.lost == nil {
+		ev := b.deferred[0]
+		b.deferred = b.deferred[1:]
+		if err := b.do(ctx, b.event(ev)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // readConn reads a connection's frames into events; the first one must be
 // a hello and come within HelloTimeout.
-func readConn(ctx context.Context, id ConnID, link Link, events chan<- backupEvent) {
+func readConn(ctx context.Context, c *backupConn, events chan<- backupEvent) {
+	id, link := c.id, c.link
 	hctx, cancel := context.WithTimeout(ctx, HelloTimeout)
 	f, err := link.Recv(hctx)
 	cancel()
-	ev := backupEvent{id: id, link: link, f: f, err: err, hello: true}
+	ev := backupEvent{at: time.Now(), id: id, link: link, f: f, err: err, hello: true}
 	for {
 		select {
 		case events <- ev:
@@ -251,7 +312,10 @@ func readConn(ctx context.Context, id ConnID, link Link, events chan<- backupEve
 			return
 		}
 		f, err := link.Recv(ctx)
-		ev = backupEvent{id: id, f: f, err: err}
+		ev = backupEvent{at: time.Now(), id: id, f: f, err: err}
+		if err == nil {
+			c.lastRecv.Store(ev.at.UnixNano())
+		}
 	}
 }
 
@@ -261,7 +325,7 @@ func (b *Backup) event(ev backupEvent) []any {
 	if c == nil {
 		return nil
 	}
-	now := time.Now()
+	now := ev.at
 	if ev.hello {
 		return b.helloIn(c, ev, now)
 	}
@@ -400,9 +464,10 @@ func (b *Backup) do(ctx context.Context, acts []any) error {
 		case Discard:
 			b.discard()
 		case Apply:
-			err := b.apply(b.staged)
+			ep := b.staged
 			b.staged = transport.Epoch{}
-			acts = append(acts, b.sb.Step(Applied{Now: time.Now(), Conn: a.Conn, Epoch: a.Epoch, Err: err})...)
+			b.applying = &a
+			go func() { b.applyDone <- b.apply(ep) }()
 		case SendAck:
 			if c := b.conns[a.Conn]; c != nil {
 				if err := b.send(ctx, c, a.Epoch, transport.Ack{}); err != nil {

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/remus-kvm/remus/dirtypages"
@@ -119,8 +120,10 @@ type DiskSource interface {
 	// the guest's I/O to finish.
 	BeginCut()
 	// Cut returns the writes received since the last Cut. Called with the
-	// guest paused, after QMP stop drained its I/O.
-	Cut() []transport.DiskWrite
+	// guest paused, after QMP stop drained its I/O. An error says the
+	// writes can no longer be trusted to be complete (the mirror stopped
+	// copying them): the checkpoint fails and the session ends.
+	Cut() ([]transport.DiskWrite, error)
 }
 
 // FaultPoint names a point of the epoch cycle.
@@ -289,18 +292,27 @@ func (p *Primary) Run(ctx context.Context, link Link) error {
 			done = nil
 			acts = s.Step(StopRequested{Now: time.Now(), Reason: "the primary agent stops: " + context.Cause(ctx).Error()})
 		case ev := <-d.events:
-			if r, ok := ev.(shippedReport); ok {
-				d.shipped(r)
-				acts = nil
-				continue
+			var ok bool
+			if acts, ok = d.internal(ev); !ok {
+				acts = s.Step(ev)
 			}
-			acts = s.Step(ev)
 		case now := <-tick.C:
-			acts = s.Step(Tick{Now: now})
+			acts = d.tick(now)
 		case now := <-timer.C:
-			acts = s.Step(Tick{Now: now})
+			acts = d.tick(now)
 		}
 	}
+}
+
+// tick advances the Session's clock, with the time the newest frame came
+// off the link: frames still queued count before the failure detector
+// judges.
+func (d *primaryDriver) tick(now time.Time) []any {
+	var heard time.Time
+	if ns := d.lastRecv.Load(); ns != 0 {
+		heard = time.Unix(0, ns)
+	}
+	return d.s.Step(Tick{Now: now, Heard: heard})
 }
 
 // primaryDriver carries out a Session's actions.
@@ -315,6 +327,35 @@ type primaryDriver struct {
 	taken   map[uint64]*epochData // taken, not yet handed to the sender
 	sendq   chan *epochData
 	beats   chan uint64
+	// checkpointing counts the checkpoint under way (one at most).
+	checkpointing sync.WaitGroup
+	lastRecv      atomic.Int64 // Unix ns of the newest frame from the backup
+}
+
+// checkpointDone is a checkpoint's result, from its goroutine.
+type checkpointDone struct {
+	epoch uint64
+	ed    *epochData
+	err   error
+	stuck bool
+}
+
+// internal handles the driver's own reports; ok is false for Session
+// events.
+func (d *primaryDriver) internal(ev any) (acts []any, ok bool) {
+	switch r := ev.(type) {
+	case shippedReport:
+		d.shipped(r)
+		return nil, true
+	case checkpointDone:
+		if r.err != nil {
+			return d.s.Step(CheckpointFailed{Now: time.Now(), Epoch: r.epoch, Err: r.err, GuestStuck: r.stuck}), true
+		}
+		d.pending[r.epoch] = &pendingEpoch{EpochStats: r.ed.stats}
+		d.taken[r.epoch] = r.ed
+		return d.s.Step(CheckpointTaken{Now: time.Now(), Epoch: r.epoch}), true
+	}
+	return nil, false
 }
 
 // do carries out actions, feeding back what the synchronous ones report;
@@ -337,14 +378,16 @@ func (d *primaryDriver) do(acts []any) (error, bool) {
 				d.post(Prepared{Now: time.Now(), Err: err})
 			}()
 		case TakeCheckpoint:
-			ed, err, stuck := p.checkpoint(d.ctx, a.Epoch, a.Started)
-			if err != nil {
-				acts = append(acts, d.s.Step(CheckpointFailed{Now: time.Now(), Epoch: a.Epoch, Err: err, GuestStuck: stuck})...)
-				continue
-			}
-			d.pending[a.Epoch] = &pendingEpoch{EpochStats: ed.stats}
-			d.taken[a.Epoch] = ed
-			acts = append(acts, d.s.Step(CheckpointTaken{Now: time.Now(), Epoch: a.Epoch})...)
+			// The checkpoint runs beside the loop, which meanwhile hears
+			// the backup, sends heartbeats and releases acknowledged
+			// output: a long pause (the first epoch copies all of RAM)
+			// must not look like silence to either side.
+			d.checkpointing.Add(1)
+			go func() {
+				defer d.checkpointing.Done()
+				ed, err, stuck := p.checkpoint(d.ctx, a.Epoch, a.Started)
+				d.post(checkpointDone{epoch: a.Epoch, ed: ed, err: err, stuck: stuck})
+			}()
 		case Ship:
 			ed := d.taken[a.Epoch]
 			delete(d.taken, a.Epoch)
@@ -389,6 +432,8 @@ func (d *primaryDriver) do(acts []any) (error, bool) {
 				p.cfg.Output.PassThrough()
 			}
 		case End:
+			// A checkpoint under way ends first: it resumes the guest.
+			d.checkpointing.Wait()
 			if s, ok := d.link.(interface{ Shutdown(context.Context) error }); ok {
 				// The backup reads the goodbye, then a clean end.
 				sctx, cancel := context.WithTimeout(d.ctx, time.Second)
@@ -442,6 +487,9 @@ func (d *primaryDriver) shipped(r shippedReport) {
 func (d *primaryDriver) receive() {
 	for {
 		f, err := d.link.Recv(d.ctx)
+		if err == nil {
+			d.lastRecv.Store(time.Now().UnixNano())
+		}
 		if err != nil {
 			d.post(LinkDown{Now: time.Now(), Err: fmt.Errorf("receive from backup: %w", err)})
 			return
@@ -558,7 +606,9 @@ func (p *Primary) checkpoint(ctx context.Context, n uint64, now time.Time) (ed *
 	step(&st.Pause.Cut)
 	var disk []transport.DiskWrite
 	if p.cfg.Disk != nil {
-		disk = p.cfg.Disk.Cut()
+		if disk, err = p.cfg.Disk.Cut(); err != nil {
+			return nil, fmt.Errorf("disk: %w", err), false
+		}
 		for _, w := range disk {
 			st.DiskBytes += int64(w.Length)
 		}

@@ -283,6 +283,9 @@ func (s *Session) Step(ev any) []any {
 	case StopRequested:
 		return s.leave(e.Now, fmt.Errorf("%w: %s", ErrStopped, e.Reason))
 	case Tick:
+		if !e.Heard.IsZero() && s.det != nil {
+			s.det.Heard(e.Heard)
+		}
 		return s.tick(e.Now)
 	}
 	return nil

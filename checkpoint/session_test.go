@@ -409,11 +409,11 @@ type fakeDisk struct {
 
 func (d *fakeDisk) BeginCut() {}
 
-func (d *fakeDisk) Cut() []transport.DiskWrite {
+func (d *fakeDisk) Cut() ([]transport.DiskWrite, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.cuts++
-	return []transport.DiskWrite{{Offset: d.cuts, Length: 1, Data: []byte{byte(d.cuts)}}}
+	return []transport.DiskWrite{{Offset: d.cuts, Length: 1, Data: []byte{byte(d.cuts)}}}, nil
 }
 
 func (d *fakeDisk) Direct(w transport.DiskWrite) error {

@@ -47,7 +47,9 @@ import (
 //	Syncing/Prot link closed without goodbye        Suspect      Discard (timer runs on from the
 //	                                                             last frame heard)
 //	Syncing      link closed without goodbye        Waiting      Discard (nothing to resume)
-//	Syncing/Prot tick: no heartbeat sent lately     unchanged    Heartbeat
+//	Syncing/Prot tick: no heartbeat sent lately     unchanged    Heartbeat (also while applying)
+//	Syncing/Prot tick while applying                unchanged    (no verdict: the silence is judged
+//	                                                             once the apply ended)
 //	Prot/Suspect tick: silent for the timeout       FailedOver   Close, FailOver N
 //	Syncing      tick: silent for the timeout       Waiting      Close (nothing to resume)
 type Standby struct {
@@ -195,8 +197,11 @@ type (
 		Conn ConnID
 		Err  error
 	}
-	// Tick advances the clock.
-	Tick struct{ Now time.Time }
+	// Tick advances the clock. Heard, when set, is when the newest frame
+	// came off the session's link (the driver's reader notes it as it
+	// arrives): it counts before the failure detector judges, so frames
+	// still queued behind slow work never look like silence.
+	Tick struct{ Now, Heard time.Time }
 )
 
 // Actions a Standby returns, for the driver to carry out in order.
@@ -322,7 +327,7 @@ func (s *Standby) Step(ev any) []any {
 		s.state, s.cause = Suspect, fmt.Errorf("receive from primary: %w", e.Err)
 		return []any{Discard{}, Note{Msg: "connection to the primary broken without a goodbye; waiting out the heartbeat timeout", Err: e.Err}}
 	case Tick:
-		return s.tick(e.Now)
+		return s.tick(e.Now, e.Heard)
 	}
 	return nil
 }
@@ -367,10 +372,24 @@ func (s *Standby) endSession(c ConnID, acts ...any) []any {
 	return acts
 }
 
-func (s *Standby) tick(now time.Time) []any {
+func (s *Standby) tick(now, heard time.Time) []any {
 	switch s.state {
-	case Syncing, Protecting, Suspect:
+	case Syncing, Protecting:
+		if !heard.IsZero() {
+			s.det.Heard(heard)
+		}
+	case Suspect:
 	default:
+		return nil
+	}
+	if s.applying {
+		// The image is between two epochs: no verdict until the apply
+		// ends (the silence is judged then, from the last frame heard),
+		// but the primary keeps hearing from us.
+		if s.det.HeartbeatDue(now) {
+			s.det.Sent(now)
+			return []any{SendHeartbeat{Conn: s.conn, Committed: s.committed}}
+		}
 		return nil
 	}
 	v := s.det.Tick(now)

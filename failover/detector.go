@@ -112,6 +112,13 @@ func (d *Detector) Tick(now time.Time) Verdict {
 	return v
 }
 
+// HeartbeatDue reports whether a heartbeat is due at now, without judging
+// the peer: for a caller that cannot weigh the peer's silence yet (it is
+// busy with the peer's last message).
+func (d *Detector) HeartbeatDue(now time.Time) bool {
+	return !d.dead && now.Sub(d.lastSent) >= d.cfg.Interval
+}
+
 // Dead reports whether the peer was declared dead, and when.
 func (d *Detector) Dead() (bool, time.Time) { return d.dead, d.deadAt }
 

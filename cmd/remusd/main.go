@@ -61,6 +61,7 @@ func app() *cli.App {
 					&cli.IntFlag{Name: "max-in-flight", Value: checkpoint.DefaultMaxInFlight, Usage: "epochs sent but not yet acknowledged before the next waits"},
 					&cli.StringFlag{Name: "tracker", Value: agent.TrackerAuto, Usage: "dirty-page tracker: auto, softdirty or compare"},
 					&cli.StringFlag{Name: "device-state", Value: "auto", Usage: "how to save device state: auto, xen (xen-save-devices-state) or migrate (migration with x-ignore-shared)"},
+					&cli.DurationFlag{Name: "command-timeout", Value: checkpoint.DefaultCommandTimeout, Usage: "bound on each QMP command of a checkpoint (stop, save, cont); a guest whose stop does not return in time is stopped for good and the backup told to resume its last checkpoint"},
 					&cli.DurationFlag{Name: "retry", Value: time.Second, Usage: "wait before protecting again after the backup was lost (0: exit instead)"},
 					&cli.BoolFlag{Name: "compress", Value: true, Usage: "send dirty pages as XOR deltas against their last version, compressed with zstd or lz4 (whichever is smaller), and the device state with zstd; =false sends both raw"},
 					&cli.StringFlag{Name: "disk", Usage: "block node of the guest's disk (-blockdev ...,node-name=NODE): QEMU mirrors it to remusd and its writes go to the backup with their epochs"},
@@ -138,7 +139,8 @@ func runPrimary(c *cli.Context) error {
 		VM: c.String("vm"), QMPSocket: c.String("qmp"), Peer: c.String("peer"), StateDir: c.String("state-dir"),
 		Pipeline:  checkpoint.PipelineConfig{Interval: c.Duration("epoch"), MaxInFlight: c.Int("max-in-flight")},
 		Heartbeat: heartbeat(c), Tracker: c.String("tracker"), DeviceState: c.String("device-state"), Retry: c.Duration("retry"), EpochLog: c.String("epoch-log"),
-		Net: netConfig(c), Disk: c.String("disk"), Compress: c.Bool("compress"),
+		CommandTimeout: c.Duration("command-timeout"),
+		Net:            netConfig(c), Disk: c.String("disk"), Compress: c.Bool("compress"),
 		Trace: c.String("trace"), TraceEpochs: c.Int("trace-epochs"),
 	}
 	if cfg.Key, err = key(c); err != nil {

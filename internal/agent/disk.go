@@ -33,6 +33,68 @@ type primaryDisk struct {
 	srv    *diskmirror.Server
 	mon    *qmp.Client
 	log    *slog.Logger
+	// events of the session's mirror job, from before it starts: a job
+	// that ends or fails stops copying the guest's writes.
+	events *qmp.Subscription
+	broken error
+}
+
+// BeginCut implements checkpoint.DiskSource.
+func (d *primaryDisk) BeginCut() { d.rec.BeginCut() }
+
+// Cut implements checkpoint.DiskSource: the epoch's writes, or why the
+// mirror no longer delivers them all. QEMU sends a job's events before the
+// reply to the stop that follows them, so a job that ended before this
+// pause is seen here.
+func (d *primaryDisk) Cut() ([]transport.DiskWrite, error) {
+	for d.broken == nil && d.events != nil {
+		select {
+		case ev, ok := <-d.events.Events():
+			if !ok {
+				d.events = nil
+				continue
+			}
+			d.broken = mirrorEnded(ev)
+			continue
+		default:
+		}
+		break
+	}
+	if d.broken != nil {
+		return nil, d.broken
+	}
+	return d.rec.Cut(), nil
+}
+
+// mirrorEnded says how an event ended or failed the mirror job, nil when
+// it does not concern the job or leaves it running.
+func mirrorEnded(ev qmp.Event) error {
+	var data struct {
+		Device string `json:"device"`
+		ID     string `json:"id"`
+		Status string `json:"status"`
+		Error  string `json:"error"`
+		Action string `json:"action"`
+	}
+	if ev.DecodeData(&data) != nil || (data.Device != mirrorJob && data.ID != mirrorJob) {
+		return nil
+	}
+	switch ev.Name {
+	case "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED":
+		msg := "the disk mirror job ended (" + ev.Name + ")"
+		if data.Error != "" {
+			msg += ": " + data.Error
+		}
+		return errors.New(msg + "; the guest's writes no longer reach the backup")
+	case "BLOCK_JOB_ERROR":
+		return fmt.Errorf("the disk mirror job hit an I/O error (%s, action %s); the guest's writes no longer reach the backup", data.Error, data.Action)
+	case "JOB_STATUS_CHANGE":
+		switch data.Status {
+		case "aborting", "concluded", "null":
+			return fmt.Errorf("the disk mirror job is %s; the guest's writes no longer reach the backup", data.Status)
+		}
+	}
+	return nil
 }
 
 // startPrimaryDisk finds the size of the block node, and serves an NBD
@@ -71,6 +133,8 @@ func (d *primaryDisk) prepare(ctx context.Context, link checkpoint.Link) error {
 		return fmt.Errorf("disk: attach the mirror target: %w", err)
 	}
 	mirror := qemu.Mirror{JobID: mirrorJob, Device: d.node, Target: mirrorTarget, Sync: "full", CopyMode: "write-blocking"}
+	d.events = d.mon.Subscribe("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR", "JOB_STATUS_CHANGE")
+	d.broken = nil
 	if err := qemu.StartMirror(ctx, d.mon, mirror); err != nil {
 		return fmt.Errorf("disk: start the mirror of %s: %w", d.node, err)
 	}
@@ -107,6 +171,10 @@ func (d *primaryDisk) prepare(ctx context.Context, link checkpoint.Link) error {
 // be gone; errors are logged.
 func (d *primaryDisk) stopMirror() {
 	d.rec.Off()
+	if d.events != nil {
+		d.events.Close()
+		d.events = nil
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if job, err := qemu.FindBlockJob(ctx, d.mon, mirrorJob); err == nil && job != nil {

@@ -185,6 +185,12 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 	}
 	defer q.Mon.Close()
 
+	if err := step(ctx, log, "check that all guest RAM is replicated", func() error {
+		return q.CheckRAMReplicated(ctx)
+	}); err != nil {
+		return err
+	}
+
 	var ram []byte
 	if err := step(ctx, log, "map guest RAM", func() (err error) {
 		ram, err = q.MapRAM()
@@ -423,7 +429,7 @@ func (s *primarySession) run(ctx context.Context) error {
 		}
 	}
 	if disk != nil {
-		pcfg.Disk, pcfg.Prepare, pcfg.DiskSize = disk.rec, disk.prepare, disk.size
+		pcfg.Disk, pcfg.Prepare, pcfg.DiskSize = disk, disk.prepare, disk.size
 		defer disk.stopMirror()
 	}
 	if f := cfg.Fault; f != nil {

@@ -15,6 +15,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -156,3 +157,78 @@ func (q *QEMU) memfdPath() (string, error) {
 	}
 	return "", fmt.Errorf("find guest RAM memfd: no memfd of %d bytes among QEMU's (pid %d) file descriptors", q.RAM.Size, q.PID)
 }
+
+// RAMBlock is one of QEMU's RAM blocks (info ramblock).
+type RAMBlock struct {
+	Name  string
+	Bytes uint64
+}
+
+// parseRAMBlocks reads the table `info ramblock` prints: a header line,
+// then per block its name, page size (two fields), offset, used and total.
+func parseRAMBlocks(out string) ([]RAMBlock, error) {
+	var blocks []RAMBlock
+	for i, line := range strings.Split(strings.TrimSpace(out), "\n") {
+		f := strings.Fields(line)
+		if i == 0 || len(f) == 0 {
+			continue // the header
+		}
+		if len(f) != 6 {
+			return nil, fmt.Errorf("info ramblock: unexpected line %q", line)
+		}
+		used, err := strconv.ParseUint(strings.TrimPrefix(f[4], "0x"), 16, 64)
+		if err != nil {
+			return nil, fmt.Errorf("info ramblock: line %q: %w", line, err)
+		}
+		blocks = append(blocks, RAMBlock{Name: f[0], Bytes: used})
+	}
+	if len(blocks) == 0 {
+		return nil, errors.New("info ramblock: no RAM blocks listed")
+	}
+	return blocks, nil
+}
+
+// unreplicated returns the RAM blocks besides the guest RAM backend that the
+// guest can write. Those are not in the shared backend, so no checkpoint
+// carries them, and device state saving skips all RAM: after a failover
+// they would hold the backup QEMU's fresh contents. Firmware and option
+// ROMs (pc.bios, pc.rom, *.rom) and fw_cfg's blobs (/rom@...) are read-only
+// to the guest and rebuilt identically by the backup's QEMU from the same
+// command line.
+func unreplicated(blocks []RAMBlock, backend string) []RAMBlock {
+	var out []RAMBlock
+	for _, b := range blocks {
+		switch {
+		case b.Name == backend, b.Name == "pc.bios", b.Name == "pc.rom",
+			strings.HasSuffix(b.Name, ".rom"), strings.HasPrefix(b.Name, "/rom@"):
+			continue
+		}
+		out = append(out, b)
+	}
+	return out
+}
+
+// CheckRAMReplicated refuses a guest with writable RAM outside its shared
+// backend (video memory, for one), naming each block.
+func (q *QEMU) CheckRAMReplicated(ctx context.Context) error {
+	out, err := qmp.Run[string](ctx, q.Mon, "human-monitor-command", map[string]string{"command-line": "info ramblock"})
+	if err != nil {
+		return fmt.Errorf("list RAM blocks: %w", err)
+	}
+	blocks, err := parseRAMBlocks(out)
+	if err != nil {
+		return err
+	}
+	if bad := unreplicated(blocks, q.RAM.ID); len(bad) > 0 {
+		var names []string
+		for _, b := range bad {
+			names = append(names, fmt.Sprintf("%s (%d KiB)", b.Name, b.Bytes>>10))
+		}
+		return fmt.Errorf("%w: %s", ErrUnreplicatedRAM, strings.Join(names, ", "))
+	}
+	return nil
+}
+
+// ErrUnreplicatedRAM reports a guest with writable RAM outside its shared
+// backend.
+var ErrUnreplicatedRAM = errors.New("the guest has RAM outside its shared memory backend that remus-kvm cannot replicate, so a failover would resume it stale; remove the device that owns it (for video memory: -vga none, or a display device without its own RAM)")

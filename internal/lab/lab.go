@@ -271,6 +271,19 @@ func (l *Lab) Start(name string, echo io.Writer, args ...string) (*Proc, error) 
 // PID is the process id.
 func (p *Proc) PID() int { return p.cmd.Process.Pid }
 
+// Stop sends SIGTERM and waits for the process to end, at most timeout
+// (then it is killed and an error returned).
+func (p *Proc) Stop(timeout time.Duration) error {
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+		return nil
+	case <-time.After(timeout):
+		p.Kill()
+		return fmt.Errorf("lab: %s did not end within %v of SIGTERM", p.Name, timeout)
+	}
+}
+
 // Kill sends SIGKILL and waits for the process to end.
 func (p *Proc) Kill() {
 	p.cmd.Process.Kill()
@@ -310,7 +323,9 @@ type Protection struct {
 	Report          string
 	BackupConfig    testvm.Config
 
-	startBackup func() error
+	// BackupAddr is where the backup remusd listens.
+	BackupAddr                string
+	startBackup, startPrimary func() error
 }
 
 // ProtectOptions tunes Protect.
@@ -345,7 +360,7 @@ func (l *Lab) Protect(prim, back testvm.Config, o ProtectOptions) (*Protection, 
 	if err != nil {
 		return nil, err
 	}
-	p := &Protection{EpochLog: filepath.Join(l.Dir, "epochs.jsonl"), Report: filepath.Join(l.Dir, "failover.json"), BackupConfig: back}
+	p := &Protection{EpochLog: filepath.Join(l.Dir, "epochs.jsonl"), Report: filepath.Join(l.Dir, "failover.json"), BackupConfig: back, BackupAddr: peer}
 	os.Remove(p.EpochLog)
 	os.Remove(p.Report)
 	common := []string{"--vm", "lab", "--net-netns", l.Net.NS.Path()}
@@ -392,7 +407,12 @@ func (l *Lab) Protect(prim, back testvm.Config, o ProtectOptions) (*Protection, 
 	if prim.Disk != "" {
 		pargs = append(pargs, "--disk", testvm.DiskNode)
 	}
-	if p.Primary, err = l.Start(l.Remusd, o.Echo, append(pargs, o.PrimaryArgs...)...); err != nil {
+	pargs = append(pargs, o.PrimaryArgs...)
+	p.startPrimary = func() (err error) {
+		p.Primary, err = l.Start(l.Remusd, o.Echo, pargs...)
+		return err
+	}
+	if err := p.startPrimary(); err != nil {
 		return nil, err
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -401,6 +421,17 @@ func (l *Lab) Protect(prim, back testvm.Config, o ProtectOptions) (*Protection, 
 		return nil, fmt.Errorf("lab: the primary's network relay did not start: %w\n%s", err, p.Primary.Output())
 	}
 	return p, nil
+}
+
+// RestartPrimary starts the primary remusd again with the same arguments,
+// once the previous one has exited.
+func (p *Protection) RestartPrimary() error {
+	select {
+	case <-p.Primary.Done():
+	default:
+		return errors.New("lab: the primary remusd still runs")
+	}
+	return p.startPrimary()
 }
 
 // StartBackup starts the backup remusd of a Protect with BackupLater.

@@ -1,0 +1,216 @@
+package e2e
+
+import (
+	"context"
+	"net"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/remus-kvm/remus/internal/lab"
+	"github.com/remus-kvm/remus/testvm/counter"
+)
+
+// consecutiveClient increments the guest's counter on one connection and
+// checks that every reply is the previous one plus one: no reply taken back,
+// none skipped.
+type consecutiveClient struct {
+	t    *testing.T
+	conn net.Conn
+	cl   *counter.Client
+	last counter.Reply
+	n    int
+}
+
+func newConsecutiveClient(t *testing.T, ctx context.Context, l *lab.Lab) *consecutiveClient {
+	t.Helper()
+	conn, err := l.Dial(ctx)
+	if err != nil {
+		t.Fatalf("connect to the guest: %v", err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return &consecutiveClient{t: t, conn: conn, cl: counter.NewClient(conn)}
+}
+
+// incFor increments for d.
+func (c *consecutiveClient) incFor(d time.Duration) {
+	c.t.Helper()
+	for from := time.Now(); time.Since(from) < d; {
+		c.conn.SetDeadline(time.Now().Add(time.Minute))
+		r, err := c.cl.Inc()
+		if err != nil {
+			c.t.Fatalf("INC after %d replies: %v", c.n, err)
+		}
+		if c.n > 0 && (r.Value != c.last.Value+1 || r.BootID != c.last.BootID) {
+			c.t.Fatalf("reply %d: counter %d boot %s after %d boot %s: not consecutive", c.n+1, r.Value, r.BootID, c.last.Value, c.last.BootID)
+		}
+		c.last = r
+		c.n++
+	}
+}
+
+// TestPrimaryRestartNeverFailsOver stops `remusd primary` with SIGTERM and
+// starts it again, five times, as an upgrade does. Each stop says goodbye,
+// so the backup never resumes the guest (there stays one guest); each
+// restart protects it again; and the client's counter on one TCP
+// connection stays consecutive throughout.
+func TestPrimaryRestartNeverFailsOver(t *testing.T) {
+	l := newLab(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	g := bootPrimary(t, l, ctx, 4000)
+	p, err := l.Protect(g.prim, g.back, lab.ProtectOptions{HeartbeatTimeout: heartbeatTimeout})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dump(t, l, p)
+	if _, err := p.WaitCommitted(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	c := newConsecutiveClient(t, ctx, l)
+	for i := 1; i <= 5; i++ {
+		c.incFor(time.Second)
+		if err := p.Primary.Stop(30 * time.Second); err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(p.Primary.Output(), "telling the backup the session ends") {
+			t.Fatalf("restart %d: the primary did not say goodbye:\n%s", i, p.Primary.Output())
+		}
+		// Longer than the heartbeat timeout: a backup that took the end
+		// for a death would fail over now.
+		time.Sleep(2 * heartbeatTimeout)
+		if _, err := lab.ReadReport(p.Report); err == nil {
+			t.Fatalf("restart %d: the backup failed over from a primary that said goodbye", i)
+		}
+		before, err := p.Epochs()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := p.RestartPrimary(); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := p.WaitCommitted(ctx, len(before)+3); err != nil {
+			t.Fatalf("restart %d: not protected again: %v", i, err)
+		}
+	}
+	c.incFor(time.Second)
+	if strings.Contains(p.Backup.Output(), "failing over") {
+		t.Fatalf("the backup failed over:\n%s", p.Backup.Output())
+	}
+	if c.last.BootID != g.ready.BootID {
+		t.Fatalf("boot id %s, want %s", c.last.BootID, g.ready.BootID)
+	}
+	t.Logf("5 restarts, %d consecutive replies up to %d, one boot", c.n, c.last.Value)
+}
+
+// TestPortScanDuringSessionHasNoEffect connects to the backup's port while
+// a session runs: plain connects that say nothing, garbage, a connection
+// that closes at once. None of them is a session: epochs keep committing,
+// nothing fails over, and the client is served throughout.
+func TestPortScanDuringSessionHasNoEffect(t *testing.T) {
+	l := newLab(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	g := bootPrimary(t, l, ctx, 4000)
+	p, err := l.Protect(g.prim, g.back, lab.ProtectOptions{HeartbeatTimeout: heartbeatTimeout})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dump(t, l, p)
+	if _, err := p.WaitCommitted(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	c := newConsecutiveClient(t, ctx, l)
+	c.incFor(500 * time.Millisecond)
+	var silent []net.Conn
+	defer func() {
+		for _, s := range silent {
+			s.Close()
+		}
+	}()
+	for i := 0; i < 20; i++ {
+		s, err := net.Dial("tcp", p.BackupAddr)
+		if err != nil {
+			t.Fatalf("scan %d: %v", i, err)
+		}
+		switch i % 3 {
+		case 0: // says nothing, stays open
+			silent = append(silent, s)
+		case 1: // garbage
+			s.Write([]byte("GET / HTTP/1.0\r\n\r\n\x00\xffRMUS garbage"))
+			s.Close()
+		case 2: // connects and leaves
+			s.Close()
+		}
+	}
+	before, _ := p.Epochs()
+	c.incFor(3 * time.Second)
+	after, _ := p.Epochs()
+	if len(after) < len(before)+10 {
+		t.Fatalf("%d epochs committed during the scan, want protection going on", len(after)-len(before))
+	}
+	if _, err := lab.ReadReport(p.Report); err == nil {
+		t.Fatal("the backup failed over during a port scan")
+	}
+	select {
+	case <-p.Primary.Done():
+		t.Fatalf("the primary ended:\n%s", p.Primary.Output())
+	default:
+	}
+	t.Logf("%d epochs committed while 20 scan connections came and went", len(after)-len(before))
+}
+
+// TestHangingStopHandsTheGuestOver freezes the primary QEMU (SIGSTOP), so
+// that QMP stop never returns. The checkpoint's command timeout ends the
+// wait: the primary kills its guest and tells the backup to resume at once.
+// Exactly one guest runs afterwards: the backup's, same boot, and the
+// client's counter carries on.
+func TestHangingStopHandsTheGuestOver(t *testing.T) {
+	l := newLab(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	g := bootPrimary(t, l, ctx, 4000)
+	// A long heartbeat timeout: the handover, not silence, must decide.
+	p, err := l.Protect(g.prim, g.back, lab.ProtectOptions{HeartbeatTimeout: time.Minute,
+		PrimaryArgs: []string{"--command-timeout", "2s"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dump(t, l, p)
+	if _, err := p.WaitCommitted(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	c := newConsecutiveClient(t, ctx, l)
+	c.incFor(time.Second)
+	if err := syscall.Kill(g.vm.PID(), syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	frozenAt := time.Now()
+	select {
+	case <-g.vm.Done():
+	case <-ctx.Done():
+		t.Fatal("the primary's frozen QEMU was never ended")
+	}
+	r, err := p.WaitReport(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(r.Cause, "handed the guest over") {
+		t.Fatalf("failover cause %q, want the primary's handover", r.Cause)
+	}
+	select {
+	case <-p.Primary.Done():
+	case <-time.After(30 * time.Second):
+		t.Fatal("the primary remusd did not end after handing the guest over")
+	}
+	if !strings.Contains(p.Primary.Output(), "handed over to the backup") {
+		t.Fatalf("the primary's output does not say it handed over:\n%s", p.Primary.Output())
+	}
+	c.incFor(time.Second)
+	if c.last.BootID != g.ready.BootID {
+		t.Fatalf("boot id %s after the handover, want %s", c.last.BootID, g.ready.BootID)
+	}
+	t.Logf("stop hung at %s; the backup resumed epoch %d, running %.0f ms after the freeze; %d consecutive replies",
+		frozenAt.Format("15:04:05.000"), r.Epoch, float64(r.Running.Sub(frozenAt).Milliseconds()), c.n)
+}
