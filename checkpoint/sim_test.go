@@ -21,20 +21,29 @@ package checkpoint
 //     SIGKILL, restarts; a new agent holds output until the backup answers,
 //     and retries a lost session after Retry), and one simPrimarySession per
 //     connection carrying out the Session's actions as Primary.Run does:
-//     TakeCheckpoint is synchronous (the loop is blocked for the pause, and a
-//     stuck one for the command timeout) and fed back at once; Ship is
-//     asynchronous (a sender writes the epoch's frames, the last one the
-//     commit); events that arrive while the loop is busy wait in its inbox,
-//     stamped with their arrival time, and the loop picks among ready events
-//     and ticks at random, as Go's select does.
+//     TakeCheckpoint runs beside the loop (one at a time: the Session's
+//     busy flag), which meanwhile hears the backup, ticks, heartbeats and
+//     releases; its outcome is posted to the loop like any event (and a
+//     KillGuest cuts it short: QEMU is gone); End waits for a checkpoint
+//     under way, the loop reading nothing meanwhile, and its outcome is
+//     never read. Ship is asynchronous (a sender writes the epoch's frames,
+//     the last one the commit). Events wait in the loop's inbox, stamped
+//     with their arrival time; the loop picks among ready events and ticks
+//     at random, as Go's select does, and a tick carries the receipt time
+//     of the newest frame (Tick.Heard).
 //   - The backup host (simBackupHost): the Standby and its driver (Backup):
 //     frames become FrameHeard, EpochStaged (the commit frame), EpochRejected
 //     (a corrupt frame; the reader stops), GoodbyeIn (TakeOver for a
-//     takeover), ConnClosed; Apply is synchronous and answered by Applied;
-//     the backup's RAM image (simImage) records which session's epoch it
-//     holds, and whether an apply tore it. A backup restart is a fresh
-//     Standby; port scans and strangers' hellos arrive on connections that
-//     are not sessions.
+//     takeover), ConnClosed, all stamped with the frame's arrival. Apply
+//     runs beside the loop, its outcome (Applied) one more case of the
+//     loop's select; while it runs, what the readers deliver is held (a
+//     session's frame counted as heard, FrameHeard, when it came) and
+//     replayed in order once Applied was taken; ticks go on, with
+//     Tick.Heard, and the Standby heartbeats but judges no silence. The
+//     backup's RAM image (simImage) records which session's epoch it holds,
+//     and whether an apply tore it. A backup restart is a fresh Standby;
+//     port scans and strangers' hellos arrive on connections that are not
+//     sessions.
 //
 // The invariants (sim_check_test.go) are checked as the actions happen and
 // after every happening; TestSimRandomized (sim_random_test.go) runs
@@ -102,8 +111,8 @@ package checkpoint
 //	expect backup state STATE   waiting, syncing, protecting, suspect,
 //	                            failed-over
 //	expect primary state STATE  the current session's state (greeting,
-//	                            preparing, protecting, leaving, draining),
-//	                            or none
+//	                            preparing, protecting, leaving, draining,
+//	                            ended: End waits for a checkpoint), or none
 //	expect primary ended ERR    the newest ended session's error matches
 //	                            ErrStopped, ErrPeerLost, ErrPeerRejected,
 //	                            ErrFailedOver or ErrHandedOver (other
@@ -171,11 +180,12 @@ type simConfig struct {
 // simDefaults are the timings of a run: the agents' defaults (heartbeat
 // every 100 ms, dead after 500 ms, an epoch every 25 ms, two in flight), a
 // LAN, and pauses, applies and a command timeout that stay below the
-// heartbeat timeout. That last part is an assumption the protocol needs
-// (see the known-bug runs in testdata/sim/slow-checkpoint.txt and
-// slow-backup.txt): the agents' real command timeout is 10 s. Scripts
-// retry a lost session after 100 ms; randomized runs draw the retry up to
-// the agents' default of 1 s.
+// heartbeat timeout, to keep runs short. The protocol no longer needs that
+// (checkpoints and applies run beside the loops, which keep heartbeating:
+// testdata/sim/slow-checkpoint.txt and slow-backup.txt); -sim.wide draws
+// longer ones and the agents' real command timeout, 10 s. Scripts retry a
+// lost session after 100 ms; randomized runs draw the retry up to the
+// agents' default of 1 s.
 func simDefaults() simConfig {
 	return simConfig{
 		Heartbeat:      failover.DetectorConfig{Interval: 100 * time.Millisecond, Timeout: 500 * time.Millisecond},
@@ -546,7 +556,9 @@ type simConn struct {
 	backupSession       int                // the backup's session number for it
 	openedAt            time.Time          //
 	netResetAt          time.Time          // the network reset it (zero: never)
-	heardAt             time.Time          // the backup last took a frame of it
+	heardAt             time.Time          // the backup last heard a frame of it (its arrival)
+	framesRead          int                // frames the backup's reader read
+	lastRecv            time.Time          // when the newest one came (not the first, nor an error)
 	goodbyeIn           bool               // a plain goodbye reached the Standby
 	appliedOK           uint64             // newest epoch of it the backup applied whole
 }
@@ -891,11 +903,20 @@ type simPrimarySession struct {
 	host  *simPrimaryHost
 	s     *Session
 	conn  *simConn
-	// The loop: actions left to carry out, events waiting, a tick due,
-	// and whether a synchronous action (TakeCheckpoint) holds it.
+	// The loop: actions left to carry out, events waiting, a tick due.
 	pending, inbox []any
-	tickDue, busy  bool
+	tickDue        bool
 	timerAt        time.Time
+	// The checkpoint under way beside the loop (0: none); ckptGen tells
+	// its outcome from that of one cut short (KillGuest).
+	checkpointing uint64
+	ckptGen       int
+	// ending: End came while a checkpoint was under way; the loop waits
+	// for it (checkpointing.Wait), then the session ends.
+	ending *End
+	// lastRecv: when the newest frame came off the link (the reader
+	// notes it as it arrives; Tick.Heard).
+	lastRecv time.Time
 	// The sender: epochs to ship, one at a time.
 	sendq               []uint64
 	sending, senderDead bool
@@ -958,10 +979,21 @@ func (ps *simPrimarySession) post(ev any) {
 // statistics, not a Session event (shippedReport).
 type simShipReport struct{ epoch uint64 }
 
+// simEventsCap is the capacity of Primary.Run's events channel.
+const simEventsCap = 64
+
+// simCheckpointDone is a checkpoint's outcome, posted by its goroutine
+// (checkpointDone): the driver's own report, turned into the Session's
+// event when the loop takes it.
+type simCheckpointDone struct {
+	epoch uint64
+	kind  simCheckpointKind
+}
+
 // run is the driver's loop: carry out the actions, then take the next
-// event, until the loop blocks or has nothing to do.
+// event, until it has nothing to do or waits in End for a checkpoint.
 func (ps *simPrimarySession) run() {
-	for !ps.gone() && !ps.busy {
+	for !ps.gone() && ps.ending == nil {
 		if len(ps.pending) > 0 {
 			a := ps.pending[0]
 			ps.pending = ps.pending[1:]
@@ -972,23 +1004,28 @@ func (ps *simPrimarySession) run() {
 		if ev == nil {
 			break
 		}
-		if r, ok := ev.(simShipReport); ok {
+		switch r := ev.(type) {
+		case simShipReport:
 			ps.w.logf(ps.who, "sender reports epoch %d shipped", r.epoch)
+			continue
+		case simCheckpointDone:
+			ps.checkpointDone(r)
 			continue
 		}
 		ps.step(ev)
 	}
-	if !ps.gone() && !ps.busy {
+	if !ps.gone() && ps.ending == nil {
 		ps.armTimer()
 	}
 }
 
 // next picks what the loop's select would: an event or a tick, at random
-// when both are ready.
+// when both are ready. A tick carries the receipt time of the newest frame
+// (Tick.Heard), queued or not.
 func (ps *simPrimarySession) next() any {
 	if ps.tickDue && (len(ps.inbox) == 0 || ps.w.rng.IntN(2) == 0) {
 		ps.tickDue = false
-		return Tick{Now: ps.w.now}
+		return Tick{Now: ps.w.now, Heard: ps.lastRecv}
 	}
 	if len(ps.inbox) > 0 {
 		ev := ps.inbox[0]
@@ -1067,54 +1104,107 @@ func (ps *simPrimarySession) carry(a any) {
 		w.check.killGuest(ps)
 		h.guest = false
 		w.logf(h.name, "guest killed")
+		if n := ps.checkpointing; n != 0 {
+			// QEMU is gone: the checkpoint's QMP commands fail at once.
+			ps.ckptGen++
+			gen := ps.ckptGen
+			w.after(time.Millisecond, func() {
+				ps.checkpointEnds(gen, n, simCheckpoint{kind: simFailRunning})
+			})
+		}
 	case PassThrough:
 		h.passing, h.passedBy = true, ps
 		w.check.released(h, ps, "PassThrough")
 	case End:
-		ps.ended, ps.endErr = true, a.Err
-		ps.conn.primaryClosed = true
-		ps.conn.toBackup.close()
-		ps.agent.ended(a.Err)
+		if n := ps.checkpointing; n != 0 {
+			// A checkpoint under way ends first (it resumes the guest):
+			// the loop waits, hearing nothing; the sender and the reader
+			// go on.
+			w.logf(ps.who, "End waits for checkpoint %d", n)
+			ps.ending = &a
+			return
+		}
+		ps.end(a)
 	}
 }
 
-// takeCheckpoint pauses the guest and takes the epoch; the loop is held
-// until it is done, and its outcome is fed back at once.
+// end ends the session: the link is shut down and the agent told.
+func (ps *simPrimarySession) end(a End) {
+	ps.ended, ps.endErr, ps.ending = true, a.Err, nil
+	ps.conn.primaryClosed = true
+	ps.conn.toBackup.close()
+	ps.agent.ended(a.Err)
+}
+
+// takeCheckpoint pauses the guest and takes the epoch beside the loop,
+// which goes on hearing the backup, ticking and heartbeating (the Session
+// starts no other checkpoint meanwhile); the outcome is posted to the loop
+// like any event.
 func (ps *simPrimarySession) takeCheckpoint(n uint64) {
 	w, h := ps.w, ps.host
 	o := w.nextCheckpoint()
-	ps.busy = true
+	ps.checkpointing = n
+	ps.ckptGen++
+	gen := ps.ckptGen
 	if h.dieAt.point == FaultPaused {
 		w.after(o.took/2, func() {
-			if !ps.gone() {
+			if !ps.gone() && ps.ckptGen == gen {
 				h.reached(FaultPaused, n)
 			}
 		})
 	}
-	w.after(o.took, func() {
-		if ps.gone() {
+	w.after(o.took, func() { ps.checkpointEnds(gen, n, o) })
+}
+
+// checkpointEnds: checkpoint n's goroutine is done.
+func (ps *simPrimarySession) checkpointEnds(gen int, n uint64, o simCheckpoint) {
+	w, h := ps.w, ps.host
+	if ps.gone() || gen != ps.ckptGen {
+		return
+	}
+	ps.checkpointing = 0
+	if o.kind == simTaken {
+		ps.taken = n
+		if n == 1 {
+			// Output.Hold, in the first pause: also when the session
+			// ended meanwhile and let the output pass.
+			if h.passing && ps.s.State() == Ended {
+				w.logf(h.name, "checkpoint 1 holds the output again after its session let it pass")
+			}
+			h.passing = false
+		}
+		if h.reached(FaultResumed, n) {
 			return
 		}
-		ps.busy = false
-		var ev any
-		switch o.kind {
-		case simTaken:
-			ps.taken = n
-			if n == 1 {
-				h.passing = false // Output.Hold, in the first pause
-			}
-			if h.reached(FaultResumed, n) {
-				return
-			}
-			ev = CheckpointTaken{Now: w.now, Epoch: n}
-		case simFailRunning:
-			ev = CheckpointFailed{Now: w.now, Epoch: n, Err: errors.New("xen-save-devices-state: error")}
-		case simFailStuck:
-			ev = CheckpointFailed{Now: w.now, Epoch: n, Err: errors.New("stop: context deadline exceeded"), GuestStuck: true}
+	}
+	if a := ps.ending; a != nil {
+		// End waited for it; its outcome is never read. The goroutine
+		// posts it first, into the loop's events channel: full of what
+		// the reader and the sender posted since the loop stopped
+		// reading, the post blocks, and so End (until Run returns).
+		if len(ps.inbox) >= simEventsCap {
+			w.check.violate("e", "session %d: End waits for checkpoint %d, whose outcome cannot be posted: %d events wait in the loop's channel (capacity %d), unread since End", ps.id, n, len(ps.inbox), simEventsCap)
 		}
-		ps.step(ev)
-		ps.run()
-	})
+		w.logf(ps.who, "checkpoint %d done (unread); the session ends", n)
+		ps.end(*a)
+		return
+	}
+	ps.post(simCheckpointDone{epoch: n, kind: o.kind})
+}
+
+// checkpointDone: the loop takes a checkpoint's outcome.
+func (ps *simPrimarySession) checkpointDone(r simCheckpointDone) {
+	w := ps.w
+	var ev any
+	switch r.kind {
+	case simTaken:
+		ev = CheckpointTaken{Now: w.now, Epoch: r.epoch}
+	case simFailRunning:
+		ev = CheckpointFailed{Now: w.now, Epoch: r.epoch, Err: errors.New("xen-save-devices-state: error")}
+	case simFailStuck:
+		ev = CheckpointFailed{Now: w.now, Epoch: r.epoch, Err: errors.New("stop: context deadline exceeded"), GuestStuck: true}
+	}
+	ps.step(ev)
 }
 
 // ship runs the sender: it writes the epochs' frames in order, the last
@@ -1174,6 +1264,9 @@ func (ps *simPrimarySession) receive(f simFrame) {
 		return
 	}
 	now := ps.w.now
+	if f.kind != simEOF {
+		ps.lastRecv = now
+	}
 	switch f.kind {
 	case simHelloFrame:
 		ps.post(BackupMessage{Now: now, Msg: simBackupHello})
@@ -1221,27 +1314,35 @@ type simImage struct {
 
 // simBackupHost is the backup's agent: the Standby and its driver.
 type simBackupHost struct {
-	w              *simWorld
-	up             bool
-	inc            int // incarnation: bumped at each boot
-	sb             *Standby
-	pending, inbox []any
-	tickDue, busy  bool
-	conns          []*simConn // accepted by this incarnation
-	session        *simConn   // the newest SendHello's connection
-	sessions       int        // SendHellos so far: session numbers
-	image          simImage
-	failedOver     bool
-	failover       FailOver
+	w          *simWorld
+	up         bool
+	inc        int // incarnation: bumped at each boot
+	sb         *Standby
+	pending    []any         // the Standby's actions, to carry out in order
+	inbox      []simBackupIn // what the readers handed the loop, not taken yet
+	deferred   []simBackupIn // taken while an epoch was applied: held until it ends
+	tickDue    bool
+	applying   *Apply     // the apply under way, beside the loop
+	applyDone  *Applied   // its outcome, ready for the loop (applyDone)
+	conns      []*simConn // accepted by this incarnation
+	session    *simConn   // the newest SendHello's connection
+	sessions   int        // SendHellos so far: session numbers
+	image      simImage
+	failedOver bool
+	failover   FailOver
 	// For the liveness checks.
 	state StandbyState
 	since time.Time
 }
 
-// simFrameIn is a frame the backup's reader hands its loop.
-type simFrameIn struct {
-	c *simConn
-	f simFrame
+// simBackupIn is what a connection's reader hands the backup's loop (a
+// backupEvent): a frame of c, or a stranger's event (ev: HelloIn,
+// FrameHeard, ConnClosed), stamped with its arrival.
+type simBackupIn struct {
+	at time.Time
+	c  *simConn
+	f  simFrame
+	ev any
 }
 
 // simTakeoverFailOver marks a FailOver that a takeover goodbye caused.
@@ -1256,7 +1357,8 @@ func (b *simBackupHost) boot() {
 		panic(err)
 	}
 	b.up, b.sb, b.session, b.conns = true, sb, nil, nil
-	b.pending, b.inbox, b.busy, b.tickDue = nil, nil, false, false
+	b.pending, b.inbox, b.deferred, b.tickDue = nil, nil, nil, false
+	b.applying, b.applyDone = nil, nil
 	b.inc++
 	b.state, b.since = Waiting, w.now
 	w.logf("backup", "agent starts (incarnation %d)", b.inc)
@@ -1291,15 +1393,19 @@ func (b *simBackupHost) tickLoop(inc int) {
 	})
 }
 
-// receive: a frame arrived on c; the reader hands it to the loop.
+// receive: a frame arrived on c; the reader notes when (lastRecv, for
+// Tick.Heard: not the first frame, nor an error) and hands it to the loop.
 func (b *simBackupHost) receive(c *simConn, f simFrame) {
 	if !b.up || c.backupInc != b.inc || c.backupClosed || c.readerStopped {
 		return
 	}
+	c.framesRead++
 	if f.kind == simEOF || (f.corrupt && c.helloSeen) {
 		c.readerStopped = true
+	} else if c.framesRead > 1 {
+		c.lastRecv = b.w.now
 	}
-	b.inbox = append(b.inbox, simFrameIn{c: c, f: f})
+	b.inbox = append(b.inbox, simBackupIn{at: b.w.now, c: c, f: f})
 	b.run()
 }
 
@@ -1308,39 +1414,91 @@ func (b *simBackupHost) stranger(ev any) {
 	if !b.up {
 		return
 	}
-	b.inbox = append(b.inbox, ev)
+	b.inbox = append(b.inbox, simBackupIn{at: b.w.now, ev: ev})
 	b.run()
 }
 
+// run is Backup.loop: carry out the actions, replay what was held once
+// no apply runs, then take what its select would (a tick, a reader's
+// event, the apply's end), at random among those ready.
 func (b *simBackupHost) run() {
-	for b.up && !b.busy {
+	w := b.w
+	for b.up {
 		if len(b.pending) > 0 {
 			a := b.pending[0]
 			b.pending = b.pending[1:]
 			b.carry(a)
 			continue
 		}
-		if b.tickDue && (len(b.inbox) == 0 || b.w.rng.IntN(2) == 0) {
-			b.tickDue = false
-			b.step(Tick{Now: b.w.now})
+		if b.applying == nil && len(b.deferred) > 0 {
+			in := b.deferred[0]
+			b.deferred = b.deferred[1:]
+			b.take(in)
 			continue
 		}
-		if len(b.inbox) == 0 {
+		var ready [3]int
+		n := 0
+		if b.tickDue {
+			ready[n], n = 0, n+1
+		}
+		if len(b.inbox) > 0 {
+			ready[n], n = 1, n+1
+		}
+		if b.applyDone != nil {
+			ready[n], n = 2, n+1
+		}
+		if n == 0 {
 			break
 		}
-		in := b.inbox[0]
-		b.inbox = b.inbox[1:]
-		b.take(in)
+		pick := ready[0]
+		if n > 1 {
+			pick = ready[w.rng.IntN(n)]
+		}
+		switch pick {
+		case 0:
+			b.tickDue = false
+			// Frames still queued count as heard when they came.
+			var heard time.Time
+			if id := b.sb.Session(); id != 0 {
+				if c := w.conns[id]; c != nil && !c.backupClosed {
+					heard = c.lastRecv
+				}
+			}
+			b.step(Tick{Now: w.now, Heard: heard})
+		case 1:
+			in := b.inbox[0]
+			b.inbox = b.inbox[1:]
+			b.handle(in)
+		case 2:
+			a := *b.applyDone
+			b.applyDone, b.applying = nil, nil
+			a.Now = w.now
+			b.step(a)
+		}
 	}
 }
 
+// handle takes what a reader delivered, as Backup.handle does: held while
+// an epoch is applied (a session's frame counted as heard when it came),
+// else taken at once.
+func (b *simBackupHost) handle(in simBackupIn) {
+	if b.applying != nil || len(b.deferred) > 0 {
+		if c := in.c; c != nil && c.helloSent && !c.backupClosed && in.f.kind != simEOF && !in.f.corrupt {
+			c.heardAt = in.at
+			b.step(FrameHeard{Now: in.at, Conn: c.id})
+		}
+		b.deferred = append(b.deferred, in)
+		return
+	}
+	b.take(in)
+}
+
 // take turns what the reader delivered into the Standby's events, stamped
-// now, as Backup.event does.
-func (b *simBackupHost) take(in any) {
-	now := b.w.now
-	fi, ok := in.(simFrameIn)
-	if !ok {
-		switch e := in.(type) {
+// with its arrival, as Backup.event does.
+func (b *simBackupHost) take(in simBackupIn) {
+	now := in.at
+	if in.c == nil {
+		switch e := in.ev.(type) {
 		case HelloIn:
 			e.Now = now
 			b.step(e)
@@ -1353,7 +1511,7 @@ func (b *simBackupHost) take(in any) {
 		}
 		return
 	}
-	c, f := fi.c, fi.f
+	c, f := in.c, in.f
 	if c.backupClosed {
 		return
 	}
@@ -1367,7 +1525,7 @@ func (b *simBackupHost) take(in any) {
 		b.step(HelloIn{Now: now, Conn: c.id, Hello: simPrimaryHello})
 		return
 	}
-	c.heardAt = now
+	c.heardAt = later(c.heardAt, now)
 	switch f.kind {
 	case simEOF:
 		b.step(ConnClosed{Now: now, Conn: c.id, Err: io.EOF})
@@ -1478,8 +1636,9 @@ func (b *simBackupHost) closeConn(c *simConn) {
 	}
 }
 
-// apply writes the staged epoch into the image; the loop is held until it
-// is done, then Applied is fed back at once.
+// apply writes the staged epoch into the image beside the loop, which
+// goes on ticking (the Standby heartbeats but judges no silence) and holds
+// what arrives; its outcome reaches the loop as Applied.
 func (b *simBackupHost) apply(a Apply) {
 	w := b.w
 	c := w.conns[a.Conn]
@@ -1495,22 +1654,21 @@ func (b *simBackupHost) apply(a Apply) {
 	if w.script.applyFails > 0 {
 		w.script.applyFails--
 	}
-	b.busy = true
+	b.applying = &a
 	inc := b.inc
 	w.after(took, func() {
 		if !b.up || b.inc != inc {
 			return
 		}
-		b.busy = false
-		var err error
+		done := &Applied{Conn: a.Conn, Epoch: a.Epoch}
 		if fail {
 			b.image.torn = true
-			err = errors.New("device state: no space left on device")
+			done.Err = errors.New("device state: no space left on device")
 		} else {
 			b.image = simImage{inc: b.inc, session: c.backupSession, epoch: a.Epoch}
 			c.appliedOK = a.Epoch
 		}
-		b.step(Applied{Now: w.now, Conn: a.Conn, Epoch: a.Epoch, Err: err})
+		b.applyDone = done
 		b.run()
 	})
 }
