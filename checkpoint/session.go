@@ -27,8 +27,11 @@ import (
 //   - the backup says it already resumed the guest (a primary agent that
 //     restarted too late): the guest here is killed, never relayed again.
 //
-// A backup that goes silent or whose link breaks is taken as dead (hosts
-// fail-stop): the session ends and the guest runs on unprotected.
+// A backup that goes silent or whose link breaks may be dead, or alive and
+// about to resume the guest: the session ends with the guest's output still
+// held, and the next session (the agent redials at once) lets it go once a
+// backup answers its hello, or once none can be reached (then the backup is
+// taken as dead: hosts fail-stop, and the guest runs on unprotected).
 //
 //	state       event                               next        actions
 //	----------  ----------------------------------  ----------  ----------------------------------
@@ -37,7 +40,7 @@ import (
 //	                                                            (or Protecting: TakeCheckpoint 1)
 //	Greeting    backup hello (mismatch)             Leaving     SendGoodbye
 //	Greeting    heartbeat                           Greeting    (ignored: only the hello counts)
-//	Greeting    tick past the hello timeout         Ended       PassThrough, End(lost)
+//	Greeting    tick past the hello timeout         Ended       End(lost), output still held
 //	Preparing   prepared                            Protecting  TakeCheckpoint 1
 //	Protecting  tick, epoch due and room in flight  Protecting  TakeCheckpoint N
 //	Protecting  checkpoint taken                    Protecting  Ship N
@@ -48,12 +51,13 @@ import (
 //	            an epoch committed                              End
 //	any live    stop requested / local error        Leaving     SendGoodbye
 //	Leaving     backup confirms the goodbye         Ended       PassThrough, End
-//	Leaving     timeout, link down                  Ended       PassThrough, End
+//	Leaving     timeout, link down                  Ended       End, output still held
 //	any live    backup error "failed over"          Ended       KillGuest, End
 //	any live    backup error (other)                Ended       PassThrough, End
 //	any live    ship failed                         Draining    (wait briefly for the backup's reason)
-//	Draining    backup error / timeout / link down  Ended       PassThrough, End
-//	any live    link down, backup silent            Ended       PassThrough, End(lost)
+//	Draining    backup error                        Ended       PassThrough, End
+//	Draining    timeout / link down                 Ended       End(lost), output still held
+//	any live    link down, backup silent            Ended       End(lost), output still held
 type Session struct {
 	cfg      SessionConfig
 	state    SessionState
@@ -376,12 +380,16 @@ func (s *Session) leave(now time.Time, err error) []any {
 	return []any{Goodbye{Reason: err.Error()}}
 }
 
-// lost ends the session when the backup is unreachable.
+// lost ends the session when the backup is unreachable or silent. The
+// guest's output stays held: the backup may be alive and, if it hears
+// nothing more, resume the guest. Whoever runs the session next (the
+// agent redials at once) lets it go once a backup answers, or once none
+// does (hosts fail-stop).
 func (s *Session) lost(err error) []any {
 	if s.state == Leaving || s.state == Draining {
 		err = s.endErr
 	}
-	return s.end(PassThrough{}, End{Err: err})
+	return s.end(End{Err: err})
 }
 
 func (s *Session) end(acts ...any) []any {
@@ -393,7 +401,7 @@ func (s *Session) tick(now time.Time) []any {
 	switch s.state {
 	case Greeting:
 		if !now.Before(s.deadline) {
-			return s.end(PassThrough{}, End{Err: fmt.Errorf("%w: no hello from the backup within %v", ErrPeerLost, s.cfg.Heartbeat.Timeout)})
+			return s.end(End{Err: fmt.Errorf("%w: no hello from the backup within %v", ErrPeerLost, s.cfg.Heartbeat.Timeout)})
 		}
 		return nil
 	case Leaving, Draining:

@@ -179,8 +179,8 @@ func TestSessionStopSaysGoodbye(t *testing.T) {
 	}
 	r.now = r.now.Add(rigHeartbeat.Timeout)
 	acts = r.step(Tick{Now: r.now})
-	if e, ok := lastEnd(acts); !ok || !errors.Is(e.Err, ErrStopped) {
-		t.Fatalf("after the goodbye timeout: %v", acts)
+	if e, ok := lastEnd(acts); !ok || !errors.Is(e.Err, ErrStopped) || hasAction[PassThrough](acts) {
+		t.Fatalf("after the goodbye timeout: %v, want the end, output still held (the goodbye was not confirmed)", acts)
 	}
 }
 
@@ -204,7 +204,10 @@ func TestSessionShipFailureWaitsForTheBackupsReason(t *testing.T) {
 	}
 }
 
-func TestSessionBackupSilentEndsUnprotected(t *testing.T) {
+// A silent backup ends the session with the output still held: the backup
+// may be alive and about to resume the guest; only a backup that answers a
+// new hello, or none answering at all, lets it go (the agent's part).
+func TestSessionBackupSilentKeepsOutputHeld(t *testing.T) {
 	r := newSessionRig(t, false)
 	r.take(r.backupHello())
 	var acts []any
@@ -215,7 +218,7 @@ func TestSessionBackupSilentEndsUnprotected(t *testing.T) {
 			break
 		}
 	}
-	if e, ok := lastEnd(acts); !ok || !errors.Is(e.Err, ErrPeerLost) || !hasAction[PassThrough](acts) {
-		t.Fatalf("silent backup: %v", acts)
+	if e, ok := lastEnd(acts); !ok || !errors.Is(e.Err, ErrPeerLost) || hasAction[PassThrough](acts) {
+		t.Fatalf("silent backup: %v, want the end without letting output go", acts)
 	}
 }

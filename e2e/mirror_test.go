@@ -20,16 +20,7 @@ func TestMirrorJobEndEndsTheSession(t *testing.T) {
 	l := newLab(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	g := bootPrimary(t, l, ctx, 4000, withDisk(l, 64))
-	p, err := l.Protect(g.prim, g.back, lab.ProtectOptions{HeartbeatTimeout: heartbeatTimeout})
-	if err != nil {
-		t.Fatal(err)
-	}
-	dump(t, l, p)
-	if _, err := p.WaitCommitted(ctx, 3); err != nil {
-		t.Fatal(err)
-	}
-	c := newConsecutiveClient(t, ctx, l)
+	g, p, c := protectGuest(t, ctx, l, lab.ProtectOptions{}, 3, withDisk(l, 64))
 	c.incFor(500 * time.Millisecond)
 
 	mon, err := qmp.Dial(ctx, g.prim.QMP[0])

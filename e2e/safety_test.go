@@ -50,6 +50,26 @@ func (c *consecutiveClient) incFor(d time.Duration) {
 	}
 }
 
+// protectGuest boots the primary guest (with opts), protects it with o
+// (heartbeatTimeout unless o says otherwise), waits for commits epochs and
+// connects a client that checks its replies are consecutive.
+func protectGuest(t *testing.T, ctx context.Context, l *lab.Lab, o lab.ProtectOptions, commits int, opts ...func(*protectedGuest) error) (*protectedGuest, *lab.Protection, *consecutiveClient) {
+	t.Helper()
+	g := bootPrimary(t, l, ctx, 4000, opts...)
+	if o.HeartbeatTimeout == 0 {
+		o.HeartbeatTimeout = heartbeatTimeout
+	}
+	p, err := l.Protect(g.prim, g.back, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dump(t, l, p)
+	if _, err := p.WaitCommitted(ctx, commits); err != nil {
+		t.Fatal(err)
+	}
+	return g, p, newConsecutiveClient(t, ctx, l)
+}
+
 // TestPrimaryRestartNeverFailsOver stops `remusd primary` with SIGTERM and
 // starts it again, five times, as an upgrade does. Each stop says goodbye,
 // so the backup never resumes the guest (there stays one guest); each
@@ -59,16 +79,7 @@ func TestPrimaryRestartNeverFailsOver(t *testing.T) {
 	l := newLab(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	g := bootPrimary(t, l, ctx, 4000)
-	p, err := l.Protect(g.prim, g.back, lab.ProtectOptions{HeartbeatTimeout: heartbeatTimeout})
-	if err != nil {
-		t.Fatal(err)
-	}
-	dump(t, l, p)
-	if _, err := p.WaitCommitted(ctx, 1); err != nil {
-		t.Fatal(err)
-	}
-	c := newConsecutiveClient(t, ctx, l)
+	g, p, c := protectGuest(t, ctx, l, lab.ProtectOptions{}, 1)
 	for i := 1; i <= 5; i++ {
 		c.incFor(time.Second)
 		if err := p.Primary.Stop(30 * time.Second); err != nil {
@@ -112,16 +123,7 @@ func TestPortScanDuringSessionHasNoEffect(t *testing.T) {
 	l := newLab(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	g := bootPrimary(t, l, ctx, 4000)
-	p, err := l.Protect(g.prim, g.back, lab.ProtectOptions{HeartbeatTimeout: heartbeatTimeout})
-	if err != nil {
-		t.Fatal(err)
-	}
-	dump(t, l, p)
-	if _, err := p.WaitCommitted(ctx, 1); err != nil {
-		t.Fatal(err)
-	}
-	c := newConsecutiveClient(t, ctx, l)
+	_, p, c := protectGuest(t, ctx, l, lab.ProtectOptions{}, 1)
 	c.incFor(500 * time.Millisecond)
 	var silent []net.Conn
 	defer func() {
@@ -170,18 +172,9 @@ func TestHangingStopHandsTheGuestOver(t *testing.T) {
 	l := newLab(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	g := bootPrimary(t, l, ctx, 4000)
 	// A long heartbeat timeout: the handover, not silence, must decide.
-	p, err := l.Protect(g.prim, g.back, lab.ProtectOptions{HeartbeatTimeout: time.Minute,
-		PrimaryArgs: []string{"--command-timeout", "2s"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	dump(t, l, p)
-	if _, err := p.WaitCommitted(ctx, 1); err != nil {
-		t.Fatal(err)
-	}
-	c := newConsecutiveClient(t, ctx, l)
+	g, p, c := protectGuest(t, ctx, l, lab.ProtectOptions{HeartbeatTimeout: time.Minute,
+		PrimaryArgs: []string{"--command-timeout", "2s"}}, 1)
 	c.incFor(time.Second)
 	if err := syscall.Kill(g.vm.PID(), syscall.SIGSTOP); err != nil {
 		t.Fatal(err)

@@ -233,10 +233,12 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 				log.Error("the guest's network relay stopped", "err", err)
 			}
 		}()
-		// Nothing the guest sends leaves until the backup answered (a
-		// backup that already resumed this guest says so, and this copy
-		// is stopped) or is found unreachable.
-		gnet.relay.Hold()
+		if !cfg.Net.NoOutputCommit {
+			// Nothing the guest sends leaves until the backup answered (a
+			// backup that already resumed this guest says so, and this
+			// copy is stopped) or is found unreachable.
+			gnet.relay.Hold()
+		}
 	}
 
 	var plug *netbuffer.KernelBuffer
@@ -275,7 +277,9 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 	}
 
 	s := &primarySession{cfg: cfg, q: q, ram: ram, saver: saver, gnet: gnet, plug: plug, disk: disk, epochLog: epochLog, log: log}
+	redialed := false
 	for {
+		s.protected = false
 		err := s.run(ctx)
 		switch {
 		case errors.Is(err, checkpoint.ErrFailedOver), errors.Is(err, checkpoint.ErrHandedOver):
@@ -284,6 +288,24 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 			return nil
 		case cfg.Retry == 0:
 			return err
+		}
+		if s.protected {
+			redialed = false
+		}
+		if !redialed {
+			// A session that ended without the backup's word leaves the
+			// guest's output held: the backup may be alive, and will
+			// resume the guest unless a new session reaches it within its
+			// heartbeat timeout. Redial at once; the new session lets the
+			// output go once the backup answers.
+			redialed = true
+			log.Warn("session with the backup ended; reconnecting at once, the guest's output held until it answers", "err", err)
+			continue
+		}
+		redialed = false
+		if out := s.output(); out != nil {
+			// No backup answers: it is taken as dead (hosts fail-stop).
+			out.PassThrough()
 		}
 		log.Error("protection lost; the guest runs unprotected until the backup is back", "err", err, "retry_in", cfg.Retry)
 		select {
@@ -305,6 +327,8 @@ type primarySession struct {
 	disk     *primaryDisk
 	epochLog *json.Encoder
 	log      *slog.Logger
+	// protected: the last run committed an epoch.
+	protected bool
 }
 
 // output is the session's output commit, nil without one.
@@ -361,6 +385,13 @@ func (s *primarySession) run(ctx context.Context) error {
 		var d net.Dialer
 		first := true
 		nc, err := redial(dctx, 100*time.Millisecond, func(ctx context.Context) (net.Conn, error) {
+			if first {
+				// The first attempt is short: the guest's output waits
+				// on it.
+				var cancel context.CancelFunc
+				ctx, cancel = context.WithTimeout(ctx, cfg.Heartbeat.WithDefaults().Timeout)
+				defer cancel()
+			}
 			c, err := d.DialContext(ctx, "tcp", cfg.Peer)
 			if err != nil && first && out != nil {
 				// No backup to have resumed the guest: it runs on,
@@ -392,11 +423,12 @@ func (s *primarySession) run(ctx context.Context) error {
 		VMName: cfg.VM, Pipeline: cfg.Pipeline, Heartbeat: cfg.Heartbeat, StateDir: cfg.StateDir,
 		Saver: saver, Logger: log, Compress: cfg.Compress,
 		CommandTimeout: cfg.CommandTimeout, KillGuest: s.killGuest, Output: out,
-		OnEpoch: func(s checkpoint.EpochStats) {
+		OnEpoch: func(st checkpoint.EpochStats) {
+			s.protected = true
 			if epochLog == nil {
 				return
 			}
-			rec := NewEpochRecord(s)
+			rec := NewEpochRecord(st)
 			if gnet != nil {
 				st := gnet.relay.Status()
 				rec.NetHeldBytes, rec.NetPeakBytes = st.HeldBytes, st.PeakBytes
