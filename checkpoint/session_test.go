@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -290,6 +291,50 @@ func TestPrimaryResumesGuestWhenSaveFails(t *testing.T) {
 	}
 	if !g.isRunning() {
 		t.Fatal("guest left paused after a failed checkpoint")
+	}
+}
+
+// unholdable is an output commit whose hold fails, as a kernel buffer
+// (sch_plug) whose BUFFER command is refused.
+type unholdable struct{ fakeOutput }
+
+func (o *unholdable) Hold() error { return errors.New("sch_plug: BUFFER: operation not supported") }
+
+// TestPrimaryEndsWhenOutputCannotBeHeld: output that cannot be held must
+// not leave unheld for the whole session: the checkpoint fails, the guest
+// runs on (not paused), the backup is told goodbye and never resumes.
+func TestPrimaryEndsWhenOutputCannotBeHeld(t *testing.T) {
+	g := newFakeGuest(8)
+	tracker, _ := dirtypages.NewCompare(g.ram, dirtypages.Options{})
+	dir := t.TempDir()
+	b, _ := NewBackup(BackupConfig{VMName: "vm1", RAMImage: filepath.Join(dir, "r"), StateFile: filepath.Join(dir, "s"), Heartbeat: hb})
+	defer b.Close()
+	out := &unholdable{fakeOutput{g: g, backup: func() uint64 { return 0 }}}
+	p, err := NewPrimary(PrimaryConfig{VMName: "vm1", KillGuest: noKill, StateDir: dir, Heartbeat: hb, Output: out}, g, g.ram, tracker)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pl, bl := tcpPair(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	backupDone := make(chan error, 1)
+	go func() { backupDone <- b.Serve(ctx, bl) }()
+	err = p.Run(ctx, pl)
+	if err == nil || !strings.Contains(err.Error(), "hold network output") {
+		t.Fatalf("Run = %v, want the failed hold", err)
+	}
+	if berr := <-backupDone; errors.Is(berr, ErrPeerLost) || b.Committed().Epoch != 0 {
+		t.Fatalf("backup: %v, committed %d: want a goodbye and nothing to resume", berr, b.Committed().Epoch)
+	}
+	if !g.isRunning() {
+		t.Fatal("guest left paused")
+	}
+	out.mu.Lock()
+	defer out.mu.Unlock()
+	for _, e := range out.events {
+		if strings.HasPrefix(e, "commit") {
+			t.Fatalf("output released after a failed hold: %v", out.events)
+		}
 	}
 }
 
