@@ -18,8 +18,12 @@ package checkpoint
 //     random delay; a dead host's connection goes silent.
 //   - The primary host (simPrimaryHost): its guest, the agent's network relay
 //     (holding or passing the guest's output), the agent process (SIGTERM,
-//     SIGKILL, restarts; a new agent holds output until the backup answers,
-//     and retries a lost session after Retry), and one simPrimarySession per
+//     SIGKILL, restarts; a new agent holds output until the backup answers;
+//     a session that ends is followed by another at once, the output as
+//     the Session left it, and if that one too ends without committing
+//     anything the output passes and the agent waits Retry; the first dial
+//     of each gives up after the heartbeat timeout, letting the output
+//     pass), and one simPrimarySession per
 //     connection carrying out the Session's actions as Primary.Run does:
 //     TakeCheckpoint runs beside the loop (one at a time: the Session's
 //     busy flag), which meanwhile hears the backup, ticks, heartbeats and
@@ -165,7 +169,7 @@ type simConfig struct {
 	CommandTimeout time.Duration // how long a stuck checkpoint hangs
 	ShipGap        simRange      // between the frames of an epoch
 	Apply          simRange      // the backup's apply
-	Retry          simRange      // the primary agent's wait before a new session
+	Retry          simRange      // the primary agent's wait before a new session (after two that protected nothing)
 	Redial         time.Duration // between dial attempts to a backup that is down
 	BreakNotice    simRange      // from a reset until the far end notices
 
@@ -836,33 +840,47 @@ func (h *simPrimaryHost) agentExited() {
 	h.w.after(h.restartIn, h.startAgent)
 }
 
-// simAgent is one run of the primary's agent process.
+// simAgent is one run of the primary's agent process (RunPrimary).
 type simAgent struct {
 	host     *simPrimaryHost
 	gen      int
 	sess     *simPrimarySession
 	stopping bool // SIGTERM: exit once the session ended
 	dead     bool
+	// redialed: the last session ended and the agent dialed again at
+	// once, the output held; if the new one too ends without protecting
+	// anything, the output passes and the agent waits Retry.
+	redialed bool
 }
 
-// dial connects to the backup and starts a session. A dial into a
-// partition waits until it heals; a backup that is down refuses, the first
-// refusal lets the guest's output pass (no backup can resume it), and the
-// agent dials again.
+// dial connects to the backup and starts a session. The first attempt
+// gives up after the heartbeat timeout (a partition) or at once (a backup
+// that is down refuses): then the guest's output passes (no backup
+// answers, so none resumes it) and the agent dials again, every Redial,
+// until one connects (a dial into a partition connects when it heals).
 func (a *simAgent) dial(first bool) {
 	h, w := a.host, a.host.w
 	if a.dead || a.stopping || h.agent != a || a.sess != nil {
 		return
 	}
 	if end, held := w.partitioned(h); held {
+		if first && end.After(w.now.Add(w.cfg.Heartbeat.Timeout)) {
+			from := w.now
+			w.after(w.cfg.Heartbeat.Timeout, func() {
+				if a.dead || a.stopping || h.agent != a || a.sess != nil {
+					return
+				}
+				a.unreachable(fmt.Sprintf("a partition held the agent's first dial from %.3fs for the heartbeat timeout", from.Sub(w.start).Seconds()))
+				a.dial(false)
+			})
+			return
+		}
 		w.at(end, func() { a.dial(first) })
 		return
 	}
 	if !w.backup.up {
 		if first {
-			w.logf(h.name, "backup unreachable: output passes")
-			h.passing, h.passedBy = true, nil
-			w.check.released(h, nil, "relay pass-through (backup unreachable)")
+			a.unreachable("")
 		}
 		w.after(w.cfg.Redial, func() { a.dial(false) })
 		return
@@ -870,18 +888,53 @@ func (a *simAgent) dial(first bool) {
 	a.sess = newSimPrimarySession(a)
 }
 
+// unreachable: the first dial failed; the output passes. netFault names a
+// partition that failed it (both hosts up): if the backup resumed the
+// guest meanwhile, the two live guests are a network fault, as invariant d
+// has it (released), not a violation.
+func (a *simAgent) unreachable(netFault string) {
+	h, w := a.host, a.host.w
+	w.logf(h.name, "backup unreachable: output passes")
+	h.passing, h.passedBy = true, nil
+	const what = "relay pass-through (backup unreachable)"
+	if fo := w.check.failover; netFault != "" && fo != nil && fo.lineage == h && fo.excused == "" && h.alive && h.guest {
+		w.check.twoGuests(netFault, what+" by the agent after the backup resumed the guest")
+		return
+	}
+	w.check.released(h, nil, what)
+}
+
 // ended: the session is over; the agent exits (the guest is gone, or it
-// was asked to stop) or tries again after Retry.
+// was asked to stop), or dials again at once with the output held (a
+// session that ended without the backup's word leaves it held: the backup
+// may be alive and about to resume the guest), or, when the session
+// before also ended without protecting anything, lets the output pass and
+// dials again after Retry.
 func (a *simAgent) ended(err error) {
 	h, w := a.host, a.host.w
+	ps := a.sess
+	protected := ps != nil && ps.released > 0 // OnEpoch was called
 	a.sess = nil
 	h.ends = append(h.ends, err)
 	switch {
 	case errors.Is(err, ErrFailedOver), errors.Is(err, ErrHandedOver), a.stopping, h.oneSession:
 		a.exit()
-	default:
-		w.after(w.dur(w.cfg.Retry), func() { a.dial(true) })
+		return
 	}
+	if protected {
+		a.redialed = false
+	}
+	if !a.redialed {
+		a.redialed = true
+		w.logf(h.name, "session ended; dialing again at once (output as it was)")
+		w.after(0, func() { a.dial(true) })
+		return
+	}
+	a.redialed = false
+	w.logf(h.name, "protection lost: output passes; dialing again after the retry wait")
+	h.passing, h.passedBy = true, ps
+	w.check.released(h, ps, "relay pass-through (protection lost)")
+	w.after(w.dur(w.cfg.Retry), func() { a.dial(true) })
 }
 
 func (a *simAgent) exit() {
