@@ -187,9 +187,10 @@ type simConfig struct {
 // heartbeat timeout, to keep runs short. The protocol no longer needs that
 // (checkpoints and applies run beside the loops, which keep heartbeating:
 // testdata/sim/slow-checkpoint.txt and slow-backup.txt); -sim.wide draws
-// longer ones and the agents' real command timeout, 10 s. Scripts retry a
-// lost session after 100 ms; randomized runs draw the retry up to the
-// agents' default of 1 s.
+// longer ones and the agents' real command timeout, 10 s. The agent waits
+// Retry only after two sessions in a row that protected nothing (the
+// first redial is at once): 100 ms in scripts, drawn up to the agents'
+// default of 1 s in randomized runs.
 func simDefaults() simConfig {
 	return simConfig{
 		Heartbeat:      failover.DetectorConfig{Interval: 100 * time.Millisecond, Timeout: 500 * time.Millisecond},
@@ -980,6 +981,7 @@ type simPrimarySession struct {
 	taken, released     uint64
 	saidGoodbye         bool // a plain goodbye was sent
 	saidTakeover        bool
+	passedAtEnd         bool // its end let the output pass (PassThrough, End)
 	// For the liveness checks.
 	state           SessionState
 	since, progress time.Time
@@ -1167,6 +1169,7 @@ func (ps *simPrimarySession) carry(a any) {
 		}
 	case PassThrough:
 		h.passing, h.passedBy = true, ps
+		ps.passedAtEnd = ps.s.State() == Ended
 		w.check.released(h, ps, "PassThrough")
 	case End:
 		if n := ps.checkpointing; n != 0 {
@@ -1221,8 +1224,8 @@ func (ps *simPrimarySession) checkpointEnds(gen int, n uint64, o simCheckpoint) 
 		if n == 1 {
 			// Output.Hold, in the first pause: also when the session
 			// ended meanwhile and let the output pass.
-			if h.passing && ps.s.State() == Ended {
-				w.logf(h.name, "checkpoint 1 holds the output again after its session let it pass")
+			if h.passing && h.passedBy == ps && ps.passedAtEnd {
+				w.logf(h.name, "checkpoint 1 holds the output again after its session's end let it pass")
 			}
 			h.passing = false
 		}
