@@ -85,6 +85,11 @@ type PrimaryConfig struct {
 	// unknown state: the session hands the guest over to the backup (see
 	// Session). Default DefaultCommandTimeout.
 	CommandTimeout time.Duration
+	// GuestGone, when set, reports whether the guest's QEMU has exited. A
+	// checkpoint that fails because QEMU is gone (crashed, killed) hands the
+	// guest over instead of saying goodbye: a backup told goodbye would
+	// never resume it.
+	GuestGone func() bool
 	// KillGuest ends the guest's QEMU here for good: the backup resumed it
 	// or is told to (see Session). Required: a session that cannot stop a
 	// guest cannot promise there is only one.
@@ -330,6 +335,21 @@ type primaryDriver struct {
 	// checkpointing counts the checkpoint under way (one at most).
 	checkpointing sync.WaitGroup
 	lastRecv      atomic.Int64 // Unix ns of the newest frame from the backup
+	passed        bool         // the session let the guest's output go
+}
+
+// waitCheckpoint waits for a checkpoint under way, draining the events
+// meanwhile so that its report can always be posted.
+func (d *primaryDriver) waitCheckpoint() {
+	done := make(chan struct{})
+	go func() { d.checkpointing.Wait(); close(done) }()
+	for {
+		select {
+		case <-done:
+			return
+		case <-d.events:
+		}
+	}
 }
 
 // checkpointDone is a checkpoint's result, from its goroutine.
@@ -386,6 +406,9 @@ func (d *primaryDriver) do(acts []any) (error, bool) {
 			go func() {
 				defer d.checkpointing.Done()
 				ed, err, stuck := p.checkpoint(d.ctx, a.Epoch, a.Started)
+				if err != nil && p.cfg.GuestGone != nil && p.cfg.GuestGone() {
+					err, stuck = fmt.Errorf("%w (the guest's QEMU is gone)", err), true
+				}
 				d.post(checkpointDone{epoch: a.Epoch, ed: ed, err: err, stuck: stuck})
 			}()
 		case Ship:
@@ -428,12 +451,19 @@ func (d *primaryDriver) do(acts []any) (error, bool) {
 				}
 			}
 		case PassThrough:
+			d.passed = true
 			if p.cfg.Output != nil {
 				p.cfg.Output.PassThrough()
 			}
 		case End:
 			// A checkpoint under way ends first: it resumes the guest.
-			d.checkpointing.Wait()
+			// Its report is drained meanwhile (the loop reads no more),
+			// and output let go by this session stays let go (the
+			// checkpoint may have held it again).
+			d.waitCheckpoint()
+			if d.passed && p.cfg.Output != nil {
+				p.cfg.Output.PassThrough()
+			}
 			if s, ok := d.link.(interface{ Shutdown(context.Context) error }); ok {
 				// The backup reads the goodbye, then a clean end.
 				sctx, cancel := context.WithTimeout(d.ctx, time.Second)

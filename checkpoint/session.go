@@ -386,7 +386,9 @@ func (s *Session) leave(now time.Time, err error) []any {
 // agent redials at once) lets it go once a backup answers, or once none
 // does (hosts fail-stop).
 func (s *Session) lost(err error) []any {
-	if s.state == Leaving || s.state == Draining {
+	if (s.state == Leaving || s.state == Draining) && !errors.Is(s.endErr, ErrPeerLost) {
+		err = fmt.Errorf("%w; the backup did not confirm the end: %w", s.endErr, ErrPeerLost)
+	} else if s.state == Leaving || s.state == Draining {
 		err = s.endErr
 	}
 	return s.end(End{Err: err})

@@ -316,7 +316,10 @@ func failOver(ctx context.Context, cfg BackupConfig, lost *checkpoint.PrimaryLos
 	if err := step(ctx, log, "resume the last committed checkpoint", func() error {
 		res, err := failover.Restore(ctx, mon, r.IncomingURI, format)
 		r.LoadMS = ms(res.Load)
-		return err
+		if err != nil {
+			return fmt.Errorf("%w\nQEMU's output (%s):\n%s", err, filepath.Join(cfg.StateDir, "qemu.log"), tail(filepath.Join(cfg.StateDir, "qemu.log"), 2000))
+		}
+		return nil
 	}); err != nil {
 		cmd.Process.Kill()
 		return r, err
@@ -337,6 +340,18 @@ func failOver(ctx context.Context, cfg BackupConfig, lost *checkpoint.PrimaryLos
 		}
 	}
 	return r, nil
+}
+
+// tail returns the last n bytes of a file, or why it cannot.
+func tail(path string, n int) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err.Error()
+	}
+	if len(b) > n {
+		b = b[len(b)-n:]
+	}
+	return string(b)
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

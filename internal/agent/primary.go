@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -292,7 +293,7 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 		if s.protected {
 			redialed = false
 		}
-		if !redialed {
+		if !redialed && errors.Is(err, checkpoint.ErrPeerLost) {
 			// A session that ended without the backup's word leaves the
 			// guest's output held: the backup may be alive, and will
 			// resume the guest unless a new session reaches it within its
@@ -302,11 +303,14 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 			log.Warn("session with the backup ended; reconnecting at once, the guest's output held until it answers", "err", err)
 			continue
 		}
-		redialed = false
-		if out := s.output(); out != nil {
-			// No backup answers: it is taken as dead (hosts fail-stop).
-			out.PassThrough()
+		if redialed {
+			if out := s.output(); out != nil {
+				// No backup answers: it is taken as dead (hosts
+				// fail-stop).
+				out.PassThrough()
+			}
 		}
+		redialed = false
 		log.Error("protection lost; the guest runs unprotected until the backup is back", "err", err, "retry_in", cfg.Retry)
 		select {
 		case <-ctx.Done():
@@ -360,6 +364,18 @@ func (s *primarySession) killGuest(ctx context.Context, reason string) error {
 		return fmt.Errorf("kill QEMU pid %d: %w", s.q.PID, err)
 	}
 	return nil
+}
+
+// guestGone reports whether the guest's QEMU has exited (no such process,
+// or a zombie).
+func (s *primarySession) guestGone() bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", s.q.PID))
+	if err != nil {
+		return true
+	}
+	// pid (comm) state ...: the state follows the last ')'.
+	i := bytes.LastIndexByte(b, ')')
+	return i < 0 || i+2 >= len(b) || b[i+2] == 'Z' || b[i+2] == 'X'
 }
 
 func (s *primarySession) run(ctx context.Context) error {
@@ -422,7 +438,7 @@ func (s *primarySession) run(ctx context.Context) error {
 	pcfg := checkpoint.PrimaryConfig{
 		VMName: cfg.VM, Pipeline: cfg.Pipeline, Heartbeat: cfg.Heartbeat, StateDir: cfg.StateDir,
 		Saver: saver, Logger: log, Compress: cfg.Compress,
-		CommandTimeout: cfg.CommandTimeout, KillGuest: s.killGuest, Output: out,
+		CommandTimeout: cfg.CommandTimeout, KillGuest: s.killGuest, GuestGone: s.guestGone, Output: out,
 		OnEpoch: func(st checkpoint.EpochStats) {
 			s.protected = true
 			if epochLog == nil {
