@@ -165,7 +165,8 @@ type RAMBlock struct {
 }
 
 // parseRAMBlocks reads the table `info ramblock` prints: a header line,
-// then per block its name, page size (two fields), offset, used and total.
+// then per block its name, page size (two fields), offset, used and total
+// (QEMU 10.0 adds the host address and ro/rw, and ends lines with \r\n).
 func parseRAMBlocks(out string) ([]RAMBlock, error) {
 	var blocks []RAMBlock
 	for i, line := range strings.Split(strings.TrimSpace(out), "\n") {
@@ -173,7 +174,7 @@ func parseRAMBlocks(out string) ([]RAMBlock, error) {
 		if i == 0 || len(f) == 0 {
 			continue // the header
 		}
-		if len(f) != 6 {
+		if len(f) < 6 {
 			return nil, fmt.Errorf("info ramblock: unexpected line %q", line)
 		}
 		used, err := strconv.ParseUint(strings.TrimPrefix(f[4], "0x"), 16, 64)

@@ -27,6 +27,22 @@ const ramblocks = `              Block Name    PSize              Offset        
       /rom@etc/acpi/rsdp    4 KiB  0x0000000009340000 0x0000000000001000 0x0000000000001000
 `
 
+// The same from QEMU 10.0: two more columns, and \r\n line ends.
+const ramblocks10 = "              Block Name    PSize              Offset               Used              Total                HVA  RO\r\n" +
+	"                    ram0    4 KiB  0x0000000000000000 0x0000000008000000 0x0000000008000000 0x00007fa09bfff000  rw\r\n" +
+	"   0000:00:01.0/vga.vram    4 KiB  0x0000000008080000 0x0000000001000000 0x0000000001000000 0x00007fa09a000000  rw\r\n" +
+	"                 pc.bios    4 KiB  0x0000000008000000 0x0000000000040000 0x0000000000040000 0x00007fa0a4a00000  ro\r\n"
+
+func TestUnreplicatedRAM10(t *testing.T) {
+	blocks, err := parseRAMBlocks(ramblocks10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bad := unreplicated(blocks, "ram0"); len(bad) != 1 || bad[0].Name != "0000:00:01.0/vga.vram" {
+		t.Fatalf("unreplicated %v, want the VGA's video RAM only", bad)
+	}
+}
+
 func TestUnreplicatedRAM(t *testing.T) {
 	blocks, err := parseRAMBlocks(ramblocks)
 	if err != nil {
