@@ -46,6 +46,8 @@ import (
 //	Protecting  checkpoint taken                    Protecting  Ship N
 //	Protecting  ack N (oldest in flight)            Protecting  Release N
 //	Protecting  ack out of order                    Leaving     SendGoodbye
+//	Protecting  heartbeat naming a newer committed  Protecting  Release up to it (an ack lost on
+//	            epoch                                           the way is implied)
 //	any live    checkpoint failed, guest running    Leaving     SendGoodbye
 //	any live    checkpoint failed, guest stuck,     Ended       KillGuest, SendGoodbye(takeover),
 //	            an epoch committed                              End
@@ -327,7 +329,24 @@ func (s *Session) message(e BackupMessage) []any {
 		return append(acts, s.due(e.Now)...)
 	case transport.Heartbeat:
 		// Before the hello it is ignored: only the hello opens the session.
-		return nil
+		if (s.state != Running && s.state != Leaving) || m.LastCommitted <= s.pipe.Committed() {
+			return nil
+		}
+		// The backup's heartbeat names its committed epoch: an ack lost on
+		// the way (not on TCP, which loses nothing, but on any link that
+		// might) is implied by it, and the session does not stall.
+		var acts []any
+		for _, f := range s.pipe.InFlight() {
+			if f.Epoch > m.LastCommitted {
+				break
+			}
+			s.pipe.Acked(f.Epoch)
+			acts = append(acts, Release{Epoch: f.Epoch, Started: f.Started})
+		}
+		if s.pipe.Committed() < m.LastCommitted {
+			return s.leave(e.Now, fmt.Errorf("%w: the backup reports epoch %d committed; this session took %d", ErrPeerRejected, m.LastCommitted, s.pipe.Committed()))
+		}
+		return append(acts, s.due(e.Now)...)
 	case transport.Ack:
 		if s.state != Running && s.state != Leaving {
 			return s.leave(e.Now, fmt.Errorf("%w: ack of epoch %d before any epoch", ErrPeerRejected, e.Epoch))

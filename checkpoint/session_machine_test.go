@@ -222,3 +222,21 @@ func TestSessionBackupSilentKeepsOutputHeld(t *testing.T) {
 		t.Fatalf("silent backup: %v, want the end without letting output go", acts)
 	}
 }
+
+// An ack lost on the way does not stall the session: the backup's next
+// heartbeat names its committed epoch, which releases the output up to it.
+func TestSessionHeartbeatImpliesLostAck(t *testing.T) {
+	r := newSessionRig(t, false)
+	r.take(r.backupHello()) // epoch 1 in flight; its ack is lost
+	acts := r.step(BackupMessage{Now: r.now, Msg: transport.Heartbeat{LastCommitted: 1}})
+	if len(acts) == 0 || acts[0] != (Release{Epoch: 1, Started: time.Unix(1000, 0)}) {
+		t.Fatalf("heartbeat naming epoch 1 committed: %v, want Release 1", acts)
+	}
+	if r.s.Committed() != 1 {
+		t.Fatalf("committed %d", r.s.Committed())
+	}
+	acts = r.step(BackupMessage{Now: r.now, Msg: transport.Heartbeat{LastCommitted: 5}})
+	if !hasAction[Goodbye](acts) || hasAction[Release](acts) {
+		t.Fatalf("heartbeat naming an epoch never taken: %v, want a goodbye", acts)
+	}
+}

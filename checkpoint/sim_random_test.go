@@ -20,7 +20,7 @@ var (
 	simSeedFlag  = flag.Uint64("sim.seed", 0, "TestSimRandomized: run this seed only, with its whole trace")
 	simSeedsFlag = flag.Int("sim.seeds", 10000, "TestSimRandomized: how many seeds to run")
 	simTraceFlag = flag.Bool("sim.trace", false, "print the whole trace of a seed or scenario run (with -v)")
-	simWideFlag  = flag.Bool("sim.wide", false, "TestSimRandomized: also draw pauses and applies longer than the heartbeat timeout, and the agents' real 10 s command timeout (the known bugs)")
+	simWideFlag  = flag.Bool("sim.wide", false, "TestSimRandomized: also draw pauses and applies longer than the heartbeat timeout, and the agents' real 10 s command timeout")
 )
 
 // TestSimRandomized runs the simulation with random faults, one seed a run
@@ -121,17 +121,7 @@ func TestSimRandomized(t *testing.T) {
 var simKnownBugs = []struct {
 	name, script string
 	match        func(w *simWorld, v simViolation) bool
-}{
-	{"stale-handover", "stale-handover.txt", func(w *simWorld, v simViolation) bool {
-		return v.inv == "e" && strings.Contains(v.msg, "killed its guest to hand it over, but the backup's")
-	}},
-	// As many acks lost in a row as epochs may be in flight: the session
-	// stalls for good (lost acks are a transport fault TCP does not make).
-	{"lost-ack-stall", "lost-ack.txt", func(w *simWorld, v simViolation) bool {
-		return v.inv == "e" && w.lostAcks > 0 &&
-			(strings.Contains(v.msg, "stuck in protecting") || strings.Contains(v.msg, "protection not restored"))
-	}},
-}
+}{}
 
 // simKnown names the known bug behind w's violations, if every one is of
 // it.
@@ -200,11 +190,6 @@ func simRandomRunTraced(seed uint64, wide, keepTrace, untraced bool) *simWorld {
 	cfg.PFailRunning, cfg.PFailStuck, cfg.PSlowPause = on(0.01), on(0.005), on(0.02)
 	cfg.PApplyFail, cfg.PSlowApply = on(0.005), on(0.02)
 	cfg.PCorrupt, cfg.PLoseAck, cfg.PPrepareFail = on(0.005), on(0.002), on(0.1)
-	if cfg.Pipeline.MaxInFlight == 1 {
-		// A lost ack with one epoch in flight stalls the session for good
-		// (known bug lost-ack-stall): more often than not with these odds.
-		cfg.PLoseAck = 0
-	}
 	if wide {
 		cfg.CommandTimeout = 10 * time.Second
 		cfg.SlowPause = simRange{20 * time.Millisecond, time.Second}

@@ -1329,7 +1329,8 @@ func (ps *simPrimarySession) receive(f simFrame) {
 	case simAckFrame:
 		ps.post(BackupMessage{Now: now, Epoch: f.epoch, Msg: transport.Ack{}})
 	case simHeartbeatFrame:
-		ps.post(BackupMessage{Now: now, Msg: transport.Heartbeat{}})
+		// The backup's heartbeat carries its committed epoch (in epoch).
+		ps.post(BackupMessage{Now: now, Msg: transport.Heartbeat{LastCommitted: f.epoch}})
 	case simErrorFrame:
 		ps.post(BackupMessage{Now: now, Epoch: f.epoch, Msg: transport.Error{Code: f.code, Message: "from the backup"}})
 	case simEOF:
@@ -1668,7 +1669,7 @@ func (b *simBackupHost) carry(a any) {
 	case SendHeartbeat:
 		c := w.conns[a.Conn]
 		w.check.backupSends(c, "a heartbeat")
-		c.toPrimary.push(simFrame{kind: simHeartbeatFrame}, 0)
+		c.toPrimary.push(simFrame{kind: simHeartbeatFrame, epoch: a.Committed}, 0)
 	case SendGoodbye:
 		c := w.conns[a.Conn]
 		w.check.backupSends(c, "a goodbye")
