@@ -30,6 +30,11 @@ type BackupConfig struct {
 	// initial copy at once, an epoch's held until it commits
 	// (diskmirror.Journal).
 	Disk DiskJournal
+	// Fence, when set, fences the primary's host (given as host:port)
+	// before the guest is resumed after the primary went silent; an error
+	// means it may be alive, and the guest is not resumed (the fence is
+	// tried again).
+	Fence func(ctx context.Context, primary string) error
 	// DiskSize is the size of the backup's disk image (0: none); a
 	// primary that mirrors a disk of another size is refused.
 	DiskSize uint64
@@ -105,6 +110,10 @@ type Backup struct {
 	// deltas need this one in the image), its frames counted as heard.
 	applying  *Apply
 	applyDone chan error
+	// A fence runs beside the loop as an apply does.
+	fencing     bool
+	fenceDone   chan error
+	primaryAddr string // the session's primary, for the fence
 	deferred  []backupEvent
 }
 
@@ -128,7 +137,7 @@ func NewBackup(cfg BackupConfig) (*Backup, error) {
 	if cfg.RAMImage == "" || cfg.StateFile == "" || cfg.VMName == "" {
 		return nil, errors.New("checkpoint: backup needs VMName, RAMImage and StateFile")
 	}
-	sb, err := NewStandby(StandbyConfig{VMName: cfg.VMName, DiskSize: cfg.DiskSize, Heartbeat: cfg.Heartbeat})
+	sb, err := NewStandby(StandbyConfig{VMName: cfg.VMName, DiskSize: cfg.DiskSize, Heartbeat: cfg.Heartbeat, Fence: cfg.Fence != nil})
 	if err != nil {
 		return nil, err
 	}
@@ -137,7 +146,7 @@ func NewBackup(cfg BackupConfig) (*Backup, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Backup{cfg: cfg, sb: sb, conns: map[ConnID]*backupConn{}, applyDone: make(chan error, 1),
+	return &Backup{cfg: cfg, sb: sb, conns: map[ConnID]*backupConn{}, applyDone: make(chan error, 1), fenceDone: make(chan error, 1),
 		log: log.With("vm", cfg.VMName, "role", "backup")}, nil
 }
 
@@ -197,6 +206,10 @@ func (b *Backup) loop(ctx context.Context, conns <-chan Link, failOver func(cont
 			<-b.applyDone // never leave an apply running
 			b.applying = nil
 		}
+		if b.fencing {
+			<-b.fenceDone
+			b.fencing = false
+		}
 		for _, c := range b.conns {
 			b.closeConn(ctx, c, "the backup stops")
 		}
@@ -236,6 +249,12 @@ func (b *Backup) loop(ctx context.Context, conns <-chan Link, failOver func(cont
 			a := b.applying
 			b.applying = nil
 			acts = b.sb.Step(Applied{Now: time.Now(), Conn: a.Conn, Epoch: a.Epoch, Err: err})
+		case err := <-b.fenceDone:
+			b.fencing = false
+			if err == nil {
+				b.log.Warn("fenced the primary's host", "primary", b.primaryAddr)
+			}
+			acts = b.sb.Step(FenceDone{Now: time.Now(), Err: err})
 		case ev := <-events:
 			if err := b.handle(ctx, ev); err != nil {
 				return err
@@ -269,7 +288,7 @@ func (b *Backup) loop(ctx context.Context, conns <-chan Link, failOver func(cont
 // applied (its frame counted as heard), else turned into the Standby's
 // events and carried out.
 func (b *Backup) handle(ctx context.Context, ev backupEvent) error {
-	if b.applying != nil || len(b.deferred) > 0 {
+	if b.applying != nil || b.fencing || len(b.deferred) > 0 {
 		if c := b.conns[ev.id]; c != nil && c.session && ev.err == nil {
 			b.sb.Step(FrameHeard{Now: ev.at, Conn: ev.id})
 		}
@@ -284,7 +303,7 @@ func (b *Backup) handle(ctx context.Context, ev backupEvent) error {
 
 // replay takes what arrived during an apply, once it ended.
 func (b *Backup) replay(ctx context.Context) error {
-	for b.applying == nil && len(b.deferred) > 0 && b.lost == nil {
+	for b.applying == nil && !b.fencing && len(b.deferred) > 0 && b.lost == nil {
 		ev := b.deferred[0]
 		b.deferred = b.deferred[1:]
 		if err := b.do(ctx, b.event(ev)); err != nil {
@@ -447,7 +466,8 @@ func (b *Backup) do(ctx context.Context, acts []any) error {
 				acts = append(acts, b.sb.Step(ConnClosed{Now: time.Now(), Conn: c.id, Err: err})...)
 				continue
 			}
-			b.log.Info("primary connected", "from", remoteAddr(c.link), "ram_bytes", b.ramSize)
+			b.primaryAddr = remoteAddr(c.link)
+			b.log.Info("primary connected", "from", b.primaryAddr, "ram_bytes", b.ramSize)
 		case Reject:
 			if c := b.conns[a.Conn]; c != nil {
 				if c.session {
@@ -491,6 +511,13 @@ func (b *Backup) do(ctx context.Context, acts []any) error {
 			} else {
 				b.log.Info(a.Msg)
 			}
+		case Fence:
+			if b.cfg.Fence == nil {
+				return errors.New("checkpoint: the Standby asked for a fence and none is configured")
+			}
+			b.fencing = true
+			b.log.Warn("primary lost: fencing its host before resuming the guest", "primary", b.primaryAddr, "committed_epoch", a.Epoch, "cause", a.Cause)
+			go func(primary string) { b.fenceDone <- b.cfg.Fence(ctx, primary) }(b.primaryAddr)
 		case FailOver:
 			b.lost = &PrimaryLost{Committed: b.Committed(), LastHeard: a.LastHeard, DeclaredAt: a.Declared, Cause: a.Cause}
 		}

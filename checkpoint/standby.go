@@ -51,6 +51,10 @@ import (
 //	Syncing/Prot tick while applying                unchanged    (no verdict: the silence is judged
 //	                                                             once the apply ended)
 //	Prot/Suspect tick: silent for the timeout       FailedOver   Close, FailOver N
+//	Prot/Suspect same, with a fence command         Fencing      Close, Fence
+//	Fencing      fence done                         FailedOver   FailOver N
+//	Fencing      fence failed                       Fencing      Note; Fence again after a timeout
+//	Fencing      hello (valid)                      Syncing      the primary lives: a new session
 //	Syncing      tick: silent for the timeout       Waiting      Close (nothing to resume)
 type Standby struct {
 	cfg   StandbyConfig
@@ -64,6 +68,11 @@ type Standby struct {
 	// epochs and not a state to resume.
 	applying bool
 	cause    error // why the session's link went quiet, for the failover
+
+	// Fencing: when the primary was declared dead, and when a failed fence
+	// is tried again (zero while one runs).
+	lastHeard, declared time.Time
+	fenceAgain          time.Time
 }
 
 // ConnID names one connection for the machines; the driver numbers them.
@@ -78,6 +87,10 @@ type StandbyConfig struct {
 	// must announce the same.
 	RAMSize, DiskSize uint64
 	Heartbeat         failover.DetectorConfig
+	// Fence: the primary's host is fenced (a fence command, STONITH-style)
+	// before the guest is resumed after silence; no failover until a fence
+	// succeeds. A takeover needs none: the primary stopped its guest.
+	Fence bool
 }
 
 // StandbyState is where a Standby is in the protocol.
@@ -96,6 +109,9 @@ const (
 	Suspect
 	// FailedOver: the guest was resumed here. Final.
 	FailedOver
+	// Fencing: the primary went silent; its host is being fenced before
+	// the guest is resumed here (or the fence failed and is tried again).
+	Fencing
 )
 
 func (s StandbyState) String() string {
@@ -110,6 +126,8 @@ func (s StandbyState) String() string {
 		return "suspect"
 	case FailedOver:
 		return "failed-over"
+	case Fencing:
+		return "fencing"
 	}
 	return fmt.Sprintf("StandbyState(%d)", int(s))
 }
@@ -132,7 +150,7 @@ func (s *Standby) State() StandbyState { return s.state }
 // Committed is the newest epoch of the current session that may be resumed
 // (0: none).
 func (s *Standby) Committed() uint64 {
-	if s.applying || (s.state != Protecting && s.state != Suspect && s.state != FailedOver) {
+	if s.applying || (s.state != Protecting && s.state != Suspect && s.state != FailedOver && s.state != Fencing) {
 		return 0
 	}
 	return s.committed
@@ -197,6 +215,12 @@ type (
 		Conn ConnID
 		Err  error
 	}
+	// FenceDone: the fence the Standby asked for ended (Err: it failed or
+	// timed out: the primary's host may be alive).
+	FenceDone struct {
+		Now time.Time
+		Err error
+	}
 	// Tick advances the clock. Heard, when set, is when the newest frame
 	// came off the session's link (the driver's reader notes it as it
 	// arrives): it counts before the failure detector judges, so frames
@@ -245,6 +269,12 @@ type (
 	SendGoodbye struct {
 		Conn   ConnID
 		Reason string
+	}
+	// Fence runs the fence command against the primary's host before the
+	// guest is resumed here; report FenceDone.
+	Fence struct {
+		Epoch uint64
+		Cause error
 	}
 	// FailOver resumes Epoch here.
 	FailOver struct {
@@ -326,6 +356,16 @@ func (s *Standby) Step(ev any) []any {
 		}
 		s.state, s.cause = Suspect, fmt.Errorf("receive from primary: %w", e.Err)
 		return []any{Discard{}, Note{Msg: "connection to the primary broken without a goodbye; waiting out the heartbeat timeout", Err: e.Err}}
+	case FenceDone:
+		if s.state != Fencing {
+			return nil
+		}
+		if e.Err != nil {
+			s.fenceAgain = e.Now.Add(s.cfg.Heartbeat.Timeout)
+			return []any{Note{Msg: fmt.Sprintf("fencing the primary failed: the guest is not resumed here (the primary may still run it); trying again in %v", s.cfg.Heartbeat.Timeout), Err: e.Err}}
+		}
+		s.state = FailedOver
+		return []any{FailOver{Epoch: s.committed, LastHeard: s.lastHeard, Declared: s.declared, Cause: fmt.Errorf("%w; the primary's host was fenced", s.cause)}}
 	case Tick:
 		return s.tick(e.Now, e.Heard)
 	}
@@ -373,6 +413,13 @@ func (s *Standby) endSession(c ConnID, acts ...any) []any {
 }
 
 func (s *Standby) tick(now, heard time.Time) []any {
+	if s.state == Fencing {
+		if s.fenceAgain.IsZero() || now.Before(s.fenceAgain) {
+			return nil
+		}
+		s.fenceAgain = time.Time{}
+		return []any{Fence{Epoch: s.committed, Cause: s.cause}}
+	}
 	switch s.state {
 	case Syncing, Protecting:
 		if !heard.IsZero() {
@@ -396,6 +443,10 @@ func (s *Standby) tick(now, heard time.Time) []any {
 	if v.PeerDead {
 		if s.cause == nil {
 			s.cause = fmt.Errorf("no frame for %v", v.Silence.Round(time.Millisecond))
+		}
+		if n := s.Committed(); n > 0 && s.cfg.Fence {
+			s.state, s.lastHeard, s.declared = Fencing, s.det.LastHeard(), now
+			return []any{CloseConn{Conn: s.conn, Reason: "the primary is silent"}, Fence{Epoch: n, Cause: s.cause}}
 		}
 		if n := s.Committed(); n > 0 {
 			return s.failOver(s.det.LastHeard(), now, s.cause, CloseConn{Conn: s.conn, Reason: "the primary is silent"})

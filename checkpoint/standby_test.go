@@ -253,3 +253,64 @@ func TestStandbyRejectsMismatchedHelloWithoutTouchingTheSession(t *testing.T) {
 		t.Fatalf("session %d committed %d after a stranger's hello", r.sb.Session(), r.sb.Committed())
 	}
 }
+
+// With a fence command the backup resumes the guest only once the
+// primary's host was fenced: a failed fence means no failover (the primary
+// may still run the guest), tried again after a timeout; a primary that
+// says hello meanwhile is alive and protected again.
+func TestStandbyFencesBeforeFailOver(t *testing.T) {
+	newFencing := func(t *testing.T) *standbyRig {
+		r := newStandbyRig(t)
+		r.sb.cfg.Fence = true
+		r.hello(1)
+		r.commit(1, 1)
+		r.commit(1, 2)
+		acts := r.advance(time.Second)
+		if len(failOvers(acts)) != 0 || !hasAction[Fence](acts) || r.sb.State() != Fencing {
+			t.Fatalf("silence with a fence command: %v (state %v), want a fence and no failover", acts, r.sb.State())
+		}
+		return r
+	}
+	t.Run("fenced", func(t *testing.T) {
+		r := newFencing(t)
+		acts := r.step(FenceDone{Now: r.now})
+		if f := failOvers(acts); len(f) != 1 || f[0].Epoch != 2 {
+			t.Fatalf("fenced: %v, want a failover to epoch 2", acts)
+		}
+	})
+	t.Run("fence fails, then works", func(t *testing.T) {
+		r := newFencing(t)
+		acts := r.step(FenceDone{Now: r.now, Err: errors.New("fence agent: exit status 1")})
+		if len(failOvers(acts)) != 0 || r.sb.State() != Fencing {
+			t.Fatalf("failed fence: %v, want no failover", acts)
+		}
+		if acts := r.advance(rigHeartbeat.Timeout / 2); hasAction[Fence](acts) {
+			t.Fatalf("fenced again at once: %v", acts)
+		}
+		if acts := r.advance(rigHeartbeat.Timeout); !hasAction[Fence](acts) {
+			t.Fatalf("no second try: %v", acts)
+		}
+		if f := failOvers(r.step(FenceDone{Now: r.now})); len(f) != 1 || f[0].Epoch != 2 {
+			t.Fatalf("second fence worked: failovers %v", f)
+		}
+	})
+	t.Run("the primary comes back", func(t *testing.T) {
+		r := newFencing(t)
+		r.step(FenceDone{Now: r.now, Err: errors.New("timeout")})
+		r.hello(2)
+		r.advance(5 * time.Second) // the new session commits nothing
+		r.wantNoFailOver()
+		if r.sb.State() != Waiting {
+			t.Fatalf("state %v", r.sb.State())
+		}
+	})
+	t.Run("a takeover needs no fence", func(t *testing.T) {
+		r := newStandbyRig(t)
+		r.sb.cfg.Fence = true
+		r.hello(1)
+		r.commit(1, 1)
+		if f := failOvers(r.step(GoodbyeIn{Now: r.now, Conn: 1, TakeOver: true, Reason: "stop hung"})); len(f) != 1 {
+			t.Fatalf("takeover with a fence command: failovers %v", f)
+		}
+	})
+}

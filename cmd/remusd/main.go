@@ -91,6 +91,8 @@ func app() *cli.App {
 					&cli.StringFlag{Name: "qmp", Usage: "QMP socket created by the QEMU command line, for the restore", Required: true},
 					&cli.StringFlag{Name: "disk-image", Usage: "the backup's copy of the guest's disk: a raw image the size of the primary's disk, used by the QEMU command line; it only ever holds committed epochs' writes"},
 					&cli.StringFlag{Name: "report", Usage: "write a JSON failover report to this file"},
+					&cli.StringFlag{Name: "fence-command", Usage: "shell command run before resuming the guest after the primary went silent (STONITH-style): it gets the VM name and the primary's address as arguments (also REMUS_VM, REMUS_PRIMARY) and must make sure the primary's guest runs no more; a non-zero exit or a timeout means no failover (tried again)"},
+					&cli.DurationFlag{Name: "fence-timeout", Value: agent.DefaultFenceTimeout, Usage: "bound on one run of --fence-command"},
 				}, common...),
 				Action: runBackup,
 			},
@@ -167,6 +169,7 @@ func runBackup(c *cli.Context) error {
 		VM: c.String("vm"), Listen: c.String("listen"), RAMImage: c.String("ram-image"), StateDir: c.String("state-dir"),
 		QEMU: c.Args().Slice(), QMPSocket: c.String("qmp"), Heartbeat: heartbeat(c), Report: c.String("report"),
 		Net: netConfig(c), DiskImage: c.String("disk-image"),
+		FenceCommand: c.String("fence-command"), FenceTimeout: c.Duration("fence-timeout"),
 	}
 	if cfg.Key, err = key(c); err != nil {
 		return err

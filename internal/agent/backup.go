@@ -47,6 +47,14 @@ type BackupConfig struct {
 	// image the size of the primary's); the QEMU command line must use it.
 	// It holds the committed epochs' writes only.
 	DiskImage string
+	// FenceCommand, when set, is a shell command run before the guest is
+	// resumed after the primary went silent, STONITH-style: it gets the VM
+	// name and the primary's address as its arguments (and in REMUS_VM
+	// and REMUS_PRIMARY) and must make sure the primary's copy of the
+	// guest runs no more (power the host off, kill its QEMU). A non-zero
+	// exit, or FenceTimeout passing, means no failover; it is tried again.
+	FenceCommand string
+	FenceTimeout time.Duration
 	// Net, when enabled, connects the restored guest's NIC to the network
 	// after a failover; remusd then keeps relaying until it is stopped or
 	// the guest's QEMU exits.
@@ -129,6 +137,11 @@ func RunBackup(ctx context.Context, cfg BackupConfig, log *slog.Logger) (*Failov
 		}
 		bcfg := checkpoint.BackupConfig{VMName: cfg.VM, RAMImage: cfg.RAMImage, StateFile: stateFile,
 			Heartbeat: cfg.Heartbeat, Logger: log}
+		if cfg.FenceCommand != "" {
+			bcfg.Fence = func(ctx context.Context, primary string) error {
+				return fence(ctx, cfg, primary, log)
+			}
+		}
 		if cfg.DiskImage != "" {
 			st, err := os.Stat(cfg.DiskImage)
 			if err != nil {
@@ -207,6 +220,38 @@ func RunBackup(ctx context.Context, cfg BackupConfig, log *slog.Logger) (*Failov
 		<-runDone
 		return report, nil
 	}
+}
+
+// DefaultFenceTimeout bounds a fence command by default.
+const DefaultFenceTimeout = time.Minute
+
+// fence runs the fence command against the primary (host:port).
+func fence(ctx context.Context, cfg BackupConfig, primary string, log *slog.Logger) error {
+	timeout := cfg.FenceTimeout
+	if timeout <= 0 {
+		timeout = DefaultFenceTimeout
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	host := primary
+	if h, _, err := net.SplitHostPort(primary); err == nil {
+		host = h
+	}
+	cmd := exec.CommandContext(ctx, "/bin/sh", "-c", cfg.FenceCommand+` "$@"`, "remus-fence", cfg.VM, host)
+	cmd.Env = append(os.Environ(), "REMUS_VM="+cfg.VM, "REMUS_PRIMARY="+host)
+	start := time.Now()
+	out, err := cmd.CombinedOutput()
+	if len(out) > 2000 {
+		out = out[len(out)-2000:]
+	}
+	if err != nil {
+		if ctx.Err() != nil {
+			err = fmt.Errorf("%w after %v", ctx.Err(), timeout)
+		}
+		return fmt.Errorf("fence command %q for %s on %s: %w: %s", cfg.FenceCommand, cfg.VM, host, err, strings.TrimSpace(string(out)))
+	}
+	log.Info("fence command done", "primary", host, "took", time.Since(start).Round(time.Millisecond), "output", strings.TrimSpace(string(out)))
+	return nil
 }
 
 // acceptPrimaries accepts connections until ctx ends and hands each one, once
