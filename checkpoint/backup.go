@@ -114,7 +114,7 @@ type Backup struct {
 	fencing     bool
 	fenceDone   chan error
 	primaryAddr string // the session's primary, for the fence
-	deferred  []backupEvent
+	deferred    []backupEvent
 }
 
 // backupConn is one connection from a primary (or anyone).
