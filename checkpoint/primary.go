@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -336,6 +337,7 @@ type primaryDriver struct {
 	checkpointing sync.WaitGroup
 	lastRecv      atomic.Int64 // Unix ns of the newest frame from the backup
 	passed        bool         // the session let the guest's output go
+	killFailed    bool         // KillGuest failed: no takeover may follow
 }
 
 // waitCheckpoint waits for a checkpoint under way, draining the events
@@ -431,13 +433,17 @@ func (d *primaryDriver) do(acts []any) (error, bool) {
 			default: // one is on its way
 			}
 		case Goodbye:
-			code := transport.CodeGoodbye
-			if a.TakeOver {
+			code, msg := transport.CodeGoodbye, a.Reason
+			switch {
+			case a.TakeOver && d.killFailed:
+				// The guest may not be gone: the backup must not resume
+				// it. Better no guest than two.
+				msg += "; but the guest could not be killed here: do not resume it"
+			case a.TakeOver:
 				code = transport.CodeTakeOver
 			}
-			msg := a.Reason
 			if len(msg) > transport.MaxErrorMessage {
-				msg = msg[:transport.MaxErrorMessage]
+				msg = strings.ToValidUTF8(msg[:transport.MaxErrorMessage], "")
 			}
 			p.log.Info("telling the backup the session ends", "takeover", a.TakeOver, "reason", a.Reason)
 			if err := d.send(0, transport.Error{Code: code, Message: msg}); err != nil {
@@ -445,10 +451,9 @@ func (d *primaryDriver) do(acts []any) (error, bool) {
 			}
 		case KillGuest:
 			p.log.Error("stopping the guest here for good", "reason", a.Reason)
-			if p.cfg.KillGuest != nil {
-				if err := p.cfg.KillGuest(d.ctx, a.Reason); err != nil {
-					p.log.Error("kill the guest", "err", err)
-				}
+			if err := p.cfg.KillGuest(d.ctx, a.Reason); err != nil {
+				p.log.Error("kill the guest", "err", err)
+				d.killFailed = true
 			}
 		case PassThrough:
 			d.passed = true

@@ -36,6 +36,8 @@ type fakeGuest struct {
 	snaps   map[int][]byte // stop number -> RAM at that stop
 	devs    map[int]string
 	failOn  string
+	// failFrom: failOn fails only from this stop on (0: always).
+	failFrom int
 }
 
 func newFakeGuest(pages int) *fakeGuest {
@@ -49,7 +51,7 @@ func newFakeGuest(pages int) *fakeGuest {
 func (g *fakeGuest) Execute(ctx context.Context, cmd string, args, result any) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if cmd == g.failOn {
+	if cmd == g.failOn && g.stops >= g.failFrom {
 		return fmt.Errorf("fake: %s failed", cmd)
 	}
 	switch cmd {
@@ -335,6 +337,47 @@ func TestPrimaryEndsWhenOutputCannotBeHeld(t *testing.T) {
 		if strings.HasPrefix(e, "commit") {
 			t.Fatalf("output released after a failed hold: %v", out.events)
 		}
+	}
+}
+
+// TestStuckGuestHandedOverOnlyWhenKilled: a guest that cannot be resumed
+// (cont fails, also on the retry) after epochs committed is handed over:
+// killed, then the backup resumes it. If it cannot be killed, the backup is
+// told not to resume it: no guest rather than two.
+func TestStuckGuestHandedOverOnlyWhenKilled(t *testing.T) {
+	for _, killErr := range []error{nil, errors.New("QEMU pid 42 still there 5s after SIGKILL")} {
+		t.Run(fmt.Sprintf("kill error %v", killErr), func(t *testing.T) {
+			g := newFakeGuest(8)
+			g.failOn, g.failFrom = "cont", 4
+			tracker, _ := dirtypages.NewCompare(g.ram, dirtypages.Options{})
+			dir := t.TempDir()
+			b, _ := NewBackup(BackupConfig{VMName: "vm1", RAMImage: filepath.Join(dir, "r"), StateFile: filepath.Join(dir, "s"), Heartbeat: hb})
+			defer b.Close()
+			killed := 0
+			kill := func(context.Context, string) error { killed++; return killErr }
+			p, err := NewPrimary(PrimaryConfig{VMName: "vm1", KillGuest: kill, StateDir: dir, Heartbeat: hb,
+				Pipeline: PipelineConfig{Interval: 5 * time.Millisecond, MaxInFlight: 1}}, g, g.ram, tracker)
+			if err != nil {
+				t.Fatal(err)
+			}
+			pl, bl := tcpPair(t)
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			backupDone := make(chan error, 1)
+			go func() { backupDone <- b.Serve(ctx, bl) }()
+			perr := p.Run(ctx, pl)
+			berr := <-backupDone
+			if !errors.Is(perr, ErrHandedOver) || killed != 1 {
+				t.Fatalf("primary: %v (killed %d times), want a handover after one kill", perr, killed)
+			}
+			var lost *PrimaryLost
+			if killErr == nil && (!errors.As(berr, &lost) || lost.Committed.Epoch < 2 || !strings.Contains(lost.Cause.Error(), "handed the guest over")) {
+				t.Fatalf("backup: %v, want a failover to the last committed epoch on the handover", berr)
+			}
+			if killErr != nil && (errors.Is(berr, ErrPeerLost) || b.Committed().Epoch != 0) {
+				t.Fatalf("backup: %v (committed %d): the guest could not be killed, yet the backup may resume it", berr, b.Committed().Epoch)
+			}
+		})
 	}
 }
 

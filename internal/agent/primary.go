@@ -350,20 +350,33 @@ func (s *primarySession) output() checkpoint.Output {
 // killGuest ends the guest's QEMU for good: quit, and SIGKILL if QEMU does
 // not go (a QMP monitor blocked behind a hung command).
 func (s *primarySession) killGuest(ctx context.Context, reason string) error {
-	qctx, cancel := context.WithTimeout(ctx, 3*time.Second)
-	qemu.Quit(qctx, s.q.Mon)
+	qctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	err := qemu.Quit(qctx, s.q.Mon)
 	cancel()
-	deadline := time.Now().Add(3 * time.Second)
-	for time.Now().Before(deadline) {
-		if err := unix.Kill(s.q.PID, 0); err != nil {
-			return nil // gone
-		}
-		time.Sleep(20 * time.Millisecond)
+	if err == nil && s.waitGone(3*time.Second) {
+		return nil
 	}
+	// QEMU did not answer (a monitor blocked behind a hung command) or
+	// did not go.
 	if err := unix.Kill(s.q.PID, unix.SIGKILL); err != nil && !errors.Is(err, unix.ESRCH) {
 		return fmt.Errorf("kill QEMU pid %d: %w", s.q.PID, err)
 	}
+	if !s.waitGone(5 * time.Second) {
+		return fmt.Errorf("QEMU pid %d still there 5s after SIGKILL", s.q.PID)
+	}
 	return nil
+}
+
+// waitGone waits up to d for the guest's QEMU to be gone.
+func (s *primarySession) waitGone(d time.Duration) bool {
+	for deadline := time.Now().Add(d); ; time.Sleep(20 * time.Millisecond) {
+		if s.guestGone() {
+			return true
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+	}
 }
 
 // guestGone reports whether the guest's QEMU has exited (no such process,
