@@ -296,6 +296,28 @@ func TestPrimaryResumesGuestWhenSaveFails(t *testing.T) {
 	}
 }
 
+// newTestBackup is a backup with its files in dir.
+func newTestBackup(t *testing.T, dir string) *Backup {
+	t.Helper()
+	b, err := NewBackup(BackupConfig{VMName: "vm1", RAMImage: filepath.Join(dir, "r"), StateFile: filepath.Join(dir, "s"), Heartbeat: hb})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	return b
+}
+
+// runPair runs p and b over loopback TCP until the primary's Run returns,
+// then waits for the backup's session to end, and returns both results.
+func runPair(t *testing.T, ctx context.Context, p *Primary, b *Backup) (perr, berr error) {
+	t.Helper()
+	pl, bl := tcpPair(t)
+	backupDone := make(chan error, 1)
+	go func() { backupDone <- b.Serve(ctx, bl) }()
+	perr = p.Run(ctx, pl)
+	return perr, <-backupDone
+}
+
 // unholdable is an output commit whose hold fails, as a kernel buffer
 // (sch_plug) whose BUFFER command is refused.
 type unholdable struct{ fakeOutput }
@@ -309,23 +331,19 @@ func TestPrimaryEndsWhenOutputCannotBeHeld(t *testing.T) {
 	g := newFakeGuest(8)
 	tracker, _ := dirtypages.NewCompare(g.ram, dirtypages.Options{})
 	dir := t.TempDir()
-	b, _ := NewBackup(BackupConfig{VMName: "vm1", RAMImage: filepath.Join(dir, "r"), StateFile: filepath.Join(dir, "s"), Heartbeat: hb})
-	defer b.Close()
+	b := newTestBackup(t, dir)
 	out := &unholdable{fakeOutput{g: g, backup: func() uint64 { return 0 }}}
 	p, err := NewPrimary(PrimaryConfig{VMName: "vm1", KillGuest: noKill, StateDir: dir, Heartbeat: hb, Output: out}, g, g.ram, tracker)
 	if err != nil {
 		t.Fatal(err)
 	}
-	pl, bl := tcpPair(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	backupDone := make(chan error, 1)
-	go func() { backupDone <- b.Serve(ctx, bl) }()
-	err = p.Run(ctx, pl)
+	err, berr := runPair(t, ctx, p, b)
 	if err == nil || !strings.Contains(err.Error(), "hold network output") {
 		t.Fatalf("Run = %v, want the failed hold", err)
 	}
-	if berr := <-backupDone; errors.Is(berr, ErrPeerLost) || b.Committed().Epoch != 0 {
+	if errors.Is(berr, ErrPeerLost) || b.Committed().Epoch != 0 {
 		t.Fatalf("backup: %v, committed %d: want a goodbye and nothing to resume", berr, b.Committed().Epoch)
 	}
 	if !g.isRunning() {
@@ -351,8 +369,7 @@ func TestStuckGuestHandedOverOnlyWhenKilled(t *testing.T) {
 			g.failOn, g.failFrom = "cont", 4
 			tracker, _ := dirtypages.NewCompare(g.ram, dirtypages.Options{})
 			dir := t.TempDir()
-			b, _ := NewBackup(BackupConfig{VMName: "vm1", RAMImage: filepath.Join(dir, "r"), StateFile: filepath.Join(dir, "s"), Heartbeat: hb})
-			defer b.Close()
+			b := newTestBackup(t, dir)
 			killed := 0
 			kill := func(context.Context, string) error { killed++; return killErr }
 			p, err := NewPrimary(PrimaryConfig{VMName: "vm1", KillGuest: kill, StateDir: dir, Heartbeat: hb,
@@ -360,13 +377,9 @@ func TestStuckGuestHandedOverOnlyWhenKilled(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			pl, bl := tcpPair(t)
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
-			backupDone := make(chan error, 1)
-			go func() { backupDone <- b.Serve(ctx, bl) }()
-			perr := p.Run(ctx, pl)
-			berr := <-backupDone
+			perr, berr := runPair(t, ctx, p, b)
 			if !errors.Is(perr, ErrHandedOver) || killed != 1 {
 				t.Fatalf("primary: %v (killed %d times), want a handover after one kill", perr, killed)
 			}
