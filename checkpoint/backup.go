@@ -94,9 +94,6 @@ type Backup struct {
 
 	ram     []byte
 	ramSize uint64
-	// applied is the newest epoch written into the image (of any
-	// session); the Standby says whether it may be resumed.
-	applied uint64
 
 	conns  map[ConnID]*backupConn
 	nextID ConnID
@@ -646,7 +643,6 @@ func (b *Backup) apply(ep transport.Epoch) error {
 	if err := (failover.StateFile{Path: b.cfg.StateFile}).Save(ep.DeviceState); err != nil {
 		return fmt.Errorf("checkpoint: epoch %d: %w", ep.Number, err)
 	}
-	b.applied = ep.Number
 	if b.cfg.OnCommit != nil {
 		b.cfg.OnCommit(ep.Number, len(ep.Pages))
 	}

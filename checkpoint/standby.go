@@ -306,7 +306,7 @@ func (s *Standby) Step(ev any) []any {
 			return nil
 		}
 		if e.Epoch != s.committed+1 {
-			return s.endSession(e.Conn, Reject{Conn: e.Conn, Epoch: e.Epoch, Code: transport.CodeEpoch,
+			return s.endSession(Reject{Conn: e.Conn, Epoch: e.Epoch, Code: transport.CodeEpoch,
 				Err: fmt.Errorf("checkpoint: epoch %d staged after committed epoch %d", e.Epoch, s.committed)})
 		}
 		s.applying = true
@@ -320,7 +320,7 @@ func (s *Standby) Step(ev any) []any {
 			// Part of the epoch may be in the image: neither it nor
 			// the one before is a state to resume.
 			s.committed = 0
-			return s.endSession(e.Conn, Reject{Conn: e.Conn, Epoch: e.Epoch, Code: transport.CodeInternal,
+			return s.endSession(Reject{Conn: e.Conn, Epoch: e.Epoch, Code: transport.CodeInternal,
 				Err: fmt.Errorf("checkpoint: epoch %d: apply: %w", e.Epoch, e.Err)})
 		}
 		s.committed, s.state = e.Epoch, Protecting
@@ -330,7 +330,7 @@ func (s *Standby) Step(ev any) []any {
 		if !s.inSession(e.Conn) {
 			return nil
 		}
-		return s.endSession(e.Conn, Discard{}, Reject{Conn: e.Conn, Epoch: e.Epoch, Code: transport.CodeEpoch,
+		return s.endSession(Discard{}, Reject{Conn: e.Conn, Epoch: e.Epoch, Code: transport.CodeEpoch,
 			Err: fmt.Errorf("checkpoint: discarded epoch %d: %w", e.Epoch, e.Err)})
 	case GoodbyeIn:
 		if !s.inSession(e.Conn) {
@@ -341,10 +341,10 @@ func (s *Standby) Step(ev any) []any {
 				return s.failOver(e.Now, e.Now, fmt.Errorf("the primary handed the guest over: %s", e.Reason),
 					CloseConn{Conn: e.Conn, Reason: "the primary handed over"})
 			}
-			return s.endSession(e.Conn, Discard{}, Note{Msg: "the primary handed over before the first checkpoint committed: nothing to resume"},
+			return s.endSession(Discard{}, Note{Msg: "the primary handed over before the first checkpoint committed: nothing to resume"},
 				CloseConn{Conn: e.Conn, Reason: "handover without a checkpoint"})
 		}
-		return s.endSession(e.Conn, Discard{}, SendGoodbye{Conn: e.Conn, Reason: "goodbye: this backup will not resume the guest"},
+		return s.endSession(Discard{}, SendGoodbye{Conn: e.Conn, Reason: "goodbye: this backup will not resume the guest"},
 			CloseConn{Conn: e.Conn, Reason: "the primary said goodbye: " + e.Reason})
 	case ConnClosed:
 		if !s.inSession(e.Conn) {
@@ -352,7 +352,7 @@ func (s *Standby) Step(ev any) []any {
 		}
 		s.applying = false
 		if s.state == Syncing {
-			return s.endSession(e.Conn, Discard{}, Note{Msg: "the primary's connection closed before the first checkpoint committed: nothing to resume", Err: e.Err})
+			return s.endSession(Discard{}, Note{Msg: "the primary's connection closed before the first checkpoint committed: nothing to resume", Err: e.Err})
 		}
 		s.state, s.cause = Suspect, fmt.Errorf("receive from primary: %w", e.Err)
 		return []any{Discard{}, Note{Msg: "connection to the primary broken without a goodbye; waiting out the heartbeat timeout", Err: e.Err}}
@@ -407,7 +407,7 @@ func (s *Standby) hello(e HelloIn) []any {
 }
 
 // endSession leaves the session for Waiting with nothing resumable.
-func (s *Standby) endSession(c ConnID, acts ...any) []any {
+func (s *Standby) endSession(acts ...any) []any {
 	s.state, s.committed, s.applying = Waiting, 0, false
 	return acts
 }
@@ -451,7 +451,7 @@ func (s *Standby) tick(now, heard time.Time) []any {
 		if n := s.Committed(); n > 0 {
 			return s.failOver(s.det.LastHeard(), now, s.cause, CloseConn{Conn: s.conn, Reason: "the primary is silent"})
 		}
-		return s.endSession(s.conn, Discard{}, Note{Msg: "primary lost before the first checkpoint committed: nothing to fail over to", Err: s.cause},
+		return s.endSession(Discard{}, Note{Msg: "primary lost before the first checkpoint committed: nothing to fail over to", Err: s.cause},
 			CloseConn{Conn: s.conn, Reason: "the primary is silent"})
 	}
 	if v.SendHeartbeat && s.state != Suspect {
