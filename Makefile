@@ -9,7 +9,7 @@
 SHELL := /bin/bash
 GO ?= go
 FUZZTIME ?= 20s
-APT_PACKAGES := qemu-system-x86 qemu-utils iproute2 kmod ca-certificates
+APT_PACKAGES := qemu-system-x86 qemu-utils iproute2 kmod ca-certificates etcd-server
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 KERNEL_CACHE := .cache/guest-kernel
 
