@@ -35,6 +35,13 @@ type BackupConfig struct {
 	// means it may be alive, and the guest is not resumed (the fence is
 	// tried again).
 	Fence func(ctx context.Context, primary string) error
+	// Claim, when set, claims the witness for this backup before the guest
+	// is resumed after the primary went silent (package witness): nil when
+	// it holds it now; held when a live lease names the primary (it runs);
+	// another error when the witness could not be reached. The guest is
+	// resumed only after a claim succeeded (or, with Fence, a fence when
+	// the witness cannot be reached).
+	Claim func(ctx context.Context) (held bool, err error)
 	// DiskSize is the size of the backup's disk image (0: none); a
 	// primary that mirrors a disk of another size is refused.
 	DiskSize uint64
@@ -110,6 +117,8 @@ type Backup struct {
 	// A fence runs beside the loop as an apply does.
 	fencing     bool
 	fenceDone   chan error
+	claiming    bool
+	claimDone   chan ClaimDone
 	primaryAddr string // the session's primary, for the fence
 	deferred    []backupEvent
 }
@@ -134,7 +143,7 @@ func NewBackup(cfg BackupConfig) (*Backup, error) {
 	if cfg.RAMImage == "" || cfg.StateFile == "" || cfg.VMName == "" {
 		return nil, errors.New("checkpoint: backup needs VMName, RAMImage and StateFile")
 	}
-	sb, err := NewStandby(StandbyConfig{VMName: cfg.VMName, DiskSize: cfg.DiskSize, Heartbeat: cfg.Heartbeat, Fence: cfg.Fence != nil})
+	sb, err := NewStandby(StandbyConfig{VMName: cfg.VMName, DiskSize: cfg.DiskSize, Heartbeat: cfg.Heartbeat, Fence: cfg.Fence != nil, Witness: cfg.Claim != nil})
 	if err != nil {
 		return nil, err
 	}
@@ -143,7 +152,7 @@ func NewBackup(cfg BackupConfig) (*Backup, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Backup{cfg: cfg, sb: sb, conns: map[ConnID]*backupConn{}, applyDone: make(chan error, 1), fenceDone: make(chan error, 1),
+	return &Backup{cfg: cfg, sb: sb, conns: map[ConnID]*backupConn{}, applyDone: make(chan error, 1), fenceDone: make(chan error, 1), claimDone: make(chan ClaimDone, 1),
 		log: log.With("vm", cfg.VMName, "role", "backup")}, nil
 }
 
@@ -207,6 +216,10 @@ func (b *Backup) loop(ctx context.Context, conns <-chan Link, failOver func(cont
 			<-b.fenceDone
 			b.fencing = false
 		}
+		if b.claiming {
+			<-b.claimDone
+			b.claiming = false
+		}
 		for _, c := range b.conns {
 			b.closeConn(ctx, c, "the backup stops")
 		}
@@ -252,6 +265,10 @@ func (b *Backup) loop(ctx context.Context, conns <-chan Link, failOver func(cont
 				b.log.Warn("fenced the primary's host", "primary", b.primaryAddr)
 			}
 			acts = b.sb.Step(FenceDone{Now: time.Now(), Err: err})
+		case done := <-b.claimDone:
+			b.claiming = false
+			done.Now = time.Now()
+			acts = b.sb.Step(done)
 		case ev := <-events:
 			if err := b.handle(ctx, ev); err != nil {
 				return err
@@ -285,7 +302,7 @@ func (b *Backup) loop(ctx context.Context, conns <-chan Link, failOver func(cont
 // applied (its frame counted as heard), else turned into the Standby's
 // events and carried out.
 func (b *Backup) handle(ctx context.Context, ev backupEvent) error {
-	if b.applying != nil || b.fencing || len(b.deferred) > 0 {
+	if b.applying != nil || b.fencing || b.claiming || len(b.deferred) > 0 {
 		if c := b.conns[ev.id]; c != nil && c.session && ev.err == nil {
 			b.sb.Step(FrameHeard{Now: ev.at, Conn: ev.id})
 		}
@@ -300,7 +317,7 @@ func (b *Backup) handle(ctx context.Context, ev backupEvent) error {
 
 // replay takes what arrived during an apply, once it ended.
 func (b *Backup) replay(ctx context.Context) error {
-	for b.applying == nil && !b.fencing && len(b.deferred) > 0 && b.lost == nil {
+	for b.applying == nil && !b.fencing && !b.claiming && len(b.deferred) > 0 && b.lost == nil {
 		ev := b.deferred[0]
 		b.deferred = b.deferred[1:]
 		if err := b.do(ctx, b.event(ev)); err != nil {
@@ -515,6 +532,16 @@ func (b *Backup) do(ctx context.Context, acts []any) error {
 			b.fencing = true
 			b.log.Warn("primary lost: fencing its host before resuming the guest", "primary", b.primaryAddr, "committed_epoch", a.Epoch, "cause", a.Cause)
 			go func(primary string) { b.fenceDone <- b.cfg.Fence(ctx, primary) }(b.primaryAddr)
+		case Claim:
+			if b.cfg.Claim == nil {
+				return errors.New("checkpoint: the Standby asked for a witness claim and none is configured")
+			}
+			b.claiming = true
+			b.log.Warn("primary lost: claiming the witness before resuming the guest", "committed_epoch", a.Epoch)
+			go func() {
+				held, err := b.cfg.Claim(ctx)
+				b.claimDone <- ClaimDone{Held: held, Err: err}
+			}()
 		case FailOver:
 			b.lost = &PrimaryLost{Committed: b.Committed(), LastHeard: a.LastHeard, DeclaredAt: a.Declared, Cause: a.Cause}
 		}

@@ -51,7 +51,14 @@ import (
 //	Syncing/Prot tick while applying                unchanged    (no verdict: the silence is judged
 //	                                                             once the apply ended)
 //	Prot/Suspect tick: silent for the timeout       FailedOver   Close, FailOver N
-//	Prot/Suspect same, with a fence command         Fencing      Close, Fence
+//	Prot/Suspect same, with a witness                Claiming     Close, Claim
+//	Prot/Suspect same, with a fence command only     Fencing      Close, Fence
+//	Claiming     claimed                            FailedOver   FailOver N
+//	Claiming     held: the primary's lease lives    Claiming     Note; Claim again after an interval
+//	Claiming     witness unreachable, fence command Fencing      Fence
+//	Claiming     witness unreachable, no fence      Claiming     Note; Claim again after an interval
+//	Claiming     hello (valid), no claim under way  Syncing      the primary lives: a new session
+//	Claiming     hello, a claim under way           Claiming     Reject (busy: try again)
 //	Fencing      fence done                         FailedOver   FailOver N
 //	Fencing      fence failed                       Fencing      Note; Fence again after a timeout
 //	Fencing      hello (valid)                      Syncing      the primary lives: a new session
@@ -69,10 +76,11 @@ type Standby struct {
 	applying bool
 	cause    error // why the session's link went quiet, for the failover
 
-	// Fencing: when the primary was declared dead, and when a failed fence
-	// is tried again (zero while one runs).
+	// Fencing, Claiming: when the primary was declared dead, and when a
+	// failed fence or claim is tried again (zero while one runs).
 	lastHeard, declared time.Time
 	fenceAgain          time.Time
+	claimAgain          time.Time
 }
 
 // ConnID names one connection for the machines; the driver numbers them.
@@ -91,6 +99,12 @@ type StandbyConfig struct {
 	// before the guest is resumed after silence; no failover until a fence
 	// succeeds. A takeover needs none: the primary stopped its guest.
 	Fence bool
+	// Witness: the guest is resumed after silence only once the backup
+	// claimed the witness (package witness): possible only when no live
+	// lease names the primary, which stops its guest before its lease can
+	// expire. When the witness cannot be reached, the fence decides (with
+	// Fence), or nothing is resumed until it answers.
+	Witness bool
 }
 
 // StandbyState is where a Standby is in the protocol.
@@ -112,6 +126,9 @@ const (
 	// Fencing: the primary went silent; its host is being fenced before
 	// the guest is resumed here (or the fence failed and is tried again).
 	Fencing
+	// Claiming: the primary went silent; the backup claims the witness
+	// before it resumes the guest (or the claim failed and is tried again).
+	Claiming
 )
 
 func (s StandbyState) String() string {
@@ -128,6 +145,8 @@ func (s StandbyState) String() string {
 		return "failed-over"
 	case Fencing:
 		return "fencing"
+	case Claiming:
+		return "claiming"
 	}
 	return fmt.Sprintf("StandbyState(%d)", int(s))
 }
@@ -150,7 +169,7 @@ func (s *Standby) State() StandbyState { return s.state }
 // Committed is the newest epoch of the current session that may be resumed
 // (0: none).
 func (s *Standby) Committed() uint64 {
-	if s.applying || (s.state != Protecting && s.state != Suspect && s.state != FailedOver && s.state != Fencing) {
+	if s.applying || (s.state != Protecting && s.state != Suspect && s.state != FailedOver && s.state != Fencing && s.state != Claiming) {
 		return 0
 	}
 	return s.committed
@@ -221,6 +240,14 @@ type (
 		Now time.Time
 		Err error
 	}
+	// ClaimDone: the claim of the witness the Standby asked for ended. Err
+	// nil: this backup holds it. Held: a live lease names the primary (it
+	// runs). Otherwise the witness could not be reached (Err says how).
+	ClaimDone struct {
+		Now  time.Time
+		Held bool
+		Err  error
+	}
 	// Tick advances the clock. Heard, when set, is when the newest frame
 	// came off the session's link (the driver's reader notes it as it
 	// arrives): it counts before the failure detector judges, so frames
@@ -276,6 +303,8 @@ type (
 		Epoch uint64
 		Cause error
 	}
+	// Claim claims the witness for this backup; report ClaimDone.
+	Claim struct{ Epoch uint64 }
 	// FailOver resumes Epoch here.
 	FailOver struct {
 		Epoch uint64
@@ -366,10 +395,34 @@ func (s *Standby) Step(ev any) []any {
 		}
 		s.state = FailedOver
 		return []any{FailOver{Epoch: s.committed, LastHeard: s.lastHeard, Declared: s.declared, Cause: fmt.Errorf("%w; the primary's host was fenced", s.cause)}}
+	case ClaimDone:
+		return s.claimDone(e)
 	case Tick:
 		return s.tick(e.Now, e.Heard)
 	}
 	return nil
+}
+
+func (s *Standby) claimDone(e ClaimDone) []any {
+	if s.state != Claiming || !s.claimAgain.IsZero() {
+		return nil
+	}
+	retry := s.cfg.Heartbeat.Timeout
+	switch {
+	case e.Err == nil:
+		s.state = FailedOver
+		return []any{FailOver{Epoch: s.committed, LastHeard: s.lastHeard, Declared: s.declared,
+			Cause: fmt.Errorf("%w; this backup claimed the witness (the primary's lease had expired)", s.cause)}}
+	case e.Held:
+		s.claimAgain = e.Now.Add(retry)
+		return []any{Note{Msg: fmt.Sprintf("the primary is silent here but its witness lease is alive: it runs its guest, which is not resumed here; claiming again in %v", retry), Err: e.Err}}
+	case s.cfg.Fence:
+		s.state = Fencing
+		return []any{Note{Msg: "the witness cannot be reached: fencing the primary instead", Err: e.Err},
+			Fence{Epoch: s.committed, Cause: s.cause}}
+	}
+	s.claimAgain = e.Now.Add(retry)
+	return []any{Note{Msg: fmt.Sprintf("the primary is silent and the witness cannot be reached, and no fence command is set: the guest is not resumed here (the primary may still run it); claiming again in %v", retry), Err: e.Err}}
 }
 
 func (s *Standby) inSession(c ConnID) bool {
@@ -382,6 +435,10 @@ func (s *Standby) hello(e HelloIn) []any {
 	case s.state == FailedOver:
 		return []any{Reject{Conn: e.Conn, Code: transport.CodeFailedOver,
 			Err: fmt.Errorf("%w: the guest was resumed on this backup after epoch %d: the primary's copy must not run", ErrPeerRejected, s.committed)}}
+	case s.state == Claiming && s.claimAgain.IsZero():
+		// The claim may succeed: until it is known, no new session.
+		return []any{Reject{Conn: e.Conn, Code: transport.CodeInternal,
+			Err: fmt.Errorf("%w: the backup is claiming the witness to resume the guest; try again", ErrPeerRejected)}}
 	case h.Role != transport.RolePrimary || h.VMName != s.cfg.VMName:
 		return []any{Reject{Conn: e.Conn, Code: transport.CodeMismatch,
 			Err: fmt.Errorf("%w: peer is %s for VM %q; this backup protects %q", ErrPeerRejected, h.Role, h.VMName, s.cfg.VMName)}}
@@ -413,6 +470,13 @@ func (s *Standby) endSession(acts ...any) []any {
 }
 
 func (s *Standby) tick(now, heard time.Time) []any {
+	if s.state == Claiming {
+		if s.claimAgain.IsZero() || now.Before(s.claimAgain) {
+			return nil
+		}
+		s.claimAgain = time.Time{}
+		return []any{Claim{Epoch: s.committed}}
+	}
 	if s.state == Fencing {
 		if s.fenceAgain.IsZero() || now.Before(s.fenceAgain) {
 			return nil
@@ -443,6 +507,10 @@ func (s *Standby) tick(now, heard time.Time) []any {
 	if v.PeerDead {
 		if s.cause == nil {
 			s.cause = fmt.Errorf("no frame for %v", v.Silence.Round(time.Millisecond))
+		}
+		if n := s.Committed(); n > 0 && s.cfg.Witness {
+			s.state, s.lastHeard, s.declared, s.claimAgain = Claiming, s.det.LastHeard(), now, time.Time{}
+			return []any{CloseConn{Conn: s.conn, Reason: "the primary is silent"}, Claim{Epoch: n}}
 		}
 		if n := s.Committed(); n > 0 && s.cfg.Fence {
 			s.state, s.lastHeard, s.declared = Fencing, s.det.LastHeard(), now

@@ -314,3 +314,89 @@ func TestStandbyFencesBeforeFailOver(t *testing.T) {
 		}
 	})
 }
+
+// TestStandbyClaimsTheWitnessBeforeFailOver: with a witness, a silent
+// primary is resumed here only once this backup claimed the witness; a live
+// lease or an unreachable witness (without a fence command) resumes
+// nothing; with a fence command, an unreachable witness falls back to it.
+func TestStandbyClaimsTheWitnessBeforeFailOver(t *testing.T) {
+	newClaiming := func(t *testing.T, fence bool) *standbyRig {
+		r := newStandbyRig(t)
+		r.sb.cfg.Witness, r.sb.cfg.Fence = true, fence
+		r.hello(1)
+		r.commit(1, 1)
+		r.commit(1, 2)
+		acts := r.advance(time.Second)
+		if len(failOvers(acts)) != 0 || !hasAction[Claim](acts) || hasAction[Fence](acts) || r.sb.State() != Claiming {
+			t.Fatalf("silence with a witness: %v (state %v), want a claim and no failover", acts, r.sb.State())
+		}
+		if r.sb.Committed() != 2 {
+			t.Fatalf("committed %d while claiming, want 2", r.sb.Committed())
+		}
+		return r
+	}
+	t.Run("claimed", func(t *testing.T) {
+		r := newClaiming(t, false)
+		if f := failOvers(r.step(ClaimDone{Now: r.now})); len(f) != 1 || f[0].Epoch != 2 {
+			t.Fatalf("claimed: failovers %v, want epoch 2", f)
+		}
+	})
+	t.Run("the primary's lease lives", func(t *testing.T) {
+		r := newClaiming(t, true)
+		acts := r.step(ClaimDone{Now: r.now, Held: true, Err: errors.New("held by a:primary")})
+		if len(failOvers(acts)) != 0 || hasAction[Fence](acts) || r.sb.State() != Claiming {
+			t.Fatalf("held: %v, want neither failover nor fence (the primary runs)", acts)
+		}
+		if acts := r.advance(rigHeartbeat.Timeout / 2); hasAction[Claim](acts) {
+			t.Fatalf("claimed again at once: %v", acts)
+		}
+		if acts := r.advance(rigHeartbeat.Timeout); !hasAction[Claim](acts) {
+			t.Fatalf("no second claim: %v", acts)
+		}
+		if f := failOvers(r.step(ClaimDone{Now: r.now})); len(f) != 1 {
+			t.Fatalf("lease expired, claimed: failovers %v", f)
+		}
+	})
+	t.Run("witness unreachable, no fence", func(t *testing.T) {
+		r := newClaiming(t, false)
+		acts := r.step(ClaimDone{Now: r.now, Err: errors.New("context deadline exceeded")})
+		if len(failOvers(acts)) != 0 || !hasAction[Note](acts) {
+			t.Fatalf("unreachable witness: %v, want no failover and a note why", acts)
+		}
+		r.advance(10 * time.Second) // claims again, which stay unanswered
+		r.wantNoFailOver()
+	})
+	t.Run("witness unreachable, fence", func(t *testing.T) {
+		r := newClaiming(t, true)
+		acts := r.step(ClaimDone{Now: r.now, Err: errors.New("context deadline exceeded")})
+		if !hasAction[Fence](acts) || r.sb.State() != Fencing {
+			t.Fatalf("unreachable witness with a fence command: %v, want a fence", acts)
+		}
+		if f := failOvers(r.step(FenceDone{Now: r.now})); len(f) != 1 || f[0].Epoch != 2 {
+			t.Fatalf("fenced: failovers %v", f)
+		}
+	})
+	t.Run("no new session while a claim runs", func(t *testing.T) {
+		r := newClaiming(t, false)
+		acts := r.hello(2)
+		if !hasAction[Reject](acts) || hasAction[SendHello](acts) {
+			t.Fatalf("hello during a claim: %v, want a reject", acts)
+		}
+		if f := failOvers(r.step(ClaimDone{Now: r.now})); len(f) != 1 {
+			t.Fatalf("claimed after the refused hello: failovers %v", f)
+		}
+	})
+	t.Run("the primary comes back between claims", func(t *testing.T) {
+		r := newClaiming(t, false)
+		r.step(ClaimDone{Now: r.now, Held: true, Err: errors.New("held")})
+		if acts := r.hello(2); !hasAction[SendHello](acts) {
+			t.Fatalf("hello between claims: %v, want a new session", acts)
+		}
+		r.step(ClaimDone{Now: r.now}) // a stale report changes nothing
+		r.advance(rigHeartbeat.Interval)
+		r.wantNoFailOver()
+		if r.sb.State() != Syncing {
+			t.Fatalf("state %v, want syncing", r.sb.State())
+		}
+	})
+}

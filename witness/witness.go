@@ -64,6 +64,11 @@ var ErrOwnedElsewhere = errors.New("witness: the guest is owned by the other sid
 // ErrHeld: a live lease names a side as active: it runs the guest.
 var ErrHeld = errors.New("witness: a live lease holds the guest")
 
+// ErrUnguarded: no primary ever held the VM's keys: it does not use the
+// witness, so it does not stop its guest when cut off, and a claim proves
+// nothing about it.
+var ErrUnguarded = errors.New("witness: no primary ever held this VM (is the primary's remusd run with --witness?)")
+
 // ErrLeaseGone: the lease expired (or was revoked) before it was renewed.
 var ErrLeaseGone = errors.New("witness: the lease expired")
 
@@ -166,13 +171,14 @@ func (w *Witness) Hold(ctx context.Context) (Lease, error) {
 
 // Claim makes this side the owner and the active one, for the backup about
 // to resume the guest: it succeeds only while no live lease names anyone as
-// active, and fails with ErrHeld (naming the holder) otherwise.
+// active, and fails with ErrHeld (naming the holder) otherwise, or with
+// ErrUnguarded when no primary ever held the keys.
 func (w *Witness) Claim(ctx context.Context) (Lease, error) {
 	l, id, err := w.grant(ctx)
 	if err != nil {
 		return Lease{}, err
 	}
-	resp, err := w.cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(w.on), "=", 0)).
+	resp, err := w.cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(w.on), "=", 0), clientv3.Compare(clientv3.CreateRevision(w.owner), ">", 0)).
 		Then(clientv3.OpPut(w.owner, w.id), clientv3.OpPut(w.on, w.id, clientv3.WithLease(id))).
 		Else(clientv3.OpGet(w.on)).Commit()
 	if err != nil {
@@ -181,7 +187,7 @@ func (w *Witness) Claim(ctx context.Context) (Lease, error) {
 	}
 	if !resp.Succeeded {
 		w.revoke(id)
-		holder := "?"
+		var holder string
 		if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
 			holder = string(kvs[0].Value)
 			if holder == w.id {
@@ -189,6 +195,8 @@ func (w *Witness) Claim(ctx context.Context) (Lease, error) {
 				// after failing over): take it over.
 				return w.Hold(ctx)
 			}
+		} else {
+			return Lease{}, fmt.Errorf("%w: VM %s", ErrUnguarded, w.vm)
 		}
 		return Lease{}, fmt.Errorf("%w: %s is active for VM %s", ErrHeld, holder, w.vm)
 	}

@@ -158,3 +158,13 @@ func TestOpenRefusesIncompleteConfig(t *testing.T) {
 		t.Fatal("a missing CA file accepted")
 	}
 }
+
+// TestClaimRefusedForAnUnguardedPrimary: a primary that never held the keys
+// (run without the witness) does not stop its guest when cut off: the
+// backup's claim must not succeed.
+func TestClaimRefusedForAnUnguardedPrimary(t *testing.T) {
+	l := startEtcd(t)
+	if _, err := open(t, l, "b:backup").Claim(ctxT(t, 5*time.Second)); !errors.Is(err, ErrUnguarded) {
+		t.Fatalf("claim with no primary ever: %v, want ErrUnguarded", err)
+	}
+}
