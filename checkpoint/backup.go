@@ -76,8 +76,9 @@ type Committed struct {
 type PrimaryLost struct {
 	Committed Committed
 	// LastHeard is when the last frame came from the primary; DeclaredAt is
-	// when the heartbeat timeout ran out.
-	LastHeard, DeclaredAt time.Time
+	// when the heartbeat timeout ran out; ClearedAt, when the witness was
+	// claimed or the primary fenced (zero: neither was needed).
+	LastHeard, DeclaredAt, ClearedAt time.Time
 	// Cause is what was seen first (a closed connection, or silence).
 	Cause error
 }
@@ -543,7 +544,7 @@ func (b *Backup) do(ctx context.Context, acts []any) error {
 				b.claimDone <- ClaimDone{Held: held, Err: err}
 			}()
 		case FailOver:
-			b.lost = &PrimaryLost{Committed: b.Committed(), LastHeard: a.LastHeard, DeclaredAt: a.Declared, Cause: a.Cause}
+			b.lost = &PrimaryLost{Committed: b.Committed(), LastHeard: a.LastHeard, DeclaredAt: a.Declared, ClearedAt: a.Cleared, Cause: a.Cause}
 		}
 	}
 	return nil

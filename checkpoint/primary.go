@@ -336,7 +336,7 @@ type primaryDriver struct {
 	// checkpointing counts the checkpoint under way (one at most).
 	checkpointing sync.WaitGroup
 	lastRecv      atomic.Int64 // Unix ns of the newest frame from the backup
-	passed        bool         // the session let the guest's output go
+	passed        bool         // the session's end let the guest's output go
 	killFailed    bool         // KillGuest failed: no takeover may follow
 }
 
@@ -456,7 +456,11 @@ func (d *primaryDriver) do(acts []any) (error, bool) {
 				d.killFailed = true
 			}
 		case PassThrough:
-			d.passed = true
+			// Only the session's end lets output go for good; the
+			// hello's PassThrough (what the guest sent before the
+			// session) is followed by the first pause's Hold, and
+			// output held since then belongs to uncommitted epochs.
+			d.passed = d.s.State() == Ended
 			if p.cfg.Output != nil {
 				p.cfg.Output.PassThrough()
 			}

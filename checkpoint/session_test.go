@@ -385,7 +385,8 @@ func TestStuckGuestHandedOverOnlyWhenKilled(t *testing.T) {
 			b := newTestBackup(t, dir)
 			killed := 0
 			kill := func(context.Context, string) error { killed++; return killErr }
-			p, err := NewPrimary(PrimaryConfig{VMName: "vm1", KillGuest: kill, StateDir: dir, Heartbeat: hb,
+			out := &fakeOutput{g: g, backup: func() uint64 { return b.Committed().Epoch }}
+			p, err := NewPrimary(PrimaryConfig{VMName: "vm1", KillGuest: kill, StateDir: dir, Heartbeat: hb, Output: out,
 				Pipeline: PipelineConfig{Interval: 5 * time.Millisecond, MaxInFlight: 1}}, g, g.ram, tracker)
 			if err != nil {
 				t.Fatal(err)
@@ -402,6 +403,19 @@ func TestStuckGuestHandedOverOnlyWhenKilled(t *testing.T) {
 			}
 			if killErr != nil && (errors.Is(berr, ErrPeerLost) || b.Committed().Epoch != 0) {
 				t.Fatalf("backup: %v (committed %d): the guest could not be killed, yet the backup may resume it", berr, b.Committed().Epoch)
+			}
+			// Output held for epochs the backup never committed must
+			// never leave: the resumed guest did not send it.
+			out.mu.Lock()
+			defer out.mu.Unlock()
+			held := false
+			for _, e := range out.events {
+				if e == "hold" {
+					held = true
+				}
+				if e == "pass" && held {
+					t.Fatalf("output let go after the first hold: %v", out.events)
+				}
 			}
 		})
 	}

@@ -54,7 +54,7 @@ import (
 //	Prot/Suspect same, with a witness                Claiming     Close, Claim
 //	Prot/Suspect same, with a fence command only     Fencing      Close, Fence
 //	Claiming     claimed                            FailedOver   FailOver N
-//	Claiming     held: the primary's lease lives    Claiming     Note; Claim again after an interval
+//	Claiming     held: the primary's lease lives    Claiming     Note; Claim again after 2 heartbeat intervals
 //	Claiming     witness unreachable, fence command Fencing      Fence
 //	Claiming     witness unreachable, no fence      Claiming     Note; Claim again after an interval
 //	Claiming     hello (valid), no claim under way  Syncing      the primary lives: a new session
@@ -81,6 +81,7 @@ type Standby struct {
 	lastHeard, declared time.Time
 	fenceAgain          time.Time
 	claimAgain          time.Time
+	heldNoted           bool // Claiming: the live lease was logged
 }
 
 // ConnID names one connection for the machines; the driver numbers them.
@@ -309,9 +310,11 @@ type (
 	FailOver struct {
 		Epoch uint64
 		// LastHeard is when the primary was last heard; Declared is when
-		// it was declared dead (or handed over).
-		LastHeard, Declared time.Time
-		Cause               error
+		// it was declared dead (or handed over); Cleared, when the
+		// witness was claimed or the primary fenced (zero: neither
+		// needed).
+		LastHeard, Declared, Cleared time.Time
+		Cause                        error
 	}
 	// Note is a line for the log: something happened that changes no
 	// state an operator would otherwise see.
@@ -394,7 +397,7 @@ func (s *Standby) Step(ev any) []any {
 			return []any{Note{Msg: fmt.Sprintf("fencing the primary failed: the guest is not resumed here (the primary may still run it); trying again in %v", s.cfg.Heartbeat.Timeout), Err: e.Err}}
 		}
 		s.state = FailedOver
-		return []any{FailOver{Epoch: s.committed, LastHeard: s.lastHeard, Declared: s.declared, Cause: fmt.Errorf("%w; the primary's host was fenced", s.cause)}}
+		return []any{FailOver{Epoch: s.committed, LastHeard: s.lastHeard, Declared: s.declared, Cleared: e.Now, Cause: fmt.Errorf("%w; the primary's host was fenced", s.cause)}}
 	case ClaimDone:
 		return s.claimDone(e)
 	case Tick:
@@ -411,11 +414,18 @@ func (s *Standby) claimDone(e ClaimDone) []any {
 	switch {
 	case e.Err == nil:
 		s.state = FailedOver
-		return []any{FailOver{Epoch: s.committed, LastHeard: s.lastHeard, Declared: s.declared,
+		return []any{FailOver{Epoch: s.committed, LastHeard: s.lastHeard, Declared: s.declared, Cleared: e.Now,
 			Cause: fmt.Errorf("%w; this backup claimed the witness (the primary's lease had expired)", s.cause)}}
 	case e.Held:
+		// The lease ends within its TTL if the primary is gone:
+		// ask often, so that the failover follows its end closely.
+		retry = 2 * s.cfg.Heartbeat.Interval
 		s.claimAgain = e.Now.Add(retry)
-		return []any{Note{Msg: fmt.Sprintf("the primary is silent here but its witness lease is alive: it runs its guest, which is not resumed here; claiming again in %v", retry), Err: e.Err}}
+		if s.heldNoted {
+			return nil
+		}
+		s.heldNoted = true
+		return []any{Note{Msg: fmt.Sprintf("the primary is silent here but its witness lease is alive: it runs its guest, which is not resumed here; claiming again every %v until the lease ends", retry), Err: e.Err}}
 	case s.cfg.Fence:
 		s.state = Fencing
 		return []any{Note{Msg: "the witness cannot be reached: fencing the primary instead", Err: e.Err},
@@ -509,7 +519,7 @@ func (s *Standby) tick(now, heard time.Time) []any {
 			s.cause = fmt.Errorf("no frame for %v", v.Silence.Round(time.Millisecond))
 		}
 		if n := s.Committed(); n > 0 && s.cfg.Witness {
-			s.state, s.lastHeard, s.declared, s.claimAgain = Claiming, s.det.LastHeard(), now, time.Time{}
+			s.state, s.lastHeard, s.declared, s.claimAgain, s.heldNoted = Claiming, s.det.LastHeard(), now, time.Time{}, false
 			return []any{CloseConn{Conn: s.conn, Reason: "the primary is silent"}, Claim{Epoch: n}}
 		}
 		if n := s.Committed(); n > 0 && s.cfg.Fence {

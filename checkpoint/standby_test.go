@@ -347,11 +347,11 @@ func TestStandbyClaimsTheWitnessBeforeFailOver(t *testing.T) {
 		if len(failOvers(acts)) != 0 || hasAction[Fence](acts) || r.sb.State() != Claiming {
 			t.Fatalf("held: %v, want neither failover nor fence (the primary runs)", acts)
 		}
-		if acts := r.advance(rigHeartbeat.Timeout / 2); hasAction[Claim](acts) {
+		if acts := r.advance(rigHeartbeat.Interval); hasAction[Claim](acts) {
 			t.Fatalf("claimed again at once: %v", acts)
 		}
-		if acts := r.advance(rigHeartbeat.Timeout); !hasAction[Claim](acts) {
-			t.Fatalf("no second claim: %v", acts)
+		if acts := r.advance(rigHeartbeat.Interval); !hasAction[Claim](acts) {
+			t.Fatalf("no second claim after two heartbeat intervals: %v", acts)
 		}
 		if f := failOvers(r.step(ClaimDone{Now: r.now})); len(f) != 1 {
 			t.Fatalf("lease expired, claimed: failovers %v", f)

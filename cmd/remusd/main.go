@@ -21,6 +21,7 @@ import (
 	"github.com/remus-kvm/remus/internal/agent"
 	"github.com/remus-kvm/remus/netbuffer"
 	"github.com/remus-kvm/remus/transport"
+	"github.com/remus-kvm/remus/witness"
 )
 
 func main() {
@@ -43,6 +44,13 @@ func app() *cli.App {
 		&cli.StringFlag{Name: "net-guest", Usage: "`PATH` of the unix socket of the guest NIC (QEMU: -netdev stream,server=on,addr.type=unix,addr.path=PATH); remusd relays it to --net-tap"},
 		&cli.StringFlag{Name: "net-tap", Usage: "tap device towards the network for the guest's NIC (with --net-guest)"},
 		&cli.StringFlag{Name: "net-netns", Usage: "network namespace of --net-tap, as a path such as /run/netns/NAME (default: remusd's own)"},
+		&cli.StringSliceFlag{Name: "witness", Usage: "etcd endpoints (`URL`s, comma-separated or repeated) of the witness that records which side runs the guest: the backup resumes it only after claiming the witness, and a primary cut off from both stops its guest first"},
+		&cli.StringFlag{Name: "witness-cacert", Usage: "CA certificate (PEM) to verify the witness's TLS certificate"},
+		&cli.StringFlag{Name: "witness-cert", Usage: "client certificate (PEM) for the witness"},
+		&cli.StringFlag{Name: "witness-key", Usage: "key of --witness-cert (PEM)"},
+		&cli.DurationFlag{Name: "witness-ttl", Value: witness.DefaultTTL, Usage: "TTL of the witness lease (whole seconds, at least etcd's minimum of 2s by default): a failover waits this long after the primary's last renewal"},
+		&cli.StringFlag{Name: "witness-id", Usage: "name of this side at the witness (default HOSTNAME:ROLE)"},
+		&cli.BoolFlag{Name: "assume-fail-stop", Usage: "protect without a witness (and, on the backup, without --fence-command): a partition between the hosts, both alive, then leaves two live copies of the guest"},
 	}
 	return &cli.App{
 		Name:  "remusd",
@@ -128,6 +136,19 @@ func key(c *cli.Context) ([]byte, error) {
 	return k, nil
 }
 
+func witnessConfig(c *cli.Context) agent.WitnessConfig {
+	var eps []string
+	for _, e := range c.StringSlice("witness") {
+		for _, p := range strings.Split(e, ",") {
+			if p = strings.TrimSpace(p); p != "" {
+				eps = append(eps, p)
+			}
+		}
+	}
+	return agent.WitnessConfig{ID: c.String("witness-id"), Config: witness.Config{Endpoints: eps,
+		CACert: c.String("witness-cacert"), Cert: c.String("witness-cert"), Key: c.String("witness-key"), TTL: c.Duration("witness-ttl")}}
+}
+
 func netConfig(c *cli.Context) agent.NetConfig {
 	return agent.NetConfig{Guest: c.String("net-guest"), Tap: c.String("net-tap"), Netns: c.String("net-netns")}
 }
@@ -144,6 +165,7 @@ func runPrimary(c *cli.Context) error {
 		CommandTimeout: c.Duration("command-timeout"),
 		Net:            netConfig(c), Disk: c.String("disk"), Compress: c.Bool("compress"),
 		Trace: c.String("trace"), TraceEpochs: c.Int("trace-epochs"),
+		Witness: witnessConfig(c), AssumeFailStop: c.Bool("assume-fail-stop"),
 	}
 	if cfg.Key, err = key(c); err != nil {
 		return err
@@ -170,6 +192,7 @@ func runBackup(c *cli.Context) error {
 		QEMU: c.Args().Slice(), QMPSocket: c.String("qmp"), Heartbeat: heartbeat(c), Report: c.String("report"),
 		Net: netConfig(c), DiskImage: c.String("disk-image"),
 		FenceCommand: c.String("fence-command"), FenceTimeout: c.Duration("fence-timeout"),
+		Witness: witnessConfig(c), AssumeFailStop: c.Bool("assume-fail-stop"),
 	}
 	if cfg.Key, err = key(c); err != nil {
 		return err

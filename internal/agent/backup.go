@@ -22,6 +22,7 @@ import (
 	"github.com/remus-kvm/remus/qemu"
 	"github.com/remus-kvm/remus/qmp"
 	"github.com/remus-kvm/remus/transport"
+	"github.com/remus-kvm/remus/witness"
 )
 
 // BackupConfig is remusd's configuration on the backup host.
@@ -59,6 +60,14 @@ type BackupConfig struct {
 	// after a failover; remusd then keeps relaying until it is stopped or
 	// the guest's QEMU exits.
 	Net NetConfig
+	// Witness, when enabled: the guest is resumed after the primary went
+	// silent only once this backup claimed the witness (the primary's
+	// lease expired, so its guest is stopped); after a failover remusd
+	// holds the lease as the guest's new active side until it is stopped.
+	Witness WitnessConfig
+	// AssumeFailStop allows running with neither witness nor fence
+	// command.
+	AssumeFailStop bool
 }
 
 // Validate rejects incomplete configurations.
@@ -76,6 +85,8 @@ func (c BackupConfig) Validate() error {
 		return errors.New("the QEMU command line to start on failover is required (after --)")
 	case c.QMPSocket == "":
 		return errors.New("--qmp is required (the QMP socket of the QEMU started on failover)")
+	case !c.Witness.Enabled() && c.FenceCommand == "" && !c.AssumeFailStop:
+		return errors.New("neither witness (--witness) nor fence command (--fence-command): " + failStopRisk + "; give either, or --assume-fail-stop to accept that")
 	}
 	if err := c.Net.Validate(); err != nil {
 		return err
@@ -100,9 +111,11 @@ type FailoverReport struct {
 	LastHeard      time.Time `json:"last_heard"`
 	Declared       time.Time `json:"declared"`
 	Running        time.Time `json:"running"`
-	DetectionMS    float64   `json:"detection_ms"` // last frame heard -> declared dead
-	RestoreMS      float64   `json:"restore_ms"`   // declared dead -> guest running
-	LoadMS         float64   `json:"load_ms"`      // device state load inside QEMU
+	Cleared        time.Time `json:"cleared,omitzero"`
+	DetectionMS    float64   `json:"detection_ms"`       // last frame heard -> declared dead
+	ClearMS        float64   `json:"clear_ms,omitempty"` // declared dead -> witness claimed or primary fenced
+	RestoreMS      float64   `json:"restore_ms"`         // declared dead (or cleared) -> guest running
+	LoadMS         float64   `json:"load_ms"`            // device state load inside QEMU
 	QEMUPID        int       `json:"qemu_pid"`
 	QEMUVersion    string    `json:"qemu_version"`
 	Cause          string    `json:"cause"`
@@ -126,9 +139,13 @@ func RunBackup(ctx context.Context, cfg BackupConfig, log *slog.Logger) (*Failov
 	var b *checkpoint.Backup
 	var ln net.Listener
 	var journal *diskmirror.Journal
+	var w *witness.Witness
 	defer func() {
 		if journal != nil {
 			journal.Close()
+		}
+		if w != nil {
+			w.Close()
 		}
 	}()
 	if err := step(ctx, log, "prepare standby", func() (err error) {
@@ -137,6 +154,14 @@ func RunBackup(ctx context.Context, cfg BackupConfig, log *slog.Logger) (*Failov
 		}
 		bcfg := checkpoint.BackupConfig{VMName: cfg.VM, RAMImage: cfg.RAMImage, StateFile: stateFile,
 			Heartbeat: cfg.Heartbeat, Logger: log}
+		if cfg.Witness.Enabled() {
+			if w, err = cfg.Witness.open(cfg.VM, "backup"); err != nil {
+				return err
+			}
+			bcfg.Claim = claimFor(w, max(cfg.Heartbeat.WithDefaults().Timeout, time.Second))
+		} else if cfg.FenceCommand == "" {
+			log.Warn("no witness and no fence command: assuming fail-stop hosts: " + failStopRisk)
+		}
 		if cfg.FenceCommand != "" {
 			bcfg.Fence = func(ctx context.Context, primary string) error {
 				return fence(ctx, cfg, primary, log)
@@ -185,6 +210,10 @@ func RunBackup(ctx context.Context, cfg BackupConfig, log *slog.Logger) (*Failov
 			if err != nil {
 				return err
 			}
+			if w != nil {
+				log.Info("the guest runs here now: holding the witness lease until remusd is stopped")
+				go keepBackupLease(rctx, w, log)
+			}
 			if gnet == nil {
 				relayDone <- nil
 				return nil
@@ -206,8 +235,8 @@ func RunBackup(ctx context.Context, cfg BackupConfig, log *slog.Logger) (*Failov
 	case err := <-relayDone:
 		// Failed over. Run goes on answering primaries that come back
 		// (they are told the guest runs here) while the guest's network
-		// is relayed.
-		if gnet != nil && err == nil {
+		// is relayed or the witness lease held.
+		if (gnet != nil || w != nil) && err == nil {
 			select {
 			case <-ctx.Done():
 			case err = <-relayDone:
@@ -290,7 +319,7 @@ func acceptPrimaries(ctx context.Context, ln net.Listener, key []byte, conns cha
 }
 
 func failOver(ctx context.Context, cfg BackupConfig, lost *checkpoint.PrimaryLost, gnet **guestNet, log *slog.Logger) (*FailoverReport, error) {
-	r := &FailoverReport{VM: cfg.VM, Epoch: lost.Committed.Epoch, LastHeard: lost.LastHeard, Declared: lost.DeclaredAt,
+	r := &FailoverReport{VM: cfg.VM, Epoch: lost.Committed.Epoch, LastHeard: lost.LastHeard, Declared: lost.DeclaredAt, Cleared: lost.ClearedAt,
 		Cause: lost.Cause.Error(), RAMImage: cfg.RAMImage}
 	if st, err := os.Stat(lost.Committed.StateFile); err == nil {
 		r.DeviceStateLen = st.Size()
@@ -376,8 +405,12 @@ func failOver(ctx context.Context, cfg BackupConfig, lost *checkpoint.PrimaryLos
 	}
 	r.Running = time.Now()
 	r.DetectionMS = ms(r.Declared.Sub(r.LastHeard))
-	r.RestoreMS = ms(r.Running.Sub(r.Declared))
-	log.Info("failed over: the guest runs here", "epoch", r.Epoch, "detection_ms", r.DetectionMS, "restore_ms", r.RestoreMS, "qemu_pid", r.QEMUPID)
+	from := r.Declared
+	if !r.Cleared.IsZero() {
+		r.ClearMS, from = ms(r.Cleared.Sub(r.Declared)), r.Cleared
+	}
+	r.RestoreMS = ms(r.Running.Sub(from))
+	log.Info("failed over: the guest runs here", "epoch", r.Epoch, "detection_ms", r.DetectionMS, "clear_ms", r.ClearMS, "restore_ms", r.RestoreMS, "qemu_pid", r.QEMUPID)
 	if cfg.Report != "" {
 		b, _ := json.MarshalIndent(r, "", "  ")
 		if err := os.WriteFile(cfg.Report, append(b, '\n'), 0o644); err != nil {

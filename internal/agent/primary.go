@@ -19,6 +19,7 @@ import (
 	"github.com/remus-kvm/remus/netbuffer"
 	"github.com/remus-kvm/remus/qemu"
 	"github.com/remus-kvm/remus/transport"
+	"github.com/remus-kvm/remus/witness"
 )
 
 // Tracker choices.
@@ -67,6 +68,14 @@ type PrimaryConfig struct {
 	CommandTimeout time.Duration
 	// Fault stops the agent at a point of the epoch cycle (testing aid).
 	Fault *Fault
+	// Witness, when enabled, is where this side holds the lease that lets
+	// its guest run (package witness): without it and without the
+	// backup's acknowledgements the guest is stopped before the lease can
+	// expire, and a guest the backup claimed is killed here.
+	Witness WitnessConfig
+	// AssumeFailStop runs without a witness: the backup's fence command
+	// (or hosts that never partition) must make a failover safe.
+	AssumeFailStop bool
 }
 
 // Fault describes where to stop the agent: at Point of epoch Epoch (or the
@@ -104,6 +113,8 @@ func (c PrimaryConfig) Validate() error {
 		return errors.New("--peer is required")
 	case c.StateDir == "":
 		return errors.New("--state-dir is required")
+	case !c.Witness.Enabled() && !c.AssumeFailStop:
+		return errors.New("no witness (--witness): " + failStopRisk + "; give --witness, or --assume-fail-stop where the backup fences this host (its --fence-command) or the hosts cannot be partitioned")
 	}
 	switch c.Tracker {
 	case "", TrackerAuto, TrackerSoftDirty, TrackerCompare:
@@ -185,6 +196,36 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 		return err
 	}
 	defer q.Mon.Close()
+
+	var w *witness.Witness
+	var lease witness.Lease
+	if cfg.Witness.Enabled() {
+		if err := step(ctx, log, "hold the witness lease", func() (err error) {
+			if w, err = cfg.Witness.open(cfg.VM, "primary"); err != nil {
+				return err
+			}
+			lease, err = holdPrimaryLease(ctx, w, log)
+			if errors.Is(err, witness.ErrOwnedElsewhere) {
+				// The backup resumed the guest: this copy is stale.
+				if serr := qemu.Stop(ctx, q.Mon); serr != nil {
+					log.Error("stop the stale guest", "err", serr)
+				}
+				return fmt.Errorf("%w (this copy of the guest is stopped: it must not run)", err)
+			}
+			if err == nil {
+				log.Info("holding the witness lease", "id", w.ID(), "ttl", lease.TTL)
+			}
+			return err
+		}); err != nil {
+			if w != nil {
+				w.Close()
+			}
+			return err
+		}
+		defer w.Close()
+	} else {
+		log.Warn("no witness: assuming fail-stop hosts: " + failStopRisk)
+	}
 
 	if err := step(ctx, log, "check that all guest RAM is replicated", func() error {
 		return q.CheckRAMReplicated(ctx)
@@ -278,6 +319,36 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 	}
 
 	s := &primarySession{cfg: cfg, q: q, ram: ram, saver: saver, gnet: gnet, plug: plug, disk: disk, epochLog: epochLog, log: log}
+	if w == nil {
+		return s.loop(ctx)
+	}
+	s.gate = &gate{mon: q.Mon, out: s.output()}
+	s.guard = &primaryGuard{w: w, g: s.gate, log: log, grace: cfg.Heartbeat.WithDefaults().Timeout / 3}
+	runCtx, cancelRun := context.WithCancel(ctx)
+	defer cancelRun()
+	guardErr := make(chan error, 1)
+	go func() {
+		err := s.guard.run(runCtx, lease)
+		if err != nil {
+			cancelRun()
+		}
+		guardErr <- err
+	}()
+	err := s.loop(runCtx)
+	cancelRun()
+	if gerr := <-guardErr; gerr != nil {
+		log.Error("the backup owns the guest now: killing this copy", "err", gerr)
+		if kerr := s.killGuest(context.WithoutCancel(ctx), gerr.Error()); kerr != nil {
+			log.Error("kill the guest", "err", kerr)
+		}
+		return gerr
+	}
+	return err
+}
+
+// loop runs protection sessions until ctx ends or one ends for good.
+func (s *primarySession) loop(ctx context.Context) error {
+	cfg, log := s.cfg, s.log
 	redialed := false
 	for {
 		s.protected = false
@@ -333,10 +404,17 @@ type primarySession struct {
 	log      *slog.Logger
 	// protected: the last run committed an epoch.
 	protected bool
+	// gate and guard, with a witness: the guest runs and its output
+	// passes as the lease allows.
+	gate  *gate
+	guard *primaryGuard
 }
 
 // output is the session's output commit, nil without one.
 func (s *primarySession) output() checkpoint.Output {
+	if s.gate != nil {
+		return s.gate.output()
+	}
 	switch {
 	case s.cfg.Net.NoOutputCommit:
 	case s.gnet != nil:
@@ -454,6 +532,9 @@ func (s *primarySession) run(ctx context.Context) error {
 		CommandTimeout: cfg.CommandTimeout, KillGuest: s.killGuest, GuestGone: s.guestGone, Output: out,
 		OnEpoch: func(st checkpoint.EpochStats) {
 			s.protected = true
+			if s.guard != nil {
+				s.guard.acked(st.Acked)
+			}
 			if epochLog == nil {
 				return
 			}
@@ -501,7 +582,11 @@ func (s *primarySession) run(ctx context.Context) error {
 			}
 		}
 	}
-	p, err := checkpoint.NewPrimary(pcfg, q.Mon, ram, tracker)
+	var mon checkpoint.Monitor = q.Mon
+	if s.gate != nil {
+		mon = s.gate
+	}
+	p, err := checkpoint.NewPrimary(pcfg, mon, ram, tracker)
 	if err != nil {
 		return err
 	}

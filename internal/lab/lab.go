@@ -26,6 +26,7 @@ import (
 	"github.com/remus-kvm/remus/internal/agent"
 	"github.com/remus-kvm/remus/internal/netns"
 	"github.com/remus-kvm/remus/testvm"
+	"github.com/remus-kvm/remus/witness"
 )
 
 // Addresses on the lab's outside network.
@@ -191,6 +192,11 @@ func newNetwork() (*Network, error) {
 		{"link", "add", "br0", "type", "bridge"},
 		{"addr", "add", ClientAddr, "dev", "br0"},
 		{"link", "set", "dev", "br0", "up"},
+		// The guest's ARP replies wait for an epoch's commit like all
+		// its output: on a loaded host one can take seconds, and the
+		// kernel gives up on an address after 3 tries a second apart.
+		// Ask for 15 s.
+		{"ntable", "change", "name", "arp_cache", "dev", "br0", "mcast_probes", "15"},
 	}
 	for _, tap := range []string{n.TapPrimary, n.TapBackup} {
 		steps = append(steps,
@@ -344,6 +350,11 @@ type ProtectOptions struct {
 	// BackupLater starts only the primary remusd, which relays the
 	// guest's network unprotected until StartBackup starts the backup.
 	BackupLater bool
+	// Witness, when set, is the etcd endpoint both agents use as witness
+	// (StartWitness runs one); without it they run --assume-fail-stop.
+	// PrimaryWitness, when set, is the primary's way to it instead (a
+	// Link that a test cuts).
+	Witness, PrimaryWitness string
 }
 
 // Protect starts the backup and primary agents for a guest started from
@@ -364,6 +375,13 @@ func (l *Lab) Protect(prim, back testvm.Config, o ProtectOptions) (*Protection, 
 	os.Remove(p.EpochLog)
 	os.Remove(p.Report)
 	common := []string{"--vm", "lab", "--net-netns", l.Net.NS.Path()}
+	primaryWitness := o.Witness
+	if o.PrimaryWitness != "" {
+		primaryWitness = o.PrimaryWitness
+	}
+	if o.Witness == "" {
+		common = append(common, "--assume-fail-stop")
+	}
 	if o.HeartbeatTimeout > 0 {
 		common = append(common, "--heartbeat-timeout", o.HeartbeatTimeout.String())
 	}
@@ -371,6 +389,9 @@ func (l *Lab) Protect(prim, back testvm.Config, o ProtectOptions) (*Protection, 
 	bargs := append([]string{"backup", "--listen", peer, "--state-dir", backupState,
 		"--ram-image", back.RAMPath, "--qmp", back.QMP[1], "--report", p.Report,
 		"--net-guest", back.NIC.Path, "--net-tap", l.Net.TapBackup}, common...)
+	if o.Witness != "" {
+		bargs = append(bargs, "--witness", o.Witness)
+	}
 	if back.Disk != "" {
 		bargs = append(bargs, "--disk-image", back.Disk)
 	}
@@ -398,6 +419,9 @@ func (l *Lab) Protect(prim, back testvm.Config, o ProtectOptions) (*Protection, 
 	}
 	pargs := append([]string{"primary", "--qmp", prim.QMP[1], "--peer", peer, "--state-dir", filepath.Join(l.Dir, "primary-state"),
 		"--epoch-log", p.EpochLog, "--net-guest", prim.NIC.Path, "--net-tap", l.Net.TapPrimary}, common...)
+	if primaryWitness != "" {
+		pargs = append(pargs, "--witness", primaryWitness)
+	}
 	if o.Epoch > 0 {
 		pargs = append(pargs, "--epoch", o.Epoch.String())
 	}
@@ -421,6 +445,17 @@ func (l *Lab) Protect(prim, back testvm.Config, o ProtectOptions) (*Protection, 
 		return nil, fmt.Errorf("lab: the primary's network relay did not start: %w\n%s", err, p.Primary.Output())
 	}
 	return p, nil
+}
+
+// StartWitness runs a single-node etcd for the lab's agents (stopped with
+// the lab) and returns it.
+func (l *Lab) StartWitness(ctx context.Context) (*witness.Local, error) {
+	w, err := witness.StartLocal(ctx, witness.LocalConfig{Dir: filepath.Join(l.Dir, "witness")})
+	if err != nil {
+		return nil, err
+	}
+	l.defer_(w.Stop)
+	return w, nil
 }
 
 // RestartPrimary starts the primary remusd again with the same arguments,

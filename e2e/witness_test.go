@@ -1,0 +1,187 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/remus-kvm/remus/internal/lab"
+	"github.com/remus-kvm/remus/witness"
+)
+
+// logTime is the time of the first line of an agent's log (slog text) that
+// contains s.
+func logTime(t *testing.T, log, s string) time.Time {
+	t.Helper()
+	sc := bufio.NewScanner(strings.NewReader(log))
+	sc.Buffer(nil, 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if !strings.Contains(line, s) {
+			continue
+		}
+		f := strings.Fields(line)
+		if len(f) > 0 && strings.HasPrefix(f[0], "time=") {
+			ts, err := time.Parse(time.RFC3339Nano, strings.TrimPrefix(f[0], "time="))
+			if err != nil {
+				t.Fatalf("log line %q: %v", line, err)
+			}
+			return ts
+		}
+	}
+	t.Fatalf("no log line with %q in:\n%s", s, log)
+	return time.Time{}
+}
+
+// TestWitnessIsolatedPrimaryStopsBeforeTheBackupResumes cuts the primary
+// off from everything (its backup, the witness, the clients) while its
+// agent and guest live on: a partition, not a death. The primary stops its
+// guest before its witness lease can expire; the backup resumes only after
+// claiming the witness, which it can only once that lease expired: the
+// order is checked on both agents' clocks. The client's counter carries on,
+// one boot; when the partition heals, the primary finds the guest owned by
+// the backup and kills its stale copy: one guest.
+func TestWitnessIsolatedPrimaryStopsBeforeTheBackupResumes(t *testing.T) {
+	l := newLab(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	wit, err := l.StartWitness(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	toWitness, err := lab.NewLink(strings.TrimPrefix(wit.Endpoint, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer toWitness.Close()
+	var toBackup *lab.Link
+	g, p, c := protectGuest(t, ctx, l, lab.ProtectOptions{Witness: wit.Endpoint, PrimaryWitness: toWitness.URL(),
+		Via: func(backup string) (string, error) {
+			var err error
+			toBackup, err = lab.NewLink(backup)
+			if err != nil {
+				return "", err
+			}
+			return toBackup.Addr(), nil
+		}}, 3)
+	defer toBackup.Close()
+	c.incFor(time.Second)
+
+	// The primary's host loses the network: to its backup, to the witness
+	// and to the clients (its tap on the clients' bridge goes down).
+	cutAt := time.Now()
+	toBackup.Cut()
+	toWitness.Cut()
+	if err := l.Net.NS.Exec("link", "set", "dev", l.Net.TapPrimary, "down"); err != nil {
+		t.Fatal(err)
+	}
+	r, err := p.WaitReport(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stopped := logTime(t, p.Primary.Output(), "stopping the guest: it may not run here now")
+	if !stopped.Before(r.Cleared) || r.Cleared.IsZero() {
+		t.Fatalf("the primary stopped its guest at %s, the backup claimed the witness at %s: want the stop first",
+			stopped.Format(time.StampMicro), r.Cleared.Format(time.StampMicro))
+	}
+	if !strings.Contains(r.Cause, "claimed the witness") {
+		t.Fatalf("failover cause %q: want the witness claim named", r.Cause)
+	}
+	t.Logf("cut at 0; primary's guest stopped at +%v; backup declared the primary dead at +%v, claimed the witness at +%v, guest running at +%v",
+		stopped.Sub(cutAt).Round(time.Millisecond), r.Declared.Sub(cutAt).Round(time.Millisecond),
+		r.Cleared.Sub(cutAt).Round(time.Millisecond), r.Running.Sub(cutAt).Round(time.Millisecond))
+
+	c.incFor(time.Second)
+	if c.last.BootID != g.ready.BootID {
+		t.Fatalf("boot id %s after the failover, want %s", c.last.BootID, g.ready.BootID)
+	}
+
+	// The partition heals: the stale primary learns the backup owns the
+	// guest and kills its copy.
+	toWitness.Heal()
+	toBackup.Heal()
+	if err := l.Net.NS.Exec("link", "set", "dev", l.Net.TapPrimary, "up"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-g.vm.Done():
+	case <-time.After(30 * time.Second):
+		t.Fatalf("the primary's stale guest still runs 30s after the partition healed:\n%s", p.Primary.Output())
+	}
+	c.incFor(time.Second)
+	st := witnessStatus(t, ctx, wit)
+	if st.Owner != st.Active || !strings.HasSuffix(st.Owner, ":backup") {
+		t.Fatalf("witness says %+v: want the backup owner and active", st)
+	}
+	t.Logf("%d consecutive replies up to %d, one boot; the primary's copy ended once the partition healed", c.n, c.last.Value)
+}
+
+// TestWitnessDownProtectionGoesOn stops the witness (SIGSTOP: it answers
+// nothing) while the agents talk: protection goes on past several lease
+// TTLs. Then the primary's host dies: with neither witness nor fence
+// command the backup does not resume the guest, and says why; once the
+// witness answers again, the primary's lease has expired and the backup
+// claims it and resumes the guest, the same boot.
+func TestWitnessDownProtectionGoesOn(t *testing.T) {
+	l := newLab(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	wit, err := l.StartWitness(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, p, c := protectGuest(t, ctx, l, lab.ProtectOptions{Witness: wit.Endpoint}, 3)
+	if err := wit.Pause(); err != nil {
+		t.Fatal(err)
+	}
+	before, err := p.Epochs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.incFor(3 * witness.DefaultTTL)
+	after, err := p.Epochs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(after) < len(before)+10 || strings.Contains(p.Primary.Output(), "stopping the guest") {
+		t.Fatalf("witness down for %v: %d epochs committed (want protection to go on), primary log:\n%s", 3*witness.DefaultTTL, len(after)-len(before), p.Primary.Output())
+	}
+
+	p.Primary.Kill()
+	g.vm.Kill()
+	if _, err := p.Backup.WaitLine(ctx, "the witness cannot be reached, and no fence command is set"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * heartbeatTimeout)
+	if _, err := lab.ReadReport(p.Report); err == nil {
+		t.Fatal("the backup resumed the guest without the witness or a fence")
+	}
+	if err := wit.Resume(); err != nil {
+		t.Fatal(err)
+	}
+	r, err := p.WaitReport(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.incFor(time.Second)
+	if c.last.BootID != g.ready.BootID {
+		t.Fatalf("boot id %s after the failover, want %s", c.last.BootID, g.ready.BootID)
+	}
+	t.Logf("resumed epoch %d once the witness answered (claim %.0f ms after the primary was declared dead); %d consecutive replies", r.Epoch, r.ClearMS, c.n)
+}
+
+func witnessStatus(t *testing.T, ctx context.Context, l *witness.Local) witness.Status {
+	t.Helper()
+	w, err := witness.Open(witness.Config{Endpoints: []string{l.Endpoint}}, "lab", "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	st, err := w.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
