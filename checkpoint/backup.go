@@ -538,7 +538,9 @@ func (b *Backup) do(ctx context.Context, acts []any) error {
 				return errors.New("checkpoint: the Standby asked for a witness claim and none is configured")
 			}
 			b.claiming = true
-			b.log.Warn("primary lost: claiming the witness before resuming the guest", "committed_epoch", a.Epoch)
+			if !a.Retry {
+				b.log.Warn("primary lost: claiming the witness before resuming the guest", "committed_epoch", a.Epoch)
+			}
 			go func() {
 				held, err := b.cfg.Claim(ctx)
 				b.claimDone <- ClaimDone{Held: held, Err: err}

@@ -304,8 +304,12 @@ type (
 		Epoch uint64
 		Cause error
 	}
-	// Claim claims the witness for this backup; report ClaimDone.
-	Claim struct{ Epoch uint64 }
+	// Claim claims the witness for this backup; report ClaimDone. Retry:
+	// an earlier claim of the same failover failed.
+	Claim struct {
+		Epoch uint64
+		Retry bool
+	}
 	// FailOver resumes Epoch here.
 	FailOver struct {
 		Epoch uint64
@@ -485,7 +489,7 @@ func (s *Standby) tick(now, heard time.Time) []any {
 			return nil
 		}
 		s.claimAgain = time.Time{}
-		return []any{Claim{Epoch: s.committed}}
+		return []any{Claim{Epoch: s.committed, Retry: true}}
 	}
 	if s.state == Fencing {
 		if s.fenceAgain.IsZero() || now.Before(s.fenceAgain) {
