@@ -183,6 +183,32 @@ type Primary struct {
 	ram     []byte
 	tracker dirtypages.Tracker
 	log     *slog.Logger
+	// switchq takes switchover requests to the running session; each
+	// is answered on its channel when the switchover ends.
+	switchq chan chan error
+}
+
+// Switchover moves the guest to the backup with nothing lost: the running
+// session takes a final epoch with the guest paused, waits for the
+// backup's acknowledgement, kills the guest here and tells the backup to
+// resume that epoch. It returns once the session ended: an error matching
+// ErrSwitchedOver when it completed (Run returns the same); another error
+// when it was refused (no session protecting the guest) or abandoned (the
+// guest runs on here). ctx bounds the wait for a session to take the
+// request, and for the answer.
+func (p *Primary) Switchover(ctx context.Context) error {
+	reply := make(chan error, 1)
+	select {
+	case p.switchq <- reply:
+	case <-ctx.Done():
+		return fmt.Errorf("checkpoint: switchover: no protection session takes it: %w", ctx.Err())
+	}
+	select {
+	case err := <-reply:
+		return err
+	case <-ctx.Done():
+		return fmt.Errorf("checkpoint: switchover: %w (it may still complete)", ctx.Err())
+	}
 }
 
 // NewPrimary prepares the loop: mon controls QEMU, ram is the guest RAM
@@ -219,7 +245,8 @@ func NewPrimary(cfg PrimaryConfig, mon Monitor, ram []byte, tracker dirtypages.T
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Primary{cfg: cfg, mon: mon, ram: ram, tracker: tracker, log: log.With("vm", cfg.VMName, "role", "primary")}, nil
+	return &Primary{cfg: cfg, mon: mon, ram: ram, tracker: tracker, log: log.With("vm", cfg.VMName, "role", "primary"),
+		switchq: make(chan chan error)}, nil
 }
 
 // epochData is a checkpoint taken and waiting to be shipped.
@@ -297,6 +324,14 @@ func (p *Primary) Run(ctx context.Context, link Link) error {
 		case <-done:
 			done = nil
 			acts = s.Step(StopRequested{Now: time.Now(), Reason: "the primary agent stops: " + context.Cause(ctx).Error()})
+		case reply := <-p.switchq:
+			if s.State() != Running || d.switchReply != nil {
+				reply <- fmt.Errorf("checkpoint: switchover refused: the session is %s, not protecting the guest", s.State())
+				continue
+			}
+			d.switchReply = reply
+			p.log.Info("switchover: taking the final epoch")
+			acts = s.Step(SwitchoverRequested{Now: time.Now()})
 		case ev := <-d.events:
 			var ok bool
 			if acts, ok = d.internal(ev); !ok {
@@ -338,6 +373,10 @@ type primaryDriver struct {
 	lastRecv      atomic.Int64 // Unix ns of the newest frame from the backup
 	passed        bool         // the session's end let the guest's output go
 	killFailed    bool         // KillGuest failed: no takeover may follow
+	// finalPaused: a final (switchover) checkpoint left the guest paused
+	// and nothing resumed or killed it yet.
+	finalPaused atomic.Bool
+	switchReply chan error // the switchover's requester, answered at End
 }
 
 // waitCheckpoint waits for a checkpoint under way, draining the events
@@ -407,7 +446,10 @@ func (d *primaryDriver) do(acts []any) (error, bool) {
 			d.checkpointing.Add(1)
 			go func() {
 				defer d.checkpointing.Done()
-				ed, err, stuck := p.checkpoint(d.ctx, a.Epoch, a.Started)
+				ed, err, stuck := p.checkpoint(d.ctx, a.Epoch, a.Started, a.Final)
+				if err == nil && a.Final {
+					d.finalPaused.Store(true)
+				}
 				if err != nil && p.cfg.GuestGone != nil && p.cfg.GuestGone() {
 					err, stuck = fmt.Errorf("%w (the guest's QEMU is gone)", err), true
 				}
@@ -464,12 +506,22 @@ func (d *primaryDriver) do(acts []any) (error, bool) {
 			if p.cfg.Output != nil {
 				p.cfg.Output.PassThrough()
 			}
+		case ResumeGuest:
+			d.resumeFinal()
 		case End:
 			// A checkpoint under way ends first: it resumes the guest.
 			// Its report is drained meanwhile (the loop reads no more),
 			// and output let go by this session stays let go (the
 			// checkpoint may have held it again).
 			d.waitCheckpoint()
+			if !errors.Is(a.Err, ErrSwitchedOver) && !errors.Is(a.Err, ErrFailedOver) {
+				// A switchover's final epoch taken as the session
+				// ended: the guest runs on here.
+				d.resumeFinal()
+			}
+			if d.switchReply != nil {
+				d.switchReply <- a.Err
+			}
 			if d.passed && p.cfg.Output != nil {
 				p.cfg.Output.PassThrough()
 			}
@@ -591,11 +643,26 @@ func (p *Primary) fault(at FaultPoint, epoch uint64) {
 	}
 }
 
-// checkpoint pauses the guest, takes epoch n and resumes the guest. Each
-// QMP command is bounded by the command timeout. stuck reports a guest that
-// may not be running normally afterwards: the stop timed out (its state is
-// unknown), or no cont succeeded after a successful stop.
-func (p *Primary) checkpoint(ctx context.Context, n uint64, now time.Time) (ed *epochData, err error, stuck bool) {
+// resumeFinal continues a guest that a final checkpoint left paused.
+func (d *primaryDriver) resumeFinal() {
+	if !d.finalPaused.Swap(false) {
+		return
+	}
+	cctx, cancel := context.WithTimeout(d.ctx, d.p.cfg.CommandTimeout)
+	defer cancel()
+	if err := qemu.Cont(cctx, d.p.mon); err != nil {
+		d.p.log.Error("switchover abandoned: continue the guest", "err", err)
+		return
+	}
+	d.p.log.Warn("switchover abandoned: the guest runs on here")
+}
+
+// checkpoint pauses the guest, takes epoch n and resumes the guest (final:
+// leaves it paused, for a switchover). Each QMP command is bounded by the
+// command timeout. stuck reports a guest that may not be running normally
+// afterwards: the stop timed out (its state is unknown), or no cont
+// succeeded after a successful stop.
+func (p *Primary) checkpoint(ctx context.Context, n uint64, now time.Time, final bool) (ed *epochData, err error, stuck bool) {
 	st := EpochStats{Epoch: n, Start: now}
 	mark := time.Now()
 	step := func(d *time.Duration) {
@@ -679,6 +746,11 @@ func (p *Primary) checkpoint(ctx context.Context, n uint64, now time.Time) (ed *
 	}
 	step(&st.Pause.Save)
 
+	if final {
+		resumed = true // the switchover resumes it elsewhere, or here if abandoned
+		st.DirtyPages, st.DeviceBytes = count, len(dev)
+		return &epochData{stats: st, epoch: transport.Epoch{Number: n, Pages: pages, DeviceState: dev, Disk: disk}, resume: time.Now()}, nil, false
+	}
 	if err := bounded(qemu.Cont); err != nil {
 		return nil, fmt.Errorf("cont: %w", err), false // the deferred cont tries again
 	}

@@ -60,6 +60,12 @@ import (
 //	Draining    backup error                        Ended       PassThrough, End
 //	Draining    timeout / link down                 Ended       End(lost), output still held
 //	any live    link down, backup silent            Ended       End(lost), output still held
+//	Protecting  switchover requested                Switching   TakeCheckpoint N (final: the guest
+//	                                                            stays paused) once room in flight
+//	Switching   final epoch and all before acked    Ended       KillGuest, SendGoodbye(takeover),
+//	                                                            End(switched over)
+//	Switching   timeout, failure, stop, link down   as above    ResumeGuest first (the guest runs
+//	                                                            on here), then as in Protecting
 type Session struct {
 	cfg      SessionConfig
 	state    SessionState
@@ -68,6 +74,10 @@ type Session struct {
 	deadline time.Time // Greeting: hello timeout; Leaving, Draining: give up
 	busy     bool      // a TakeCheckpoint is being carried out
 	endErr   error     // Leaving, Draining: what End will return
+	// Switching: the final epoch (0 until it is begun), and whether it
+	// was taken (the guest is paused here since).
+	final      uint64
+	pausedHere bool
 }
 
 // SessionConfig configures a Session.
@@ -86,7 +96,14 @@ type SessionConfig struct {
 	// goodbye, and for its reason after a failed send. Default: the
 	// heartbeat timeout.
 	GoodbyeTimeout time.Duration
+	// SwitchoverTimeout bounds a planned switchover, from the request to
+	// the backup's acknowledgement of the final epoch; past it the guest
+	// runs on here. Default DefaultSwitchoverTimeout.
+	SwitchoverTimeout time.Duration
 }
+
+// DefaultSwitchoverTimeout bounds a switchover by default.
+const DefaultSwitchoverTimeout = 10 * time.Second
 
 // SessionState is where a Session is.
 type SessionState int
@@ -99,10 +116,13 @@ const (
 	Leaving
 	Draining
 	Ended
+	// Switching: a planned switchover takes a final epoch and waits for
+	// its acknowledgement.
+	Switching
 )
 
 func (s SessionState) String() string {
-	return [...]string{"greeting", "preparing", "protecting", "leaving", "draining", "ended"}[s]
+	return [...]string{"greeting", "preparing", "protecting", "leaving", "draining", "ended", "switching"}[s]
 }
 
 // Errors a session ends with, besides ErrPeerLost and ErrPeerRejected.
@@ -116,6 +136,10 @@ var (
 	// ErrHandedOver: the guest could not be checkpointed or resumed here;
 	// it was killed and the backup told to resume its last checkpoint.
 	ErrHandedOver = errors.New("checkpoint: the guest was handed over to the backup")
+	// ErrSwitchedOver: a planned switchover completed: the backup holds
+	// the final epoch, taken with the guest paused, and resumes it; the
+	// guest here was killed.
+	ErrSwitchedOver = errors.New("checkpoint: the guest was switched over to the backup")
 )
 
 // NewSession starts a session in Greeting at now; the driver sends the
@@ -131,6 +155,9 @@ func NewSession(cfg SessionConfig, now time.Time) (*Session, []any, error) {
 	cfg.Heartbeat = cfg.Heartbeat.WithDefaults()
 	if cfg.GoodbyeTimeout <= 0 {
 		cfg.GoodbyeTimeout = cfg.Heartbeat.Timeout
+	}
+	if cfg.SwitchoverTimeout <= 0 {
+		cfg.SwitchoverTimeout = DefaultSwitchoverTimeout
 	}
 	pipe, _ := NewPipeline(cfg.Pipeline, 0)
 	s := &Session{cfg: cfg, pipe: pipe, deadline: now.Add(cfg.Heartbeat.Timeout)}
@@ -149,6 +176,9 @@ func (s *Session) InFlight() []InFlight { return s.pipe.InFlight() }
 // NextWake is when the driver should next Tick (zero: no timer needed
 // beyond the heartbeat cadence).
 func (s *Session) NextWake() time.Time {
+	if s.state == Switching {
+		return s.deadline
+	}
 	if s.state == Running && !s.busy {
 		return s.pipe.NextDue()
 	}
@@ -198,6 +228,9 @@ type (
 		Now    time.Time
 		Reason string
 	}
+	// SwitchoverRequested: move the guest to the backup with nothing
+	// lost (a planned switchover).
+	SwitchoverRequested struct{ Now time.Time }
 )
 
 // Actions a Session returns.
@@ -213,7 +246,13 @@ type (
 	TakeCheckpoint struct {
 		Epoch   uint64
 		Started time.Time
+		// Final: leave the guest paused afterwards (a switchover's last
+		// epoch); ResumeGuest or KillGuest follows.
+		Final bool
 	}
+	// ResumeGuest: continue the guest a final checkpoint left paused (the
+	// switchover did not complete).
+	ResumeGuest struct{}
 	// Ship: send Epoch's frames (in order after earlier epochs); report
 	// ShipFailed if that fails.
 	Ship struct{ Epoch uint64 }
@@ -261,12 +300,22 @@ func (s *Session) Step(ev any) []any {
 		return s.due(e.Now)
 	case CheckpointTaken:
 		s.busy = false
-		if s.state != Running && s.state != Leaving {
-			return nil
+		var acts []any
+		if s.final != 0 && e.Epoch == s.final {
+			if s.state == Switching {
+				s.pausedHere = true
+			} else {
+				// The switchover was abandoned while its final
+				// epoch was being taken.
+				acts = append(acts, ResumeGuest{})
+			}
+		}
+		if s.state != Running && s.state != Switching && s.state != Leaving {
+			return acts
 		}
 		// Taken epochs are shipped even while leaving: the backup may
 		// still commit them before it reads the goodbye.
-		return append([]any{Ship{Epoch: e.Epoch}}, s.due(e.Now)...)
+		return append(append(acts, Ship{Epoch: e.Epoch}), s.due(e.Now)...)
 	case CheckpointFailed:
 		s.busy = false
 		err := fmt.Errorf("checkpoint: epoch %d: %w", e.Epoch, e.Err)
@@ -288,6 +337,12 @@ func (s *Session) Step(ev any) []any {
 		return nil
 	case StopRequested:
 		return s.leave(e.Now, fmt.Errorf("%w: %s", ErrStopped, e.Reason))
+	case SwitchoverRequested:
+		if s.state != Running {
+			return nil
+		}
+		s.state, s.deadline = Switching, e.Now.Add(s.cfg.SwitchoverTimeout)
+		return s.due(e.Now)
 	case Tick:
 		if !e.Heard.IsZero() && s.det != nil {
 			s.det.Heard(e.Heard)
@@ -299,7 +354,7 @@ func (s *Session) Step(ev any) []any {
 
 // live reports whether the session still runs (not leaving or over).
 func (s *Session) live() bool {
-	return s.state == Greeting || s.state == Preparing || s.state == Running
+	return s.state == Greeting || s.state == Preparing || s.state == Running || s.state == Switching
 }
 
 func (s *Session) message(e BackupMessage) []any {
@@ -329,7 +384,7 @@ func (s *Session) message(e BackupMessage) []any {
 		return append(acts, s.due(e.Now)...)
 	case transport.Heartbeat:
 		// Before the hello it is ignored: only the hello opens the session.
-		if (s.state != Running && s.state != Leaving) || m.LastCommitted <= s.pipe.Committed() {
+		if (s.state != Running && s.state != Switching && s.state != Leaving) || m.LastCommitted <= s.pipe.Committed() {
 			return nil
 		}
 		// The backup's heartbeat names its committed epoch: an ack lost on
@@ -348,7 +403,7 @@ func (s *Session) message(e BackupMessage) []any {
 		}
 		return append(acts, s.due(e.Now)...)
 	case transport.Ack:
-		if s.state != Running && s.state != Leaving {
+		if s.state != Running && s.state != Switching && s.state != Leaving {
 			return s.leave(e.Now, fmt.Errorf("%w: ack of epoch %d before any epoch", ErrPeerRejected, e.Epoch))
 		}
 		f, err := s.pipe.Acked(e.Epoch)
@@ -377,8 +432,12 @@ func (s *Session) message(e BackupMessage) []any {
 	return s.leave(e.Now, fmt.Errorf("%w: unexpected %s from the backup", ErrPeerRejected, e.Msg.Type()))
 }
 
-// due starts the next checkpoint when it is due.
+// due starts the next checkpoint when it is due; while switching, the
+// final one as soon as there is room, and the handover once all is acked.
 func (s *Session) due(now time.Time) []any {
+	if s.state == Switching {
+		return s.switching(now)
+	}
 	if s.state != Running || s.busy {
 		return nil
 	}
@@ -390,13 +449,44 @@ func (s *Session) due(now time.Time) []any {
 	return []any{TakeCheckpoint{Epoch: n, Started: now}}
 }
 
+// switching moves a switchover on: the final checkpoint once nothing is
+// being taken and there is room in flight; the handover once the backup
+// acknowledged it (and so every epoch before).
+func (s *Session) switching(now time.Time) []any {
+	switch {
+	case s.final == 0 && !s.busy && len(s.pipe.InFlight()) < s.cfg.Pipeline.MaxInFlight:
+		s.busy = true
+		s.final = s.pipe.Begin(now)
+		return []any{TakeCheckpoint{Epoch: s.final, Started: now, Final: true}}
+	case s.pausedHere && s.pipe.Committed() >= s.final:
+		s.state, s.pausedHere = Ended, false
+		reason := fmt.Sprintf("switchover: resume epoch %d, taken with the guest paused; the guest here is killed", s.final)
+		return []any{KillGuest{Reason: "switched over to the backup"}, Goodbye{TakeOver: true, Reason: reason},
+			End{Err: fmt.Errorf("%w: epoch %d", ErrSwitchedOver, s.final)}}
+	}
+	return nil
+}
+
+// unpause prepends ResumeGuest when a final checkpoint left the guest
+// paused here and the switchover will not complete.
+func (s *Session) unpause(acts []any) []any {
+	if !s.pausedHere {
+		return acts
+	}
+	s.pausedHere = false
+	return append([]any{ResumeGuest{}}, acts...)
+}
+
 // leave says goodbye and waits for the backup's confirmation.
 func (s *Session) leave(now time.Time, err error) []any {
 	if !s.live() {
 		return nil
 	}
+	if s.state == Switching {
+		err = fmt.Errorf("switchover abandoned, the guest runs on here: %w", err)
+	}
 	s.state, s.deadline, s.endErr = Leaving, now.Add(s.cfg.GoodbyeTimeout), err
-	return []any{Goodbye{Reason: err.Error()}}
+	return s.unpause([]any{Goodbye{Reason: err.Error()}})
 }
 
 // lost ends the session when the backup is unreachable or silent. The
@@ -415,7 +505,7 @@ func (s *Session) lost(err error) []any {
 
 func (s *Session) end(acts ...any) []any {
 	s.state = Ended
-	return acts
+	return s.unpause(acts)
 }
 
 func (s *Session) tick(now time.Time) []any {
@@ -430,6 +520,10 @@ func (s *Session) tick(now time.Time) []any {
 			return s.lost(s.endErr)
 		}
 		return nil
+	case Switching:
+		if !now.Before(s.deadline) {
+			return s.leave(now, fmt.Errorf("the backup did not acknowledge the final epoch %d within %v", s.final, s.cfg.SwitchoverTimeout))
+		}
 	}
 	v := s.det.Tick(now)
 	if v.PeerDead {

@@ -240,3 +240,102 @@ func TestSessionHeartbeatImpliesLostAck(t *testing.T) {
 		t.Fatalf("heartbeat naming an epoch never taken: %v, want a goodbye", acts)
 	}
 }
+
+// A switchover takes a final epoch once the one under way is done, and
+// hands the guest over only when the backup acknowledged it: the guest
+// killed first, then the takeover.
+func TestSessionSwitchover(t *testing.T) {
+	r := newSessionRig(t, false)
+	acts := r.backupHello()
+	tc1 := acts[len(acts)-1].(TakeCheckpoint)
+	// Requested while epoch 1 is being taken: nothing new starts yet.
+	if acts := r.step(SwitchoverRequested{Now: r.now}); len(acts) != 0 || r.s.State() != Switching {
+		t.Fatalf("switchover during a checkpoint: %v (state %v), want to wait", acts, r.s.State())
+	}
+	acts = r.step(CheckpointTaken{Now: r.now, Epoch: tc1.Epoch})
+	var final TakeCheckpoint
+	for _, a := range acts {
+		if tc, ok := a.(TakeCheckpoint); ok {
+			final = tc
+		}
+	}
+	if !final.Final || final.Epoch != 2 || !hasAction[Ship](acts) {
+		t.Fatalf("after epoch 1: %v, want epoch 1 shipped and the final epoch 2 begun at once", acts)
+	}
+	r.step(CheckpointTaken{Now: r.now, Epoch: 2})
+	if acts := r.ack(1); hasAction[KillGuest](acts) {
+		t.Fatalf("ack 1 of 2: %v, want no handover before the final epoch is acked", acts)
+	}
+	r.now = r.now.Add(time.Second) // no epoch is due while switching
+	if acts := r.step(Tick{Now: r.now, Heard: r.now}); hasAction[TakeCheckpoint](acts) {
+		t.Fatalf("tick while switching: %v", acts)
+	}
+	acts = r.ack(2)
+	e, ok := lastEnd(acts)
+	if len(acts) < 3 || !ok || !errors.Is(e.Err, ErrSwitchedOver) {
+		t.Fatalf("final ack: %v, want KillGuest, takeover, End(switched over)", acts)
+	}
+	if _, ok := acts[0].(Release); !ok {
+		t.Fatalf("final ack: %v, want its output released first", acts)
+	}
+	if _, ok := acts[1].(KillGuest); !ok || !acts[2].(Goodbye).TakeOver || hasAction[ResumeGuest](acts) {
+		t.Fatalf("final ack: %v, want the guest killed, then the takeover", acts)
+	}
+}
+
+// A switchover that cannot complete leaves the guest running here.
+func TestSessionSwitchoverAbandoned(t *testing.T) {
+	setup := func(t *testing.T) *sessionRig {
+		r := newSessionRig(t, false)
+		r.take(r.backupHello())
+		r.ack(1)
+		acts := r.step(SwitchoverRequested{Now: r.now})
+		if !hasAction[TakeCheckpoint](acts) {
+			t.Fatalf("switchover: %v", acts)
+		}
+		r.step(CheckpointTaken{Now: r.now, Epoch: 2})
+		return r
+	}
+	t.Run("not acknowledged in time", func(t *testing.T) {
+		r := setup(t)
+		r.now = r.now.Add(DefaultSwitchoverTimeout)
+		acts := r.step(Tick{Now: r.now, Heard: r.now})
+		if len(acts) < 2 || acts[0] != (ResumeGuest{}) || !hasAction[Goodbye](acts) || hasAction[KillGuest](acts) {
+			t.Fatalf("timeout: %v, want ResumeGuest then a goodbye", acts)
+		}
+	})
+	t.Run("backup lost", func(t *testing.T) {
+		r := setup(t)
+		acts := r.step(LinkDown{Now: r.now, Err: errors.New("EOF")})
+		if len(acts) != 2 || acts[0] != (ResumeGuest{}) || hasAction[KillGuest](acts) {
+			t.Fatalf("link down: %v, want ResumeGuest, End", acts)
+		}
+	})
+	t.Run("final epoch fails", func(t *testing.T) {
+		r := newSessionRig(t, false)
+		r.take(r.backupHello())
+		r.ack(1)
+		r.step(SwitchoverRequested{Now: r.now})
+		acts := r.step(CheckpointFailed{Now: r.now, Epoch: 2, Err: errors.New("save failed")})
+		if !hasAction[Goodbye](acts) || hasAction[ResumeGuest](acts) || hasAction[KillGuest](acts) {
+			t.Fatalf("final epoch failed (the driver resumed the guest): %v, want a goodbye", acts)
+		}
+	})
+	t.Run("abandoned while the final epoch is taken", func(t *testing.T) {
+		r := newSessionRig(t, false)
+		r.take(r.backupHello())
+		r.ack(1)
+		r.step(SwitchoverRequested{Now: r.now})
+		r.step(StopRequested{Now: r.now, Reason: "SIGTERM"})
+		acts := r.step(CheckpointTaken{Now: r.now, Epoch: 2})
+		if len(acts) == 0 || acts[0] != (ResumeGuest{}) {
+			t.Fatalf("final epoch taken after the switchover was abandoned: %v, want ResumeGuest", acts)
+		}
+	})
+	t.Run("refused when not protecting", func(t *testing.T) {
+		r := newSessionRig(t, false)
+		if acts := r.step(SwitchoverRequested{Now: r.now}); len(acts) != 0 || r.s.State() != Greeting {
+			t.Fatalf("switchover before the hello: %v (state %v)", acts, r.s.State())
+		}
+	})
+}

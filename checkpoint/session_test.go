@@ -312,12 +312,22 @@ func TestPrimaryResumesGuestWhenSaveFails(t *testing.T) {
 // newTestBackup is a backup with its files in dir.
 func newTestBackup(t *testing.T, dir string) *Backup {
 	t.Helper()
-	b, err := NewBackup(BackupConfig{VMName: "vm1", RAMImage: filepath.Join(dir, "r"), StateFile: filepath.Join(dir, "s"), Heartbeat: hb})
+	b, _ := newCountingBackup(t, dir)
+	return b
+}
+
+// newCountingBackup is newTestBackup with its committed epoch readable from
+// any goroutine.
+func newCountingBackup(t *testing.T, dir string) (*Backup, *atomic.Uint64) {
+	t.Helper()
+	var committed atomic.Uint64
+	b, err := NewBackup(BackupConfig{VMName: "vm1", RAMImage: filepath.Join(dir, "r"), StateFile: filepath.Join(dir, "s"), Heartbeat: hb,
+		OnCommit: func(epoch uint64, _ int) { committed.Store(epoch) }})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { b.Close() })
-	return b
+	return b, &committed
 }
 
 // runPair runs p and b over loopback TCP until the primary's Run returns,
@@ -382,10 +392,10 @@ func TestStuckGuestHandedOverOnlyWhenKilled(t *testing.T) {
 			g.failOn, g.failFrom = "cont", 4
 			tracker, _ := dirtypages.NewCompare(g.ram, dirtypages.Options{})
 			dir := t.TempDir()
-			b := newTestBackup(t, dir)
+			b, committed := newCountingBackup(t, dir)
 			killed := 0
 			kill := func(context.Context, string) error { killed++; return killErr }
-			out := &fakeOutput{g: g, backup: func() uint64 { return b.Committed().Epoch }}
+			out := &fakeOutput{g: g, backup: committed.Load}
 			p, err := NewPrimary(PrimaryConfig{VMName: "vm1", KillGuest: kill, StateDir: dir, Heartbeat: hb, Output: out,
 				Pipeline: PipelineConfig{Interval: 5 * time.Millisecond, MaxInFlight: 1}}, g, g.ram, tracker)
 			if err != nil {
@@ -630,4 +640,81 @@ func TestDiskWritesCommitWithTheirEpoch(t *testing.T) {
 	if c != 7 || fmt.Sprint(disk.applied) != fmt.Sprint(want) || len(disk.held) != 0 {
 		t.Fatalf("committed %d epochs; disk writes applied %v, want %v; held %v (primary: %v)", c, disk.applied, want, disk.held, primaryErr)
 	}
+}
+
+// TestSwitchoverHandsTheFinalEpochOver: a switchover over loopback TCP
+// ends with the backup resuming the final epoch, taken with the guest
+// paused, byte for byte; the guest here is left paused and killed; no
+// output of it leaves unacknowledged.
+func TestSwitchoverHandsTheFinalEpochOver(t *testing.T) {
+	const pages = 32
+	g := newFakeGuest(pages)
+	dir := t.TempDir()
+	tracker, err := dirtypages.NewCompare(g.ram, dirtypages.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, committed := newCountingBackup(t, dir)
+	killed := 0
+	kill := func(context.Context, string) error { killed++; return nil }
+	out := &fakeOutput{g: g, backup: committed.Load}
+	p, err := NewPrimary(PrimaryConfig{VMName: "vm1", KillGuest: kill, StateDir: dir, Heartbeat: hb, Output: out,
+		Pipeline: PipelineConfig{Interval: 5 * time.Millisecond}}, g, g.ram, tracker)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := p.Switchover(withTimeout(t, 50*time.Millisecond)); err == nil {
+		t.Fatal("switchover without a session accepted")
+	}
+	pl, bl := tcpPair(t)
+	backupDone := make(chan error, 1)
+	primaryDone := make(chan error, 1)
+	go func() { backupDone <- b.Serve(ctx, bl) }()
+	go func() { primaryDone <- p.Run(ctx, pl) }()
+	for committed.Load() < 5 {
+		time.Sleep(5 * time.Millisecond)
+	}
+	serr := p.Switchover(ctx)
+	perr := <-primaryDone
+	berr := <-backupDone
+	if !errors.Is(serr, ErrSwitchedOver) || !errors.Is(perr, ErrSwitchedOver) {
+		t.Fatalf("switchover: %v, Run: %v; want both switched over", serr, perr)
+	}
+	var lost *PrimaryLost
+	if !errors.As(berr, &lost) || !strings.Contains(lost.Cause.Error(), "switchover") {
+		t.Fatalf("backup: %v, want it to resume on the switchover", berr)
+	}
+	if killed != 1 || g.isRunning() {
+		t.Fatalf("guest killed %d times, running %v: want killed once, left paused", killed, g.isRunning())
+	}
+	g.mu.Lock()
+	final := len(g.snaps) // stops are numbered from 1
+	snap := g.snaps[final]
+	g.mu.Unlock()
+	if lost.Committed.Epoch != uint64(final) {
+		t.Fatalf("backup resumes epoch %d; the final epoch taken was %d", lost.Committed.Epoch, final)
+	}
+	if !bytes.Equal(b.ram, snap) {
+		t.Fatal("the backup's image differs from the guest's RAM at the final pause")
+	}
+	out.mu.Lock()
+	defer out.mu.Unlock()
+	held := false
+	for _, e := range out.events {
+		held = held || e == "hold"
+		if e == "pass" && held {
+			t.Fatalf("output let go unacknowledged: %v", out.events)
+		}
+	}
+	for _, p := range out.problems {
+		t.Error(p)
+	}
+}
+
+func withTimeout(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
 }
