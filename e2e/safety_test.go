@@ -21,6 +21,8 @@ type consecutiveClient struct {
 	cl   *counter.Client
 	last counter.Reply
 	n    int
+	// maxGap is the longest wait for a reply.
+	maxGap time.Duration
 }
 
 func newConsecutiveClient(t *testing.T, ctx context.Context, l *lab.Lab) *consecutiveClient {
@@ -38,7 +40,9 @@ func (c *consecutiveClient) incFor(d time.Duration) {
 	c.t.Helper()
 	for from := time.Now(); time.Since(from) < d; {
 		c.conn.SetDeadline(time.Now().Add(time.Minute))
+		sent := time.Now()
 		r, err := c.cl.Inc()
+		c.maxGap = max(c.maxGap, time.Since(sent))
 		if err != nil {
 			c.t.Fatalf("INC after %d replies: %v", c.n, err)
 		}

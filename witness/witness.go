@@ -269,3 +269,19 @@ func (w *Witness) revoke(id clientv3.LeaseID) {
 	defer cancel()
 	w.cli.Revoke(ctx, id)
 }
+
+// Release gives up the active key when this side holds it (its guest is
+// gone: switched over to the other side), so that the other side can claim
+// it at once instead of after the TTL.
+func (w *Witness) Release(ctx context.Context) error {
+	if w.lease == 0 {
+		return nil
+	}
+	_, err := w.cli.Txn(ctx).If(clientv3.Compare(clientv3.Value(w.on), "=", w.id)).Then(clientv3.OpDelete(w.on)).Commit()
+	if err != nil {
+		return fmt.Errorf("witness: release VM %s: %w", w.vm, err)
+	}
+	w.revoke(w.lease)
+	w.lease = 0
+	return nil
+}

@@ -122,6 +122,32 @@ func TestRestartedSideTakesItsOwnLease(t *testing.T) {
 	}
 }
 
+// TestReleaseLetsTheOtherSideClaimAtOnce: a switchover releases the
+// primary's lease; the backup claims without waiting for the TTL.
+func TestReleaseLetsTheOtherSideClaimAtOnce(t *testing.T) {
+	l := startEtcd(t)
+	p, b := open(t, l, "a"), open(t, l, "b")
+	if _, err := p.Hold(ctxT(t, 5*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Release(ctxT(t, time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Claim(ctxT(t, time.Second)); err != nil {
+		t.Fatalf("claim right after the release: %v", err)
+	}
+	if _, err := p.Hold(ctxT(t, time.Second)); !errors.Is(err, ErrOwnedElsewhere) {
+		t.Fatalf("the released side holds again: %v, want ErrOwnedElsewhere", err)
+	}
+	// A release by a side that no longer holds the key leaves it alone.
+	if err := p.Release(ctxT(t, time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := b.Status(ctxT(t, time.Second)); st.Active != "b" {
+		t.Fatalf("status %+v: want b active", st)
+	}
+}
+
 // TestUnreachableWitnessIsNotHeld: a witness that does not answer gives a
 // timeout, never ErrHeld or success (the backup must not take it for a
 // live primary, nor for a free guest).

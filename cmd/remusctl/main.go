@@ -1,8 +1,9 @@
-// Command remusctl drives remus-kvm from the operator's side. For now it
-// has one command, bench: it boots the test guest with a chosen workload on
-// this machine, protects it with a primary and a backup remusd over
-// loopback for a fixed time, and prints what protection costs and achieves
-// as one table (and as JSON for machines).
+// Command remusctl drives remus-kvm from the operator's side: status and
+// switchover talk to a primary remusd on its control socket; bench boots
+// the test guest with a chosen workload on this machine, protects it with a
+// primary and a backup remusd over loopback for a fixed time, and prints
+// what protection costs and achieves as one table (and as JSON for
+// machines).
 package main
 
 import (
@@ -30,7 +31,7 @@ func app() *cli.App {
 	return &cli.App{
 		Name:  "remusctl",
 		Usage: "operate remus-kvm protection",
-		Commands: []*cli.Command{{
+		Commands: append(controlCommands(), &cli.Command{
 			Name:  "bench",
 			Usage: "measure protection of the test guest under a workload (needs root, QEMU and the guest kernel: make setup)",
 			Description: "Boots the 256 MiB test guest with the workload, measures the counter service unprotected, protects the guest\n" +
@@ -61,6 +62,6 @@ func app() *cli.App {
 				}
 				return nil
 			},
-		}},
+		}),
 	}
 }

@@ -77,6 +77,7 @@ func app() *cli.App {
 					&cli.Int64Flag{Name: "net-hold-cap", Value: netbuffer.DefaultHoldCap, Usage: "bytes of guest output held for commits at most; at the cap the guest waits"},
 					&cli.BoolFlag{Name: "net-output-commit", Value: true, Usage: "hold the guest's output until its epoch commits; =false lets it straight through, and a failover can then take back replies clients saw"},
 					&cli.StringFlag{Name: "epoch-log", Usage: "append one JSON line per committed epoch to this file"},
+					&cli.StringFlag{Name: "control", Usage: "`PATH` of the control socket for remusctl status and switchover (default STATE-DIR/remusd.sock)"},
 					&cli.StringFlag{Name: "trace", Usage: "benchmark aid: record the dirty pages of --trace-epochs epochs to this file", Hidden: true},
 					&cli.IntFlag{Name: "trace-epochs", Value: 50, Usage: "benchmark aid: epochs to record with --trace", Hidden: true},
 					&cli.StringFlag{Name: "fault", Usage: "testing aid: stop at POINT:EPOCH of the epoch cycle (paused, resumed, shipping, shipped, acked) until killed", Hidden: true},
@@ -165,7 +166,7 @@ func runPrimary(c *cli.Context) error {
 		CommandTimeout: c.Duration("command-timeout"),
 		Net:            netConfig(c), Disk: c.String("disk"), Compress: c.Bool("compress"),
 		Trace: c.String("trace"), TraceEpochs: c.Int("trace-epochs"),
-		Witness: witnessConfig(c), AssumeFailStop: c.Bool("assume-fail-stop"),
+		Witness: witnessConfig(c), AssumeFailStop: c.Bool("assume-fail-stop"), Control: c.String("control"),
 	}
 	if cfg.Key, err = key(c); err != nil {
 		return err

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -76,6 +77,9 @@ type PrimaryConfig struct {
 	// AssumeFailStop runs without a witness: the backup's fence command
 	// (or hosts that never partition) must make a failover safe.
 	AssumeFailStop bool
+	// Control is the path of the control socket (remusctl status,
+	// switchover); default DefaultControlSocket(StateDir).
+	Control string
 }
 
 // Fault describes where to stop the agent: at Point of epoch Epoch (or the
@@ -319,8 +323,17 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 	}
 
 	s := &primarySession{cfg: cfg, q: q, ram: ram, saver: saver, gnet: gnet, plug: plug, disk: disk, epochLog: epochLog, log: log}
+	ctl := cfg.Control
+	if ctl == "" {
+		ctl = DefaultControlSocket(cfg.StateDir)
+	}
+	stopControl, err := s.serveControl(ctx, ctl)
+	if err != nil {
+		return err
+	}
+	defer stopControl()
 	if w == nil {
-		return s.loop(ctx)
+		return switchedOver(s.loop(ctx), log)
 	}
 	s.gate = &gate{mon: q.Mon, out: s.output()}
 	s.guard = &primaryGuard{w: w, g: s.gate, log: log, grace: cfg.Heartbeat.WithDefaults().Timeout / 3}
@@ -334,7 +347,7 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 		}
 		guardErr <- err
 	}()
-	err := s.loop(runCtx)
+	err = s.loop(runCtx)
 	cancelRun()
 	if gerr := <-guardErr; gerr != nil {
 		log.Error("the backup owns the guest now: killing this copy", "err", gerr)
@@ -342,6 +355,24 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 			log.Error("kill the guest", "err", kerr)
 		}
 		return gerr
+	}
+	if errors.Is(err, checkpoint.ErrSwitchedOver) {
+		// The backup claims the witness at once instead of after the
+		// lease's TTL.
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+		if rerr := w.Release(rctx); rerr != nil {
+			log.Warn("release the witness lease (the backup takes it once it expires)", "err", rerr)
+		}
+		cancel()
+	}
+	return switchedOver(err, log)
+}
+
+// switchedOver turns a completed switchover into a clean exit.
+func switchedOver(err error, log *slog.Logger) error {
+	if errors.Is(err, checkpoint.ErrSwitchedOver) {
+		log.Info("switched over: the guest runs on the backup now; this agent exits", "result", err)
+		return nil
 	}
 	return err
 }
@@ -351,17 +382,17 @@ func (s *primarySession) loop(ctx context.Context) error {
 	cfg, log := s.cfg, s.log
 	redialed := false
 	for {
-		s.protected = false
+		s.protected.Store(false)
 		err := s.run(ctx)
 		switch {
-		case errors.Is(err, checkpoint.ErrFailedOver), errors.Is(err, checkpoint.ErrHandedOver):
+		case errors.Is(err, checkpoint.ErrFailedOver), errors.Is(err, checkpoint.ErrHandedOver), errors.Is(err, checkpoint.ErrSwitchedOver):
 			return err
 		case ctx.Err() != nil:
 			return nil
 		case cfg.Retry == 0:
 			return err
 		}
-		if s.protected {
+		if s.protected.Load() {
 			redialed = false
 		}
 		if !redialed && errors.Is(err, checkpoint.ErrPeerLost) {
@@ -403,7 +434,11 @@ type primarySession struct {
 	epochLog *json.Encoder
 	log      *slog.Logger
 	// protected: the last run committed an epoch.
-	protected bool
+	protected atomic.Bool
+	// current is the session's Primary while one runs (for a
+	// switchover); lastCommit, the newest acknowledged epoch.
+	current    atomic.Pointer[checkpoint.Primary]
+	lastCommit atomic.Pointer[checkpoint.EpochStats]
 	// gate and guard, with a witness: the guest runs and its output
 	// passes as the lease allows.
 	gate  *gate
@@ -531,7 +566,8 @@ func (s *primarySession) run(ctx context.Context) error {
 		Saver: saver, Logger: log, Compress: cfg.Compress,
 		CommandTimeout: cfg.CommandTimeout, KillGuest: s.killGuest, GuestGone: s.guestGone, Output: out,
 		OnEpoch: func(st checkpoint.EpochStats) {
-			s.protected = true
+			s.protected.Store(true)
+			s.lastCommit.Store(&st)
 			if s.guard != nil {
 				s.guard.acked(st.Acked)
 			}
@@ -590,6 +626,8 @@ func (s *primarySession) run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	s.current.Store(p)
+	defer s.current.Store(nil)
 	log.Info("protecting", "epoch", cfg.Pipeline.WithDefaults().Interval, "tracker", fmt.Sprintf("%T", tracker), "device_state", saver.String())
 	return p.Run(ctx, link)
 }

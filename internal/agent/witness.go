@@ -160,6 +160,22 @@ type primaryGuard struct {
 	log     *slog.Logger
 	grace   time.Duration
 	lastAck atomic.Int64 // unix ns of the backup's last acknowledgement
+
+	mu   sync.Mutex
+	snap guardSnapshot
+}
+
+// guardSnapshot is the guard's view as of its last check, for status.
+type guardSnapshot struct {
+	trustedFor time.Duration
+	frozen     bool
+	why        string
+}
+
+func (p *primaryGuard) snapshot() guardSnapshot {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.snap
 }
 
 // acked records the backup's acknowledgement (from the checkpoint loop).
@@ -236,6 +252,9 @@ func (p *primaryGuard) run(ctx context.Context, first witness.Lease) error {
 				}
 			}
 			ok, why := guard.MayRun(now)
+			p.mu.Lock()
+			p.snap = guardSnapshot{trustedFor: guard.TrustedFor(now), frozen: !ok, why: why}
+			p.mu.Unlock()
 			switch {
 			case !ok && !frozen:
 				frozen = true

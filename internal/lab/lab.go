@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -329,8 +330,9 @@ type Protection struct {
 	Report          string
 	BackupConfig    testvm.Config
 
-	// BackupAddr is where the backup remusd listens.
-	BackupAddr                string
+	// BackupAddr is where the backup remusd listens; Control, the
+	// primary remusd's control socket.
+	BackupAddr, Control       string
 	startBackup, startPrimary func() error
 }
 
@@ -417,6 +419,7 @@ func (l *Lab) Protect(prim, back testvm.Config, o ProtectOptions) (*Protection, 
 			return nil, err
 		}
 	}
+	p.Control = agent.DefaultControlSocket(filepath.Join(l.Dir, "primary-state"))
 	pargs := append([]string{"primary", "--qmp", prim.QMP[1], "--peer", peer, "--state-dir", filepath.Join(l.Dir, "primary-state"),
 		"--epoch-log", p.EpochLog, "--net-guest", prim.NIC.Path, "--net-tap", l.Net.TapPrimary}, common...)
 	if primaryWitness != "" {
@@ -467,6 +470,20 @@ func (p *Protection) RestartPrimary() error {
 		return errors.New("lab: the primary remusd still runs")
 	}
 	return p.startPrimary()
+}
+
+// Switchover asks the primary remusd to move the guest to the backup.
+func (p *Protection) Switchover(ctx context.Context) (agent.SwitchoverResult, error) {
+	var r agent.SwitchoverResult
+	err := agent.CallControl(ctx, p.Control, http.MethodPost, agent.ControlSwitchoverPath, time.Minute, &r)
+	return r, err
+}
+
+// Status asks the primary remusd for its status.
+func (p *Protection) Status(ctx context.Context) (agent.PrimaryStatus, error) {
+	var st agent.PrimaryStatus
+	err := agent.CallControl(ctx, p.Control, http.MethodGet, agent.ControlStatusPath, 5*time.Second, &st)
+	return st, err
 }
 
 // StartBackup starts the backup remusd of a Protect with BackupLater.

@@ -1,0 +1,166 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/remus-kvm/remus/checkpoint"
+)
+
+// The control socket: remusd primary serves a small HTTP API on a unix
+// socket (mode 0600: root, or the user running remusd) for remusctl.
+//
+//	GET  /status      PrimaryStatus as JSON
+//	POST /switchover  move the guest to the backup; answers once done
+//	                  (200, SwitchoverResult) or refused/abandoned (409,
+//	                  {"error": ...})
+const (
+	ControlStatusPath     = "/status"
+	ControlSwitchoverPath = "/switchover"
+)
+
+// DefaultControlSocket is the control socket of an agent whose state
+// directory is stateDir.
+func DefaultControlSocket(stateDir string) string { return stateDir + "/remusd.sock" }
+
+// PrimaryStatus is what GET /status answers on the primary.
+type PrimaryStatus struct {
+	VM   string `json:"vm"`
+	Role string `json:"role"`
+	// State: protecting (a session with the backup committed epochs),
+	// unprotected (no backup answers; the guest runs on alone), or
+	// stopped (the guest is stopped here: no witness lease and no
+	// acknowledging backup).
+	State          string    `json:"state"`
+	Why            string    `json:"why,omitempty"`
+	CommittedEpoch uint64    `json:"committed_epoch"`
+	CommittedAt    time.Time `json:"committed_at,omitzero"`
+	Witness        string    `json:"witness_id,omitempty"`
+	LeaseLeftMS    float64   `json:"lease_trusted_for_ms,omitempty"`
+}
+
+// SwitchoverResult is what a completed POST /switchover answers.
+type SwitchoverResult struct {
+	Result string  `json:"result"`
+	TookMS float64 `json:"took_ms"`
+}
+
+// CallControl makes one request on the control socket and decodes the
+// answer into out, or returns the agent's error.
+func CallControl(ctx context.Context, socket, method, path string, timeout time.Duration, out any) error {
+	cl := &http.Client{Timeout: timeout, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", socket)
+		}}}
+	req, err := http.NewRequestWithContext(ctx, method, "http://remusd"+path, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := cl.Do(req)
+	if err != nil {
+		return fmt.Errorf("control socket %s (is remusd primary running?): %w", socket, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		return fmt.Errorf("control socket %s: %w", socket, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		var e struct {
+			Error string `json:"error"`
+		}
+		if json.Unmarshal(body, &e) == nil && e.Error != "" {
+			return errors.New(e.Error)
+		}
+		return fmt.Errorf("control socket %s: %s: %s", socket, resp.Status, strings.TrimSpace(string(body)))
+	}
+	if err := json.Unmarshal(body, out); err != nil {
+		return fmt.Errorf("control socket %s: answer: %w", socket, err)
+	}
+	return nil
+}
+
+type controlError struct {
+	Error string `json:"error"`
+}
+
+// serveControl serves the primary's control socket until ctx ends; the
+// returned function stops it, letting a switchover's answer go out first.
+func (s *primarySession) serveControl(ctx context.Context, path string) (func(), error) {
+	os.Remove(path)
+	var lc net.ListenConfig
+	ln, err := lc.Listen(ctx, "unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET "+ControlStatusPath, func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, s.status())
+	})
+	mux.HandleFunc("POST "+ControlSwitchoverPath, func(w http.ResponseWriter, r *http.Request) {
+		p := s.current.Load()
+		if p == nil {
+			writeJSON(w, http.StatusConflict, controlError{"switchover refused: the guest is not protected now (no session with a backup)"})
+			return
+		}
+		start := time.Now()
+		sctx, cancel := context.WithTimeout(r.Context(), checkpoint.DefaultSwitchoverTimeout+5*time.Second)
+		defer cancel()
+		s.log.Info("switchover requested")
+		err := p.Switchover(sctx)
+		if !errors.Is(err, checkpoint.ErrSwitchedOver) {
+			writeJSON(w, http.StatusConflict, controlError{err.Error()})
+			return
+		}
+		writeJSON(w, http.StatusOK, SwitchoverResult{Result: err.Error(), TookMS: ms(time.Since(start))})
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second,
+		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)}
+	go srv.Serve(ln)
+	return func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		defer cancel()
+		srv.Shutdown(sctx)
+		os.Remove(path)
+	}, nil
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	json.NewEncoder(w).Encode(v)
+}
+
+// status describes the primary now.
+func (s *primarySession) status() PrimaryStatus {
+	st := PrimaryStatus{VM: s.cfg.VM, Role: "primary", State: "unprotected", Why: "no session with a backup has committed an epoch"}
+	if last := s.lastCommit.Load(); last != nil {
+		st.CommittedEpoch, st.CommittedAt = last.Epoch, last.Acked
+	}
+	if s.current.Load() != nil && s.protected.Load() {
+		st.State, st.Why = "protecting", ""
+	}
+	if s.guard != nil {
+		st.Witness = s.guard.w.ID()
+		g := s.guard.snapshot()
+		st.LeaseLeftMS = ms(max(g.trustedFor, 0))
+		if g.frozen {
+			st.State, st.Why = "stopped", g.why
+		}
+	}
+	return st
+}
