@@ -3,7 +3,11 @@ package e2e
 import (
 	"bufio"
 	"context"
+	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -113,7 +117,7 @@ func TestWitnessIsolatedPrimaryStopsBeforeTheBackupResumes(t *testing.T) {
 	}
 	c.incFor(time.Second)
 	st := witnessStatus(t, ctx, wit)
-	if st.Owner != st.Active || !strings.HasSuffix(st.Owner, ":backup") {
+	if st.Owner != lab.WitnessB || st.Active != lab.WitnessB {
 		t.Fatalf("witness says %+v: want the backup owner and active", st)
 	}
 	t.Logf("%d consecutive replies up to %d, one boot; the primary's copy ended once the partition healed", c.n, c.last.Value)
@@ -253,7 +257,7 @@ func TestSwitchoverMovesTheGuestWithNothingLost(t *testing.T) {
 		t.Fatalf("the primary remusd did not say it switched over:\n%s", out)
 	}
 	deadline := time.Now().Add(10 * time.Second)
-	for st := witnessStatus(t, ctx, wit); !strings.HasSuffix(st.Owner, ":backup") || st.Active != st.Owner; st = witnessStatus(t, ctx, wit) {
+	for st := witnessStatus(t, ctx, wit); st.Owner != lab.WitnessB || st.Active != lab.WitnessB; st = witnessStatus(t, ctx, wit) {
 		if time.Now().After(deadline) {
 			t.Fatalf("witness says %+v 10 s after the switchover: want the backup owner and active", st)
 		}
@@ -261,4 +265,111 @@ func TestSwitchoverMovesTheGuestWithNothingLost(t *testing.T) {
 	}
 	t.Logf("switchover took %.0f ms (final epoch acked, guest killed, takeover sent); backup restore %.0f ms; longest client wait %v; %d consecutive replies up to %d, one boot",
 		res.r.TookMS, r.RestoreMS, c.maxGap.Round(time.Millisecond), c.n, c.last.Value)
+}
+
+// TestReprotectBothWays moves one guest back and forth between the lab's
+// two hosts with a client on one TCP connection throughout: protected
+// A→B, switched over to B; protected again from B (B→A), switched back to
+// A; protected A→B, A's host dies, failover to B; protected B→A, B's host
+// dies, failover to A. Each time the survivor's backup agent is stopped
+// (its QEMU runs on) and a primary agent attaches to the running guest on
+// that host, under that host's name at the witness, with a fresh standby
+// on the other host (full sync first). The counter stays consecutive, one
+// boot, through all four moves.
+func TestReprotectBothWays(t *testing.T) {
+	l := newLab(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	wit, err := l.StartWitness(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, p, c := protectGuest(t, ctx, l, lab.ProtectOptions{Witness: wit.Endpoint}, 3)
+	c.incFor(time.Second)
+	// onB: the guest runs on B (started from g.back's command line).
+	onB := false
+	protectAgain := func(step string) {
+		t.Helper()
+		if err := p.Backup.Stop(30 * time.Second); err != nil {
+			t.Fatalf("%s: stop the survivor's backup agent: %v", step, err)
+		}
+		prim, back := g.prim, g.back
+		if onB {
+			prim, back = back, prim
+		}
+		var err error
+		p, err = l.Protect(prim, back, lab.ProtectOptions{Witness: wit.Endpoint, Reverse: onB, HeartbeatTimeout: heartbeatTimeout})
+		if err != nil {
+			t.Fatalf("%s: %v", step, err)
+		}
+		dump(t, l, p)
+		if _, err := p.WaitCommitted(ctx, 3); err != nil {
+			t.Fatalf("%s: not protected again: %v", step, err)
+		}
+		c.incFor(time.Second)
+	}
+	survivor := func(step string, r *agent.FailoverReport) {
+		t.Helper()
+		onB = !onB
+		c.incFor(time.Second)
+		if c.last.BootID != g.ready.BootID {
+			t.Fatalf("%s: boot id %s, want %s", step, c.last.BootID, g.ready.BootID)
+		}
+		owner := lab.WitnessA
+		if onB {
+			owner = lab.WitnessB
+		}
+		deadline := time.Now().Add(10 * time.Second)
+		for st := witnessStatus(t, ctx, wit); st.Owner != owner || st.Active != owner; st = witnessStatus(t, ctx, wit) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: witness says %+v, want %s owner and active", step, st, owner)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		t.Logf("%s: the guest runs on %s (resumed epoch %d, restore %.0f ms); counter %d", step, owner, r.Epoch, r.RestoreMS, c.last.Value)
+	}
+	switchover := func(step string) {
+		t.Helper()
+		if _, err := p.Switchover(ctx); err != nil {
+			t.Fatalf("%s: %v", step, err)
+		}
+		r, err := p.WaitReport(ctx)
+		if err != nil {
+			t.Fatalf("%s: %v", step, err)
+		}
+		survivor(step, r)
+	}
+	hostDies := func(step string) {
+		t.Helper()
+		pid, err := guestPID(l)
+		if err != nil {
+			t.Fatalf("%s: %v", step, err)
+		}
+		p.Primary.Kill()
+		syscall.Kill(pid, syscall.SIGKILL)
+		r, err := p.WaitReport(ctx)
+		if err != nil {
+			t.Fatalf("%s: %v", step, err)
+		}
+		survivor(step, r)
+	}
+
+	switchover("switchover A→B")
+	protectAgain("re-protect B→A")
+	switchover("switchover B→A")
+	protectAgain("re-protect A→B")
+	hostDies("A dies")
+	protectAgain("re-protect B→A")
+	hostDies("B dies")
+	t.Logf("%d consecutive replies up to %d on one connection, one boot, through two switchovers and two failovers", c.n, c.last.Value)
+}
+
+// guestPID is the pid of the QEMU that the last failover or switchover
+// started (named in the backup state directory).
+func guestPID(l *lab.Lab) (int, error) {
+	b, err := os.ReadFile(agent.QEMUPIDFile(filepath.Join(l.Dir, "backup-state")))
+	if err != nil {
+		return 0, err
+	}
+	return strconv.Atoi(strings.TrimSpace(string(b)))
 }

@@ -49,7 +49,7 @@ func app() *cli.App {
 		&cli.StringFlag{Name: "witness-cert", Usage: "client certificate (PEM) for the witness"},
 		&cli.StringFlag{Name: "witness-key", Usage: "key of --witness-cert (PEM)"},
 		&cli.DurationFlag{Name: "witness-ttl", Value: witness.DefaultTTL, Usage: "TTL of the witness lease (whole seconds, at least etcd's minimum of 2s by default): a failover waits this long after the primary's last renewal"},
-		&cli.StringFlag{Name: "witness-id", Usage: "name of this side at the witness (default HOSTNAME:ROLE)"},
+		&cli.StringFlag{Name: "witness-id", Usage: "name of this host at the witness, the same for its primary and backup agents, never shared by two hosts (default: the host name)"},
 		&cli.BoolFlag{Name: "assume-fail-stop", Usage: "protect without a witness (and, on the backup, without --fence-command): a partition between the hosts, both alive, then leaves two live copies of the guest"},
 	}
 	return &cli.App{

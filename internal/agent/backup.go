@@ -155,7 +155,10 @@ func RunBackup(ctx context.Context, cfg BackupConfig, log *slog.Logger) (*Failov
 		bcfg := checkpoint.BackupConfig{VMName: cfg.VM, RAMImage: cfg.RAMImage, StateFile: stateFile,
 			Heartbeat: cfg.Heartbeat, Logger: log}
 		if cfg.Witness.Enabled() {
-			if w, err = cfg.Witness.open(cfg.VM, "backup"); err != nil {
+			if w, err = cfg.Witness.open(cfg.VM); err != nil {
+				return err
+			}
+			if err := checkBackupSide(ctx, w, log); err != nil {
 				return err
 			}
 			bcfg.Claim = claimFor(w, max(cfg.Heartbeat.WithDefaults().Timeout, time.Second))

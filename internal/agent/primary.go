@@ -205,7 +205,7 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 	var lease witness.Lease
 	if cfg.Witness.Enabled() {
 		if err := step(ctx, log, "hold the witness lease", func() (err error) {
-			if w, err = cfg.Witness.open(cfg.VM, "primary"); err != nil {
+			if w, err = cfg.Witness.open(cfg.VM); err != nil {
 				return err
 			}
 			lease, err = holdPrimaryLease(ctx, w, log)

@@ -18,21 +18,41 @@ import (
 // WitnessConfig is how an agent reaches the witness.
 type WitnessConfig struct {
 	witness.Config
-	// ID names this side to the witness; default HOSTNAME:ROLE.
+	// ID names this host to the witness, the same for its primary and
+	// its backup agents (after a failover the backup's host protects the
+	// guest as primary under the same name); default the host name. Two
+	// hosts must never share one.
 	ID string
 }
 
-// open connects to the witness as role's side.
-func (c WitnessConfig) open(vm, role string) (*witness.Witness, error) {
+// open connects to the witness as this host's side.
+func (c WitnessConfig) open(vm string) (*witness.Witness, error) {
 	id := c.ID
 	if id == "" {
 		host, err := os.Hostname()
 		if err != nil {
-			return nil, fmt.Errorf("witness: name this side (--witness-id): %w", err)
+			return nil, fmt.Errorf("witness: name this host (--witness-id): %w", err)
 		}
-		id = host + ":" + role
+		id = host
 	}
 	return witness.Open(c.Config, vm, id)
+}
+
+// checkBackupSide refuses to run a backup on the side the witness names as
+// the guest's owner: the guest runs here (an earlier failover or
+// switchover, or both agents given the same name).
+func checkBackupSide(ctx context.Context, w *witness.Witness, log *slog.Logger) error {
+	sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	st, err := w.Status(sctx)
+	if err != nil {
+		log.Warn("cannot read the witness at start; going on (a failover needs it, or the fence command)", "err", err)
+		return nil
+	}
+	if st.Owner == w.ID() {
+		return fmt.Errorf("the witness names this host (%q) as the owner of the guest: it runs here after a failover or switchover, so protect it from here with remusd primary; if the other host is named %q too, give each host its own --witness-id", w.ID(), w.ID())
+	}
+	return nil
 }
 
 // failStopRisk is what running without witness or fence risks, for the

@@ -355,9 +355,21 @@ type ProtectOptions struct {
 	// Witness, when set, is the etcd endpoint both agents use as witness
 	// (StartWitness runs one); without it they run --assume-fail-stop.
 	// PrimaryWitness, when set, is the primary's way to it instead (a
-	// Link that a test cuts).
+	// Link that a test cuts). The primary's host is called WitnessA at
+	// the witness, the backup's WitnessB (the other way round with
+	// Reverse).
 	Witness, PrimaryWitness string
+	// Reverse protects a guest running on the backup's side (after a
+	// failover or switchover) from there: the primary remusd relays to
+	// the backup's tap, the backup's to the primary's.
+	Reverse bool
 }
+
+// The lab's two hosts as the witness knows them.
+const (
+	WitnessA = "lab-a"
+	WitnessB = "lab-b"
+)
 
 // Protect starts the backup and primary agents for a guest started from
 // prim (whose second QMP socket is remusd's), with the backup ready to start
@@ -384,15 +396,19 @@ func (l *Lab) Protect(prim, back testvm.Config, o ProtectOptions) (*Protection, 
 	if o.Witness == "" {
 		common = append(common, "--assume-fail-stop")
 	}
+	primaryTap, backupTap, primaryID, backupID := l.Net.TapPrimary, l.Net.TapBackup, WitnessA, WitnessB
+	if o.Reverse {
+		primaryTap, backupTap, primaryID, backupID = backupTap, primaryTap, backupID, primaryID
+	}
 	if o.HeartbeatTimeout > 0 {
 		common = append(common, "--heartbeat-timeout", o.HeartbeatTimeout.String())
 	}
 	backupState := filepath.Join(l.Dir, "backup-state")
 	bargs := append([]string{"backup", "--listen", peer, "--state-dir", backupState,
 		"--ram-image", back.RAMPath, "--qmp", back.QMP[1], "--report", p.Report,
-		"--net-guest", back.NIC.Path, "--net-tap", l.Net.TapBackup}, common...)
+		"--net-guest", back.NIC.Path, "--net-tap", backupTap}, common...)
 	if o.Witness != "" {
-		bargs = append(bargs, "--witness", o.Witness)
+		bargs = append(bargs, "--witness", o.Witness, "--witness-id", backupID)
 	}
 	if back.Disk != "" {
 		bargs = append(bargs, "--disk-image", back.Disk)
@@ -421,9 +437,9 @@ func (l *Lab) Protect(prim, back testvm.Config, o ProtectOptions) (*Protection, 
 	}
 	p.Control = agent.DefaultControlSocket(filepath.Join(l.Dir, "primary-state"))
 	pargs := append([]string{"primary", "--qmp", prim.QMP[1], "--peer", peer, "--state-dir", filepath.Join(l.Dir, "primary-state"),
-		"--epoch-log", p.EpochLog, "--net-guest", prim.NIC.Path, "--net-tap", l.Net.TapPrimary}, common...)
+		"--epoch-log", p.EpochLog, "--net-guest", prim.NIC.Path, "--net-tap", primaryTap}, common...)
 	if primaryWitness != "" {
-		pargs = append(pargs, "--witness", primaryWitness)
+		pargs = append(pargs, "--witness", primaryWitness, "--witness-id", primaryID)
 	}
 	if o.Epoch > 0 {
 		pargs = append(pargs, "--epoch", o.Epoch.String())
