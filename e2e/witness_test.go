@@ -373,3 +373,93 @@ func guestPID(l *lab.Lab) (int, error) {
 	}
 	return strconv.Atoi(strings.TrimSpace(string(b)))
 }
+
+// TestWitnessLinkCutNoFailover cuts only the link between the agents; both
+// reach the witness and the clients. The backup cannot claim the witness
+// (the primary renews its lease) and resumes nothing; the primary runs on
+// unprotected and its client is served throughout; once the link is back
+// the guest is protected again.
+func TestWitnessLinkCutNoFailover(t *testing.T) {
+	l := newLab(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	wit, err := l.StartWitness(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var toBackup *lab.Link
+	g, p, c := protectGuest(t, ctx, l, lab.ProtectOptions{Witness: wit.Endpoint,
+		Via: func(backup string) (string, error) {
+			var err error
+			toBackup, err = lab.NewLink(backup)
+			if err != nil {
+				return "", err
+			}
+			return toBackup.Addr(), nil
+		}}, 3)
+	defer toBackup.Close()
+	c.incFor(time.Second)
+	toBackup.Cut()
+	// Longer than detection plus two lease TTLs: a backup that could
+	// resume would have.
+	c.incFor(heartbeatTimeout + 3*witness.DefaultTTL)
+	if _, err := lab.ReadReport(p.Report); err == nil {
+		t.Fatalf("the backup resumed the guest while the primary held its lease:\n%s", p.Backup.Output())
+	}
+	if !strings.Contains(p.Backup.Output(), "its witness lease is alive") {
+		t.Fatalf("the backup does not say why it does not resume:\n%s", p.Backup.Output())
+	}
+	if st, err := p.Status(ctx); err != nil || st.State == "stopped" {
+		t.Fatalf("primary status %+v (%v): want its guest running", st, err)
+	}
+	before, err := p.Epochs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	toBackup.Heal()
+	if _, err := p.WaitCommitted(ctx, len(before)+5); err != nil {
+		t.Fatalf("not protected again after the link came back: %v", err)
+	}
+	c.incFor(time.Second)
+	if c.last.BootID != g.ready.BootID {
+		t.Fatalf("boot id %s, want %s", c.last.BootID, g.ready.BootID)
+	}
+	t.Logf("link cut for %v: no failover, %d consecutive replies up to %d, protected again", heartbeatTimeout+3*witness.DefaultTTL, c.n, c.last.Value)
+}
+
+// TestWitnessDownFenceDecides: the witness is down and the primary's host
+// dies; with a fence command the backup fences and resumes without the
+// witness.
+func TestWitnessDownFenceDecides(t *testing.T) {
+	l := newLab(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	wit, err := l.StartWitness(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	script := filepath.Join(l.Dir, "fence.sh")
+	if err := os.WriteFile(script, []byte("#!/bin/sh\necho \"powered off $2\"\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	g, p, c := protectGuest(t, ctx, l, lab.ProtectOptions{Witness: wit.Endpoint, BackupArgs: []string{"--fence-command", script}}, 3)
+	if err := wit.Pause(); err != nil {
+		t.Fatal(err)
+	}
+	c.incFor(witness.DefaultTTL)
+	p.Primary.Kill()
+	g.vm.Kill()
+	r, err := p.WaitReport(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(r.Cause, "fenced") || !strings.Contains(p.Backup.Output(), "the witness cannot be reached: fencing the primary instead") {
+		t.Fatalf("failover cause %q: want the fence after an unreachable witness:\n%s", r.Cause, p.Backup.Output())
+	}
+	c.incFor(time.Second)
+	if c.last.BootID != g.ready.BootID {
+		t.Fatalf("boot id %s, want %s", c.last.BootID, g.ready.BootID)
+	}
+	wit.Resume()
+	t.Logf("witness down: fenced and resumed epoch %d (%.0f ms after the primary was declared dead); %d consecutive replies", r.Epoch, r.ClearMS, c.n)
+}
