@@ -208,7 +208,7 @@ func TestSwitchoverMovesTheGuestWithNothingLost(t *testing.T) {
 	g, p, c := protectGuest(t, ctx, l, lab.ProtectOptions{Witness: wit.Endpoint}, 3)
 	c.incFor(time.Second)
 	st, err := p.Status(ctx)
-	if err != nil || st.State != "protecting" || st.Witness == "" || st.CommittedEpoch == 0 {
+	if err != nil || st.State != "protecting" || st.Witness != lab.WitnessA || st.WitnessOwner != lab.WitnessA || st.WitnessActive != lab.WitnessA || st.CommittedEpoch == 0 {
 		t.Fatalf("status %+v (%v): want protecting, with a witness and a committed epoch", st, err)
 	}
 	c.maxGap = 0

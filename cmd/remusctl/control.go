@@ -66,7 +66,12 @@ func printStatus(w io.Writer, st agent.PrimaryStatus, now time.Time) {
 		fmt.Fprintf(w, "committed   epoch %d, %v ago\n", st.CommittedEpoch, now.Sub(st.CommittedAt).Round(time.Millisecond))
 	}
 	if st.Witness != "" {
-		fmt.Fprintf(w, "witness     this side is %q; lease trusted for %.0f ms more\n", st.Witness, st.LeaseLeftMS)
+		fmt.Fprintf(w, "witness     this host is %q; lease trusted for %.0f ms more\n", st.Witness, st.LeaseLeftMS)
+		if st.WitnessError != "" {
+			fmt.Fprintf(w, "            cannot read the witness: %s\n", st.WitnessError)
+		} else {
+			fmt.Fprintf(w, "            owner %q, active %q\n", st.WitnessOwner, st.WitnessActive)
+		}
 	} else {
 		fmt.Fprintf(w, "witness     none (fail-stop assumed)\n")
 	}

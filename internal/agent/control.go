@@ -46,6 +46,11 @@ type PrimaryStatus struct {
 	CommittedAt    time.Time `json:"committed_at,omitzero"`
 	Witness        string    `json:"witness_id,omitempty"`
 	LeaseLeftMS    float64   `json:"lease_trusted_for_ms,omitempty"`
+	// What the witness says now: the guest's owner and the side holding
+	// a live lease (WitnessError when it could not be read).
+	WitnessOwner  string `json:"witness_owner,omitempty"`
+	WitnessActive string `json:"witness_active,omitempty"`
+	WitnessError  string `json:"witness_error,omitempty"`
 }
 
 // SwitchoverResult is what a completed POST /switchover answers.
@@ -109,7 +114,7 @@ func (s *primarySession) serveControl(ctx context.Context, path string) (func(),
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET "+ControlStatusPath, func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, http.StatusOK, s.status())
+		writeJSON(w, http.StatusOK, s.status(r.Context()))
 	})
 	mux.HandleFunc("POST "+ControlSwitchoverPath, func(w http.ResponseWriter, r *http.Request) {
 		p := s.current.Load()
@@ -146,7 +151,7 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 }
 
 // status describes the primary now.
-func (s *primarySession) status() PrimaryStatus {
+func (s *primarySession) status(ctx context.Context) PrimaryStatus {
 	st := PrimaryStatus{VM: s.cfg.VM, Role: "primary", State: "unprotected", Why: "no session with a backup has committed an epoch"}
 	if last := s.lastCommit.Load(); last != nil {
 		st.CommittedEpoch, st.CommittedAt = last.Epoch, last.Acked
@@ -161,6 +166,13 @@ func (s *primarySession) status() PrimaryStatus {
 		if g.frozen {
 			st.State, st.Why = "stopped", g.why
 		}
+		wctx, cancel := context.WithTimeout(ctx, time.Second)
+		ws, err := s.guard.w.Status(wctx)
+		cancel()
+		if err != nil {
+			st.WitnessError = err.Error()
+		}
+		st.WitnessOwner, st.WitnessActive = ws.Owner, ws.Active
 	}
 	return st
 }
