@@ -171,5 +171,21 @@ func (s DeviceSaver) migrateToFile(ctx context.Context, mon Monitor, path string
 	if err := WaitMigration(ctx, mon, time.Millisecond); err != nil {
 		return fmt.Errorf("migrate to %s: %w", path, err)
 	}
-	return nil
+	// query-migrate says "completed" a moment before QEMU leaves the
+	// finish-migrate run state, in which cont is refused ("Migration is
+	// not finalized yet"): wait for that too.
+	for {
+		st, err := Status(ctx, mon)
+		if err != nil {
+			return fmt.Errorf("migrate to %s: %w", path, err)
+		}
+		if st != "finish-migrate" {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("migrate to %s: waiting for QEMU to leave finish-migrate: %w", path, ctx.Err())
+		case <-time.After(time.Millisecond):
+		}
+	}
 }

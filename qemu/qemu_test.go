@@ -161,14 +161,18 @@ func TestDeviceSaver(t *testing.T) {
 			`migrate-set-capabilities {"capabilities":[{"capability":"x-ignore-shared","state":true}]}`,
 			`migrate {"uri":"exec:cat \u003e '` + path + `'"}`,
 			`query-migrate`,
+			// completed, but still in finish-migrate once: asked again
+			`query-status`, `query-status`,
 		}},
 		{DeviceSaver{Migrate: true, Version: qmp.Version{Major: 10}}, []string{
 			`migrate-set-capabilities {"capabilities":[{"capability":"x-ignore-shared","state":true}]}`,
 			`migrate {"uri":"file:` + path + `"}`,
 			`query-migrate`,
+			`query-status`, `query-status`,
 		}},
 	} {
-		mon := &fakeMonitor{reply: map[string]func(string) (any, error){"query-migrate": completed}}
+		mon := &fakeMonitor{reply: map[string]func(string) (any, error){"query-migrate": completed,
+			"query-status": sequence(map[string]string{"status": "finish-migrate"}, map[string]string{"status": "postmigrate"})}}
 		if err := tc.saver.Save(t.Context(), mon, path); err != nil {
 			t.Fatalf("%v: %v", tc.saver, err)
 		}

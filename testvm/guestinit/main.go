@@ -74,7 +74,6 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	go reap()
 	if err := loadModules(p.moduleDir); err != nil {
 		return err
 	}
@@ -84,6 +83,7 @@ func run() error {
 	if p.exec != "" {
 		return runExec(p)
 	}
+	go reap()
 	boot, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
 	if err != nil {
 		return fmt.Errorf("read boot id: %w", err)
@@ -255,18 +255,39 @@ func setupNetwork(ip netip.Prefix) error {
 	return nil
 }
 
+// runExec runs the program the kernel command line names and reports its
+// exit status. As PID 1 it reaps every child itself while it waits (a
+// reaper beside exec.Cmd.Wait could take the program's status first), so
+// orphans the program leaves are collected too.
 func runExec(p params) error {
 	cmd := exec.Command(p.exec, p.args...)
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
-	err := cmd.Run()
-	code := 0
-	if err != nil {
-		code = -1
-		var ee *exec.ExitError
-		if errors.As(err, &ee) {
-			code = ee.ExitCode()
-		}
+	code := -1
+	if err := cmd.Start(); err != nil {
 		fmt.Printf("remus-guest: exec %s: %v\n", p.exec, err)
+	} else {
+		for {
+			var ws unix.WaitStatus
+			pid, err := unix.Wait4(-1, &ws, 0, nil)
+			if errors.Is(err, unix.EINTR) {
+				continue
+			}
+			if err != nil {
+				fmt.Printf("remus-guest: exec %s: wait: %v\n", p.exec, err)
+				break
+			}
+			if pid != cmd.Process.Pid {
+				continue // an orphan
+			}
+			switch {
+			case ws.Exited():
+				code = ws.ExitStatus()
+			case ws.Signaled():
+				fmt.Printf("remus-guest: exec %s: %v\n", p.exec, ws.Signal())
+			}
+			break
+		}
+		cmd.Process.Release()
 	}
 	fmt.Printf("remus-guest: exit status %d\n", code)
 	return nil
