@@ -17,7 +17,9 @@ import (
 //	b  the backup resumes only a primary that is really gone
 //	c  the primary releases epoch N's output only once the backup applied
 //	   epoch N in the same session
-//	d  never two live guests
+//	d  never two live guests; with a witness: once the backup resumed the
+//	   guest, no primary-side guest runs (not frozen, not killed, host
+//	   up, agent up) and none of its output leaves, network faults or not
 //	e  no panic, no stuck state, no guest lost to a handover
 //	f  the backup sends nothing on a connection before its hello
 //	g  the backup applies only its current session's epochs, each onto the
@@ -27,15 +29,18 @@ import (
 // decisions, one that is down does nothing. What the protocol cannot tell
 // apart from a dead peer — a partition of about the heartbeat timeout or
 // longer, or a connection that the network resets, with both hosts alive —
-// is a network fault, outside that model: a failover it causes, and two
-// live guests after it, are recorded (splitBrains) but not violations. A
-// later witness or fencing feature is to handle it; see netExcuse.
+// is a network fault, outside that model: without a witness, a failover it
+// causes, and two live guests after it, are recorded (splitBrains) but not
+// violations; see netExcuse. With a witness (sim_witness_test.go) nothing
+// excuses two guests: the guard must stop the primary's before the backup
+// can claim the witness.
 type simChecker struct {
 	w           *simWorld
 	violations  []simViolation
 	reported    map[string]bool // one report per stuck state
 	splitBrains []string        // two live guests, excused as network faults
 	failover    *simFailover
+	failoverAt  time.Time
 	expected    []*simExpectedFailover
 	maxStall    time.Duration // longest scripted pause or apply, for (e)
 }
@@ -121,7 +126,7 @@ func (ck *simChecker) failOver(b *simBackupHost, fo FailOver, byTakeover bool) {
 	// protection after it and the world saw what it did.
 	if c == nil {
 		ck.violate("a", "failed over to epoch %d without ever having had a session", fo.Epoch)
-		ck.failover = &simFailover{epoch: fo.Epoch, why: "no session"}
+		ck.failover, ck.failoverAt = &simFailover{epoch: fo.Epoch, why: "no session"}, w.now
 		return
 	}
 	img := b.image
@@ -139,7 +144,7 @@ func (ck *simChecker) failOver(b *simBackupHost, fo FailOver, byTakeover bool) {
 	ps := c.ps
 	if ps == nil || ps.taken < fo.Epoch {
 		ck.violate("a", "failed over to epoch %d, which the session's primary never took", fo.Epoch)
-		ck.failover = &simFailover{epoch: fo.Epoch, lineage: c.host, why: "an epoch never taken"}
+		ck.failover, ck.failoverAt = &simFailover{epoch: fo.Epoch, lineage: c.host, why: "an epoch never taken"}, w.now
 		return
 	}
 
@@ -181,8 +186,16 @@ func (ck *simChecker) failOver(b *simBackupHost, fo FailOver, byTakeover bool) {
 			ps.id, state, fo.Declared.Sub(fo.LastHeard))
 	}
 	ck.failover = &simFailover{epoch: fo.Epoch, lineage: h, why: why, excused: excused}
+	ck.failoverAt = w.now
 	w.logf("check", "failover to epoch %d: %s", fo.Epoch, why)
 	ck.expected = nil
+	if w.wit != nil {
+		// (b) and (d) with a witness: no network fault excuses a
+		// second guest.
+		ck.failover.excused = ""
+		ck.witnessFailOver(fo, byTakeover)
+		return
+	}
 
 	// (d) Never two live guests: when the backup resumes the guest, the
 	// primary's copy must not be live (host up, guest running, agent up,
@@ -209,8 +222,13 @@ func (ck *simChecker) failOver(b *simBackupHost, fo FailOver, byTakeover bool) {
 // as dead until it is killed (a returning agent is told "failed over" and
 // kills it). A network fault (a partition as long as the heartbeat
 // timeout, or a reset, with both hosts up) is excluded: telling it from a
-// dead peer needs a witness or fencing, a later feature.
+// dead peer needs a witness or fencing. With a witness, witnessReleased
+// judges instead, and excuses nothing.
 func (ck *simChecker) released(h *simPrimaryHost, ps *simPrimarySession, what string) {
+	if ck.w.wit != nil {
+		ck.witnessReleased(h, what)
+		return
+	}
 	fo := ck.failover
 	if fo == nil || fo.lineage != h || !h.alive || !h.guest {
 		return
@@ -363,6 +381,14 @@ func (ck *simChecker) backupRejects(b *simBackupHost, c *simConn) {
 // lost with no protocol at fault.
 func (ck *simChecker) backupCrashed() { ck.expected = nil }
 
+// guardKilled: the primary's guard killed its guest because etcd names the
+// backup owner: the backup claimed it, so it must resume the guest.
+func (ck *simChecker) guardKilled(h *simPrimaryHost) {
+	if b := ck.w.backup; b.up && !b.failedOver {
+		ck.expect(h, "the primary's guard killed its guest (etcd names the backup owner)")
+	}
+}
+
 // afterStep checks, after every happening, that nothing is stuck past its
 // timeouts.
 //
@@ -378,6 +404,9 @@ func (ck *simChecker) backupCrashed() { ck.expected = nil }
 func (ck *simChecker) afterStep() {
 	w := ck.w
 	cfg := w.cfg
+	if w.wit != nil {
+		ck.witnessAfterStep()
+	}
 	t := cfg.Heartbeat.Timeout
 	busyP := max(cfg.CommandTimeout, cfg.SlowPause.Max, cfg.Pause.Max, ck.maxStall)
 	busyB := max(cfg.Apply.Max, cfg.SlowApply.Max, ck.maxStall)
@@ -427,6 +456,13 @@ func (ck *simChecker) afterStep() {
 			}
 		}
 		for _, e := range ck.expected {
+			if w.wit != nil {
+				if ck.witnessOverdue(e, limit) {
+					ck.once(fmt.Sprintf("x%d", e.since.UnixNano()), "e", "the guest runs nowhere: %s %v ago, and the backup (%v) did not resume it though it could claim the witness since %.3fs",
+						e.why, w.now.Sub(e.since), st, w.wit.claimableSince.Sub(w.start).Seconds())
+				}
+				continue
+			}
 			if w.now.Sub(e.since) > limit+cfg.Link.Max+cfg.SpikeMax {
 				ck.once(fmt.Sprintf("x%d", e.since.UnixNano()), "e", "the guest runs nowhere: %s %v ago, and the backup (%v) did not resume it", e.why, w.now.Sub(e.since), st)
 			}

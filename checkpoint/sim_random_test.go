@@ -14,6 +14,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/remus-kvm/remus/witness"
 )
 
 var (
@@ -25,8 +27,10 @@ var (
 
 // TestSimRandomized runs the simulation with random faults, one seed a run
 // (-sim.seeds of them, 10,000 by default; a tenth with -short), and fails
-// with each failing seed's violations and the end of its trace. Replay a
-// seed with its whole trace:
+// with each failing seed's violations and the end of its trace. The even
+// seeds run with the witness, and its faults besides (partitions between a
+// host and etcd, etcd down, the primary isolated from both). Replay a seed
+// with its whole trace:
 //
 //	go test -run 'TestSimRandomized/seed=1234' -v ./checkpoint/
 //	go test -run TestSimRandomized -v ./checkpoint/ -sim.seed=1234
@@ -121,7 +125,17 @@ func TestSimRandomized(t *testing.T) {
 var simKnownBugs = []struct {
 	name, script string
 	match        func(w *simWorld, v simViolation) bool
-}{}
+}{
+	{"the primary agent's start after its Hold is unguarded", "witness-known-bugs.txt (run 1)", func(w *simWorld, v simViolation) bool {
+		return v.inv == "d" && strings.Contains(v.msg, "its guard not started yet")
+	}},
+	{"a hung checkpoint stop blocks the guard's freeze", "witness-known-bugs.txt (run 2)", func(w *simWorld, v simViolation) bool {
+		return v.inv == "d" && strings.Contains(v.msg, "a checkpoint's stop hanging")
+	}},
+	{"a claim carried out after the backup gave up on it loses the guest", "witness-known-bugs.txt (run 3)", func(w *simWorld, v simViolation) bool {
+		return v.inv == "e" && strings.Contains(v.msg, "the primary's guard killed its guest")
+	}},
+}
 
 // simKnown names the known bug behind w's violations, if every one is of
 // it.
@@ -166,7 +180,8 @@ func simOneSeed() uint64 {
 func simFirst(s []uint64, n int) []uint64 { return s[:min(n, len(s))] }
 
 // simRandomRun runs one seed: a random configuration, a random schedule
-// of faults in the first 0.4 to 1.6 seconds, then 1.4 s of quiet, and at the end the
+// of faults in the first 0.4 to 1.6 seconds (with a witness, the witness's
+// faults last up to 3 s more), then 1.4 s of quiet, and at the end the
 // check that the system settled.
 func simRandomRun(seed uint64, wide, keepTrace bool) *simWorld {
 	return simRandomRunTraced(seed, wide, keepTrace, false)
@@ -190,6 +205,28 @@ func simRandomRunTraced(seed uint64, wide, keepTrace, untraced bool) *simWorld {
 	cfg.PFailRunning, cfg.PFailStuck, cfg.PSlowPause = on(0.01), on(0.005), on(0.02)
 	cfg.PApplyFail, cfg.PSlowApply = on(0.005), on(0.02)
 	cfg.PCorrupt, cfg.PLoseAck, cfg.PPrepareFail = on(0.005), on(0.002), on(0.1)
+	witnessed := seed%2 == 0
+	if witnessed {
+		// Every other seed runs with the witness, the primary host's
+		// clock slower than etcd's by up to witness.ClockRate (often
+		// exactly that, the worst the guard allows for), or faster.
+		wr := rand.New(rand.NewPCG(seed, 0x1ea5e))
+		cfg.Witness = true
+		switch wr.IntN(4) {
+		case 0:
+			cfg.ClockRate = witness.ClockRate
+		case 1:
+		default:
+			cfg.ClockRate = (2*wr.Float64() - 1) * witness.ClockRate
+		}
+		// The primary agent's start after its Hold: quick, or in a
+		// quarter of the runs now and then slow (a slow QMP, network or
+		// disk set-up).
+		cfg.AgentSetup = simRange{time.Millisecond, 50 * time.Millisecond}
+		if wr.IntN(4) == 0 {
+			cfg.PSlowSetup = 0.3
+		}
+	}
 	if wide {
 		cfg.CommandTimeout = 10 * time.Second
 		cfg.SlowPause = simRange{20 * time.Millisecond, time.Second}
@@ -206,9 +243,13 @@ func simRandomRunTraced(seed uint64, wide, keepTrace, untraced bool) *simWorld {
 	}
 	d := func(lo, hi time.Duration) time.Duration { return lo + time.Duration(pr.Int64N(int64(hi-lo)+1)) }
 	h := w.primary
+	kinds := 16
+	if witnessed {
+		kinds = 22 // and the witness's faults
+	}
 	for range pr.IntN(5) {
 		when := at()
-		switch k := pr.IntN(16); {
+		switch k := pr.IntN(kinds); {
 		case k < 1:
 			rst := pr.IntN(3) == 0
 			w.after(when, func() { h.die(rst) })
@@ -247,11 +288,31 @@ func simRandomRunTraced(seed uint64, wide, keepTrace, untraced bool) *simWorld {
 			stay := d(50*time.Millisecond, 500*time.Millisecond)
 			settle = max(settle, when+stay+cfg.Heartbeat.Timeout)
 			w.after(when, func() { w.secondPrimary(stay) })
-		default:
+		case k < 16:
 			// A quiet slot: fewer faults on average.
+		default:
+			// With a witness, settling may take a Hold that was lost
+			// (bounded by the TTL) and the wait before the next (TTL/2).
+			long := d(10*time.Millisecond, 3*time.Second)
+			settle = max(settle, when+long+3*w.wit.ttl/2)
+			lose := pr.IntN(2) == 0
+			switch k {
+			case 16, 17:
+				w.after(when, func() { w.wit.partition("primary", long, lose) })
+			case 18:
+				w.after(when, func() { w.wit.partition("backup", long, lose) })
+			case 19:
+				w.after(when, func() { w.wit.down(long) })
+			default:
+				w.after(when, func() { w.isolate(h, long, lose) })
+			}
 		}
 	}
 	w.runFor(settle)
+	if w.wit != nil && w.wit.setupEnd.After(w.now) {
+		// An agent that started slowly protects once its start is over.
+		w.runFor(w.wit.setupEnd.Sub(w.now))
+	}
 	w.quiet = true
 	w.logf("sim", "faults over; settling")
 	w.runFor(1400 * time.Millisecond)
@@ -271,6 +332,12 @@ func simRandomRunTraced(seed uint64, wide, keepTrace, untraced bool) *simWorld {
 func (w *simWorld) checkSettled() {
 	h, b := w.primary, w.backup
 	switch {
+	case b.failedOver && w.wit != nil:
+		// The primary's copy was killed, or stopped by an agent that
+		// found the guest owned elsewhere.
+		if h.alive && h.guest && h.vmRunning {
+			w.check.violate("e", "the backup failed over (%s) and the primary's guest still runs at the end (agent %v)", w.check.failover.why, h.agent != nil)
+		}
 	case b.failedOver:
 		if h.alive && h.guest {
 			w.check.violate("e", "the backup failed over (%s) and the primary's guest still runs at the end (agent %v)", w.check.failover.why, h.agent != nil)
@@ -284,6 +351,8 @@ func (w *simWorld) checkSettled() {
 			w.check.violate("e", "protection not restored: no session at the end")
 		case ps.s.State() != Running || w.now.Sub(ps.progress) > w.cfg.Heartbeat.Timeout:
 			w.check.violate("e", "protection not restored: session %d is %v, its last release %v ago", ps.id, ps.s.State(), w.now.Sub(ps.progress))
+		case w.wit != nil && !h.vmRunning && !ps.agent.gate.loopPaused:
+			w.check.violate("e", "protection restored, but the guest is left stopped (the guard froze it %d times, the last at %.3fs)", h.freezes, h.frozeAt.Sub(w.start).Seconds())
 		}
 	}
 }
@@ -291,7 +360,10 @@ func (w *simWorld) checkSettled() {
 // simStats sums up many runs.
 type simStats struct {
 	runs, failovers, takeovers, splitBrains, sessions, hostDeaths int
-	simulated                                                     time.Duration
+	// With a witness: runs, their failovers, the runs where the guard
+	// froze the guest, and where an agent found it owned elsewhere.
+	witnessRuns, witnessFailovers, freezeRuns, ownedElsewhere int
+	simulated                                                 time.Duration
 }
 
 func (s *simStats) add(w *simWorld) {
@@ -310,11 +382,25 @@ func (s *simStats) add(w *simWorld) {
 	if !w.primary.alive {
 		s.hostDeaths++
 	}
+	if w.wit != nil {
+		s.witnessRuns++
+		if w.backup.failedOver {
+			s.witnessFailovers++
+		}
+		if w.primary.freezes > 0 {
+			s.freezeRuns++
+		}
+		if w.primary.ownedElsewhere > 0 {
+			s.ownedElsewhere++
+		}
+	}
 }
 
 func (s simStats) String() string {
-	return fmt.Sprintf("%v simulated, %d primary sessions, %d failovers (%d handovers), %d host deaths, %d runs with two live guests excused as network faults",
-		s.simulated.Round(time.Second), s.sessions, s.failovers, s.takeovers, s.hostDeaths, s.splitBrains)
+	return fmt.Sprintf("%v simulated, %d primary sessions, %d failovers (%d handovers), %d host deaths, %d runs with two live guests excused as network faults; "+
+		"%d runs with the witness: %d failovers, %d with the guest frozen by the guard, %d with the guest found owned elsewhere",
+		s.simulated.Round(time.Second), s.sessions, s.failovers, s.takeovers, s.hostDeaths, s.splitBrains,
+		s.witnessRuns, s.witnessFailovers, s.freezeRuns, s.ownedElsewhere)
 }
 
 func simSummary(w *simWorld) string {

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/remus-kvm/remus/witness"
 )
 
 // TestSimScenarios runs the scripts in testdata/sim (the format is at the
@@ -229,6 +231,21 @@ func simConfigure(cfg *simConfig, seed *uint64, key, val string) error {
 		cfg.CommandTimeout, err = dur()
 	case "prepare":
 		cfg.Prepare = val == "on"
+	case "witness":
+		cfg.Witness = val == "on"
+	case "ttl":
+		cfg.WitnessTTL, err = dur()
+	case "witness-link":
+		d, err = dur()
+		cfg.WitnessLink = simRange{min(d, cfg.WitnessLink.Min), d}
+	case "agent-setup":
+		d, err = dur()
+		cfg.AgentSetup = simRange{d, d}
+	case "clock-rate":
+		cfg.ClockRate, err = strconv.ParseFloat(val, 64)
+		if err == nil && (cfg.ClockRate > witness.ClockRate || cfg.ClockRate < -witness.ClockRate) {
+			err = fmt.Errorf("clock-rate %v: beyond witness.ClockRate (%v), what the guard allows for", cfg.ClockRate, witness.ClockRate)
+		}
 	default:
 		return fmt.Errorf("unknown config %q", key)
 	}
@@ -285,6 +302,9 @@ func (w *simWorld) do(words []string) error {
 			return errors.New("no session to break")
 		}
 		ps.conn.reset()
+	case words[0] == "partition" && strings.HasSuffix(arg(1), "-witness"),
+		words[0] == "witness", words[0] == "isolate":
+		return w.doWitness(words)
 	case words[0] == "partition":
 		d, err := durAt(1)
 		if err != nil {
@@ -455,6 +475,9 @@ func (w *simWorld) expect(words []string) error {
 		if got := ps.s.Committed(); got < n {
 			return fmt.Errorf("committed %d", got)
 		}
+	case words[0] == "primary" && len(words) >= 2 && (words[1] == "frozen" || words[1] == "running" || words[1] == "froze" || words[1] == "never"),
+		words[0] == "witness":
+		return w.expectWitness(words)
 	case line == "split-brain":
 		if len(w.check.splitBrains) == 0 {
 			return errors.New("no two live guests seen")

@@ -48,6 +48,12 @@ package checkpoint
 //     and whether an apply tore it. A backup restart is a fresh Standby;
 //     port scans and strangers' hellos arrive on connections that are not
 //     sessions.
+//   - With a witness (config witness on; every other seed of
+//     TestSimRandomized; sim_witness_test.go): an etcd with the VM's keys
+//     and leases, the paths between each host and it, the primary agent's
+//     Hold and guard (the real witness.Guard) freezing and thawing the
+//     guest through the agent's gate, the backup's claim (a Standby with
+//     Witness) and its lease after a failover.
 //
 // The invariants (sim_check_test.go) are checked as the actions happen and
 // after every happening; TestSimRandomized (sim_random_test.go) runs
@@ -67,7 +73,14 @@ package checkpoint
 //	                            seed N, retry D, pause D, apply D, link D
 //	                            (the largest one-way delay), interval D,
 //	                            max-in-flight N, command-timeout D,
-//	                            prepare on|off
+//	                            prepare on|off; with a witness: witness
+//	                            on|off, ttl D (rounded up to seconds),
+//	                            witness-link D (the largest one-way delay
+//	                            to etcd), clock-rate F (how much slower
+//	                            the primary host's clock runs than etcd's,
+//	                            within ±witness.ClockRate), agent-setup D
+//	                            (the primary agent's start between its
+//	                            Hold and its guard)
 //	run D                       let D of simulated time pass
 //	repeat N ... end            the commands between, N times
 //	kill primary-host [rst]     the primary host dies (guest included); its
@@ -86,6 +99,15 @@ package checkpoint
 //	                            if it is down)
 //	break link                  the network resets the session's connection
 //	partition D                 no frame passes between the hosts for D
+//	partition HOST-witness D [lose]
+//	                            HOST (primary, backup, second) and etcd
+//	                            cannot reach each other for D: what crosses
+//	                            is held until it heals (lose: lost)
+//	witness down D              etcd is down for D: requests are lost,
+//	                            leases do not expire; back up, every lease
+//	                            has its TTL again
+//	isolate primary D [lose]    the primary is cut off from the backup and
+//	                            from etcd for D
 //	scan backup                 a port scan: a connection that is heard,
 //	                            says nothing valid and closes
 //	hello backup from NAME      a connection says hello for VM NAME
@@ -123,6 +145,17 @@ package checkpoint
 //	                            words: its text contains them)
 //	expect guest alive|dead     the primary's guest
 //	expect committed>=N         the current session's committed epoch
+//	expect primary frozen|running
+//	                            the primary's guest is up and stopped (by
+//	                            the guard, a checkpoint, or an agent that
+//	                            found it owned elsewhere), or runs
+//	expect primary never frozen the guard never stopped the guest
+//	expect primary froze before failover
+//	                            the guard stopped the guest before the
+//	                            backup resumed it
+//	expect witness owner|active NAME
+//	                            etcd's owner key, or its live active key,
+//	                            names NAME (primary, backup, none)
 //	expect split-brain          two live guests were seen, excused as a
 //	                            network fault (see invariant d)
 //	expect no-split-brain
@@ -144,6 +177,7 @@ import (
 
 	"github.com/remus-kvm/remus/failover"
 	"github.com/remus-kvm/remus/transport"
+	"github.com/remus-kvm/remus/witness"
 )
 
 // The hellos the two sides send.
@@ -172,6 +206,18 @@ type simConfig struct {
 	Retry          simRange      // the primary agent's wait before a new session (after two that protected nothing)
 	Redial         time.Duration // between dial attempts to a backup that is down
 	BreakNotice    simRange      // from a reset until the far end notices
+
+	// The witness (sim_witness_test.go), with Witness: the lease's TTL,
+	// the one-way delay between a host and etcd, and how much slower the
+	// primary host's clock runs than etcd's (negative: faster).
+	Witness     bool
+	WitnessTTL  time.Duration
+	WitnessLink simRange
+	ClockRate   float64
+	// The primary agent's start between its Hold and the guard: usually
+	// AgentSetup, with odds PSlowSetup SlowSetup (randomized runs).
+	AgentSetup, SlowSetup simRange
+	PSlowSetup            float64
 
 	// Odds of faults per checkpoint, apply, epoch, ack (randomized runs).
 	PFailRunning, PFailStuck, PSlowPause float64
@@ -208,6 +254,10 @@ func simDefaults() simConfig {
 		BreakNotice:    simRange{0, 20 * time.Millisecond},
 		SlowPause:      simRange{20 * time.Millisecond, 150 * time.Millisecond},
 		SlowApply:      simRange{20 * time.Millisecond, 200 * time.Millisecond},
+		WitnessTTL:     witness.DefaultTTL,
+		WitnessLink:    simRange{500 * time.Microsecond, 5 * time.Millisecond},
+		AgentSetup:     simRange{time.Millisecond, 20 * time.Millisecond},
+		SlowSetup:      simRange{0, 3 * time.Second},
 	}
 }
 
@@ -258,6 +308,7 @@ type simWorld struct {
 	primary  *simPrimaryHost // the protected guest's host
 	second   *simPrimaryHost // another host claiming the same VM, if any
 	backup   *simBackupHost
+	wit      *simWitness // the witness (nil: none)
 	conns    map[ConnID]*simConn
 	nextConn ConnID
 	sessions int // primary sessions so far, for their numbers
@@ -273,6 +324,9 @@ func newSimWorld(seed uint64, cfg simConfig, keepTrace bool) *simWorld {
 	w := &simWorld{cfg: cfg, seed: seed, rng: rand.New(rand.NewPCG(seed, 0x5eed)), start: start, now: start,
 		conns: map[ConnID]*simConn{}, trace: &simTrace{keepAll: keepTrace}}
 	w.check = newSimChecker(w)
+	if cfg.Witness {
+		w.wit = newSimWitness(w)
+	}
 	w.backup = newSimBackupHost(w)
 	w.primary = newSimPrimaryHost(w, "primary")
 	return w
@@ -722,6 +776,15 @@ type simPrimaryHost struct {
 	dieAt      simDieAt
 	sessions   []*simPrimarySession
 	ends       []error // how the sessions ended, in order
+	// The guest's QEMU runs (not stopped by a checkpoint, a freeze or an
+	// agent that found it owned elsewhere); with a witness, the host's
+	// clock rate, the guard's freezes (the last one at frozeAt) and the
+	// times it found the guest owned elsewhere.
+	vmRunning      bool
+	rate           float64
+	freezes        int
+	frozeAt        time.Time
+	ownedElsewhere int
 }
 
 // simDieAt is a point of the epoch cycle at which the host dies.
@@ -731,7 +794,11 @@ type simDieAt struct {
 }
 
 func newSimPrimaryHost(w *simWorld, name string) *simPrimaryHost {
-	return &simPrimaryHost{w: w, name: name, alive: true, guest: true}
+	h := &simPrimaryHost{w: w, name: name, alive: true, guest: true, vmRunning: true}
+	if name == "primary" {
+		h.rate = w.cfg.ClockRate
+	}
+	return h
 }
 
 // live is whether the guest's output reaches the world now.
@@ -768,6 +835,12 @@ func (h *simPrimaryHost) startAgent() {
 	// A new agent holds the guest's output until a backup answers.
 	h.passing = false
 	h.w.logf(h.name, "agent %d starts (output held)", a.gen)
+	if w := h.w; w.wit != nil {
+		// The agent holds the witness lease before anything else.
+		a.wit = w.wit.client(h.name, h)
+		a.holdLease()
+		return
+	}
 	a.dial(true)
 }
 
@@ -852,6 +925,16 @@ type simAgent struct {
 	// once, the output held; if the new one too ends without protecting
 	// anything, the output passes and the agent waits Retry.
 	redialed bool
+	// With a witness: its handle, the guard (once the lease is held), the
+	// gate, the backup's last acknowledgement (the host's clock) as
+	// OnEpoch tells the guard, and whether the guard found the guest
+	// owned elsewhere (it is killed as the agent exits).
+	wit            *simWitnessClient
+	held           bool // the first Hold succeeded: the relay runs
+	guard          *simGuard
+	gate           simGate
+	lastAck        time.Time
+	ownedElsewhere bool
 }
 
 // dial connects to the backup and starts a session. The first attempt
@@ -896,8 +979,12 @@ func (a *simAgent) dial(first bool) {
 func (a *simAgent) unreachable(netFault string) {
 	h, w := a.host, a.host.w
 	w.logf(h.name, "backup unreachable: output passes")
-	h.passing, h.passedBy = true, nil
 	const what = "relay pass-through (backup unreachable)"
+	if w.wit != nil {
+		h.pass(nil, what)
+		return
+	}
+	h.passing, h.passedBy = true, nil
 	if fo := w.check.failover; netFault != "" && fo != nil && fo.lineage == h && fo.excused == "" && h.alive && h.guest {
 		w.check.twoGuests(netFault, what+" by the agent after the backup resumed the guest")
 		return
@@ -933,8 +1020,7 @@ func (a *simAgent) ended(err error) {
 	}
 	a.redialed = false
 	w.logf(h.name, "protection lost: output passes; dialing again after the retry wait")
-	h.passing, h.passedBy = true, ps
-	w.check.released(h, ps, "relay pass-through (protection lost)")
+	h.pass(ps, "relay pass-through (protection lost)")
 	w.after(w.dur(w.cfg.Retry), func() { a.dial(true) })
 }
 
@@ -944,6 +1030,12 @@ func (a *simAgent) exit() {
 	a.dead = true
 	if h.agent == a {
 		h.agent = nil
+	}
+	if a.ownedElsewhere && h.alive && h.guest {
+		// The guard found the backup owning the guest: killGuest.
+		h.guest = false
+		h.w.logf(h.name, "guest killed: the backup owns it")
+		h.w.check.guardKilled(h)
 	}
 	h.agentExited()
 }
@@ -982,6 +1074,11 @@ type simPrimarySession struct {
 	saidGoodbye         bool // a plain goodbye was sent
 	saidTakeover        bool
 	passedAtEnd         bool // its end let the output pass (PassThrough, End)
+	// With a witness: epochs released and not yet reported shipped (the
+	// release's time on the host's clock), and reported and not yet
+	// released: OnEpoch comes once both happened.
+	relAt    map[uint64]time.Time
+	reported map[uint64]bool
 	// For the liveness checks.
 	state           SessionState
 	since, progress time.Time
@@ -1062,6 +1159,7 @@ func (ps *simPrimarySession) run() {
 		switch r := ev.(type) {
 		case simShipReport:
 			ps.w.logf(ps.who, "sender reports epoch %d shipped", r.epoch)
+			ps.acked(r.epoch, true)
 			continue
 		case simCheckpointDone:
 			ps.checkpointDone(r)
@@ -1142,6 +1240,7 @@ func (ps *simPrimarySession) carry(a any) {
 		w.check.release(ps, a.Epoch)
 		ps.released = a.Epoch
 		ps.progress = w.now
+		ps.acked(a.Epoch, false)
 		h.reached(FaultAcked, a.Epoch)
 	case Heartbeat:
 		ps.conn.toBackup.push(simFrame{kind: simHeartbeatFrame}, 0)
@@ -1168,9 +1267,8 @@ func (ps *simPrimarySession) carry(a any) {
 			})
 		}
 	case PassThrough:
-		h.passing, h.passedBy = true, ps
 		ps.passedAtEnd = ps.s.State() == Ended
-		w.check.released(h, ps, "PassThrough")
+		h.pass(ps, "PassThrough")
 	case End:
 		if n := ps.checkpointing; n != 0 {
 			// A checkpoint under way ends first (it resumes the guest):
@@ -1202,6 +1300,7 @@ func (ps *simPrimarySession) takeCheckpoint(n uint64) {
 	ps.checkpointing = n
 	ps.ckptGen++
 	gen := ps.ckptGen
+	ps.agent.stop(o.kind == simFailStuck, o.took)
 	if h.dieAt.point == FaultPaused {
 		w.after(o.took/2, func() {
 			if !ps.gone() && ps.ckptGen == gen {
@@ -1219,6 +1318,9 @@ func (ps *simPrimarySession) checkpointEnds(gen int, n uint64, o simCheckpoint) 
 		return
 	}
 	ps.checkpointing = 0
+	if o.kind != simFailStuck {
+		ps.agent.cont()
+	}
 	if o.kind == simTaken {
 		ps.taken = n
 		if n == 1 {
@@ -1227,7 +1329,7 @@ func (ps *simPrimarySession) checkpointEnds(gen int, n uint64, o simCheckpoint) 
 			if h.passing && h.passedBy == ps && ps.passedAtEnd {
 				w.logf(h.name, "checkpoint 1 holds the output again after its session's end let it pass")
 			}
-			h.passing = false
+			h.hold()
 		}
 		if h.reached(FaultResumed, n) {
 			return
@@ -1387,6 +1489,11 @@ type simBackupHost struct {
 	image      simImage
 	failedOver bool
 	failover   FailOver
+	// With a witness: its handle, a claim under way beside the loop, and
+	// its outcome, ready for the loop.
+	wit       *simWitnessClient
+	claiming  bool
+	claimDone *ClaimDone
 	// For the liveness checks.
 	state StandbyState
 	since time.Time
@@ -1409,10 +1516,14 @@ func newSimBackupHost(w *simWorld) *simBackupHost { return &simBackupHost{w: w} 
 
 func (b *simBackupHost) boot() {
 	w := b.w
-	sb, err := NewStandby(StandbyConfig{VMName: "vm1", Heartbeat: w.cfg.Heartbeat})
+	sb, err := NewStandby(StandbyConfig{VMName: "vm1", Heartbeat: w.cfg.Heartbeat, Witness: w.wit != nil})
 	if err != nil {
 		panic(err)
 	}
+	if w.wit != nil {
+		b.wit = w.wit.client("backup", nil)
+	}
+	b.claiming, b.claimDone = false, nil
 	b.up, b.sb, b.session, b.conns = true, sb, nil, nil
 	b.pending, b.inbox, b.deferred, b.tickDue = nil, nil, nil, false
 	b.applying, b.applyDone = nil, nil
@@ -1487,13 +1598,13 @@ func (b *simBackupHost) run() {
 			b.carry(a)
 			continue
 		}
-		if b.applying == nil && len(b.deferred) > 0 {
+		if b.applying == nil && !b.claiming && len(b.deferred) > 0 {
 			in := b.deferred[0]
 			b.deferred = b.deferred[1:]
 			b.take(in)
 			continue
 		}
-		var ready [3]int
+		var ready [4]int
 		n := 0
 		if b.tickDue {
 			ready[n], n = 0, n+1
@@ -1503,6 +1614,9 @@ func (b *simBackupHost) run() {
 		}
 		if b.applyDone != nil {
 			ready[n], n = 2, n+1
+		}
+		if b.claimDone != nil {
+			ready[n], n = 3, n+1
 		}
 		if n == 0 {
 			break
@@ -1531,15 +1645,20 @@ func (b *simBackupHost) run() {
 			b.applyDone, b.applying = nil, nil
 			a.Now = w.now
 			b.step(a)
+		case 3:
+			c := *b.claimDone
+			b.claimDone, b.claiming = nil, false
+			c.Now = w.now
+			b.step(c)
 		}
 	}
 }
 
 // handle takes what a reader delivered, as Backup.handle does: held while
-// an epoch is applied (a session's frame counted as heard when it came),
-// else taken at once.
+// an epoch is applied or the witness claimed (a session's frame counted as
+// heard when it came), else taken at once.
 func (b *simBackupHost) handle(in simBackupIn) {
-	if b.applying != nil || len(b.deferred) > 0 {
+	if b.applying != nil || b.claiming || len(b.deferred) > 0 {
 		if c := in.c; c != nil && c.helloSent && !c.backupClosed && in.f.kind != simEOF && !in.f.corrupt {
 			c.heardAt = in.at
 			b.step(FrameHeard{Now: in.at, Conn: c.id})
@@ -1674,12 +1793,20 @@ func (b *simBackupHost) carry(a any) {
 		c := w.conns[a.Conn]
 		w.check.backupSends(c, "a goodbye")
 		c.toPrimary.push(simFrame{kind: simErrorFrame, code: transport.CodeGoodbye}, 0)
+	case Claim:
+		b.claim(a)
 	case FailOver:
 		w.check.failOver(b, a, false)
 		b.failedOver, b.failover = true, a
+		if w.wit != nil {
+			b.keepLease()
+		}
 	case simTakeoverFailOver:
 		w.check.failOver(b, a.FailOver, true)
 		b.failedOver, b.failover = true, a.FailOver
+		if w.wit != nil {
+			b.keepLease()
+		}
 	}
 }
 
@@ -1837,6 +1964,10 @@ func simDescribe(v any) string {
 		return fmt.Sprintf("SendAck conn=%d epoch=%d", v.Conn, v.Epoch)
 	case Apply:
 		return fmt.Sprintf("Apply conn=%d epoch=%d", v.Conn, v.Epoch)
+	case Claim:
+		return fmt.Sprintf("Claim epoch=%d retry=%v", v.Epoch, v.Retry)
+	case ClaimDone:
+		return fmt.Sprintf("ClaimDone held=%v err=%v", v.Held, v.Err)
 	}
 	s := fmt.Sprintf("%T%+v", v, v)
 	return strings.TrimPrefix(s, "checkpoint.")
