@@ -58,7 +58,9 @@ import (
 //	Claiming     witness unreachable, fence command Fencing      Fence
 //	Claiming     witness unreachable, no fence      Claiming     Note; Claim again after an interval
 //	Claiming     hello (valid), no claim under way  Syncing      the primary lives: a new session
-//	Claiming     hello, a claim under way           Claiming     Reject (busy: try again)
+//	Claiming     hello, a claim under way, or the   Claiming,    Reject (busy: try again): a claim
+//	Fencing      last one unanswered                Fencing      that timed out here may have been
+//	                                                             carried out at the witness
 //	Fencing      fence done                         FailedOver   FailOver N
 //	Fencing      fence failed                       Fencing      Note; Fence again after a timeout
 //	Fencing      hello (valid)                      Syncing      the primary lives: a new session
@@ -82,6 +84,10 @@ type Standby struct {
 	fenceAgain          time.Time
 	claimAgain          time.Time
 	heldNoted           bool // Claiming: the live lease was logged
+	// claimUncertain: the last claim got no answer (a timeout): the
+	// witness may have carried it out, making this backup the guest's
+	// owner; no new session until a claim is answered.
+	claimUncertain bool
 }
 
 // ConnID names one connection for the machines; the driver numbers them.
@@ -421,6 +427,7 @@ func (s *Standby) claimDone(e ClaimDone) []any {
 		return []any{FailOver{Epoch: s.committed, LastHeard: s.lastHeard, Declared: s.declared, Cleared: e.Now,
 			Cause: fmt.Errorf("%w; this backup claimed the witness (the primary's lease had expired)", s.cause)}}
 	case e.Held:
+		s.claimUncertain = false
 		// The lease ends within its TTL if the primary is gone:
 		// ask often, so that the failover follows its end closely.
 		retry = 2 * s.cfg.Heartbeat.Interval
@@ -430,7 +437,9 @@ func (s *Standby) claimDone(e ClaimDone) []any {
 		}
 		s.heldNoted = true
 		return []any{Note{Msg: fmt.Sprintf("the primary is silent here but its witness lease is alive: it runs its guest, which is not resumed here; claiming again every %v until the lease ends", retry), Err: e.Err}}
-	case s.cfg.Fence:
+	}
+	s.claimUncertain = true
+	if s.cfg.Fence {
 		s.state = Fencing
 		return []any{Note{Msg: "the witness cannot be reached: fencing the primary instead", Err: e.Err},
 			Fence{Epoch: s.committed, Cause: s.cause}}
@@ -449,8 +458,9 @@ func (s *Standby) hello(e HelloIn) []any {
 	case s.state == FailedOver:
 		return []any{Reject{Conn: e.Conn, Code: transport.CodeFailedOver,
 			Err: fmt.Errorf("%w: the guest was resumed on this backup after epoch %d: the primary's copy must not run", ErrPeerRejected, s.committed)}}
-	case s.state == Claiming && s.claimAgain.IsZero():
-		// The claim may succeed: until it is known, no new session.
+	case s.state == Claiming && s.claimAgain.IsZero(), (s.state == Claiming || s.state == Fencing) && s.claimUncertain:
+		// The claim may succeed (or have succeeded at the witness
+		// unanswered): until it is known, no new session.
 		return []any{Reject{Conn: e.Conn, Code: transport.CodeInternal,
 			Err: fmt.Errorf("%w: the backup is claiming the witness to resume the guest; try again", ErrPeerRejected)}}
 	case h.Role != transport.RolePrimary || h.VMName != s.cfg.VMName:
@@ -523,7 +533,7 @@ func (s *Standby) tick(now, heard time.Time) []any {
 			s.cause = fmt.Errorf("no frame for %v", v.Silence.Round(time.Millisecond))
 		}
 		if n := s.Committed(); n > 0 && s.cfg.Witness {
-			s.state, s.lastHeard, s.declared, s.claimAgain, s.heldNoted = Claiming, s.det.LastHeard(), now, time.Time{}, false
+			s.state, s.lastHeard, s.declared, s.claimAgain, s.heldNoted, s.claimUncertain = Claiming, s.det.LastHeard(), now, time.Time{}, false, false
 			return []any{CloseConn{Conn: s.conn, Reason: "the primary is silent"}, Claim{Epoch: n}}
 		}
 		if n := s.Committed(); n > 0 && s.cfg.Fence {

@@ -386,6 +386,26 @@ func TestStandbyClaimsTheWitnessBeforeFailOver(t *testing.T) {
 			t.Fatalf("claimed after the refused hello: failovers %v", f)
 		}
 	})
+	t.Run("no new session after an unanswered claim", func(t *testing.T) {
+		// A claim that timed out here may have been carried out at the
+		// witness: a session opened now would leave the guest nowhere
+		// (the primary finds it owned by this backup and kills it).
+		r := newClaiming(t, false)
+		r.step(ClaimDone{Now: r.now, Err: errors.New("context deadline exceeded")})
+		if acts := r.hello(2); !hasAction[Reject](acts) || hasAction[SendHello](acts) {
+			t.Fatalf("hello after an unanswered claim: %v, want a reject", acts)
+		}
+		// The next claim is answered: the primary's lease lives; now a
+		// session may open.
+		acts := r.advance(rigHeartbeat.Timeout)
+		if !hasAction[Claim](acts) {
+			t.Fatalf("no claim again: %v", acts)
+		}
+		r.step(ClaimDone{Now: r.now, Held: true, Err: errors.New("held")})
+		if acts := r.hello(3); !hasAction[SendHello](acts) {
+			t.Fatalf("hello after an answered claim: %v, want a session", acts)
+		}
+	})
 	t.Run("the primary comes back between claims", func(t *testing.T) {
 		r := newClaiming(t, false)
 		r.step(ClaimDone{Now: r.now, Held: true, Err: errors.New("held")})
