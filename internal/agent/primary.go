@@ -231,6 +231,54 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 		log.Warn("no witness: assuming fail-stop hosts: " + failStopRisk)
 	}
 
+	s := &primarySession{cfg: cfg, q: q, log: log}
+	// The guard runs from the moment the lease is held: it renews it and
+	// stops the guest if it may not run, whatever the rest of the start
+	// is doing.
+	runCtx, cancelRun := context.WithCancel(ctx)
+	defer cancelRun()
+	guardErr := make(chan error, 1)
+	if w != nil {
+		s.gate = &gate{mon: q.Mon}
+		s.guard = &primaryGuard{w: w, g: s.gate, log: log, grace: cfg.Heartbeat.WithDefaults().Timeout / 3, kill: s.killGuest}
+		go func() {
+			err := s.guard.run(runCtx, lease)
+			if err != nil {
+				cancelRun()
+			}
+			guardErr <- err
+		}()
+	} else {
+		guardErr <- nil
+	}
+	err := s.protect(runCtx)
+	cancelRun()
+	if gerr := <-guardErr; gerr != nil {
+		if errors.Is(gerr, checkpoint.ErrFailedOver) {
+			log.Error("the backup owns the guest now: killing this copy", "err", gerr)
+			if kerr := s.killGuest(context.WithoutCancel(ctx), gerr.Error()); kerr != nil {
+				log.Error("kill the guest", "err", kerr)
+			}
+		}
+		return gerr
+	}
+	if w != nil && errors.Is(err, checkpoint.ErrSwitchedOver) {
+		// The backup claims the witness at once instead of after the
+		// lease's TTL.
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+		if rerr := w.Release(rctx); rerr != nil {
+			log.Warn("release the witness lease (the backup takes it once it expires)", "err", rerr)
+		}
+		cancel()
+	}
+	return switchedOver(err, log)
+}
+
+// protect sets up what protection needs beside QEMU (RAM, device state
+// saving, the guest's network and disk, the control socket) and runs
+// protection sessions until ctx ends or one ends for good.
+func (s *primarySession) protect(ctx context.Context) error {
+	cfg, q, log := s.cfg, s.q, s.log
 	if err := step(ctx, log, "check that all guest RAM is replicated", func() error {
 		return q.CheckRAMReplicated(ctx)
 	}); err != nil {
@@ -322,7 +370,10 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 		epochLog = json.NewEncoder(f)
 	}
 
-	s := &primarySession{cfg: cfg, q: q, ram: ram, saver: saver, gnet: gnet, plug: plug, disk: disk, epochLog: epochLog, log: log}
+	s.ram, s.saver, s.gnet, s.plug, s.disk, s.epochLog = ram, saver, gnet, plug, disk, epochLog
+	if s.gate != nil {
+		s.gate.setOutput(s.baseOutput())
+	}
 	ctl := cfg.Control
 	if ctl == "" {
 		ctl = DefaultControlSocket(cfg.StateDir)
@@ -332,40 +383,7 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 		return err
 	}
 	defer stopControl()
-	if w == nil {
-		return switchedOver(s.loop(ctx), log)
-	}
-	s.gate = &gate{mon: q.Mon, out: s.output()}
-	s.guard = &primaryGuard{w: w, g: s.gate, log: log, grace: cfg.Heartbeat.WithDefaults().Timeout / 3}
-	runCtx, cancelRun := context.WithCancel(ctx)
-	defer cancelRun()
-	guardErr := make(chan error, 1)
-	go func() {
-		err := s.guard.run(runCtx, lease)
-		if err != nil {
-			cancelRun()
-		}
-		guardErr <- err
-	}()
-	err = s.loop(runCtx)
-	cancelRun()
-	if gerr := <-guardErr; gerr != nil {
-		log.Error("the backup owns the guest now: killing this copy", "err", gerr)
-		if kerr := s.killGuest(context.WithoutCancel(ctx), gerr.Error()); kerr != nil {
-			log.Error("kill the guest", "err", kerr)
-		}
-		return gerr
-	}
-	if errors.Is(err, checkpoint.ErrSwitchedOver) {
-		// The backup claims the witness at once instead of after the
-		// lease's TTL.
-		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
-		if rerr := w.Release(rctx); rerr != nil {
-			log.Warn("release the witness lease (the backup takes it once it expires)", "err", rerr)
-		}
-		cancel()
-	}
-	return switchedOver(err, log)
+	return s.loop(ctx)
 }
 
 // switchedOver turns a completed switchover into a clean exit.
@@ -450,6 +468,11 @@ func (s *primarySession) output() checkpoint.Output {
 	if s.gate != nil {
 		return s.gate.output()
 	}
+	return s.baseOutput()
+}
+
+// baseOutput is the output commit itself, nil without one.
+func (s *primarySession) baseOutput() checkpoint.Output {
 	switch {
 	case s.cfg.Net.NoOutputCommit:
 	case s.gnet != nil:

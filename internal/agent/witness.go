@@ -70,68 +70,94 @@ const (
 // monitor (stop and cont pass through it, so a guest the guard froze is
 // not continued by a checkpoint) and its output commit (output passes
 // unacknowledged only while the lease is trusted).
+//
+// freeze never waits for the checkpoint loop: a checkpoint whose QMP stop
+// hangs must not keep the guard from stopping the guest (or, failing that
+// within its budget, killing it) before the lease can expire. thaw does
+// wait its turn, and is tried again when a checkpoint command is under way.
 type gate struct {
 	mon checkpoint.Monitor
-	out checkpoint.Output // nil without output commit
 
-	mu          sync.Mutex
-	frozen      bool // the guard stopped the guest
-	loopPaused  bool // the checkpoint loop stopped it (for a checkpoint)
-	mayPass     bool // the lease is trusted: output may pass unacknowledged
-	passPending bool // a PassThrough waits for the lease
+	frozen atomic.Bool // the guard stopped the guest
+	// mu serializes the loop's stop and cont with thaw; freeze never
+	// takes it.
+	mu         sync.Mutex
+	loopPaused bool // the checkpoint loop has the guest stopped
+
+	omu         sync.Mutex
+	out         checkpoint.Output // nil without output commit
+	mayPass     bool              // the lease is trusted: output may pass unacknowledged
+	passPending bool              // a PassThrough waits for the lease
 }
 
 // Execute runs a QMP command for the checkpoint loop; a cont of a frozen
 // guest is kept back until the guard thaws it.
 func (g *gate) Execute(ctx context.Context, command string, args, result any) error {
-	if command != "stop" && command != "cont" {
-		return g.mon.Execute(ctx, command, args, result)
-	}
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	if command == "cont" {
+	switch command {
+	case "stop":
+		g.mu.Lock()
+		defer g.mu.Unlock()
+		err := g.mon.Execute(ctx, command, args, result)
+		if err == nil {
+			g.loopPaused = true
+		}
+		return err
+	case "cont":
+		g.mu.Lock()
+		defer g.mu.Unlock()
 		g.loopPaused = false
-		if g.frozen {
+		if g.frozen.Load() {
 			return nil
 		}
-	}
-	err := g.mon.Execute(ctx, command, args, result)
-	if command == "stop" && err == nil {
-		g.loopPaused = true
-	}
-	return err
-}
-
-// freeze stops the guest (unless a checkpoint has it stopped: its cont is
-// then kept back).
-func (g *gate) freeze(ctx context.Context) error {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	g.frozen = true
-	if g.loopPaused {
+		if err := g.mon.Execute(ctx, command, args, result); err != nil {
+			return err
+		}
+		if g.frozen.Load() {
+			// Frozen while the cont was on its way: the guard's stop
+			// may have reached QEMU first.
+			return g.mon.Execute(ctx, "stop", nil, nil)
+		}
 		return nil
 	}
+	return g.mon.Execute(ctx, command, args, result)
+}
+
+// freeze stops the guest, whatever the checkpoint loop is doing (a stop of
+// a stopped guest is harmless); the loop's next cont is kept back.
+func (g *gate) freeze(ctx context.Context) error {
+	g.frozen.Store(true)
 	return g.mon.Execute(ctx, "stop", nil, nil)
 }
 
-// thaw lets a frozen guest run again.
-func (g *gate) thaw(ctx context.Context) error {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	g.frozen = false
-	if g.loopPaused {
-		return nil
+// thaw lets a frozen guest run again, unless a checkpoint has it stopped
+// (its cont then resumes it). ok is false when a checkpoint's QMP command
+// is under way: try again later.
+func (g *gate) thaw(ctx context.Context) (ok bool, err error) {
+	if !g.mu.TryLock() {
+		return false, nil
 	}
-	return g.mon.Execute(ctx, "cont", nil, nil)
+	defer g.mu.Unlock()
+	g.frozen.Store(false)
+	if g.loopPaused {
+		return true, nil
+	}
+	return true, g.mon.Execute(ctx, "cont", nil, nil)
+}
+
+// setOutput gives the gate the output commit, once the network is set up.
+func (g *gate) setOutput(out checkpoint.Output) {
+	g.omu.Lock()
+	defer g.omu.Unlock()
+	g.out = out
 }
 
 // allowPass says whether the lease is trusted; a PassThrough that waited
 // for it is done now.
 func (g *gate) allowPass(ok bool) {
-	g.mu.Lock()
-	defer g.mu.Unlock()
+	g.omu.Lock()
+	defer g.omu.Unlock()
 	g.mayPass = ok
-	if ok && g.passPending {
+	if ok && g.passPending && g.out != nil {
 		g.passPending = false
 		g.out.PassThrough()
 	}
@@ -139,6 +165,8 @@ func (g *gate) allowPass(ok bool) {
 
 // output is the output commit as the guard gates it (nil: none).
 func (g *gate) output() checkpoint.Output {
+	g.omu.Lock()
+	defer g.omu.Unlock()
 	if g.out == nil {
 		return nil
 	}
@@ -148,9 +176,9 @@ func (g *gate) output() checkpoint.Output {
 type gatedOutput struct{ g *gate }
 
 func (o gatedOutput) Hold() error {
-	o.g.mu.Lock()
+	o.g.omu.Lock()
 	o.g.passPending = false
-	o.g.mu.Unlock()
+	o.g.omu.Unlock()
 	return o.g.out.Hold()
 }
 
@@ -159,8 +187,8 @@ func (o gatedOutput) Cut(ctx context.Context, epoch uint64) error { return o.g.o
 func (o gatedOutput) Commit(epoch uint64) netbuffer.Release { return o.g.out.Commit(epoch) }
 
 func (o gatedOutput) PassThrough() {
-	o.g.mu.Lock()
-	defer o.g.mu.Unlock()
+	o.g.omu.Lock()
+	defer o.g.omu.Unlock()
 	if !o.g.mayPass {
 		o.g.passPending = true
 		return
@@ -179,6 +207,7 @@ type primaryGuard struct {
 	g       *gate
 	log     *slog.Logger
 	grace   time.Duration
+	kill    func(ctx context.Context, reason string) error // ends the guest's QEMU
 	lastAck atomic.Int64 // unix ns of the backup's last acknowledgement
 
 	mu   sync.Mutex
@@ -203,7 +232,8 @@ func (p *primaryGuard) acked(t time.Time) { p.lastAck.Store(t.UnixNano()) }
 
 // run keeps the lease and guards the guest until ctx ends. It returns an
 // error matching checkpoint.ErrFailedOver when the backup owns the guest
-// now; the caller must kill the guest then.
+// now (the caller must kill the guest then), or checkpoint.ErrHandedOver
+// when the guest could not be stopped in time and was killed.
 func (p *primaryGuard) run(ctx context.Context, first witness.Lease) error {
 	guard := witness.Guard{StopBudget: guardStopBudget, Grace: p.grace}
 	guard.Renewed(first)
@@ -242,7 +272,9 @@ func (p *primaryGuard) run(ctx context.Context, first witness.Lease) error {
 			renewing = false
 			switch {
 			case errors.Is(r.err, witness.ErrOwnedElsewhere):
-				p.freezeGuest(ctx, "the backup owns the guest now")
+				if err := p.freezeGuest(ctx, "the backup owns the guest now"); err != nil {
+					return err
+				}
 				return fmt.Errorf("%w: %v", checkpoint.ErrFailedOver, r.err)
 			case r.err != nil:
 				if lastErr == nil {
@@ -278,12 +310,19 @@ func (p *primaryGuard) run(ctx context.Context, first witness.Lease) error {
 			switch {
 			case !ok && !frozen:
 				frozen = true
-				p.freezeGuest(ctx, why)
+				if err := p.freezeGuest(ctx, why); err != nil {
+					return err
+				}
 			case ok && frozen:
-				frozen = false
-				if err := p.g.thaw(ctx); err != nil {
+				thawed, err := p.g.thaw(ctx)
+				switch {
+				case !thawed:
+					// A checkpoint's QMP command is under way: next tick.
+				case err != nil:
+					frozen = false
 					p.log.Error("continue the guest", "err", err)
-				} else {
+				default:
+					frozen = false
 					p.log.Warn("guest running again: the witness lease or the backup is back")
 				}
 			}
@@ -291,13 +330,23 @@ func (p *primaryGuard) run(ctx context.Context, first witness.Lease) error {
 	}
 }
 
-func (p *primaryGuard) freezeGuest(ctx context.Context, why string) {
+// freezeGuest stops the guest within the stop budget; a guest that cannot
+// be stopped in time (QEMU does not answer: a checkpoint's stop hangs) is
+// killed, since the lease may run out next, and the error says so (the
+// backup resumes the guest once it claims the witness).
+func (p *primaryGuard) freezeGuest(ctx context.Context, why string) error {
 	p.log.Error("stopping the guest: it may not run here now", "reason", why)
-	sctx, cancel := context.WithTimeout(ctx, guardStopBudget)
-	defer cancel()
-	if err := p.g.freeze(sctx); err != nil {
-		p.log.Error("stop the guest", "err", err)
+	sctx, cancel := context.WithTimeout(ctx, guardStopBudget-guardPeriod)
+	err := p.g.freeze(sctx)
+	cancel()
+	if err == nil {
+		return nil
 	}
+	p.log.Error("the guest could not be stopped in time: killing it", "err", err)
+	if kerr := p.kill(context.WithoutCancel(ctx), "the witness lease may run out and the guest could not be stopped"); kerr != nil {
+		return fmt.Errorf("%w: the guest could be neither stopped (%v) nor killed: %v", checkpoint.ErrHandedOver, err, kerr)
+	}
+	return fmt.Errorf("%w: the guest could not be stopped before the witness lease could run out (%v): it was killed", checkpoint.ErrHandedOver, err)
 }
 
 // holdPrimaryLease takes the witness for the primary at start, waiting for

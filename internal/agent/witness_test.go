@@ -6,6 +6,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/remus-kvm/remus/netbuffer"
 )
@@ -49,6 +50,13 @@ func TestGateKeepsAFrozenGuestStopped(t *testing.T) {
 	ctx := context.Background()
 	m := &recMonitor{}
 	g := &gate{mon: m}
+	thaw := func() error {
+		ok, err := g.thaw(ctx)
+		if !ok {
+			t.Fatal("thaw refused with no checkpoint command under way")
+		}
+		return err
+	}
 	for _, c := range []struct {
 		do   func() error
 		want string
@@ -57,12 +65,12 @@ func TestGateKeepsAFrozenGuestStopped(t *testing.T) {
 		{func() error { return g.Execute(ctx, "stop", nil, nil) }, "stop"}, // a checkpoint's pause
 		{func() error { return g.Execute(ctx, "cont", nil, nil) }, ""},     // kept back
 		{func() error { return g.Execute(ctx, "query-status", nil, nil) }, "query-status"},
-		{func() error { return g.thaw(ctx) }, "cont"},
+		{thaw, "cont"},
 		{func() error { return g.Execute(ctx, "stop", nil, nil) }, "stop"}, // paused by a checkpoint...
-		{func() error { return g.freeze(ctx) }, ""},                        // ...frozen meanwhile: no second stop
+		{func() error { return g.freeze(ctx) }, "stop"},                    // ...frozen meanwhile: stop again, harmless
 		{func() error { return g.Execute(ctx, "cont", nil, nil) }, ""},     // its cont kept back
 		{func() error { return g.Execute(ctx, "stop", nil, nil) }, "stop"}, // next checkpoint
-		{func() error { return g.thaw(ctx) }, ""},                          // thawed mid-checkpoint: no cont under it
+		{thaw, ""}, // thawed mid-checkpoint: no cont under it
 		{func() error { return g.Execute(ctx, "cont", nil, nil) }, "cont"}, // the checkpoint's cont goes through
 	} {
 		if err := c.do(); err != nil {
@@ -71,6 +79,61 @@ func TestGateKeepsAFrozenGuestStopped(t *testing.T) {
 		if got := m.take(); got != c.want {
 			t.Fatalf("QEMU got %q, want %q", got, c.want)
 		}
+	}
+}
+
+// hangMonitor's stop hangs until released, as QEMU's does behind a wedged
+// main loop; other commands answer at once.
+type hangMonitor struct {
+	recMonitor
+	release chan struct{}
+	hanging chan struct{}
+}
+
+func (m *hangMonitor) Execute(ctx context.Context, cmd string, a, r any) error {
+	if cmd == "stop" && m.hanging != nil {
+		h := m.hanging
+		m.hanging = nil
+		close(h)
+		select {
+		case <-m.release:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return m.recMonitor.Execute(ctx, cmd, a, r)
+}
+
+// TestGateFreezeDoesNotWaitForAHungCheckpoint: while a checkpoint's stop
+// hangs, the guard's freeze goes straight to QEMU (and reports its own
+// timeout, so that the guard can kill the guest), and thaw says to try
+// again instead of waiting.
+func TestGateFreezeDoesNotWaitForAHungCheckpoint(t *testing.T) {
+	m := &hangMonitor{release: make(chan struct{}), hanging: make(chan struct{})}
+	g := &gate{mon: m}
+	hanging := m.hanging
+	loopDone := make(chan error, 1)
+	go func() { loopDone <- g.Execute(context.Background(), "stop", nil, nil) }()
+	<-hanging
+	if ok, _ := g.thaw(context.Background()); ok {
+		t.Fatal("thaw went ahead under a checkpoint's hung stop")
+	}
+	// The checkpoint's stop hangs until released below: a freeze that
+	// waited for it would end with its context.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := g.freeze(ctx); err != nil {
+		t.Fatalf("freeze: %v: it waited for the checkpoint's hung stop", err)
+	}
+	close(m.release)
+	if err := <-loopDone; err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Execute(context.Background(), "cont", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if got := m.take(); got != "stop stop" {
+		t.Fatalf("QEMU got %q, want the guard's and the checkpoint's stops and no cont", got)
 	}
 }
 
