@@ -208,7 +208,7 @@ type primaryGuard struct {
 	log     *slog.Logger
 	grace   time.Duration
 	kill    func(ctx context.Context, reason string) error // ends the guest's QEMU
-	lastAck atomic.Int64 // unix ns of the backup's last acknowledgement
+	lastAck atomic.Int64                                   // unix ns of the backup's last acknowledgement
 
 	mu   sync.Mutex
 	snap guardSnapshot
