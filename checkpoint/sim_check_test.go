@@ -381,12 +381,16 @@ func (ck *simChecker) backupRejects(b *simBackupHost, c *simConn) {
 // lost with no protocol at fault.
 func (ck *simChecker) backupCrashed() { ck.expected = nil }
 
-// guardKilled: the primary's guard killed its guest because etcd names the
-// backup owner: the backup claimed it, so it must resume the guest.
-func (ck *simChecker) guardKilled(h *simPrimaryHost) {
-	if b := ck.w.backup; b.up && !b.failedOver {
-		ck.expect(h, "the primary's guard killed its guest (etcd names the backup owner)")
+// guardKilled: the primary's guard killed its guest (etcd names the
+// backup owner, or the guest could not be stopped before the lease could
+// run out): a backup holding a committed epoch of its session must resume
+// the guest once it can claim the witness.
+func (ck *simChecker) guardKilled(h *simPrimaryHost, why string) {
+	b := ck.w.backup
+	if !b.up || b.failedOver || b.session == nil || b.session.host != h || b.sb.Committed() == 0 {
+		return
 	}
+	ck.expect(h, why)
 }
 
 // afterStep checks, after every happening, that nothing is stuck past its

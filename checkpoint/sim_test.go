@@ -80,7 +80,7 @@ package checkpoint
 //	                            the primary host's clock runs than etcd's,
 //	                            within ±witness.ClockRate), agent-setup D
 //	                            (the primary agent's start between its
-//	                            Hold and its guard)
+//	                            Hold and its first session)
 //	run D                       let D of simulated time pass
 //	repeat N ... end            the commands between, N times
 //	kill primary-host [rst]     the primary host dies (guest included); its
@@ -214,8 +214,9 @@ type simConfig struct {
 	WitnessTTL  time.Duration
 	WitnessLink simRange
 	ClockRate   float64
-	// The primary agent's start between its Hold and the guard: usually
-	// AgentSetup, with odds PSlowSetup SlowSetup (randomized runs).
+	// The primary agent's start between its Hold and its first session:
+	// usually AgentSetup, with odds PSlowSetup SlowSetup (randomized
+	// runs).
 	AgentSetup, SlowSetup simRange
 	PSlowSetup            float64
 
@@ -781,6 +782,7 @@ type simPrimaryHost struct {
 	// clock rate, the guard's freezes (the last one at frozeAt) and the
 	// times it found the guest owned elsewhere.
 	vmRunning      bool
+	qmpHungUntil   time.Time // a stuck stop: QEMU's monitor answers nothing before
 	rate           float64
 	freezes        int
 	frozeAt        time.Time
@@ -927,14 +929,15 @@ type simAgent struct {
 	redialed bool
 	// With a witness: its handle, the guard (once the lease is held), the
 	// gate, the backup's last acknowledgement (the host's clock) as
-	// OnEpoch tells the guard, and whether the guard found the guest
-	// owned elsewhere (it is killed as the agent exits).
-	wit            *simWitnessClient
-	held           bool // the first Hold succeeded: the relay runs
-	guard          *simGuard
-	gate           simGate
-	lastAck        time.Time
-	ownedElsewhere bool
+	// OnEpoch tells the guard, and why the guard ended the agent
+	// (ErrFailedOver: the guest is killed as the agent exits).
+	wit      *simWitnessClient
+	held     bool // the first Hold succeeded: the relay runs
+	started  bool // its start is over: it protects
+	guard    *simGuard
+	gate     simGate
+	lastAck  time.Time
+	guardErr error
 }
 
 // dial connects to the backup and starts a session. The first attempt
@@ -1031,11 +1034,11 @@ func (a *simAgent) exit() {
 	if h.agent == a {
 		h.agent = nil
 	}
-	if a.ownedElsewhere && h.alive && h.guest {
+	if errors.Is(a.guardErr, ErrFailedOver) && h.alive && h.guest {
 		// The guard found the backup owning the guest: killGuest.
 		h.guest = false
 		h.w.logf(h.name, "guest killed: the backup owns it")
-		h.w.check.guardKilled(h)
+		h.w.check.guardKilled(h, "the primary's guard killed its guest (etcd names the backup owner)")
 	}
 	h.agentExited()
 }
@@ -1931,7 +1934,7 @@ func simDescribe(v any) string {
 	case simTakeoverFailOver:
 		return "(takeover) " + simDescribe(v.FailOver)
 	case Reject:
-		return fmt.Sprintf("Reject conn=%d %s", v.Conn, v.Code)
+		return fmt.Sprintf("Reject conn=%d %s: %v", v.Conn, v.Code, v.Err)
 	case CloseConn:
 		return fmt.Sprintf("CloseConn conn=%d", v.Conn)
 	case Note:

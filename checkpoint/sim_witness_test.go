@@ -31,27 +31,29 @@ import (
 //   - The primary's agent (simGuard, internal/agent/witness.go): Hold at
 //     start, before anything else (a failed attempt is tried again after
 //     TTL/2, each bounded by the TTL; ErrOwnedElsewhere stops the guest and
-//     the agent exits). Then the rest of its start (AgentSetup; now and
-//     then SlowSetup) runs with the guest's network relayed (its output
-//     held) and nothing guarding it, as in RunPrimary; then the guard and
-//     the first session start. The guard renews every TTL/4, bounded by
-//     TTL/4 (on ErrLeaseGone, Hold again within the same bound), and checks
-//     the real witness.Guard every 50 ms (Grace the heartbeat timeout / 3,
-//     a stop budget of 250 ms; it starts trusting the lease it was given),
+//     the agent exits). From then on the guard runs and the guest's
+//     network is relayed (its output held); the rest of the agent's start
+//     (AgentSetup; now and then SlowSetup) comes before the first session.
+//     The guard renews every TTL/4, bounded by TTL/4 (on ErrLeaseGone,
+//     Hold again within the same bound), and checks the real
+//     witness.Guard every 50 ms (Grace the heartbeat timeout / 3, a stop
+//     budget of 250 ms; it starts out trusting the lease it was given),
 //     the backup's acknowledgements fed to it as OnEpoch does (when an
 //     epoch is both acked and shipped, at the time of its release). Its
-//     gate (simGate): a freeze stops the guest (a QMP stop: under a
-//     millisecond, now and then up to 150 ms, within the stop budget), or,
-//     while a checkpoint has it paused, keeps the checkpoint's cont back;
-//     a thaw continues it; a PassThrough waits while the lease is not
-//     trusted, and the first checkpoint's Hold drops one that waits. The
-//     guard's loop takes the gate's lock: while a checkpoint's stop hangs
-//     (a stuck checkpoint) every freeze, thaw or change of trust waits for
-//     it, and the loop with it. ErrOwnedElsewhere from a renewal freezes
-//     the guest, ends the session (StopRequested) and kills the guest when
-//     it ended. The guard reads the primary host's clock, which may run
-//     slower than etcd's by up to witness.ClockRate (config clock-rate;
-//     negative: faster).
+//     gate (simGate): a freeze marks the guest frozen (a checkpoint's cont
+//     is then kept back) and sends a QMP stop at once (under a
+//     millisecond, now and then up to 150 ms), bounded by 200 ms; a stop
+//     that gets no answer in time (QEMU's monitor hangs behind a stuck
+//     checkpoint's stop: its commands run in order) kills the guest as
+//     killGuest does (a QMP quit bounded by 2 s, then SIGKILL) and ends the
+//     agent (ErrHandedOver); a thaw waits while a checkpoint's QMP command
+//     holds the gate's lock (the next tick tries again); a PassThrough
+//     waits while the lease is not trusted, and the first checkpoint's
+//     Hold drops one that waits. ErrOwnedElsewhere from a renewal freezes
+//     the guest and ends the agent (ErrFailedOver): its session gets
+//     StopRequested, and the guest is killed once it ended. The guard
+//     reads the primary host's clock, which may run slower than etcd's by
+//     up to witness.ClockRate (config clock-rate; negative: faster).
 //   - The backup: a Standby with Witness set; its Claim goes to the
 //     witness bounded by max(heartbeat timeout, 1 s) and comes back as
 //     ClaimDone (Held for ErrHeld) while the driver holds what the readers
@@ -64,7 +66,11 @@ import (
 // Release, which only they use; the model's Release is checked on its
 // own), etcd's minimum TTL and its expiry's granularity (the simulated
 // etcd expires a lease exactly at its end, the earliest the real one may),
-// and the gate's lock as the checkpoint loop's PassThrough takes it.
+// a guard goroutine that the Go scheduler or the host starves, a guest
+// whose network does not go through the agent (then a dead agent leaves it
+// on the network), and QMP quit's and waitGone's time in the session's own
+// KillGuest (the takeover follows the kill; only the guard's kill races
+// the lease).
 
 // The agents' constants (internal/agent/witness.go).
 const (
@@ -89,7 +95,6 @@ type simWitness struct {
 	// active key, its path clear); zero while it cannot.
 	claimableSince time.Time
 	requests       int
-	setupEnd       time.Time // when the newest agent start ends
 }
 
 // simLease is a lease etcd holds, and when it expires.
@@ -517,7 +522,8 @@ func (h *simPrimaryHost) running() bool {
 }
 
 // simGate is the agent's gate (internal/agent/witness.go): stop and cont
-// of the checkpoint loop and of the guard go through it, and PassThrough.
+// of the checkpoint loop go through it, serialized with thaw by its lock;
+// a freeze goes to QEMU at once; PassThrough waits for a trusted lease.
 type simGate struct {
 	frozen      bool // the guard stopped the guest
 	loopPaused  bool // a checkpoint stopped it
@@ -525,19 +531,24 @@ type simGate struct {
 	passPending bool // a PassThrough waits for the lease
 	pendingBy   *simPrimarySession
 	pendingWhat string
-	busyUntil   time.Time // a checkpoint's stop hangs holding the gate's lock
+	// lockedUntil: a checkpoint's stop hangs, holding the gate's lock
+	// until its command timeout (a thaw then waits for the next tick).
+	lockedUntil time.Time
 }
 
-// stop is the checkpoint loop's stop; a stuck one hangs holding the lock
-// for d and leaves the guest as it was (its state unknown: counted as
-// running).
+// stop is the checkpoint loop's stop. A stuck one hangs for d (the
+// command timeout) holding the gate's lock, and leaves the guest as it was
+// (its state unknown: counted as running); QEMU's monitor answers nothing
+// meanwhile (its commands run in order, behind the stop).
 func (a *simAgent) stop(stuck bool, d time.Duration) {
+	h := a.host
 	if stuck {
-		a.gate.busyUntil = later(a.gate.busyUntil, a.host.w.now.Add(d))
+		a.gate.lockedUntil = later(a.gate.lockedUntil, h.w.now.Add(d))
+		h.qmpHungUntil = later(h.qmpHungUntil, h.w.now.Add(d))
 		return
 	}
 	a.gate.loopPaused = true
-	a.host.vmRunning = false
+	h.vmRunning = false
 }
 
 // cont is the checkpoint loop's cont: kept back while the guard has the
@@ -595,8 +606,9 @@ func (ps *simPrimarySession) acked(n uint64, shippedNow bool) {
 }
 
 // holdLease is holdPrimaryLease: Hold, bounded by the TTL, again TTL/2
-// after a failure, until it is held; then the guard starts and the agent
-// protects. ErrOwnedElsewhere: the guest is stopped and the agent exits.
+// after a failure, until it is held; then the guard starts, and the first
+// session once the rest of the agent's start is done. ErrOwnedElsewhere:
+// the guest is stopped and the agent exits.
 func (a *simAgent) holdLease() {
 	h, w := a.host, a.host.w
 	if a.dead || a.stopping || h.agent != a {
@@ -609,22 +621,21 @@ func (a *simAgent) holdLease() {
 		}
 		switch {
 		case err == nil:
-			// The rest of the agent's start (QEMU, RAM, the guest's
-			// network relay, the disk mirror) comes before the guard
-			// runs and the first session: the relay carries the
-			// guest's network (its output held) from now on.
+			// The guard runs from now on; the rest of the start
+			// (RAM, device state, the guest's network relay, the disk
+			// mirror) comes before the first session.
 			setup := w.dur(w.cfg.AgentSetup)
 			if w.chance(w.cfg.PSlowSetup) {
 				setup = w.dur(w.cfg.SlowSetup)
 			}
-			w.logf(h.name, "agent %d holds the witness lease; the guard and protection start in %v", a.gen, setup)
+			w.logf(h.name, "agent %d holds the witness lease; its guard runs; protection starts in %v", a.gen, setup)
 			a.held = true
-			w.wit.setupEnd = later(w.wit.setupEnd, w.now.Add(setup))
+			a.guard = newSimGuard(a, l)
 			w.after(setup, func() {
 				if a.dead || a.stopping || h.agent != a {
 					return
 				}
-				a.guard = newSimGuard(a, l)
+				a.started = true
 				a.dial(true)
 			})
 		case errors.Is(err, witness.ErrOwnedElsewhere):
@@ -649,13 +660,13 @@ type simGuard struct {
 	frozen    bool
 	trusted   bool
 	lastErr   error
-	// The loop is blocked (on the gate's lock, or in a QMP command)
-	// until blockedUntil; what comes meanwhile waits in queue (one tick
-	// at most: a ticker's channel holds one).
-	blockedUntil time.Time
-	queue        []func()
-	tickQueued   bool
-	done         bool
+	// The loop is busy (in a QMP command, a kill) until busyUntil; what
+	// comes meanwhile waits in queue (one tick at most: a ticker's
+	// channel holds one).
+	busyUntil  time.Time
+	queue      []func()
+	tickQueued bool
+	done       bool // run returned
 }
 
 func newSimGuard(a *simAgent, first witness.Lease) *simGuard {
@@ -672,27 +683,27 @@ func newSimGuard(a *simAgent, first witness.Lease) *simGuard {
 func (g *simGuard) over() bool { return g.done || g.a.dead || !g.a.host.alive }
 
 // deliver runs fn in the guard's loop: now, or once it is no longer
-// blocked.
+// busy.
 func (g *simGuard) deliver(fn func()) {
-	if g.a.host.w.now.Before(g.blockedUntil) {
+	if g.a.host.w.now.Before(g.busyUntil) {
 		g.queue = append(g.queue, fn)
 		return
 	}
 	fn()
 }
 
-// blockUntil blocks the loop until t; then it takes what waited.
-func (g *simGuard) blockUntil(t time.Time) {
+// busy keeps the loop busy until t, then takes what waited.
+func (g *simGuard) busy(t time.Time) {
 	w := g.a.host.w
-	if !t.After(g.blockedUntil) {
+	if !t.After(g.busyUntil) {
 		return
 	}
-	g.blockedUntil = t
+	g.busyUntil = t
 	w.at(t, func() {
-		if !w.now.Equal(g.blockedUntil) {
+		if !w.now.Equal(g.busyUntil) {
 			return
 		}
-		for len(g.queue) > 0 && !w.now.Before(g.blockedUntil) && !g.over() {
+		for len(g.queue) > 0 && !w.now.Before(g.busyUntil) && !g.over() {
 			fn := g.queue[0]
 			g.queue = g.queue[1:]
 			fn()
@@ -709,7 +720,7 @@ func (g *simGuard) tick() {
 	h, w := g.a.host, g.a.host.w
 	w.after(h.real(simGuardPeriod), g.tick)
 	fired := h.local(w.now)
-	if w.now.Before(g.blockedUntil) {
+	if w.now.Before(g.busyUntil) {
 		if !g.tickQueued {
 			g.tickQueued = true
 			g.queue = append(g.queue, func() { g.tickQueued = false; g.check(fired) })
@@ -732,76 +743,90 @@ func (g *simGuard) check(now time.Time) {
 	if !a.lastAck.IsZero() {
 		g.g.Heard(a.lastAck)
 	}
-	// Each gate operation takes the gate's lock: it waits while a
-	// checkpoint's stop hangs.
-	at := later(w.now, a.gate.busyUntil)
 	if t := g.g.LeaseTrusted(now); t != g.trusted {
 		g.trusted = t
 		if !t {
 			w.logf(h.name, "guard: the witness lease is no longer trusted")
 		}
-		g.gateOp(&at, 0, func() { g.allowPass(t) })
+		g.allowPass(t)
 	}
 	ok, why := g.g.MayRun(now)
 	switch {
 	case !ok && !g.frozen:
 		g.frozen = true
-		g.freeze(&at, why)
+		g.freeze(why, nil)
 	case ok && g.frozen:
-		g.frozen = false
-		g.gateOp(&at, w.dur(simRange{100 * time.Microsecond, time.Millisecond}), func() {
-			if a.dead {
+		g.thaw()
+	}
+}
+
+// freeze is freezeGuest: the guest is marked frozen (the checkpoint
+// loop's next cont is kept back) and a QMP stop goes to QEMU at once,
+// bounded by the stop budget less the check's period. A stop that gets no
+// answer in time (QEMU's monitor hangs behind a checkpoint's stop) kills
+// the guest (killGuest: a QMP quit, answered once the hang ends, bounded
+// by 2 s; then SIGKILL) and ends the guard (ErrHandedOver). then, if set,
+// runs once the guest is stopped.
+func (g *simGuard) freeze(why string, then func()) {
+	a, h, w := g.a, g.a.host, g.a.host.w
+	w.logf(h.name, "guard: stopping the guest: %s", why)
+	a.gate.frozen = true
+	hung := max(h.qmpHungUntil.Sub(w.now), 0)
+	if bound := simGuardStopBudget - simGuardPeriod; hung > bound {
+		quit := min(hung-bound, 2*time.Second)
+		how := "QMP quit"
+		if hung-bound > 2*time.Second {
+			how = "SIGKILL, the quit unanswered for 2s"
+		}
+		killAt := bound + quit + w.dur(simRange{time.Millisecond, 20 * time.Millisecond})
+		g.busy(w.now.Add(killAt))
+		w.logf(h.name, "guard: QEMU's monitor hangs behind a checkpoint's stop for %v: the stop will get no answer within %v", hung.Round(time.Millisecond), bound)
+		w.after(killAt, func() {
+			if a.dead || !h.alive || !h.guest {
 				return
 			}
-			a.gate.frozen = false
-			if !a.gate.loopPaused {
-				h.vmRunning = true
-			}
-			w.logf(h.name, "guard: the guest runs again (the lease or the backup is back)")
+			h.guest = false
+			w.logf(h.name, "guard: guest killed (%s): it could not be stopped before the lease could run out", how)
+			w.check.guardKilled(h, "the primary's guard killed its guest, which it could not stop")
+			g.end(ErrHandedOver)
 		})
-	}
-}
-
-// gateOp runs fn at *at+took, the loop blocked until then, and moves *at
-// on.
-func (g *simGuard) gateOp(at *time.Time, took time.Duration, fn func()) {
-	w := g.a.host.w
-	end := at.Add(took)
-	*at = end
-	if !end.After(w.now) {
-		fn()
 		return
 	}
-	g.blockUntil(end)
-	w.at(end, func() {
-		if g.a.host.alive {
-			fn()
+	took := hung + w.dur(simRange{100 * time.Microsecond, time.Millisecond})
+	if w.chance(w.cfg.PSlowPause) {
+		// A slow stop (the guest's I/O drained), within the budget.
+		took = hung + w.dur(simRange{20 * time.Millisecond, 150 * time.Millisecond})
+	}
+	g.busy(w.now.Add(took))
+	w.after(took, func() {
+		if !h.alive || !h.guest {
+			return
+		}
+		if a.gate.frozen {
+			h.freezes++
+			h.frozeAt = w.now
+			h.vmRunning = false
+		}
+		if then != nil {
+			then()
 		}
 	})
 }
 
-// freeze is freezeGuest: the guest stops (a QMP stop), or a checkpoint's
-// cont is kept back.
-func (g *simGuard) freeze(at *time.Time, why string) {
+// thaw continues a frozen guest, unless a checkpoint's QMP command holds
+// the gate's lock (then the next tick tries again) or a checkpoint has it
+// stopped (its cont resumes it).
+func (g *simGuard) thaw() {
 	a, h, w := g.a, g.a.host, g.a.host.w
-	if !at.After(w.now) {
-		w.logf(h.name, "guard: stopping the guest: %s", why)
-	} else {
-		w.logf(h.name, "guard: stopping the guest (waiting for the gate until %.3fs): %s", at.Sub(w.start).Seconds(), why)
+	if w.now.Before(a.gate.lockedUntil) {
+		return
 	}
-	took := w.dur(simRange{100 * time.Microsecond, time.Millisecond})
-	if w.chance(w.cfg.PSlowPause) {
-		// A slow stop (the guest's I/O drained), within the budget.
-		took = w.dur(simRange{20 * time.Millisecond, 150 * time.Millisecond})
+	g.frozen = false
+	a.gate.frozen = false
+	if !a.gate.loopPaused {
+		h.vmRunning = true
 	}
-	g.gateOp(at, took, func() {
-		a.gate.frozen = true
-		if h.guest {
-			h.freezes++
-			h.frozeAt = w.now
-		}
-		h.vmRunning = false
-	})
+	w.logf(h.name, "guard: the guest runs again (the lease or the backup is back)")
 }
 
 // allowPass: a PassThrough that waited for the lease is done now.
@@ -852,22 +877,12 @@ func (g *simGuard) renewed(l witness.Lease, err error) {
 	if g.over() {
 		return
 	}
-	a, h, w := g.a, g.a.host, g.a.host.w
+	h, w := g.a.host, g.a.host.w
 	g.renewing = false
 	switch {
 	case errors.Is(err, witness.ErrOwnedElsewhere):
-		at := later(w.now, a.gate.busyUntil)
-		g.freeze(&at, "the backup owns the guest now")
-		g.done = true
-		w.logf(h.name, "guard: %v: the session ends and the guest is killed", err)
-		h.ownedElsewhere++
-		a.ownedElsewhere = true
-		a.stopping = true
-		if ps := a.sess; ps != nil {
-			ps.post(StopRequested{Now: w.now, Reason: "the backup owns the guest now"})
-			return
-		}
-		a.exit()
+		w.logf(h.name, "guard: %v", err)
+		g.freeze("the backup owns the guest now", func() { g.end(ErrFailedOver) })
 	case err != nil:
 		if g.lastErr == nil {
 			w.logf(h.name, "guard: cannot renew the witness lease: %v (trusted for %v)", err, g.g.TrustedFor(h.local(w.now)).Round(time.Millisecond))
@@ -880,6 +895,26 @@ func (g *simGuard) renewed(l witness.Lease, err error) {
 		g.lastErr = nil
 		g.g.Renewed(l)
 	}
+}
+
+// end is run returning err: RunPrimary cancels the rest of the agent (a
+// session under way gets StopRequested), and once it returned kills the
+// guest when err is ErrFailedOver (with ErrHandedOver it is dead already);
+// the agent exits.
+func (g *simGuard) end(err error) {
+	a, h, w := g.a, g.a.host, g.a.host.w
+	if g.done || a.dead {
+		return
+	}
+	g.done = true
+	w.logf(h.name, "guard: %v: the agent stops", err)
+	a.guardErr = err
+	a.stopping = true
+	if ps := a.sess; ps != nil {
+		ps.post(StopRequested{Now: w.now, Reason: "the agent stops: " + err.Error()})
+		return
+	}
+	a.exit()
 }
 
 // ---- the backup's side ----
@@ -1138,8 +1173,8 @@ func (h *simPrimaryHost) agentState() string {
 		return "no agent"
 	case a.guard == nil:
 		return fmt.Sprintf("agent %d up, its guard not started yet", a.gen)
-	case a.gate.busyUntil.After(h.w.now):
-		return fmt.Sprintf("agent %d up, a checkpoint's stop hanging, holding the gate until %.3fs", a.gen, a.gate.busyUntil.Sub(h.w.start).Seconds())
+	case h.w.now.Before(h.qmpHungUntil):
+		return fmt.Sprintf("agent %d up, QEMU's monitor hung behind a checkpoint's stop until %.3fs", a.gen, h.qmpHungUntil.Sub(h.w.start).Seconds())
 	}
 	return fmt.Sprintf("agent %d up", a.gen)
 }
