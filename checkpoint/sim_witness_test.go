@@ -95,6 +95,7 @@ type simWitness struct {
 	// active key, its path clear); zero while it cannot.
 	claimableSince time.Time
 	requests       int
+	backupPath     *simWitnessPath
 }
 
 // simLease is a lease etcd holds, and when it expires.
@@ -269,11 +270,14 @@ func (x *simWitness) liveActive() string {
 	return x.active
 }
 
-// observe keeps claimableSince up to date (after every happening).
+// observe keeps claimableSince up to date (after every happening while a
+// failover is expected).
 func (x *simWitness) observe() {
 	w := x.w
-	p := x.path("backup")
-	_, cut := p.partitioned(w.now)
+	if x.backupPath == nil {
+		x.backupPath = x.path("backup")
+	}
+	_, cut := x.backupPath.partitioned(w.now)
 	ok := x.up && !cut && (x.liveActive() == "" || x.liveActive() == "backup")
 	switch {
 	case !ok:
@@ -994,7 +998,11 @@ func (b *simBackupHost) keepLease() {
 // output (no network fault excuses it: that is what the witness is for).
 func (ck *simChecker) witnessAfterStep() {
 	w := ck.w
-	w.wit.observe()
+	if len(ck.expected) > 0 {
+		w.wit.observe()
+	} else {
+		w.wit.claimableSince = time.Time{}
+	}
 	if !w.backup.failedOver {
 		return
 	}
