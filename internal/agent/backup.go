@@ -349,7 +349,12 @@ func failOver(ctx context.Context, cfg BackupConfig, lost *checkpoint.PrimaryLos
 			return err
 		}
 		r.QEMUPID = cmd.Process.Pid
-		go cmd.Wait()
+		go func() {
+			// The guest's QEMU ending while remusd runs is worth a line
+			// (how it ended: an exit status or a signal).
+			err := cmd.Wait()
+			log.Warn("the guest's QEMU exited", "pid", r.QEMUPID, "status", cmd.ProcessState.String(), "err", err)
+		}()
 		// The restored guest's QEMU is not remusd's child for long: say
 		// where it is at once, for whoever manages it from here.
 		pidFile := QEMUPIDFile(cfg.StateDir)

@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -238,11 +239,27 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 	runCtx, cancelRun := context.WithCancel(ctx)
 	defer cancelRun()
 	guardErr := make(chan error, 1)
+	loopDone := make(chan struct{})
 	if w != nil {
 		s.gate = &gate{mon: q.Mon}
-		s.guard = &primaryGuard{w: w, g: s.gate, log: log, grace: cfg.Heartbeat.WithDefaults().Timeout / 3, kill: s.killGuest}
+		// A guest the guard cannot stop in time is killed at once: the
+		// lease may run out next.
+		s.guard = &primaryGuard{w: w, g: s.gate, log: log, grace: cfg.Heartbeat.WithDefaults().Timeout / 3,
+			kill: func(context.Context, string) error { return s.killGuestNow() }}
 		go func() {
 			err := s.guard.run(runCtx, lease)
+			if errors.Is(err, checkpoint.ErrHandedOver) {
+				// The guard killed the guest: the session's next
+				// checkpoint finds it gone and tells the backup to
+				// take over (ending the session now would say a
+				// plain goodbye, and the backup would never resume
+				// it). A session that does not end soon has nothing
+				// committed to hand over.
+				select {
+				case <-loopDone:
+				case <-time.After(2 * cfg.Heartbeat.WithDefaults().Timeout):
+				}
+			}
 			if err != nil {
 				cancelRun()
 			}
@@ -252,6 +269,7 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 		guardErr <- nil
 	}
 	err := s.protect(runCtx)
+	close(loopDone)
 	cancelRun()
 	if gerr := <-guardErr; gerr != nil {
 		if errors.Is(gerr, checkpoint.ErrFailedOver) {
@@ -494,7 +512,12 @@ func (s *primarySession) killGuest(ctx context.Context, reason string) error {
 	}
 	// QEMU did not answer (a monitor blocked behind a hung command) or
 	// did not go.
-	if err := unix.Kill(s.q.PID, unix.SIGKILL); err != nil && !errors.Is(err, unix.ESRCH) {
+	return s.killGuestNow()
+}
+
+// killGuestNow sends QEMU SIGKILL and waits for it to be gone.
+func (s *primarySession) killGuestNow() error {
+	if err := s.q.Proc.Signal(syscall.SIGKILL); err != nil && !errors.Is(err, os.ErrProcessDone) {
 		return fmt.Errorf("kill QEMU pid %d: %w", s.q.PID, err)
 	}
 	if !s.waitGone(5 * time.Second) {

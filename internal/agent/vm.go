@@ -60,6 +60,10 @@ type QEMU struct {
 	PID     int
 	Version qmp.Version
 	RAM     qemu.RAMBackend
+	// Proc is QEMU's process, held by a pidfd from the moment remusd
+	// attached: a signal never reaches another process that reused the
+	// pid after QEMU ended.
+	Proc *os.Process
 }
 
 // Attach connects to QEMU's QMP socket, learns QEMU's PID from the socket's
@@ -79,7 +83,12 @@ func Attach(ctx context.Context, socket string, log *slog.Logger) (*QEMU, error)
 	if err != nil {
 		return nil, fmt.Errorf("QMP socket %s: %w", socket, err)
 	}
-	q := &QEMU{Mon: mon, PID: pid, Version: mon.Version()}
+	proc, err := os.FindProcess(pid) // a pidfd on Linux
+	if err != nil {
+		mon.Close()
+		return nil, fmt.Errorf("QEMU pid %d: %w", pid, err)
+	}
+	q := &QEMU{Mon: mon, PID: pid, Version: mon.Version(), Proc: proc}
 	if q.RAM, err = qemu.FindRAMBackend(ctx, mon); err != nil {
 		mon.Close()
 		return nil, err

@@ -2,6 +2,8 @@ package agent
 
 import (
 	"context"
+	"os"
+	"os/exec"
 	"slices"
 	"strings"
 	"sync"
@@ -165,5 +167,30 @@ func TestGatedOutputPassesOnlyUnderTheLease(t *testing.T) {
 	}
 	if (&gate{}).output() != nil {
 		t.Fatal("a gate without output commit must give none")
+	}
+}
+
+// TestKillGuestNow: the guard's kill is a SIGKILL through the pidfd taken
+// at attach, and returns once the process is gone (a zombie counts).
+func TestKillGuestNow(t *testing.T) {
+	cmd := exec.Command("sleep", "60")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Wait()
+	proc, err := os.FindProcess(cmd.Process.Pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &primarySession{q: &QEMU{PID: cmd.Process.Pid, Proc: proc}}
+	if err := s.killGuestNow(); err != nil {
+		t.Fatal(err)
+	}
+	if !s.guestGone() {
+		t.Fatal("the process is still there")
+	}
+	// Gone already: nothing to do, no error.
+	if err := s.killGuestNow(); err != nil {
+		t.Fatalf("second kill: %v", err)
 	}
 }
