@@ -40,9 +40,11 @@ func logTime(t *testing.T, log, s string) time.Time {
 	return time.Time{}
 }
 
-// TestWitnessIsolatedPrimaryStopsBeforeTheBackupResumes cuts the primary
-// off from everything (its backup, the witness, the clients) while its
-// agent and guest live on: a partition, not a death. The primary stops its
+// TestWitnessIsolatedPrimaryStopsBeforeTheBackupResumes cuts the primary's
+// host off from everything (its link to the hosts' switch goes down, and
+// its tap on the clients' bridge) while its agent and guest live on: a
+// partition, not a death. Each agent and the witness run in a network
+// namespace of their own. The primary stops its
 // guest before its witness lease can expire; the backup resumes only after
 // claiming the witness, which it can only once that lease expired: the
 // order is checked on both agents' clocks. The client's counter carries on,
@@ -52,33 +54,23 @@ func TestWitnessIsolatedPrimaryStopsBeforeTheBackupResumes(t *testing.T) {
 	l := newLab(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	wit, err := l.StartWitness(ctx)
+	h, err := l.NewHosts()
 	if err != nil {
 		t.Fatal(err)
 	}
-	toWitness, err := lab.NewLink(strings.TrimPrefix(wit.Endpoint, "http://"))
+	wit, err := h.StartWitness(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer toWitness.Close()
-	var toBackup *lab.Link
-	g, p, c := protectGuest(t, ctx, l, lab.ProtectOptions{Witness: wit.Endpoint, PrimaryWitness: toWitness.URL(),
-		Via: func(backup string) (string, error) {
-			var err error
-			toBackup, err = lab.NewLink(backup)
-			if err != nil {
-				return "", err
-			}
-			return toBackup.Addr(), nil
-		}}, 3)
-	defer toBackup.Close()
+	g, p, c := protectGuest(t, ctx, l, lab.ProtectOptions{Witness: wit.Endpoint, Hosts: h}, 3)
 	c.incFor(time.Second)
 
 	// The primary's host loses the network: to its backup, to the witness
 	// and to the clients (its tap on the clients' bridge goes down).
 	cutAt := time.Now()
-	toBackup.Cut()
-	toWitness.Cut()
+	if err := h.Isolate(h.A); err != nil {
+		t.Fatal(err)
+	}
 	if err := l.Net.NS.Exec("link", "set", "dev", l.Net.TapPrimary, "down"); err != nil {
 		t.Fatal(err)
 	}
@@ -105,8 +97,9 @@ func TestWitnessIsolatedPrimaryStopsBeforeTheBackupResumes(t *testing.T) {
 
 	// The partition heals: the stale primary learns the backup owns the
 	// guest and kills its copy.
-	toWitness.Heal()
-	toBackup.Heal()
+	if err := h.Rejoin(h.A); err != nil {
+		t.Fatal(err)
+	}
 	if err := l.Net.NS.Exec("link", "set", "dev", l.Net.TapPrimary, "up"); err != nil {
 		t.Fatal(err)
 	}
@@ -374,8 +367,8 @@ func guestPID(l *lab.Lab) (int, error) {
 	return strconv.Atoi(strings.TrimSpace(string(b)))
 }
 
-// TestWitnessLinkCutNoFailover cuts only the link between the agents; both
-// reach the witness and the clients. The backup cannot claim the witness
+// TestWitnessLinkCutNoFailover cuts only the link between the agents' hosts
+// (a blackhole route each way); both reach the witness and the clients. The backup cannot claim the witness
 // (the primary renews its lease) and resumes nothing; the primary runs on
 // unprotected and its client is served throughout; once the link is back
 // the guest is protected again.
@@ -383,23 +376,19 @@ func TestWitnessLinkCutNoFailover(t *testing.T) {
 	l := newLab(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	wit, err := l.StartWitness(ctx)
+	h, err := l.NewHosts()
 	if err != nil {
 		t.Fatal(err)
 	}
-	var toBackup *lab.Link
-	g, p, c := protectGuest(t, ctx, l, lab.ProtectOptions{Witness: wit.Endpoint,
-		Via: func(backup string) (string, error) {
-			var err error
-			toBackup, err = lab.NewLink(backup)
-			if err != nil {
-				return "", err
-			}
-			return toBackup.Addr(), nil
-		}}, 3)
-	defer toBackup.Close()
+	wit, err := h.StartWitness(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, p, c := protectGuest(t, ctx, l, lab.ProtectOptions{Witness: wit.Endpoint, Hosts: h}, 3)
 	c.incFor(time.Second)
-	toBackup.Cut()
+	if err := h.Cut(h.A, h.B); err != nil {
+		t.Fatal(err)
+	}
 	// Longer than detection plus two lease TTLs: a backup that could
 	// resume would have.
 	c.incFor(heartbeatTimeout + 3*witness.DefaultTTL)
@@ -416,7 +405,9 @@ func TestWitnessLinkCutNoFailover(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	toBackup.Heal()
+	if err := h.Heal(h.A, h.B); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := p.WaitCommitted(ctx, len(before)+5); err != nil {
 		t.Fatalf("not protected again after the link came back: %v", err)
 	}

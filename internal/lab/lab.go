@@ -243,7 +243,17 @@ type Proc struct {
 // Start runs a process whose output is kept (and copied to echo, if set).
 // The lab kills it on Close.
 func (l *Lab) Start(name string, echo io.Writer, args ...string) (*Proc, error) {
-	p := &Proc{Name: filepath.Base(name) + " " + args[0], cmd: exec.Command(name, args...), lines: make(chan string, 1000), done: make(chan struct{})}
+	return l.startIn(nil, name, echo, args...)
+}
+
+// startIn is Start inside network namespace ns (nil: this process's).
+func (l *Lab) startIn(ns *netns.Namespace, name string, echo io.Writer, args ...string) (*Proc, error) {
+	cmd := exec.Command(name, args...)
+	if ns != nil {
+		// nsenter enters the namespace and execs name: the same pid.
+		cmd = exec.Command("nsenter", append([]string{"--net=" + ns.Path(), "--", name}, args...)...)
+	}
+	p := &Proc{Name: filepath.Base(name) + " " + args[0], cmd: cmd, lines: make(chan string, 1000), done: make(chan struct{})}
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	out, err := p.cmd.StderrPipe()
 	if err != nil {
@@ -354,15 +364,17 @@ type ProtectOptions struct {
 	BackupLater bool
 	// Witness, when set, is the etcd endpoint both agents use as witness
 	// (StartWitness runs one); without it they run --assume-fail-stop.
-	// PrimaryWitness, when set, is the primary's way to it instead (a
-	// Link that a test cuts). The primary's host is called WitnessA at
-	// the witness, the backup's WitnessB (the other way round with
-	// Reverse).
-	Witness, PrimaryWitness string
+	// The primary's host is called WitnessA at the witness, the backup's
+	// WitnessB (the other way round with Reverse).
+	Witness string
 	// Reverse protects a guest running on the backup's side (after a
 	// failover or switchover) from there: the primary remusd relays to
 	// the backup's tap, the backup's to the primary's.
 	Reverse bool
+	// Hosts, when set, runs the primary remusd on host A and the backup's
+	// on host B (the other way round with Reverse), linked through the
+	// hosts' network; Witness is then the witness on host W.
+	Hosts *Hosts
 }
 
 // The lab's two hosts as the witness knows them.
@@ -381,18 +393,21 @@ func (l *Lab) Protect(prim, back testvm.Config, o ProtectOptions) (*Protection, 
 	if err != nil {
 		return nil, err
 	}
-	peer, err := freePort()
-	if err != nil {
+	var primaryNS, backupNS *netns.Namespace
+	var peer string
+	if h := o.Hosts; h != nil {
+		primaryNS, backupNS = h.A, h.B
+		if o.Reverse {
+			primaryNS, backupNS = backupNS, primaryNS
+		}
+		peer = h.agentAddr(backupNS)
+	} else if peer, err = freePort(); err != nil {
 		return nil, err
 	}
 	p := &Protection{EpochLog: filepath.Join(l.Dir, "epochs.jsonl"), Report: filepath.Join(l.Dir, "failover.json"), BackupConfig: back, BackupAddr: peer}
 	os.Remove(p.EpochLog)
 	os.Remove(p.Report)
 	common := []string{"--vm", "lab", "--net-netns", l.Net.NS.Path()}
-	primaryWitness := o.Witness
-	if o.PrimaryWitness != "" {
-		primaryWitness = o.PrimaryWitness
-	}
 	if o.Witness == "" {
 		common = append(common, "--assume-fail-stop")
 	}
@@ -422,7 +437,7 @@ func (l *Lab) Protect(prim, back testvm.Config, o ProtectOptions) (*Protection, 
 		// gone.
 		l.defer_(func() { killPIDFile(agent.QEMUPIDFile(backupState), l.Dir) })
 		var err error
-		p.Backup, err = l.Start(l.Remusd, o.Echo, bargs...)
+		p.Backup, err = l.startIn(backupNS, l.Remusd, o.Echo, bargs...)
 		return err
 	}
 	if !o.BackupLater {
@@ -438,8 +453,8 @@ func (l *Lab) Protect(prim, back testvm.Config, o ProtectOptions) (*Protection, 
 	p.Control = agent.DefaultControlSocket(filepath.Join(l.Dir, "primary-state"))
 	pargs := append([]string{"primary", "--qmp", prim.QMP[1], "--peer", peer, "--state-dir", filepath.Join(l.Dir, "primary-state"),
 		"--epoch-log", p.EpochLog, "--net-guest", prim.NIC.Path, "--net-tap", primaryTap}, common...)
-	if primaryWitness != "" {
-		pargs = append(pargs, "--witness", primaryWitness, "--witness-id", primaryID)
+	if o.Witness != "" {
+		pargs = append(pargs, "--witness", o.Witness, "--witness-id", primaryID)
 	}
 	if o.Epoch > 0 {
 		pargs = append(pargs, "--epoch", o.Epoch.String())
@@ -452,7 +467,7 @@ func (l *Lab) Protect(prim, back testvm.Config, o ProtectOptions) (*Protection, 
 	}
 	pargs = append(pargs, o.PrimaryArgs...)
 	p.startPrimary = func() (err error) {
-		p.Primary, err = l.Start(l.Remusd, o.Echo, pargs...)
+		p.Primary, err = l.startIn(primaryNS, l.Remusd, o.Echo, pargs...)
 		return err
 	}
 	if err := p.startPrimary(); err != nil {
