@@ -39,19 +39,25 @@ func newConsecutiveClient(t *testing.T, ctx context.Context, l *lab.Lab) *consec
 func (c *consecutiveClient) incFor(d time.Duration) {
 	c.t.Helper()
 	for from := time.Now(); time.Since(from) < d; {
-		c.conn.SetDeadline(time.Now().Add(time.Minute))
-		sent := time.Now()
-		r, err := c.cl.Inc()
-		c.maxGap = max(c.maxGap, time.Since(sent))
-		if err != nil {
-			c.t.Fatalf("INC after %d replies: %v", c.n, err)
-		}
-		if c.n > 0 && (r.Value != c.last.Value+1 || r.BootID != c.last.BootID) {
-			c.t.Fatalf("reply %d: counter %d boot %s after %d boot %s: not consecutive", c.n+1, r.Value, r.BootID, c.last.Value, c.last.BootID)
-		}
-		c.last = r
-		c.n++
+		c.inc()
 	}
+}
+
+// inc increments once and checks the reply follows the last one.
+func (c *consecutiveClient) inc() {
+	c.t.Helper()
+	c.conn.SetDeadline(time.Now().Add(time.Minute))
+	sent := time.Now()
+	r, err := c.cl.Inc()
+	c.maxGap = max(c.maxGap, time.Since(sent))
+	if err != nil {
+		c.t.Fatalf("INC after %d replies: %v", c.n, err)
+	}
+	if c.n > 0 && (r.Value != c.last.Value+1 || r.BootID != c.last.BootID) {
+		c.t.Fatalf("reply %d: counter %d boot %s after %d boot %s: not consecutive", c.n+1, r.Value, r.BootID, c.last.Value, c.last.BootID)
+	}
+	c.last = r
+	c.n++
 }
 
 // protectGuest boots the primary guest (with opts), protects it with o

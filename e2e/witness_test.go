@@ -338,12 +338,16 @@ func TestReprotectBothWays(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%s: %v", step, err)
 		}
+		killed := time.Now()
 		p.Primary.Kill()
 		syscall.Kill(pid, syscall.SIGKILL)
 		r, err := p.WaitReport(ctx)
 		if err != nil {
 			t.Fatalf("%s: %v", step, err)
 		}
+		c.inc() // the first reply after the kill
+		t.Logf("%s: the client's first reply %v after the kill (detection %.0f ms, witness %.0f ms, restore %.0f ms)",
+			step, time.Since(killed).Round(time.Millisecond), r.DetectionMS, r.ClearMS, r.RestoreMS)
 		survivor(step, r)
 	}
 

@@ -29,32 +29,49 @@ var ErrRestore = errors.New("failover: restore")
 // or it would expect their pages in the stream.
 func Restore(ctx context.Context, mon qemu.Monitor, uri string, f qemu.StateFormat) (Restored, error) {
 	var r Restored
+	var err error
+	if r.Load, err = Load(ctx, mon, uri, f); err != nil {
+		return r, err
+	}
+	r.Resume, err = Resume(ctx, mon)
+	return r, err
+}
+
+// Load loads the device state from uri into a QEMU started with
+// qemu.RestoreArgs and waits until it is loaded; the guest stays paused
+// (Resume continues it). Between the two, the caller connects what must
+// be there before the guest runs (its network), with no device state
+// being loaded meanwhile.
+func Load(ctx context.Context, mon qemu.Monitor, uri string, f qemu.StateFormat) (time.Duration, error) {
 	start := time.Now()
 	if f.Configuration {
 		if err := qemu.SetCapability(ctx, mon, qemu.IgnoreShared, true); err != nil {
-			return r, fmt.Errorf("%w: %w", ErrRestore, err)
+			return 0, fmt.Errorf("%w: %w", ErrRestore, err)
 		}
 	}
 	if err := qemu.MigrateIncoming(ctx, mon, uri); err != nil {
-		return r, fmt.Errorf("%w: migrate-incoming %s: %w", ErrRestore, uri, err)
+		return 0, fmt.Errorf("%w: migrate-incoming %s: %w", ErrRestore, uri, err)
 	}
 	if err := qemu.WaitMigration(ctx, mon, 2*time.Millisecond); err != nil {
-		return r, fmt.Errorf("%w: loading the device state: %w", ErrRestore, err)
+		return 0, fmt.Errorf("%w: loading the device state: %w", ErrRestore, err)
 	}
-	r.Load = time.Since(start)
-	start = time.Now()
+	return time.Since(start), nil
+}
+
+// Resume continues the loaded guest and checks that it runs.
+func Resume(ctx context.Context, mon qemu.Monitor) (time.Duration, error) {
+	start := time.Now()
 	if err := qemu.Cont(ctx, mon); err != nil {
-		return r, fmt.Errorf("%w: cont: %w", ErrRestore, err)
+		return 0, fmt.Errorf("%w: cont: %w", ErrRestore, err)
 	}
 	st, err := qemu.Status(ctx, mon)
 	if err != nil {
-		return r, fmt.Errorf("%w: query-status: %w", ErrRestore, err)
+		return 0, fmt.Errorf("%w: query-status: %w", ErrRestore, err)
 	}
 	if st != "running" {
-		return r, fmt.Errorf("%w: guest is %q after cont, not running", ErrRestore, st)
+		return 0, fmt.Errorf("%w: guest is %q after cont, not running", ErrRestore, st)
 	}
-	r.Resume = time.Since(start)
-	return r, nil
+	return time.Since(start), nil
 }
 
 // StateFile holds the committed device state on the backup. Save replaces it

@@ -113,6 +113,11 @@ func testLoad(t *testing.T, ctx context.Context, path string, f StateFormat) {
 	if err := WaitMigration(ctx, mon, 2*time.Millisecond); err != nil {
 		t.Fatal(err)
 	}
+	// Loaded, the guest waits for the caller (RestoreArgs' -S), although
+	// the state says it was running.
+	if st, err := Status(ctx, mon); err != nil || st == "running" {
+		t.Errorf("after the load, before Cont: %q, %v; want it not running", st, err)
+	}
 	if err := Cont(ctx, mon); err != nil {
 		t.Fatal(err)
 	}

@@ -48,13 +48,17 @@ func ReadStateFormat(path string) (StateFormat, error) {
 }
 
 // RestoreArgs are the QEMU arguments that make a freshly started QEMU wait
-// for the device state of a checkpoint: -incoming defer, and, for a state
-// without a configuration section, telling QEMU not to expect one. The rest
-// of the command line must be the primary's, with the RAM backend's
-// mem-path pointing at the backup's RAM image.
+// for the device state of a checkpoint: -incoming defer; -S, so that the
+// guest stays paused once it is loaded until the caller continues it (a
+// state saved with xen-save-devices-state says "running" and would start
+// the guest at once); and, for a state without a configuration section,
+// telling QEMU not to expect one. The rest of the command line must be the
+// primary's, with the RAM backend's mem-path pointing at the backup's RAM
+// image.
 func RestoreArgs(f StateFormat) []string {
-	if f.Configuration {
-		return []string{"-incoming", "defer"}
+	args := []string{"-incoming", "defer", "-S"}
+	if !f.Configuration {
+		args = append(args, "-global", "migration.send-configuration=off")
 	}
-	return []string{"-incoming", "defer", "-global", "migration.send-configuration=off"}
+	return args
 }

@@ -385,8 +385,23 @@ func failOver(ctx context.Context, cfg BackupConfig, lost *checkpoint.PrimaryLos
 	v := mon.Version()
 	r.QEMUVersion = v.String()
 	r.IncomingURI = qemu.IncomingURI(lost.Committed.StateFile, v)
+	qemuLog := func(err error) error {
+		return fmt.Errorf("%w\nQEMU's output (%s):\n%s", err, filepath.Join(cfg.StateDir, "qemu.log"), tail(filepath.Join(cfg.StateDir, "qemu.log"), 2000))
+	}
+	if err := step(ctx, log, "load the last committed checkpoint", func() error {
+		load, err := failover.Load(ctx, mon, r.IncomingURI, format)
+		r.LoadMS = ms(load)
+		if err != nil {
+			return qemuLog(err)
+		}
+		return nil
+	}); err != nil {
+		cmd.Process.Kill()
+		return r, err
+	}
 	if cfg.Net.Enabled() {
-		// Connected before the guest runs, so that nothing it sends is lost.
+		// Connected once the device state is loaded and before the guest
+		// runs, so that nothing it sends is lost.
 		if err := step(ctx, log, "connect the guest's NIC to "+cfg.Net.Tap, func() (err error) {
 			*gnet, err = startNetwork(ctx, cfg.Net, 10*time.Second, log)
 			return err
@@ -395,11 +410,9 @@ func failOver(ctx context.Context, cfg BackupConfig, lost *checkpoint.PrimaryLos
 			return r, err
 		}
 	}
-	if err := step(ctx, log, "resume the last committed checkpoint", func() error {
-		res, err := failover.Restore(ctx, mon, r.IncomingURI, format)
-		r.LoadMS = ms(res.Load)
-		if err != nil {
-			return fmt.Errorf("%w\nQEMU's output (%s):\n%s", err, filepath.Join(cfg.StateDir, "qemu.log"), tail(filepath.Join(cfg.StateDir, "qemu.log"), 2000))
+	if err := step(ctx, log, "resume the guest", func() error {
+		if _, err := failover.Resume(ctx, mon); err != nil {
+			return qemuLog(err)
 		}
 		return nil
 	}); err != nil {
