@@ -302,11 +302,28 @@ func (ck *simChecker) killGuest(ps *simPrimarySession) {
 	}
 }
 
-// sessionOpened: the backup opened a new session; what it held is no
-// longer resumable, so no failover is expected any more. (A second
+// sessionOpened: the backup opened a new session on c; what it held is
+// no longer resumable, so no failover is expected any more. (A second
 // primary claiming the same VM — a misconfiguration the protocol cannot
 // tell from a restarted agent — takes the place of one that just died.)
-func (ck *simChecker) sessionOpened() { ck.expected = nil }
+//
+// (e) No guest lost to a handover: a failover that was expected because
+// the primary's guest was killed (for a handover, or by its guard) is
+// never given up for a session that the same primary, its host up, opens
+// with its guest dead: nothing could resume the guest then. (A hello
+// still on its way when the host died is no such session.)
+func (ck *simChecker) sessionOpened(c *simConn) {
+	if h := c.host; h != nil && h.alive && !h.guest {
+		for _, e := range ck.expected {
+			if e.host == h {
+				ck.once(fmt.Sprintf("lost-%d", c.id), "e", "the backup opened a session with the %s (connection %d), whose guest is dead, dropping what it could resume (%s %v ago): the guest runs nowhere",
+					h.name, c.id, e.why, ck.w.now.Sub(e.since))
+				break
+			}
+		}
+	}
+	ck.expected = nil
+}
 
 // apply judges the backup's Apply.
 //

@@ -126,11 +126,8 @@ var simKnownBugs = []struct {
 	name, script string
 	match        func(w *simWorld, v simViolation) bool
 }{
-	{"the guard's kill of a guest it could not stop waits for a QMP quit", "witness-known-bugs.txt (run 1)", func(w *simWorld, v simViolation) bool {
-		return v.inv == "d" && strings.Contains(v.msg, "QEMU's monitor hung behind a checkpoint's stop")
-	}},
-	{"a guest the guard killed is not handed over", "witness-known-bugs.txt (run 2)", func(w *simWorld, v simViolation) bool {
-		return v.inv == "e" && strings.Contains(v.msg, "which it could not stop")
+	{"a guest the guard killed after its session ended is lost to a new session", "witness-guard-kill-then-new-session.txt", func(w *simWorld, v simViolation) bool {
+		return v.inv == "e" && strings.Contains(v.msg, "whose guest is dead, dropping what it could resume (the primary's guard killed its guest")
 	}},
 }
 

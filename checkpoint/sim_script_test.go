@@ -402,6 +402,20 @@ func (w *simWorld) expect(words []string) error {
 		if b.failedOver {
 			return errors.New(fo())
 		}
+	case line == "failover by takeover":
+		if !b.failedOver || w.check.failover.why != "the primary handed over" {
+			return errors.New(fo())
+		}
+	case line == "guest dead before failover":
+		switch {
+		case !b.failedOver:
+			return errors.New("no failover")
+		case h.guestGoneAt.IsZero() || h.alive && h.guest:
+			return errors.New("the primary's guest is alive")
+		case h.guestGoneAt.After(w.check.failoverAt):
+			return fmt.Errorf("the primary's guest died at %.3fs, the backup resumed it at %.3fs",
+				h.guestGoneAt.Sub(w.start).Seconds(), w.check.failoverAt.Sub(w.start).Seconds())
+		}
 	case words[0] == "failover":
 		if !b.failedOver {
 			return errors.New("no failover")

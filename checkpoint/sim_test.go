@@ -133,6 +133,8 @@ package checkpoint
 //	second primary [for D]      another host claiming the same VM connects;
 //	                            its agent stops after D (default 300ms)
 //	expect failover [epoch>=N|epoch<=N|epoch=N]
+//	expect failover by takeover the backup resumed the guest on the
+//	                            primary's takeover goodbye
 //	expect no-failover
 //	expect backup state STATE   waiting, syncing, protecting, suspect,
 //	                            failed-over
@@ -144,6 +146,9 @@ package checkpoint
 //	                            ErrFailedOver or ErrHandedOver (other
 //	                            words: its text contains them)
 //	expect guest alive|dead     the primary's guest
+//	expect guest dead before failover
+//	                            the primary's guest died (its host, or a
+//	                            kill) before the backup resumed the guest
 //	expect committed>=N         the current session's committed epoch
 //	expect primary frozen|running
 //	                            the primary's guest is up and stopped (by
@@ -783,6 +788,7 @@ type simPrimaryHost struct {
 	// times it found the guest owned elsewhere.
 	vmRunning      bool
 	qmpHungUntil   time.Time // a stuck stop: QEMU's monitor answers nothing before
+	guestGoneAt    time.Time // when the guest died (its host, or a kill)
 	rate           float64
 	freezes        int
 	frozeAt        time.Time
@@ -855,7 +861,7 @@ func (h *simPrimaryHost) die(rst bool) {
 	w := h.w
 	w.logf(h.name, "host dies")
 	w.check.hostDies(h)
-	h.alive, h.guest = false, false
+	h.alive, h.guest, h.guestGoneAt = false, false, w.now
 	if a := h.agent; a != nil {
 		a.dead = true
 		h.agent = nil
@@ -1036,7 +1042,7 @@ func (a *simAgent) exit() {
 	}
 	if errors.Is(a.guardErr, ErrFailedOver) && h.alive && h.guest {
 		// The guard found the backup owning the guest: killGuest.
-		h.guest = false
+		h.guest, h.guestGoneAt = false, h.w.now
 		h.w.logf(h.name, "guest killed: the backup owns it")
 		h.w.check.guardKilled(h, "the primary's guard killed its guest (etcd names the backup owner)")
 	}
@@ -1259,8 +1265,12 @@ func (ps *simPrimarySession) carry(a any) {
 		ps.conn.toBackup.push(simFrame{kind: simErrorFrame, code: code}, 0)
 	case KillGuest:
 		w.check.killGuest(ps)
-		h.guest = false
-		w.logf(h.name, "guest killed")
+		if h.guest {
+			h.guest, h.guestGoneAt = false, w.now
+			w.logf(h.name, "guest killed")
+		} else {
+			w.logf(h.name, "the guest's QEMU is gone already")
+		}
 		if n := ps.checkpointing; n != 0 {
 			// QEMU is gone: the checkpoint's QMP commands fail at once.
 			ps.ckptGen++
@@ -1297,12 +1307,21 @@ func (ps *simPrimarySession) end(a End) {
 // which goes on hearing the backup, ticking and heartbeating (the Session
 // starts no other checkpoint meanwhile); the outcome is posted to the loop
 // like any event.
+//
+// A guest whose QEMU is gone (its guard killed it) cannot be stopped: the
+// QMP stop fails at once (the monitor's connection closed), and GuestGone
+// reports QEMU gone.
 func (ps *simPrimarySession) takeCheckpoint(n uint64) {
 	w, h := ps.w, ps.host
-	o := w.nextCheckpoint()
 	ps.checkpointing = n
 	ps.ckptGen++
 	gen := ps.ckptGen
+	if !h.guest {
+		o := simCheckpoint{kind: simFailStuck, took: time.Millisecond}
+		w.after(o.took, func() { ps.checkpointEnds(gen, n, o) })
+		return
+	}
+	o := w.nextCheckpoint()
 	ps.agent.stop(o.kind == simFailStuck, o.took)
 	if h.dieAt.point == FaultPaused {
 		w.after(o.took/2, func() {
@@ -1361,9 +1380,15 @@ func (ps *simPrimarySession) checkpointDone(r simCheckpointDone) {
 	case simTaken:
 		ev = CheckpointTaken{Now: w.now, Epoch: r.epoch}
 	case simFailRunning:
-		ev = CheckpointFailed{Now: w.now, Epoch: r.epoch, Err: errors.New("xen-save-devices-state: error")}
+		// GuestGone: a checkpoint that failed because QEMU is gone (a
+		// KillGuest cut it short) says so.
+		ev = CheckpointFailed{Now: w.now, Epoch: r.epoch, Err: errors.New("xen-save-devices-state: error"), GuestStuck: !ps.host.guest}
 	case simFailStuck:
-		ev = CheckpointFailed{Now: w.now, Epoch: r.epoch, Err: errors.New("stop: context deadline exceeded"), GuestStuck: true}
+		err := errors.New("stop: context deadline exceeded")
+		if !ps.host.guest {
+			err = errors.New("stop: qmp: stop: connection closed: EOF (the guest's QEMU is gone)")
+		}
+		ev = CheckpointFailed{Now: w.now, Epoch: r.epoch, Err: err, GuestStuck: true}
 	}
 	ps.step(ev)
 }
@@ -1756,7 +1781,7 @@ func (b *simBackupHost) carry(a any) {
 		b.sessions++
 		c.helloSent, c.backupSession, c.heardAt = true, b.sessions, w.now
 		b.session = c
-		w.check.sessionOpened()
+		w.check.sessionOpened(c)
 		extra := w.script.helloDelay
 		w.script.helloDelay = 0
 		c.toPrimary.push(simFrame{kind: simHelloFrame}, extra)

@@ -44,14 +44,23 @@ import (
 //     is then kept back) and sends a QMP stop at once (under a
 //     millisecond, now and then up to 150 ms), bounded by 200 ms; a stop
 //     that gets no answer in time (QEMU's monitor hangs behind a stuck
-//     checkpoint's stop: its commands run in order) kills the guest as
-//     killGuest does (a QMP quit bounded by 2 s, then SIGKILL) and ends the
-//     agent (ErrHandedOver); a thaw waits while a checkpoint's QMP command
-//     holds the gate's lock (the next tick tries again); a PassThrough
-//     waits while the lease is not trusted, and the first checkpoint's
-//     Hold drops one that waits. ErrOwnedElsewhere from a renewal freezes
-//     the guest and ends the agent (ErrFailedOver): its session gets
-//     StopRequested, and the guest is killed once it ended. The guard
+//     checkpoint's stop: its commands run in order) kills the guest at
+//     once as killGuestNow does (SIGKILL, no QMP quit first), and the guard
+//     returns ErrHandedOver: it renews no more. QEMU gone, its monitor's
+//     connection closes: the checkpoint's hung stop fails at once, and so
+//     does every later one, and GuestGone reports the guest gone (a failed
+//     checkpoint is GuestStuck), so the session hands the guest over
+//     (KillGuest, a takeover goodbye when an epoch is committed). The
+//     agent goes on meanwhile as if the guard still ran: RunPrimary waits
+//     for its protection loop to end by itself (a session that ends with
+//     ErrHandedOver ends it), at most 2 × the heartbeat timeout by the
+//     host's clock, and only then cancels it (StopRequested to a session
+//     under way). A thaw waits while a checkpoint's QMP command holds the
+//     gate's lock (the next tick tries again); a PassThrough waits while
+//     the lease is not trusted, and the first checkpoint's Hold drops one
+//     that waits. ErrOwnedElsewhere from a renewal freezes the guest and
+//     ends the agent (ErrFailedOver): its session gets StopRequested at
+//     once, and the guest is killed once it ended. The guard
 //     reads the primary host's clock, which may run slower than etcd's by
 //     up to witness.ClockRate (config clock-rate; negative: faster).
 //   - The backup: a Standby with Witness set; its Claim goes to the
@@ -68,9 +77,11 @@ import (
 // etcd expires a lease exactly at its end, the earliest the real one may),
 // a guard goroutine that the Go scheduler or the host starves, a guest
 // whose network does not go through the agent (then a dead agent leaves it
-// on the network), and QMP quit's and waitGone's time in the session's own
+// on the network), QMP quit's and waitGone's time in the session's own
 // KillGuest (the takeover follows the kill; only the guard's kill races
-// the lease).
+// the lease), and the gap between a killed QEMU's monitor closing and its
+// process being gone by /proc (GuestGone): the model has QEMU gone by
+// /proc from the moment its monitor closes.
 
 // The agents' constants (internal/agent/witness.go).
 const (
@@ -768,31 +779,23 @@ func (g *simGuard) check(now time.Time) {
 // loop's next cont is kept back) and a QMP stop goes to QEMU at once,
 // bounded by the stop budget less the check's period. A stop that gets no
 // answer in time (QEMU's monitor hangs behind a checkpoint's stop) kills
-// the guest (killGuest: a QMP quit, answered once the hang ends, bounded
-// by 2 s; then SIGKILL) and ends the guard (ErrHandedOver). then, if set,
-// runs once the guest is stopped.
+// the guest at once (kill). then, if set, runs once the guest is stopped.
 func (g *simGuard) freeze(why string, then func()) {
 	a, h, w := g.a, g.a.host, g.a.host.w
 	w.logf(h.name, "guard: stopping the guest: %s", why)
 	a.gate.frozen = true
 	hung := max(h.qmpHungUntil.Sub(w.now), 0)
 	if bound := simGuardStopBudget - simGuardPeriod; hung > bound {
-		quit := min(hung-bound, 2*time.Second)
-		how := "QMP quit"
-		if hung-bound > 2*time.Second {
-			how = "SIGKILL, the quit unanswered for 2s"
-		}
-		killAt := bound + quit + w.dur(simRange{time.Millisecond, 20 * time.Millisecond})
+		// The stop's bound, then SIGKILL and the wait until QEMU is
+		// gone (waitGone polls every 20 ms).
+		killAt := bound + w.dur(simRange{time.Millisecond, 20 * time.Millisecond})
 		g.busy(w.now.Add(killAt))
 		w.logf(h.name, "guard: QEMU's monitor hangs behind a checkpoint's stop for %v: the stop will get no answer within %v", hung.Round(time.Millisecond), bound)
 		w.after(killAt, func() {
 			if a.dead || !h.alive || !h.guest {
 				return
 			}
-			h.guest = false
-			w.logf(h.name, "guard: guest killed (%s): it could not be stopped before the lease could run out", how)
-			w.check.guardKilled(h, "the primary's guard killed its guest, which it could not stop")
-			g.end(ErrHandedOver)
+			g.kill()
 		})
 		return
 	}
@@ -901,21 +904,65 @@ func (g *simGuard) renewed(l witness.Lease, err error) {
 	}
 }
 
-// end is run returning err: RunPrimary cancels the rest of the agent (a
-// session under way gets StopRequested), and once it returned kills the
-// guest when err is ErrFailedOver (with ErrHandedOver it is dead already);
-// the agent exits.
+// kill is killGuestNow for the guard: QEMU gets SIGKILL and is gone. Its
+// monitor's connection closes: a checkpoint's hung stop fails at once,
+// and GuestGone reports QEMU gone (the checkpoint failed GuestStuck). The
+// guard returns ErrHandedOver.
+func (g *simGuard) kill() {
+	a, h, w := g.a, g.a.host, g.a.host.w
+	h.guest, h.vmRunning, h.guestGoneAt = false, false, w.now
+	h.qmpHungUntil, a.gate.lockedUntil = time.Time{}, time.Time{}
+	w.logf(h.name, "guard: guest killed (SIGKILL): it could not be stopped before the lease could run out")
+	w.check.guardKilled(h, "the primary's guard killed its guest, which it could not stop")
+	if ps := a.sess; ps != nil && ps.checkpointing != 0 {
+		n := ps.checkpointing
+		ps.ckptGen++
+		gen := ps.ckptGen
+		w.after(time.Millisecond, func() {
+			ps.checkpointEnds(gen, n, simCheckpoint{kind: simFailStuck})
+		})
+	}
+	g.end(ErrHandedOver)
+}
+
+// end is run returning err: the guard renews and checks no more. With
+// ErrFailedOver RunPrimary cancels the rest of the agent at once (a
+// session under way gets StopRequested) and kills the guest once it
+// returned. With ErrHandedOver (the guard killed the guest) it waits for
+// the protection loop to end by itself (the session's next checkpoint
+// finds QEMU gone and hands the guest over), at most 2 × the heartbeat
+// timeout by the host's clock, and only then cancels it. The agent exits
+// once the loop ended.
 func (g *simGuard) end(err error) {
 	a, h, w := g.a, g.a.host, g.a.host.w
 	if g.done || a.dead {
 		return
 	}
 	g.done = true
-	w.logf(h.name, "guard: %v: the agent stops", err)
 	a.guardErr = err
+	if errors.Is(err, ErrHandedOver) {
+		wait := 2 * w.cfg.Heartbeat.WithDefaults().Timeout
+		w.logf(h.name, "guard: %v: the agent waits up to %v for its protection loop to end", err, wait)
+		w.after(h.real(wait), func() {
+			if a.dead || a.stopping {
+				return
+			}
+			w.logf(h.name, "guard: the protection loop did not end within %v of the kill", wait)
+			a.cancel("the agent stops: " + err.Error())
+		})
+		return
+	}
+	w.logf(h.name, "guard: %v: the agent stops", err)
+	a.cancel("the agent stops: " + err.Error())
+}
+
+// cancel is RunPrimary cancelling its protection loop: a session under way
+// gets StopRequested (the agent exits once it ended); between sessions
+// the agent exits now.
+func (a *simAgent) cancel(reason string) {
 	a.stopping = true
 	if ps := a.sess; ps != nil {
-		ps.post(StopRequested{Now: w.now, Reason: "the agent stops: " + err.Error()})
+		ps.post(StopRequested{Now: a.host.w.now, Reason: reason})
 		return
 	}
 	a.exit()
