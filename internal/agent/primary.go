@@ -404,6 +404,9 @@ func (s *primarySession) protect(ctx context.Context) error {
 	return s.loop(ctx)
 }
 
+// ErrGuestGone ends protection when the guest's QEMU is gone.
+var ErrGuestGone = errors.New("no guest to protect")
+
 // switchedOver turns a completed switchover into a clean exit.
 func switchedOver(err error, log *slog.Logger) error {
 	if errors.Is(err, checkpoint.ErrSwitchedOver) {
@@ -423,6 +426,11 @@ func (s *primarySession) loop(ctx context.Context) error {
 		switch {
 		case errors.Is(err, checkpoint.ErrFailedOver), errors.Is(err, checkpoint.ErrHandedOver), errors.Is(err, checkpoint.ErrSwitchedOver):
 			return err
+		case s.guestGone():
+			// No guest to protect (it crashed, or the guard killed
+			// it): a new session would only make the backup drop the
+			// epochs it may resume.
+			return fmt.Errorf("%w: the guest's QEMU is gone (%v)", ErrGuestGone, err)
 		case ctx.Err() != nil:
 			return nil
 		case cfg.Retry == 0:
@@ -610,7 +618,10 @@ func (s *primarySession) run(ctx context.Context) error {
 	pcfg := checkpoint.PrimaryConfig{
 		VMName: cfg.VM, Pipeline: cfg.Pipeline, Heartbeat: cfg.Heartbeat, StateDir: cfg.StateDir,
 		Saver: saver, Logger: log, Compress: cfg.Compress,
-		CommandTimeout: cfg.CommandTimeout, KillGuest: s.killGuest, GuestGone: s.guestGone, Output: out,
+		CommandTimeout: cfg.CommandTimeout, KillGuest: s.killGuest, Output: out,
+		// QEMU's monitor closes as it dies, a moment before the process
+		// shows as gone: give it that moment.
+		GuestGone: func() bool { return s.waitGone(300 * time.Millisecond) },
 		OnEpoch: func(st checkpoint.EpochStats) {
 			s.protected.Store(true)
 			s.lastCommit.Store(&st)
