@@ -410,6 +410,22 @@ func (ck *simChecker) guardKilled(h *simPrimaryHost, why string) {
 	ck.expect(h, why)
 }
 
+// guestCrashed: the primary's guest crashed (its QEMU died by itself): a
+// backup holding a committed epoch of its session must resume it — on the
+// session's takeover goodbye, or once the primary is silent (and, with a
+// witness, its lease ended) — unless the session already said goodbye (a
+// second fault: the backup may read it first).
+func (ck *simChecker) guestCrashed(h *simPrimaryHost) {
+	b := ck.w.backup
+	if !b.up || b.failedOver || b.session == nil || b.session.host != h || b.sb.Committed() == 0 {
+		return
+	}
+	if ps := b.session.ps; ps != nil && (ps.saidGoodbye || ps.saidTakeover) {
+		return
+	}
+	ck.expect(h, "the primary's guest crashed")
+}
+
 // afterStep checks, after every happening, that nothing is stuck past its
 // timeouts.
 //
@@ -429,7 +445,8 @@ func (ck *simChecker) afterStep() {
 		ck.witnessAfterStep()
 	}
 	t := cfg.Heartbeat.Timeout
-	busyP := max(cfg.CommandTimeout, cfg.SlowPause.Max, cfg.Pause.Max, ck.maxStall)
+	// A failed checkpoint is reported once GuestGone's grace is over.
+	busyP := max(cfg.CommandTimeout+simGuestGoneGrace+simGuestGonePoll, cfg.SlowPause.Max, cfg.Pause.Max, ck.maxStall)
 	busyB := max(cfg.Apply.Max, cfg.SlowApply.Max, ck.maxStall)
 	slack := 3*cfg.TickEvery + cfg.Link.Max + cfg.SpikeMax
 	for _, h := range [...]*simPrimaryHost{w.primary, w.second} {

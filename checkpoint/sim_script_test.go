@@ -231,6 +231,9 @@ func simConfigure(cfg *simConfig, seed *uint64, key, val string) error {
 		cfg.CommandTimeout, err = dur()
 	case "prepare":
 		cfg.Prepare = val == "on"
+	case "qemu-exit":
+		d, err = dur()
+		cfg.QEMUExit = simRange{d, d}
 	case "witness":
 		cfg.Witness = val == "on"
 	case "ttl":
@@ -290,6 +293,8 @@ func (w *simWorld) do(words []string) error {
 		h.sigterm()
 	case line == "sigkill primary-agent":
 		h.sigkill()
+	case line == "guest crashes":
+		h.crash()
 	case strings.HasPrefix(line, "restart primary after "):
 		d, err := durAt(3)
 		if err != nil {
@@ -472,6 +477,24 @@ func (w *simWorld) expect(words []string) error {
 		}
 		if !errors.Is(got, want) {
 			return fmt.Errorf("the last session ended with %v", got)
+		}
+	case len(words) == 3 && words[0] == "primary" && words[1] == "exited":
+		if h.agent != nil {
+			return fmt.Errorf("agent %d runs", h.agent.gen)
+		}
+		got := h.exitErr
+		if words[2] == "stopped" {
+			if got != nil {
+				return fmt.Errorf("its protection loop ended with %v", got)
+			}
+			break
+		}
+		want := map[string]error{"ErrGuestGone": simErrGuestGone, "ErrFailedOver": ErrFailedOver, "ErrHandedOver": ErrHandedOver}[words[2]]
+		if want == nil {
+			return fmt.Errorf("want ErrGuestGone, ErrFailedOver, ErrHandedOver or stopped, not %q", words[2])
+		}
+		if !errors.Is(got, want) {
+			return fmt.Errorf("its protection loop ended with %v", got)
 		}
 	case line == "guest alive" || line == "guest dead":
 		if alive := h.alive && h.guest; alive != (words[1] == "alive") {

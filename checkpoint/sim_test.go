@@ -23,12 +23,17 @@ package checkpoint
 //     the Session left it, and if that one too ends without committing
 //     anything the output passes and the agent waits Retry; the first dial
 //     of each gives up after the heartbeat timeout, letting the output
-//     pass), and one simPrimarySession per
+//     pass; once a session ended with the guest's QEMU gone, the agent's
+//     protection loop ends instead, ErrGuestGone), the guest's QEMU (a
+//     SIGKILLed or crashed one closes its monitor QEMUExit before it shows
+//     as gone by /proc), and one simPrimarySession per
 //     connection carrying out the Session's actions as Primary.Run does:
 //     TakeCheckpoint runs beside the loop (one at a time: the Session's
 //     busy flag), which meanwhile hears the backup, ticks, heartbeats and
-//     releases; its outcome is posted to the loop like any event (and a
-//     KillGuest cuts it short: QEMU is gone); End waits for a checkpoint
+//     releases; its outcome is posted to the loop like any event, a failed
+//     one after GuestGone, which waits up to 300 ms for QEMU to show as
+//     gone (GuestStuck if it does); a KillGuest, or QEMU's death, cuts its
+//     QMP commands short (the monitor closed); End waits for a checkpoint
 //     under way, the loop reading nothing meanwhile, and its outcome is
 //     never read. Ship is asynchronous (a sender writes the epoch's frames,
 //     the last one the commit). Events wait in the loop's inbox, stamped
@@ -73,8 +78,10 @@ package checkpoint
 //	                            seed N, retry D, pause D, apply D, link D
 //	                            (the largest one-way delay), interval D,
 //	                            max-in-flight N, command-timeout D,
-//	                            prepare on|off; with a witness: witness
-//	                            on|off, ttl D (rounded up to seconds),
+//	                            prepare on|off, qemu-exit D (from a killed
+//	                            or crashed QEMU's monitor closing until it
+//	                            shows as gone by /proc); with a witness:
+//	                            witness on|off, ttl D (rounded up to seconds),
 //	                            witness-link D (the largest one-way delay
 //	                            to etcd), clock-rate F (how much slower
 //	                            the primary host's clock runs than etcd's,
@@ -97,6 +104,9 @@ package checkpoint
 //	                            guest's output is cut, the guest runs on
 //	restart primary after D     start the agent D after it exits (or now,
 //	                            if it is down)
+//	guest crashes               the guest's QEMU dies by itself: its
+//	                            monitor closes at once, the process shows as
+//	                            gone qemu-exit later; the agent goes on
 //	break link                  the network resets the session's connection
 //	partition D                 no frame passes between the hosts for D
 //	partition HOST-witness D [lose]
@@ -145,6 +155,12 @@ package checkpoint
 //	                            ErrStopped, ErrPeerLost, ErrPeerRejected,
 //	                            ErrFailedOver or ErrHandedOver (other
 //	                            words: its text contains them)
+//	expect primary exited ERR   no agent runs on the primary host, and the
+//	                            newest one's protection loop ended with ERR:
+//	                            ErrGuestGone (its QEMU gone, no new
+//	                            session), ErrHandedOver, ErrFailedOver, or
+//	                            stopped (no error: asked to stop, killed,
+//	                            or before it protected)
 //	expect guest alive|dead     the primary's guest
 //	expect guest dead before failover
 //	                            the primary's guest died (its host, or a
@@ -211,6 +227,10 @@ type simConfig struct {
 	Retry          simRange      // the primary agent's wait before a new session (after two that protected nothing)
 	Redial         time.Duration // between dial attempts to a backup that is down
 	BreakNotice    simRange      // from a reset until the far end notices
+	// QEMUExit: from the moment a killed (or crashed) QEMU's monitor
+	// closes until the process shows as gone by /proc (GuestGone): the
+	// kernel tears the process down meanwhile.
+	QEMUExit simRange
 
 	// The witness (sim_witness_test.go), with Witness: the lease's TTL,
 	// the one-way delay between a host and etcd, and how much slower the
@@ -258,6 +278,7 @@ func simDefaults() simConfig {
 		Retry:          simRange{100 * time.Millisecond, 100 * time.Millisecond},
 		Redial:         100 * time.Millisecond,
 		BreakNotice:    simRange{0, 20 * time.Millisecond},
+		QEMUExit:       simRange{time.Millisecond, 20 * time.Millisecond},
 		SlowPause:      simRange{20 * time.Millisecond, 150 * time.Millisecond},
 		SlowApply:      simRange{20 * time.Millisecond, 200 * time.Millisecond},
 		WitnessTTL:     witness.DefaultTTL,
@@ -292,6 +313,15 @@ const (
 	simTaken       simCheckpointKind = iota
 	simFailRunning                   // save failed, cont worked: the guest runs
 	simFailStuck                     // stop hung: the guest's state is unknown
+	simFailClosed                    // QEMU's monitor closed under it (QEMU killed or crashed): its QMP command failed at once
+)
+
+// simGuestGoneGrace is how long the GuestGone check of a failed checkpoint
+// waits for QEMU to show as gone (internal/agent/primary.go): its monitor
+// closes a moment before. It polls every simGuestGonePoll (waitGone).
+const (
+	simGuestGoneGrace = 300 * time.Millisecond
+	simGuestGonePoll  = 20 * time.Millisecond
 )
 
 // simPartition holds every frame between host and the backup from from to to.
@@ -782,13 +812,20 @@ type simPrimaryHost struct {
 	dieAt      simDieAt
 	sessions   []*simPrimarySession
 	ends       []error // how the sessions ended, in order
+	// exitErr is how the newest agent's protection loop ended (nil:
+	// cleanly, or it is still running, or it was killed).
+	exitErr error
+	// qemuGoneAt: when the guest's QEMU shows as gone by /proc
+	// (GuestGone); a SIGKILLed or crashed QEMU's monitor closes a
+	// moment before (QEMUExit).
+	qemuGoneAt time.Time
 	// The guest's QEMU runs (not stopped by a checkpoint, a freeze or an
 	// agent that found it owned elsewhere); with a witness, the host's
 	// clock rate, the guard's freezes (the last one at frozeAt) and the
 	// times it found the guest owned elsewhere.
 	vmRunning      bool
 	qmpHungUntil   time.Time // a stuck stop: QEMU's monitor answers nothing before
-	guestGoneAt    time.Time // when the guest died (its host, or a kill)
+	guestGoneAt    time.Time // when the guest died (its host, a kill, a crash)
 	rate           float64
 	freezes        int
 	frozeAt        time.Time
@@ -807,6 +844,18 @@ func newSimPrimaryHost(w *simWorld, name string) *simPrimaryHost {
 		h.rate = w.cfg.ClockRate
 	}
 	return h
+}
+
+// qemuGone is the agent's guestGone: the guest's QEMU shows as gone by
+// /proc (the host's agent reads it; a dead host runs no agent).
+func (h *simPrimaryHost) qemuGone() bool {
+	return !h.guest && !h.w.now.Before(h.qemuGoneAt)
+}
+
+// guestDies: the guest's QEMU is gone now, as far as its agent can tell
+// (a kill that waited for it: KillGuest, the kill after a failover).
+func (h *simPrimaryHost) guestDies() {
+	h.guest, h.vmRunning, h.guestGoneAt, h.qemuGoneAt = false, false, h.w.now, h.w.now
 }
 
 // live is whether the guest's output reaches the world now.
@@ -839,7 +888,7 @@ func (h *simPrimaryHost) startAgent() {
 	}
 	h.agents++
 	a := &simAgent{host: h, gen: h.agents}
-	h.agent = a
+	h.agent, h.exitErr = a, nil
 	// A new agent holds the guest's output until a backup answers.
 	h.passing = false
 	h.w.logf(h.name, "agent %d starts (output held)", a.gen)
@@ -861,7 +910,8 @@ func (h *simPrimaryHost) die(rst bool) {
 	w := h.w
 	w.logf(h.name, "host dies")
 	w.check.hostDies(h)
-	h.alive, h.guest, h.guestGoneAt = false, false, w.now
+	h.alive = false
+	h.guestDies()
 	if a := h.agent; a != nil {
 		a.dead = true
 		h.agent = nil
@@ -871,6 +921,27 @@ func (h *simPrimaryHost) die(rst bool) {
 			if rst {
 				ps.conn.toBackup.eof(w.dur(simRange{50 * time.Millisecond, time.Second}))
 			}
+		}
+	}
+}
+
+// crash: the guest's QEMU dies by itself (a crash): the guest runs no
+// more, QEMU's monitor closes (a checkpoint's QMP command fails at once),
+// and the process shows as gone QEMUExit later. The agent goes on.
+func (h *simPrimaryHost) crash() {
+	w := h.w
+	if !h.alive || !h.guest {
+		return
+	}
+	exit := w.dur(w.cfg.QEMUExit)
+	h.guest, h.vmRunning, h.guestGoneAt, h.qemuGoneAt = false, false, w.now, w.now.Add(exit)
+	h.qmpHungUntil = time.Time{}
+	w.logf(h.name, "the guest's QEMU crashes: its monitor closes; it shows as gone in %v", exit)
+	w.check.guestCrashed(h)
+	if a := h.agent; a != nil {
+		a.gate.lockedUntil = time.Time{}
+		if a.sess != nil {
+			a.sess.monitorClosed()
 		}
 	}
 }
@@ -933,6 +1004,8 @@ type simAgent struct {
 	// once, the output held; if the new one too ends without protecting
 	// anything, the output passes and the agent waits Retry.
 	redialed bool
+	// exitErr: how its protection loop ended (nil: cleanly).
+	exitErr error
 	// With a witness: its handle, the guard (once the lease is held), the
 	// gate, the backup's last acknowledgement (the host's clock) as
 	// OnEpoch tells the guard, and why the guard ended the agent
@@ -1001,12 +1074,22 @@ func (a *simAgent) unreachable(netFault string) {
 	w.check.released(h, nil, what)
 }
 
-// ended: the session is over; the agent exits (the guest is gone, or it
-// was asked to stop), or dials again at once with the output held (a
+// simErrGuestGone is the agent's ErrGuestGone (internal/agent): its
+// protection loop ends, the guest's QEMU gone.
+var simErrGuestGone = errors.New("no guest to protect")
+
+// ended: the session is over; the agent's protection loop ends (the guest
+// failed or was handed over, its QEMU is gone, or it was asked to stop)
+// and the agent exits, or it dials again at once with the output held (a
 // session that ended without the backup's word leaves it held: the backup
 // may be alive and about to resume the guest), or, when the session
 // before also ended without protecting anything, lets the output pass and
 // dials again after Retry.
+//
+// A guest whose QEMU is gone (killed by the guard, or by a session, or
+// crashed) gets no new session, whatever ended this one: the backup would
+// drop the epochs it may resume (the loop's guestGone, no grace: a
+// checkpoint that failed on QEMU's closed monitor gave it its grace).
 func (a *simAgent) ended(err error) {
 	h, w := a.host, a.host.w
 	ps := a.sess
@@ -1014,7 +1097,21 @@ func (a *simAgent) ended(err error) {
 	a.sess = nil
 	h.ends = append(h.ends, err)
 	switch {
-	case errors.Is(err, ErrFailedOver), errors.Is(err, ErrHandedOver), a.stopping, h.oneSession:
+	case errors.Is(err, ErrFailedOver), errors.Is(err, ErrHandedOver):
+		a.exitErr = err
+		a.exit()
+		return
+	case h.qemuGone():
+		a.exitErr = fmt.Errorf("%w: the guest's QEMU is gone (%v)", simErrGuestGone, err)
+		w.logf(h.name, "the guest's QEMU is gone: protection ends, no new session (%v)", a.exitErr)
+		a.exit()
+		return
+	case a.stopping:
+		a.exitErr = nil
+		a.exit()
+		return
+	case h.oneSession:
+		a.exitErr = err
 		a.exit()
 		return
 	}
@@ -1037,12 +1134,13 @@ func (a *simAgent) exit() {
 	h := a.host
 	h.w.logf(h.name, "agent %d exits", a.gen)
 	a.dead = true
+	h.exitErr = a.exitErr
 	if h.agent == a {
 		h.agent = nil
 	}
 	if errors.Is(a.guardErr, ErrFailedOver) && h.alive && h.guest {
 		// The guard found the backup owning the guest: killGuest.
-		h.guest, h.guestGoneAt = false, h.w.now
+		h.guestDies()
 		h.w.logf(h.name, "guest killed: the backup owns it")
 		h.w.check.guardKilled(h, "the primary's guard killed its guest (etcd names the backup owner)")
 	}
@@ -1149,6 +1247,7 @@ const simEventsCap = 64
 type simCheckpointDone struct {
 	epoch uint64
 	kind  simCheckpointKind
+	gone  bool // it failed, and GuestGone found QEMU gone
 }
 
 // run is the driver's loop: carry out the actions, then take the next
@@ -1265,20 +1364,15 @@ func (ps *simPrimarySession) carry(a any) {
 		ps.conn.toBackup.push(simFrame{kind: simErrorFrame, code: code}, 0)
 	case KillGuest:
 		w.check.killGuest(ps)
+		// killGuest returns once QEMU is gone by /proc (waitGone).
 		if h.guest {
-			h.guest, h.guestGoneAt = false, w.now
+			h.guestDies()
 			w.logf(h.name, "guest killed")
 		} else {
+			h.qemuGoneAt = earlier(h.qemuGoneAt, w.now)
 			w.logf(h.name, "the guest's QEMU is gone already")
 		}
-		if n := ps.checkpointing; n != 0 {
-			// QEMU is gone: the checkpoint's QMP commands fail at once.
-			ps.ckptGen++
-			gen := ps.ckptGen
-			w.after(time.Millisecond, func() {
-				ps.checkpointEnds(gen, n, simCheckpoint{kind: simFailRunning})
-			})
-		}
+		ps.monitorClosed()
 	case PassThrough:
 		ps.passedAtEnd = ps.s.State() == Ended
 		h.pass(ps, "PassThrough")
@@ -1308,16 +1402,16 @@ func (ps *simPrimarySession) end(a End) {
 // starts no other checkpoint meanwhile); the outcome is posted to the loop
 // like any event.
 //
-// A guest whose QEMU is gone (its guard killed it) cannot be stopped: the
-// QMP stop fails at once (the monitor's connection closed), and GuestGone
-// reports QEMU gone.
+// A guest whose QEMU was killed or crashed cannot be stopped: the QMP stop
+// fails at once (the monitor's connection closed), and GuestGone finds
+// QEMU gone, at once or once the process shows as gone (its grace).
 func (ps *simPrimarySession) takeCheckpoint(n uint64) {
 	w, h := ps.w, ps.host
 	ps.checkpointing = n
 	ps.ckptGen++
 	gen := ps.ckptGen
 	if !h.guest {
-		o := simCheckpoint{kind: simFailStuck, took: time.Millisecond}
+		o := simCheckpoint{kind: simFailClosed, took: time.Millisecond}
 		w.after(o.took, func() { ps.checkpointEnds(gen, n, o) })
 		return
 	}
@@ -1333,30 +1427,81 @@ func (ps *simPrimarySession) takeCheckpoint(n uint64) {
 	w.after(o.took, func() { ps.checkpointEnds(gen, n, o) })
 }
 
-// checkpointEnds: checkpoint n's goroutine is done.
+// monitorClosed: the guest's QEMU is gone (killed, or crashed), its
+// monitor's connection closed: the QMP command of a checkpoint under way
+// fails at once.
+func (ps *simPrimarySession) monitorClosed() {
+	n := ps.checkpointing
+	if n == 0 || ps.gone() {
+		return
+	}
+	ps.ckptGen++
+	gen := ps.ckptGen
+	ps.w.after(time.Millisecond, func() {
+		ps.checkpointEnds(gen, n, simCheckpoint{kind: simFailClosed})
+	})
+}
+
+// checkpointEnds: checkpoint n's QMP commands are done. A failed one then
+// asks GuestGone, which waits up to its grace for QEMU to show as gone
+// (guestGoneWait), before the goroutine posts its outcome.
 func (ps *simPrimarySession) checkpointEnds(gen int, n uint64, o simCheckpoint) {
 	w, h := ps.w, ps.host
 	if ps.gone() || gen != ps.ckptGen {
 		return
 	}
-	ps.checkpointing = 0
-	if o.kind != simFailStuck {
+	if o.kind != simFailStuck && o.kind != simFailClosed {
 		ps.agent.cont()
 	}
-	if o.kind == simTaken {
-		ps.taken = n
-		if n == 1 {
-			// Output.Hold, in the first pause: also when the session
-			// ended meanwhile and let the output pass.
-			if h.passing && h.passedBy == ps && ps.passedAtEnd {
-				w.logf(h.name, "checkpoint 1 holds the output again after its session's end let it pass")
-			}
-			h.hold()
+	if o.kind != simTaken {
+		ps.guestGoneWait(gen, n, o)
+		return
+	}
+	ps.taken = n
+	if n == 1 {
+		// Output.Hold, in the first pause: also when the session
+		// ended meanwhile and let the output pass.
+		if h.passing && h.passedBy == ps && ps.passedAtEnd {
+			w.logf(h.name, "checkpoint 1 holds the output again after its session's end let it pass")
 		}
-		if h.reached(FaultResumed, n) {
+		h.hold()
+	}
+	if h.reached(FaultResumed, n) {
+		return
+	}
+	ps.checkpointReport(n, o, false)
+}
+
+// guestGoneWait is GuestGone after a failed checkpoint (waitGone with its
+// grace): it polls until QEMU shows as gone, or the grace is over (a live
+// QEMU: its failure is reported the grace late); the checkpoint is under
+// way meanwhile (End waits for it). A KillGuest meanwhile starts the wait
+// again (monitorClosed), which finds QEMU gone at once.
+func (ps *simPrimarySession) guestGoneWait(gen int, n uint64, o simCheckpoint) {
+	w, h := ps.w, ps.host
+	deadline := w.now.Add(simGuestGoneGrace)
+	var poll func()
+	poll = func() {
+		if ps.gone() || gen != ps.ckptGen {
 			return
 		}
+		switch {
+		case h.qemuGone():
+			ps.checkpointReport(n, o, true)
+		case w.now.After(deadline):
+			ps.checkpointReport(n, o, false)
+		default:
+			w.after(simGuestGonePoll, poll)
+		}
 	}
+	poll()
+}
+
+// checkpointReport: checkpoint n's goroutine posts its outcome (gone:
+// GuestGone found QEMU gone) and is done.
+func (ps *simPrimarySession) checkpointReport(n uint64, o simCheckpoint, gone bool) {
+	w := ps.w
+	ps.checkpointing = 0
 	if a := ps.ending; a != nil {
 		// End waited for it; its outcome is never read. The goroutine
 		// posts it first, into the loop's events channel: full of what
@@ -1369,28 +1514,32 @@ func (ps *simPrimarySession) checkpointEnds(gen int, n uint64, o simCheckpoint) 
 		ps.end(*a)
 		return
 	}
-	ps.post(simCheckpointDone{epoch: n, kind: o.kind})
+	ps.post(simCheckpointDone{epoch: n, kind: o.kind, gone: gone})
 }
 
-// checkpointDone: the loop takes a checkpoint's outcome.
+// checkpointDone: the loop takes a checkpoint's outcome. A failed one is
+// GuestStuck when its stop got no answer in time, or when GuestGone found
+// QEMU gone.
 func (ps *simPrimarySession) checkpointDone(r simCheckpointDone) {
 	w := ps.w
-	var ev any
-	switch r.kind {
-	case simTaken:
-		ev = CheckpointTaken{Now: w.now, Epoch: r.epoch}
-	case simFailRunning:
-		// GuestGone: a checkpoint that failed because QEMU is gone (a
-		// KillGuest cut it short) says so.
-		ev = CheckpointFailed{Now: w.now, Epoch: r.epoch, Err: errors.New("xen-save-devices-state: error"), GuestStuck: !ps.host.guest}
-	case simFailStuck:
-		err := errors.New("stop: context deadline exceeded")
-		if !ps.host.guest {
-			err = errors.New("stop: qmp: stop: connection closed: EOF (the guest's QEMU is gone)")
-		}
-		ev = CheckpointFailed{Now: w.now, Epoch: r.epoch, Err: err, GuestStuck: true}
+	if r.kind == simTaken {
+		ps.step(CheckpointTaken{Now: w.now, Epoch: r.epoch})
+		return
 	}
-	ps.step(ev)
+	var err error
+	stuck := r.gone
+	switch r.kind {
+	case simFailRunning:
+		err = errors.New("xen-save-devices-state: error")
+	case simFailStuck:
+		err, stuck = errors.New("stop: context deadline exceeded"), true
+	case simFailClosed:
+		err = errors.New("stop: qmp: stop: connection closed: EOF")
+	}
+	if r.gone {
+		err = fmt.Errorf("%w (the guest's QEMU is gone)", err)
+	}
+	ps.step(CheckpointFailed{Now: w.now, Epoch: r.epoch, Err: err, GuestStuck: stuck})
 }
 
 // ship runs the sender: it writes the epochs' frames in order, the last

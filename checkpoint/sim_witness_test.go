@@ -46,17 +46,22 @@ import (
 //     that gets no answer in time (QEMU's monitor hangs behind a stuck
 //     checkpoint's stop: its commands run in order) kills the guest at
 //     once as killGuestNow does (SIGKILL, no QMP quit first), and the guard
-//     returns ErrHandedOver: it renews no more. QEMU gone, its monitor's
-//     connection closes: the checkpoint's hung stop fails at once, and so
-//     does every later one, and GuestGone reports the guest gone (a failed
-//     checkpoint is GuestStuck), so the session hands the guest over
-//     (KillGuest, a takeover goodbye when an epoch is committed). The
-//     agent goes on meanwhile as if the guard still ran: RunPrimary waits
-//     for its protection loop to end by itself (a session that ends with
-//     ErrHandedOver ends it), at most 2 × the heartbeat timeout by the
-//     host's clock, and only then cancels it (StopRequested to a session
-//     under way). A thaw waits while a checkpoint's QMP command holds the
-//     gate's lock (the next tick tries again); a PassThrough waits while
+//     returns ErrHandedOver once waitGone saw QEMU gone: it renews no more.
+//     QEMU killed, its monitor's connection closes at once: the
+//     checkpoint's hung stop fails, and so does every later one, and
+//     GuestGone, waiting its grace, finds QEMU gone once the process shows
+//     as gone (QEMUExit later; a failed checkpoint is GuestStuck), so the
+//     session hands the guest over (KillGuest, a takeover goodbye when an
+//     epoch is committed). The agent goes on meanwhile as if the guard
+//     still ran: RunPrimary waits for its protection loop to end by itself
+//     (a session that ends with ErrHandedOver ends it, and so does any
+//     session that ends with QEMU gone: ErrGuestGone, no new session), at
+//     most 2 × the heartbeat timeout by the host's clock, and only then
+//     cancels it (StopRequested to a session under way). A freeze of a
+//     guest whose QEMU crashed fails at once (its monitor closed): the
+//     guard's kill finds nothing to kill, and it returns ErrHandedOver. A
+//     thaw waits while a checkpoint's QMP command holds the gate's lock
+//     (the next tick tries again); a PassThrough waits while
 //     the lease is not trusted, and the first checkpoint's Hold drops one
 //     that waits. ErrOwnedElsewhere from a renewal freezes the guest and
 //     ends the agent (ErrFailedOver): its session gets StopRequested at
@@ -78,10 +83,12 @@ import (
 // a guard goroutine that the Go scheduler or the host starves, a guest
 // whose network does not go through the agent (then a dead agent leaves it
 // on the network), QMP quit's and waitGone's time in the session's own
-// KillGuest (the takeover follows the kill; only the guard's kill races
-// the lease), and the gap between a killed QEMU's monitor closing and its
-// process being gone by /proc (GuestGone): the model has QEMU gone by
-// /proc from the moment its monitor closes.
+// KillGuest (the takeover follows the kill, QEMU gone by /proc; only the
+// guard's kill races the lease), the time a SIGKILLed QEMU takes to stop
+// running and close its monitor (both at the kill), and a QEMU that shows
+// as gone by /proc only after GuestGone's grace (300 ms): QEMUExit stays
+// below it (then a checkpoint that fails on the closed monitor is not
+// GuestStuck, and its session ends with a plain goodbye).
 
 // The agents' constants (internal/agent/witness.go).
 const (
@@ -779,23 +786,43 @@ func (g *simGuard) check(now time.Time) {
 // loop's next cont is kept back) and a QMP stop goes to QEMU at once,
 // bounded by the stop budget less the check's period. A stop that gets no
 // answer in time (QEMU's monitor hangs behind a checkpoint's stop) kills
-// the guest at once (kill). then, if set, runs once the guest is stopped.
+// the guest at once (kill); the loop is busy until QEMU shows as gone.
+// then, if set, runs once the guest is stopped.
 func (g *simGuard) freeze(why string, then func()) {
 	a, h, w := g.a, g.a.host, g.a.host.w
 	w.logf(h.name, "guard: stopping the guest: %s", why)
 	a.gate.frozen = true
+	if !h.guest {
+		// QEMU crashed: the stop fails at once on its closed monitor;
+		// the kill finds nothing left to kill, and waitGone waits
+		// until QEMU shows as gone. The guard returns ErrHandedOver.
+		left := max(h.qemuGoneAt.Sub(w.now), 0)
+		gone := (left + simGuestGonePoll - 1) / simGuestGonePoll * simGuestGonePoll
+		g.busy(w.now.Add(gone))
+		w.logf(h.name, "guard: the stop fails: QEMU's monitor is closed (the guest's QEMU is gone)")
+		w.after(gone, func() { g.end(ErrHandedOver) })
+		return
+	}
 	hung := max(h.qmpHungUntil.Sub(w.now), 0)
 	if bound := simGuardStopBudget - simGuardPeriod; hung > bound {
-		// The stop's bound, then SIGKILL and the wait until QEMU is
-		// gone (waitGone polls every 20 ms).
-		killAt := bound + w.dur(simRange{time.Millisecond, 20 * time.Millisecond})
-		g.busy(w.now.Add(killAt))
+		// The stop's bound, then SIGKILL, and waitGone until QEMU shows
+		// as gone: its exit (QEMUExit) rounded up to waitGone's polls.
+		exit := w.dur(w.cfg.QEMUExit)
+		gone := bound + (exit+simGuestGonePoll-1)/simGuestGonePoll*simGuestGonePoll
+		g.busy(w.now.Add(gone))
 		w.logf(h.name, "guard: QEMU's monitor hangs behind a checkpoint's stop for %v: the stop will get no answer within %v", hung.Round(time.Millisecond), bound)
-		w.after(killAt, func() {
+		killed := false
+		w.after(bound, func() {
 			if a.dead || !h.alive || !h.guest {
 				return
 			}
-			g.kill()
+			killed = true
+			g.kill(exit)
+		})
+		w.after(gone, func() {
+			if killed {
+				g.end(ErrHandedOver)
+			}
 		})
 		return
 	}
@@ -904,25 +931,21 @@ func (g *simGuard) renewed(l witness.Lease, err error) {
 	}
 }
 
-// kill is killGuestNow for the guard: QEMU gets SIGKILL and is gone. Its
-// monitor's connection closes: a checkpoint's hung stop fails at once,
-// and GuestGone reports QEMU gone (the checkpoint failed GuestStuck). The
-// guard returns ErrHandedOver.
-func (g *simGuard) kill() {
+// kill is killGuestNow for the guard: QEMU gets SIGKILL, the guest runs
+// no more, and its monitor's connection closes: a checkpoint's hung stop
+// fails at once, and its GuestGone finds QEMU gone once the process shows
+// as gone, exit later (within its grace: the checkpoint failed
+// GuestStuck). The guard returns ErrHandedOver once its waitGone saw QEMU
+// gone (freeze).
+func (g *simGuard) kill(exit time.Duration) {
 	a, h, w := g.a, g.a.host, g.a.host.w
-	h.guest, h.vmRunning, h.guestGoneAt = false, false, w.now
+	h.guest, h.vmRunning, h.guestGoneAt, h.qemuGoneAt = false, false, w.now, w.now.Add(exit)
 	h.qmpHungUntil, a.gate.lockedUntil = time.Time{}, time.Time{}
-	w.logf(h.name, "guard: guest killed (SIGKILL): it could not be stopped before the lease could run out")
+	w.logf(h.name, "guard: guest killed (SIGKILL): it could not be stopped before the lease could run out; QEMU shows as gone in %v", exit)
 	w.check.guardKilled(h, "the primary's guard killed its guest, which it could not stop")
-	if ps := a.sess; ps != nil && ps.checkpointing != 0 {
-		n := ps.checkpointing
-		ps.ckptGen++
-		gen := ps.ckptGen
-		w.after(time.Millisecond, func() {
-			ps.checkpointEnds(gen, n, simCheckpoint{kind: simFailStuck})
-		})
+	if ps := a.sess; ps != nil {
+		ps.monitorClosed()
 	}
-	g.end(ErrHandedOver)
 }
 
 // end is run returning err: the guard renews and checks no more. With
