@@ -299,11 +299,11 @@ func (b *Backup) loop(ctx context.Context, conns <-chan Link, failOver func(cont
 	}
 }
 
-// handle takes one event from a connection: held while an epoch is being
-// applied (its frame counted as heard), else turned into the Standby's
-// events and carried out.
+// handle takes one event from a connection: held while the backup is busy
+// (an apply, a fence, a claim; its frame counted as heard), else turned
+// into the Standby's events and carried out.
 func (b *Backup) handle(ctx context.Context, ev backupEvent) error {
-	if b.applying != nil || b.fencing || b.claiming || len(b.deferred) > 0 {
+	if b.busy() || len(b.deferred) > 0 {
 		if c := b.conns[ev.id]; c != nil && c.session && ev.err == nil {
 			b.sb.Step(FrameHeard{Now: ev.at, Conn: ev.id})
 		}
@@ -316,9 +316,13 @@ func (b *Backup) handle(ctx context.Context, ev backupEvent) error {
 	return b.do(ctx, b.event(ev))
 }
 
-// replay takes what arrived during an apply, once it ended.
+// busy reports work under way beside the loop (an apply, a fence, a
+// witness claim) that events from the connections wait for.
+func (b *Backup) busy() bool { return b.applying != nil || b.fencing || b.claiming }
+
+// replay takes what arrived while the backup was busy, once it is not.
 func (b *Backup) replay(ctx context.Context) error {
-	for b.applying == nil && !b.fencing && !b.claiming && len(b.deferred) > 0 && b.lost == nil {
+	for !b.busy() && len(b.deferred) > 0 && b.lost == nil {
 		ev := b.deferred[0]
 		b.deferred = b.deferred[1:]
 		if err := b.do(ctx, b.event(ev)); err != nil {

@@ -493,20 +493,24 @@ func (s *Standby) endSession(acts ...any) []any {
 	return acts
 }
 
-func (s *Standby) tick(now, heard time.Time) []any {
-	if s.state == Claiming {
-		if s.claimAgain.IsZero() || now.Before(s.claimAgain) {
-			return nil
-		}
-		s.claimAgain = time.Time{}
-		return []any{Claim{Epoch: s.committed, Retry: true}}
+// retryDue reports whether a retry set for *at (zero: none; a try is under
+// way) is due at now, and clears it if so.
+func retryDue(at *time.Time, now time.Time) bool {
+	if at.IsZero() || now.Before(*at) {
+		return false
 	}
-	if s.state == Fencing {
-		if s.fenceAgain.IsZero() || now.Before(s.fenceAgain) {
-			return nil
-		}
-		s.fenceAgain = time.Time{}
+	*at = time.Time{}
+	return true
+}
+
+func (s *Standby) tick(now, heard time.Time) []any {
+	switch {
+	case s.state == Claiming && retryDue(&s.claimAgain, now):
+		return []any{Claim{Epoch: s.committed, Retry: true}}
+	case s.state == Fencing && retryDue(&s.fenceAgain, now):
 		return []any{Fence{Epoch: s.committed, Cause: s.cause}}
+	case s.state == Claiming || s.state == Fencing:
+		return nil
 	}
 	switch s.state {
 	case Syncing, Protecting:

@@ -10,38 +10,19 @@ import (
 	"github.com/remus-kvm/remus/qemu"
 )
 
-// Restored reports the timing of a restore.
-type Restored struct {
-	Load   time.Duration // migrate-incoming until QEMU reported completed
-	Resume time.Duration // cont
-}
-
 // ErrRestore wraps every restore failure.
 var ErrRestore = errors.New("failover: restore")
 
-// Restore loads the device state from uri (qemu.IncomingURI) into a QEMU
-// started with qemu.RestoreArgs, waits for the load to complete and resumes
-// the guest. The guest RAM is not copied: QEMU runs on the RAM image it was
-// started with.
+// Load loads the device state from uri (qemu.IncomingURI) into a QEMU
+// started with qemu.RestoreArgs and waits until it is loaded, returning how
+// long that took; the guest stays paused (Resume continues it). Between
+// the two, the caller connects what must be there before the guest runs
+// (its network), with no device state being loaded meanwhile. The guest
+// RAM is not copied: QEMU runs on the RAM image it was started with.
 //
 // A state saved by a migration (Configuration set) lists the shared RAM
 // blocks it skipped; the loading side must skip them too (x-ignore-shared),
 // or it would expect their pages in the stream.
-func Restore(ctx context.Context, mon qemu.Monitor, uri string, f qemu.StateFormat) (Restored, error) {
-	var r Restored
-	var err error
-	if r.Load, err = Load(ctx, mon, uri, f); err != nil {
-		return r, err
-	}
-	r.Resume, err = Resume(ctx, mon)
-	return r, err
-}
-
-// Load loads the device state from uri into a QEMU started with
-// qemu.RestoreArgs and waits until it is loaded; the guest stays paused
-// (Resume continues it). Between the two, the caller connects what must
-// be there before the guest runs (its network), with no device state
-// being loaded meanwhile.
 func Load(ctx context.Context, mon qemu.Monitor, uri string, f qemu.StateFormat) (time.Duration, error) {
 	start := time.Now()
 	if f.Configuration {

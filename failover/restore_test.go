@@ -62,7 +62,10 @@ func TestRestore(t *testing.T) {
 			[]string{"migrate-incoming", "query-migrate", "query-migrate", "query-migrate", "cont", "query-status"}, `guest is "paused" after cont`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			_, err := Restore(t.Context(), &tc.q, "file:/state", tc.format)
+			_, err := Load(t.Context(), &tc.q, "file:/state", tc.format)
+			if err == nil {
+				_, err = Resume(t.Context(), &tc.q)
+			}
 			if tc.err == "" && err != nil || tc.err != "" && (!errors.Is(err, ErrRestore) || !strings.Contains(err.Error(), tc.err)) {
 				t.Errorf("Restore = %v, want %q", err, tc.err)
 			}

@@ -99,8 +99,18 @@ func StartLocal(ctx context.Context, cfg LocalConfig) (*Local, error) {
 	go func() { l.err = cmd.Wait(); close(l.done) }()
 	wctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()
+	// One client, asked until etcd answers a read.
+	probe, err := Open(Config{Endpoints: []string{l.Endpoint}, DialTimeout: time.Second}, "ping", "ping")
+	if err != nil {
+		l.Stop()
+		return nil, err
+	}
+	defer probe.Close()
 	for {
-		if err := l.ping(wctx); err == nil {
+		pctx, cancel := context.WithTimeout(wctx, time.Second)
+		_, err := probe.Status(pctx)
+		cancel()
+		if err == nil {
 			return l, nil
 		}
 		select {
@@ -112,19 +122,6 @@ func StartLocal(ctx context.Context, cfg LocalConfig) (*Local, error) {
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
-}
-
-// ping checks that etcd answers a read.
-func (l *Local) ping(ctx context.Context) error {
-	w, err := Open(Config{Endpoints: []string{l.Endpoint}, DialTimeout: time.Second}, "ping", "ping")
-	if err != nil {
-		return err
-	}
-	defer w.Close()
-	pctx, cancel := context.WithTimeout(ctx, time.Second)
-	defer cancel()
-	_, err = w.Status(pctx)
-	return err
 }
 
 // Pause stops etcd's process (SIGSTOP): the witness is unreachable, as if

@@ -81,9 +81,7 @@ func CallControl(ctx context.Context, socket, method, path string, timeout time.
 		return fmt.Errorf("control socket %s: %w", socket, err)
 	}
 	if resp.StatusCode != http.StatusOK {
-		var e struct {
-			Error string `json:"error"`
-		}
+		var e controlError
 		if json.Unmarshal(body, &e) == nil && e.Error != "" {
 			return errors.New(e.Error)
 		}

@@ -385,21 +385,17 @@ func claimFor(w *witness.Witness, bound time.Duration) func(context.Context) (bo
 
 // keepBackupLease holds the witness for the side that resumed the guest,
 // until ctx ends: claimed (again) when it expired or was never taken (a
-// failover decided by the fence while the witness was down).
+// failover decided by the fence while the witness was down: Renew says
+// ErrLeaseGone when this side holds no lease).
 func keepBackupLease(ctx context.Context, w *witness.Witness, log *slog.Logger) {
-	held := true // Renew says when it is not
 	var lastErr error
 	for {
 		rctx, cancel := context.WithTimeout(ctx, w.TTL()/4)
-		var err error
-		if held {
-			_, err = w.Renew(rctx)
-		}
-		if !held || errors.Is(err, witness.ErrLeaseGone) {
+		_, err := w.Renew(rctx)
+		if errors.Is(err, witness.ErrLeaseGone) {
 			_, err = w.Claim(rctx)
 		}
 		cancel()
-		held = err == nil
 		switch {
 		case ctx.Err() != nil:
 			return

@@ -56,46 +56,48 @@ func (l *Lab) NewHosts() (*Hosts, error) {
 		}
 		l.defer_(func() { ns.Remove() })
 		*host.ns = ns
-		in, sw := "h"+ns.Name(), "s"+ns.Name()
-		steps := [][]string{
-			{"link", "add", in, "type", "veth", "peer", "name", sw},
-			{"link", "set", "dev", in, "netns", ns.Name()},
-			{"link", "set", "dev", sw, "netns", l.Net.NS.Name()},
+		if h.ports[ns], err = l.plugIntoSwitch(ns, ns.Name(), host.addr); err != nil {
+			return nil, err
 		}
-		for _, s := range steps {
-			if err := ip(s...); err != nil {
-				return nil, err
-			}
-		}
-		for _, s := range [][]string{{"addr", "add", host.addr + "/24", "dev", in}, {"link", "set", "dev", in, "up"}} {
-			if err := ns.Exec(s...); err != nil {
-				return nil, err
-			}
-		}
-		for _, s := range [][]string{{"link", "set", "dev", sw, "master", "sw0"}, {"link", "set", "dev", sw, "up"}} {
-			if err := l.Net.NS.Exec(s...); err != nil {
-				return nil, err
-			}
-		}
-		h.ports[ns] = sw
 	}
 	// This process's way in (it stays in the host's namespace).
-	in, sw := "h"+l.Net.NS.Name(), "s"+l.Net.NS.Name()
-	if err := ip("link", "add", in, "type", "veth", "peer", "name", sw); err != nil {
+	if _, err := l.plugIntoSwitch(nil, l.Net.NS.Name(), hostsRoot); err != nil {
 		return nil, err
 	}
-	l.defer_(func() { ip("link", "del", in) })
-	for _, s := range [][]string{{"addr", "add", hostsRoot + "/24", "dev", in}, {"link", "set", "dev", in, "up"}, {"link", "set", "dev", sw, "netns", l.Net.NS.Name()}} {
-		if err := ip(s...); err != nil {
-			return nil, err
+	return h, nil
+}
+
+// plugIntoSwitch links namespace ns (nil: this process's) to the hosts'
+// switch with a veth pair named after base: its end (h+base) gets addr; it
+// returns the name of the switch's end (s+base).
+func (l *Lab) plugIntoSwitch(ns *netns.Namespace, base, addr string) (string, error) {
+	name, sw := "h"+base, "s"+base
+	if err := ip("link", "add", name, "type", "veth", "peer", "name", sw); err != nil {
+		return "", err
+	}
+	inside := ip
+	if ns != nil {
+		if err := ip("link", "set", "dev", name, "netns", ns.Name()); err != nil {
+			return "", err
+		}
+		inside = ns.Exec
+	} else {
+		l.defer_(func() { ip("link", "del", name) })
+	}
+	if err := ip("link", "set", "dev", sw, "netns", l.Net.NS.Name()); err != nil {
+		return "", err
+	}
+	for _, s := range [][]string{{"addr", "add", addr + "/24", "dev", name}, {"link", "set", "dev", name, "up"}} {
+		if err := inside(s...); err != nil {
+			return "", err
 		}
 	}
 	for _, s := range [][]string{{"link", "set", "dev", sw, "master", "sw0"}, {"link", "set", "dev", sw, "up"}} {
 		if err := l.Net.NS.Exec(s...); err != nil {
-			return nil, err
+			return "", err
 		}
 	}
-	return h, nil
+	return sw, nil
 }
 
 func ip(args ...string) error {
@@ -107,12 +109,7 @@ func ip(args ...string) error {
 
 // StartWitness runs the witness's etcd on host W.
 func (h *Hosts) StartWitness(ctx context.Context) (*witness.Local, error) {
-	w, err := witness.StartLocal(ctx, witness.LocalConfig{Dir: h.lab.Dir + "/witness", Netns: h.W.Path(), Host: HostW, ClientPort: witnessPort, PeerPort: witnessPort + 1})
-	if err != nil {
-		return nil, err
-	}
-	h.lab.defer_(w.Stop)
-	return w, nil
+	return h.lab.startWitness(ctx, witness.LocalConfig{Netns: h.W.Path(), Host: HostW, ClientPort: witnessPort, PeerPort: witnessPort + 1})
 }
 
 // Isolate cuts host's link to the switch (ip link set down): it reaches

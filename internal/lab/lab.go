@@ -484,7 +484,13 @@ func (l *Lab) Protect(prim, back testvm.Config, o ProtectOptions) (*Protection, 
 // StartWitness runs a single-node etcd for the lab's agents (stopped with
 // the lab) and returns it.
 func (l *Lab) StartWitness(ctx context.Context) (*witness.Local, error) {
-	w, err := witness.StartLocal(ctx, witness.LocalConfig{Dir: filepath.Join(l.Dir, "witness")})
+	return l.startWitness(ctx, witness.LocalConfig{})
+}
+
+// startWitness runs etcd as cfg says, its data in the lab's directory.
+func (l *Lab) startWitness(ctx context.Context, cfg witness.LocalConfig) (*witness.Local, error) {
+	cfg.Dir = filepath.Join(l.Dir, "witness")
+	w, err := witness.StartLocal(ctx, cfg)
 	if err != nil {
 		return nil, err
 	}
