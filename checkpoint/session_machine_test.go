@@ -285,14 +285,20 @@ func TestSessionSwitchover(t *testing.T) {
 
 // A switchover that cannot complete leaves the guest running here.
 func TestSessionSwitchoverAbandoned(t *testing.T) {
-	setup := func(t *testing.T) *sessionRig {
+	// requested: epoch 1 acked, the switchover asked for, its final
+	// epoch 2 being taken.
+	requested := func(t *testing.T) *sessionRig {
 		r := newSessionRig(t, false)
 		r.take(r.backupHello())
 		r.ack(1)
-		acts := r.step(SwitchoverRequested{Now: r.now})
-		if !hasAction[TakeCheckpoint](acts) {
+		if acts := r.step(SwitchoverRequested{Now: r.now}); !hasAction[TakeCheckpoint](acts) {
 			t.Fatalf("switchover: %v", acts)
 		}
+		return r
+	}
+	// setup: the final epoch taken, the guest paused here.
+	setup := func(t *testing.T) *sessionRig {
+		r := requested(t)
 		r.step(CheckpointTaken{Now: r.now, Epoch: 2})
 		return r
 	}
@@ -312,20 +318,14 @@ func TestSessionSwitchoverAbandoned(t *testing.T) {
 		}
 	})
 	t.Run("final epoch fails", func(t *testing.T) {
-		r := newSessionRig(t, false)
-		r.take(r.backupHello())
-		r.ack(1)
-		r.step(SwitchoverRequested{Now: r.now})
+		r := requested(t)
 		acts := r.step(CheckpointFailed{Now: r.now, Epoch: 2, Err: errors.New("save failed")})
 		if !hasAction[Goodbye](acts) || hasAction[ResumeGuest](acts) || hasAction[KillGuest](acts) {
 			t.Fatalf("final epoch failed (the driver resumed the guest): %v, want a goodbye", acts)
 		}
 	})
 	t.Run("abandoned while the final epoch is taken", func(t *testing.T) {
-		r := newSessionRig(t, false)
-		r.take(r.backupHello())
-		r.ack(1)
-		r.step(SwitchoverRequested{Now: r.now})
+		r := requested(t)
 		r.step(StopRequested{Now: r.now, Reason: "SIGTERM"})
 		acts := r.step(CheckpointTaken{Now: r.now, Epoch: 2})
 		if len(acts) == 0 || acts[0] != (ResumeGuest{}) {

@@ -452,21 +452,19 @@ func simWitnessOutcome(id int64, err error) string {
 
 // Hold is Witness.Hold.
 func (c *simWitnessClient) Hold(timeout time.Duration, done func(witness.Lease, error)) {
-	sent := c.clock()
-	c.call("hold", timeout, func() (int64, error) { return c.x.hold(c.id) }, func(id int64, err error) {
-		if err != nil {
-			done(witness.Lease{}, err)
-			return
-		}
-		c.lease = id
-		done(witness.Lease{Sent: sent, TTL: c.x.ttl}, nil)
-	})
+	c.take("hold", timeout, func() (int64, error) { return c.x.hold(c.id) }, done)
 }
 
 // Claim is Witness.Claim.
 func (c *simWitnessClient) Claim(timeout time.Duration, done func(witness.Lease, error)) {
+	c.take("claim", timeout, func() (int64, error) { return c.x.claim(c.id) }, done)
+}
+
+// take makes a request that grants a lease (Hold, Claim) and keeps the
+// lease it grants.
+func (c *simWitnessClient) take(op string, timeout time.Duration, req func() (int64, error), done func(witness.Lease, error)) {
 	sent := c.clock()
-	c.call("claim", timeout, func() (int64, error) { return c.x.claim(c.id) }, func(id int64, err error) {
+	c.call(op, timeout, req, func(id int64, err error) {
 		if err != nil {
 			done(witness.Lease{}, err)
 			return

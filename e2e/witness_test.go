@@ -170,6 +170,19 @@ func TestWitnessDownProtectionGoesOn(t *testing.T) {
 	t.Logf("resumed epoch %d once the witness answered (claim %.0f ms after the primary was declared dead); %d consecutive replies", r.Epoch, r.ClearMS, c.n)
 }
 
+// waitWitnessOwner waits up to 10 s after what happened (after) for the
+// witness to name owner both the guest's owner and its active side.
+func waitWitnessOwner(t *testing.T, ctx context.Context, wit *witness.Local, after, owner string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for st := witnessStatus(t, ctx, wit); st.Owner != owner || st.Active != owner; st = witnessStatus(t, ctx, wit) {
+		if time.Now().After(deadline) {
+			t.Fatalf("witness says %+v 10 s after %s: want %s owner and active", st, after, owner)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
 func witnessStatus(t *testing.T, ctx context.Context, l *witness.Local) witness.Status {
 	t.Helper()
 	w, err := witness.Open(witness.Config{Endpoints: []string{l.Endpoint}}, "lab", "test")
@@ -249,13 +262,7 @@ func TestSwitchoverMovesTheGuestWithNothingLost(t *testing.T) {
 	if out := p.Primary.Output(); !strings.Contains(out, "switched over: the guest runs on the backup now") {
 		t.Fatalf("the primary remusd did not say it switched over:\n%s", out)
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for st := witnessStatus(t, ctx, wit); st.Owner != lab.WitnessB || st.Active != lab.WitnessB; st = witnessStatus(t, ctx, wit) {
-		if time.Now().After(deadline) {
-			t.Fatalf("witness says %+v 10 s after the switchover: want the backup owner and active", st)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	waitWitnessOwner(t, ctx, wit, "the switchover", lab.WitnessB)
 	t.Logf("switchover took %.0f ms (final epoch acked, guest killed, takeover sent); backup restore %.0f ms; longest client wait %v; %d consecutive replies up to %d, one boot",
 		res.r.TookMS, r.RestoreMS, c.maxGap.Round(time.Millisecond), c.n, c.last.Value)
 }
@@ -312,13 +319,7 @@ func TestReprotectBothWays(t *testing.T) {
 		if onB {
 			owner = lab.WitnessB
 		}
-		deadline := time.Now().Add(10 * time.Second)
-		for st := witnessStatus(t, ctx, wit); st.Owner != owner || st.Active != owner; st = witnessStatus(t, ctx, wit) {
-			if time.Now().After(deadline) {
-				t.Fatalf("%s: witness says %+v, want %s owner and active", step, st, owner)
-			}
-			time.Sleep(100 * time.Millisecond)
-		}
+		waitWitnessOwner(t, ctx, wit, step, owner)
 		t.Logf("%s: the guest runs on %s (resumed epoch %d, restore %.0f ms); counter %d", step, owner, r.Epoch, r.RestoreMS, c.last.Value)
 	}
 	switchover := func(step string) {
