@@ -15,12 +15,21 @@ type PipelineConfig struct {
 	// ack arrives: a slow link lengthens epochs instead of growing memory.
 	// Default 2.
 	MaxInFlight int
+	// MinRun is the least share of wall time the guest runs: after a pause
+	// of P the next checkpoint waits until the guest has run for at least
+	// P × MinRun / (1 − MinRun), so when pauses grow (a large dirty set, a
+	// slow tracker) the effective epoch stretches instead of the guest
+	// starving. Default DefaultMinRun (0.9: a 25 ms pause is followed by at
+	// least 225 ms of running); negative: no minimum (epochs start every
+	// Interval however long the pauses).
+	MinRun float64
 }
 
 // Defaults for PipelineConfig.
 const (
 	DefaultInterval    = 25 * time.Millisecond
 	DefaultMaxInFlight = 2
+	DefaultMinRun      = 0.9
 )
 
 // WithDefaults fills zero fields.
@@ -30,6 +39,9 @@ func (c PipelineConfig) WithDefaults() PipelineConfig {
 	}
 	if c.MaxInFlight == 0 {
 		c.MaxInFlight = DefaultMaxInFlight
+	}
+	if c.MinRun == 0 {
+		c.MinRun = DefaultMinRun
 	}
 	return c
 }
@@ -42,6 +54,9 @@ func (c PipelineConfig) Validate() error {
 	}
 	if c.MaxInFlight < 1 {
 		return fmt.Errorf("checkpoint: at least one epoch must be allowed in flight (got %d)", c.MaxInFlight)
+	}
+	if c.MinRun >= 0.99 {
+		return fmt.Errorf("checkpoint: minimum run fraction %.3g leaves no time for checkpoints (at most 0.99)", c.MinRun)
 	}
 	return nil
 }
@@ -59,7 +74,10 @@ type Pipeline struct {
 	next      uint64
 	committed uint64
 	lastStart time.Time
-	inFlight  []InFlight
+	// lastResume is when the guest ran again after the checkpoint begun
+	// at lastStart (zero while it is being taken, and before the first).
+	lastResume time.Time
+	inFlight   []InFlight
 }
 
 // InFlight is an epoch taken and not yet acknowledged.
@@ -81,7 +99,7 @@ func NewPipeline(cfg PipelineConfig, committed uint64) (*Pipeline, error) {
 // the last start has passed and the in-flight bound leaves room. When the
 // bound is what holds it back, blocked is true.
 func (p *Pipeline) Due(now time.Time) (due, blocked bool) {
-	if !p.lastStart.IsZero() && now.Sub(p.lastStart) < p.cfg.Interval {
+	if !p.lastStart.IsZero() && now.Before(p.NextDue()) {
 		return false, false
 	}
 	if len(p.inFlight) >= p.cfg.MaxInFlight {
@@ -91,12 +109,42 @@ func (p *Pipeline) Due(now time.Time) (due, blocked bool) {
 }
 
 // NextDue is the earliest time at which Due can become true by the clock
-// alone (an ack may be needed as well).
+// alone (an ack may be needed as well): an interval after the last start,
+// and not before the guest has run its share since the last resume.
 func (p *Pipeline) NextDue() time.Time {
 	if p.lastStart.IsZero() {
 		return time.Time{}
 	}
-	return p.lastStart.Add(p.cfg.Interval)
+	next := p.lastStart.Add(p.cfg.Interval)
+	if run := p.lastResume.Add(p.MinRunAfter(p.lastResume.Sub(p.lastStart))); !p.lastResume.IsZero() && run.After(next) {
+		next = run
+	}
+	return next
+}
+
+// MinRunAfter is how long the guest must run after a pause of the given
+// length before the next checkpoint may start (zero without a minimum).
+func (p *Pipeline) MinRunAfter(pause time.Duration) time.Duration {
+	return p.cfg.MinRunAfter(pause)
+}
+
+// MinRunAfter is how long the guest must run after a pause of the given
+// length before the next checkpoint may start (zero without a minimum).
+func (c PipelineConfig) MinRunAfter(pause time.Duration) time.Duration {
+	f := c.WithDefaults().MinRun
+	if f <= 0 || pause <= 0 {
+		return 0
+	}
+	return time.Duration(float64(pause) * f / (1 - f))
+}
+
+// Resumed records that the guest runs again, at now, after the checkpoint
+// begun last: the pause since that start sets how long it must run before
+// the next one (MinRun).
+func (p *Pipeline) Resumed(now time.Time) {
+	if !p.lastStart.IsZero() {
+		p.lastResume = now
+	}
 }
 
 // Begin records that the checkpoint of a new epoch started at now and
@@ -104,7 +152,7 @@ func (p *Pipeline) NextDue() time.Time {
 func (p *Pipeline) Begin(now time.Time) uint64 {
 	n := p.next
 	p.next++
-	p.lastStart = now
+	p.lastStart, p.lastResume = now, time.Time{}
 	p.inFlight = append(p.inFlight, InFlight{Epoch: n, Started: now})
 	return n
 }

@@ -14,7 +14,7 @@ func TestPipelineScript(t *testing.T) {
 	// Each step: an event at a time and what the pipeline must answer.
 	type step struct {
 		ms      int
-		op      string // "due?", "begin", "ack"
+		op      string // "due?", "begin", "resumed", "ack"
 		epoch   uint64 // begin: expected number; ack: epoch acked
 		due     bool
 		blocked bool
@@ -34,6 +34,26 @@ func TestPipelineScript(t *testing.T) {
 			{ms: 50, op: "due?", blocked: true}, {ms: 90, op: "due?", blocked: true},
 			{ms: 91, op: "ack", epoch: 1},
 			{ms: 91, op: "due?", due: true}, {ms: 91, op: "begin", epoch: 3},
+		}},
+		{"short pauses keep the interval", PipelineConfig{}, []step{
+			{ms: 0, op: "begin", epoch: 1}, {ms: 2, op: "resumed"},
+			{ms: 24, op: "due?"}, {ms: 25, op: "due?", due: true},
+		}},
+		{"a long pause stretches the epoch until the guest ran 90% of it", PipelineConfig{}, []step{
+			// 20 ms paused: the guest must run 180 ms before the next.
+			{ms: 0, op: "begin", epoch: 1}, {ms: 20, op: "resumed"},
+			{ms: 25, op: "due?"}, {ms: 199, op: "due?"}, {ms: 200, op: "due?", due: true},
+			{ms: 200, op: "begin", epoch: 2}, {ms: 202, op: "ack", epoch: 1}, {ms: 203, op: "resumed"},
+			// A 3 ms pause: 27 ms of running, past the interval.
+			{ms: 225, op: "due?"}, {ms: 229, op: "due?"}, {ms: 230, op: "due?", due: true},
+		}},
+		{"a lower share stretches less", PipelineConfig{MinRun: 0.5}, []step{
+			{ms: 0, op: "begin", epoch: 1}, {ms: 20, op: "resumed"},
+			{ms: 39, op: "due?"}, {ms: 40, op: "due?", due: true},
+		}},
+		{"without a minimum the interval alone decides", PipelineConfig{MinRun: -1}, []step{
+			{ms: 0, op: "begin", epoch: 1}, {ms: 20, op: "resumed"},
+			{ms: 25, op: "due?", due: true},
 		}},
 		{"acks must come in order", PipelineConfig{MaxInFlight: 3}, []step{
 			{ms: 0, op: "begin", epoch: 1}, {ms: 25, op: "begin", epoch: 2},
@@ -58,6 +78,11 @@ func TestPipelineScript(t *testing.T) {
 				case "begin":
 					if n := p.Begin(at(s.ms)); n != s.epoch {
 						t.Fatalf("step %d: began epoch %d, want %d", i, n, s.epoch)
+					}
+				case "resumed":
+					p.Resumed(at(s.ms))
+					if want := at(s.ms).Add(p.MinRunAfter(at(s.ms).Sub(p.lastStart))); p.NextDue().Before(want) {
+						t.Fatalf("step %d: next due %v before the guest ran its share (%v)", i, p.NextDue().Sub(t0), want.Sub(t0))
 					}
 				case "ack":
 					e, err := p.Acked(s.epoch)
@@ -95,6 +120,8 @@ func TestPipelineConfigValidate(t *testing.T) {
 		{PipelineConfig{Interval: 100 * time.Microsecond}, false},
 		{PipelineConfig{Interval: -time.Second}, false},
 		{PipelineConfig{MaxInFlight: -1}, false},
+		{PipelineConfig{MinRun: 0.95}, true},
+		{PipelineConfig{MinRun: 0.99}, false},
 	} {
 		if err := tc.c.Validate(); (err == nil) != tc.ok {
 			t.Errorf("Validate(%+v) = %v, want ok=%v", tc.c, err, tc.ok)

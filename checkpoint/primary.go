@@ -168,6 +168,19 @@ type EpochStats struct {
 	Ship        time.Duration // from resume until the commit frame was written
 	Acked       time.Time
 	Output      netbuffer.Release // the network output the commit released
+	// Interval is the effective epoch: from the previous epoch's start to
+	// this one's; Ran is how much of it the guest ran (from the previous
+	// resume). Both zero for a session's first epoch.
+	Interval, Ran time.Duration
+}
+
+// RunFraction is the share of the effective epoch the guest ran (0 when
+// unknown: a session's first epoch).
+func (e EpochStats) RunFraction() float64 {
+	if e.Interval <= 0 {
+		return 0
+	}
+	return float64(e.Ran) / float64(e.Interval)
 }
 
 // AckLatency is the time from the start of the epoch's pause to its ack.
@@ -377,6 +390,27 @@ type primaryDriver struct {
 	// and nothing resumed or killed it yet.
 	finalPaused atomic.Bool
 	switchReply chan error // the switchover's requester, answered at End
+	// The previous epoch's pause began at lastStart and ended at
+	// lastResume (zero before the session's first epoch).
+	lastStart, lastResume time.Time
+	stretchLogged         time.Time // last "epochs stretched" line
+}
+
+// ran fills in how long the guest ran before the epoch's pause and the
+// effective epoch, and says (at most every 10 s) when the guest's share
+// of time stretched the epochs well beyond the interval.
+func (d *primaryDriver) ran(st *EpochStats, resume time.Time) {
+	if !d.lastStart.IsZero() {
+		st.Interval, st.Ran = st.Start.Sub(d.lastStart), st.Start.Sub(d.lastResume)
+	}
+	d.lastStart, d.lastResume = st.Start, resume
+	cfg := d.p.cfg.Pipeline.WithDefaults()
+	if st.Interval > 2*cfg.Interval && cfg.MinRun > 0 && st.Start.Sub(d.stretchLogged) >= 10*time.Second {
+		d.stretchLogged = st.Start
+		d.p.log.Warn("epochs stretched so that the guest runs its share: pauses are long", "epoch", st.Epoch,
+			"effective_epoch", st.Interval.Round(time.Millisecond), "interval", cfg.Interval,
+			"previous_pause", (st.Interval - st.Ran).Round(time.Millisecond), "min_run", cfg.MinRun)
+	}
 }
 
 // waitCheckpoint waits for a checkpoint under way, draining the events
@@ -412,6 +446,7 @@ func (d *primaryDriver) internal(ev any) (acts []any, ok bool) {
 		if r.err != nil {
 			return d.s.Step(CheckpointFailed{Now: time.Now(), Epoch: r.epoch, Err: r.err, GuestStuck: r.stuck}), true
 		}
+		d.ran(&r.ed.stats, r.ed.resume)
 		d.pending[r.epoch] = &pendingEpoch{EpochStats: r.ed.stats}
 		d.taken[r.epoch] = r.ed
 		return d.s.Step(CheckpointTaken{Now: time.Now(), Epoch: r.epoch}), true

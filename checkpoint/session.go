@@ -300,6 +300,7 @@ func (s *Session) Step(ev any) []any {
 		return s.due(e.Now)
 	case CheckpointTaken:
 		s.busy = false
+		s.pipe.Resumed(e.Now)
 		var acts []any
 		if s.final != 0 && e.Epoch == s.final {
 			if s.state == Switching {

@@ -433,7 +433,8 @@ func (ck *simChecker) guestCrashed(h *simPrimaryHost) {
 // Greeting within the heartbeat timeout, Preparing once the step before
 // the first epoch is done, Leaving and Draining within the goodbye
 // timeout; a protecting session releases an epoch at least every two
-// heartbeat timeouts (plus the longest pause and applies) or ends; the
+// heartbeat timeouts (plus the longest pause and applies, and the run the
+// guest is owed after the longest pause) or ends; the
 // backup leaves a session whose primary is silent, and Suspect, within the
 // heartbeat timeout; an expected failover (the primary's host died with an
 // epoch committed, or it handed over) happens within it. The slack covers
@@ -469,7 +470,7 @@ func (ck *simChecker) afterStep() {
 			limit = max(cfg.PrepareTime.Max, t) + slack
 		case Running:
 			from = later(ps.since, ps.progress)
-			limit = 2*t + busyP + 2*busyB + slack
+			limit = 2*t + busyP + 2*busyB + slack + w.minRunSlack()
 		case Leaving, Draining:
 			limit = t + busyP + slack
 		}

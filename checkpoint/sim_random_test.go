@@ -186,6 +186,7 @@ func simRandomRunTraced(seed uint64, wide, keepTrace, untraced bool) *simWorld {
 	cfg.Pipeline.Interval = []time.Duration{10 * time.Millisecond, 25 * time.Millisecond, 25 * time.Millisecond, 50 * time.Millisecond, 50 * time.Millisecond}[pr.IntN(5)]
 	cfg.Retry = simRange{20 * time.Millisecond, time.Second} // the agents' default is 1 s
 	cfg.LinkSpike = []float64{0, 0.01, 0.05}[pr.IntN(3)]
+	cfg.Pipeline.MinRun = []float64{-1, 0.5, DefaultMinRun}[pr.IntN(3)]
 	on := func(p float64) float64 {
 		if pr.IntN(2) == 0 {
 			return 0
@@ -327,11 +328,17 @@ func simRandomRunTraced(seed uint64, wide, keepTrace, untraced bool) *simWorld {
 	}
 	w.quiet = true
 	w.logf("sim", "faults over; settling")
-	w.runFor(1400 * time.Millisecond)
+	w.runFor(1400*time.Millisecond + w.minRunSlack())
 	if !w.halted {
 		w.checkSettled()
 	}
 	return w
+}
+
+// minRunSlack is the longest wait the minimum run fraction imposes after a
+// pause: the guest runs its share after the longest pause drawn.
+func (w *simWorld) minRunSlack() time.Duration {
+	return w.cfg.Pipeline.MinRunAfter(max(w.cfg.SlowPause.Max, w.cfg.Pause.Max))
 }
 
 // checkSettled: after the faults stop, the system settles.
@@ -361,7 +368,7 @@ func (w *simWorld) checkSettled() {
 		switch {
 		case ps == nil:
 			w.check.violate("e", "protection not restored: no session at the end")
-		case ps.s.State() != Running || w.now.Sub(ps.progress) > w.cfg.Heartbeat.Timeout:
+		case ps.s.State() != Running || w.now.Sub(ps.progress) > w.cfg.Heartbeat.Timeout+w.minRunSlack():
 			w.check.violate("e", "protection not restored: session %d is %v, its last release %v ago", ps.id, ps.s.State(), w.now.Sub(ps.progress))
 		case w.wit != nil && !h.vmRunning && !ps.agent.gate.loopPaused:
 			w.check.violate("e", "protection restored, but the guest is left stopped (the guard froze it %d times, the last at %.3fs)", h.freezes, h.frozeAt.Sub(w.start).Seconds())

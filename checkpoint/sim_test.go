@@ -262,11 +262,13 @@ type simConfig struct {
 // longer ones and the agents' real command timeout, 10 s. The agent waits
 // Retry only after two sessions in a row that protected nothing (the
 // first redial is at once): 100 ms in scripts, drawn up to the agents'
-// default of 1 s in randomized runs.
+// default of 1 s in randomized runs. Scripts checkpoint every interval
+// whatever the pauses (no minimum run fraction: their epochs are counted);
+// randomized runs draw the agents' default, 90%, or none.
 func simDefaults() simConfig {
 	return simConfig{
 		Heartbeat:      failover.DetectorConfig{Interval: 100 * time.Millisecond, Timeout: 500 * time.Millisecond},
-		Pipeline:       PipelineConfig{Interval: 25 * time.Millisecond, MaxInFlight: 2},
+		Pipeline:       PipelineConfig{Interval: 25 * time.Millisecond, MaxInFlight: 2, MinRun: -1},
 		PrepareTime:    simRange{10 * time.Millisecond, 80 * time.Millisecond},
 		TickEvery:      25 * time.Millisecond,
 		Link:           simRange{500 * time.Microsecond, 3 * time.Millisecond},

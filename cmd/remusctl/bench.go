@@ -45,22 +45,27 @@ type ClientStats struct {
 
 // Result is one bench run.
 type Result struct {
-	Workload     string         `json:"workload"`
-	Accel        string         `json:"accel"`
-	AccelReason  string         `json:"accel_reason"`
-	Compress     bool           `json:"compress"`
-	Seconds      float64        `json:"seconds"`
-	Epochs       int            `json:"epochs"`
-	EpochsPerSec float64        `json:"epochs_per_s"`
-	PauseMS      map[string]Pct `json:"pause_ms"`
-	DirtyPages   Pct            `json:"dirty_pages"`
-	RawKiB       Pct            `json:"raw_kib"`
-	WireKiB      Pct            `json:"wire_kib"`
-	WireRatio    float64        `json:"wire_ratio"` // all bytes sent / all raw bytes
-	AckMS        Pct            `json:"ack_ms"`
-	RemusdCPU    float64        `json:"remusd_cpu_percent"` // of one core, primary remusd
-	Unprotected  ClientStats    `json:"unprotected"`
-	Protected    ClientStats    `json:"protected"`
+	Workload     string  `json:"workload"`
+	Accel        string  `json:"accel"`
+	AccelReason  string  `json:"accel_reason"`
+	Compress     bool    `json:"compress"`
+	Seconds      float64 `json:"seconds"`
+	Epochs       int     `json:"epochs"`
+	EpochsPerSec float64 `json:"epochs_per_s"`
+	// RunFraction is the share of the protected time the guest ran
+	// (the pauses' complement); EffectiveEpochMS the epochs' start-to-start
+	// spacing, stretched beyond the interval when pauses are long.
+	RunFraction      float64        `json:"run_fraction"`
+	EffectiveEpochMS Pct            `json:"effective_epoch_ms"`
+	PauseMS          map[string]Pct `json:"pause_ms"`
+	DirtyPages       Pct            `json:"dirty_pages"`
+	RawKiB           Pct            `json:"raw_kib"`
+	WireKiB          Pct            `json:"wire_kib"`
+	WireRatio        float64        `json:"wire_ratio"` // all bytes sent / all raw bytes
+	AckMS            Pct            `json:"ack_ms"`
+	RemusdCPU        float64        `json:"remusd_cpu_percent"` // of one core, primary remusd
+	Unprotected      ClientStats    `json:"unprotected"`
+	Protected        ClientStats    `json:"protected"`
 }
 
 var pauseSteps = []string{"total", "stop", "cut", "harvest", "copy", "save", "cont"}
@@ -183,6 +188,14 @@ func summarize(r *Result, eps []agent.EpochRecord) {
 	raw := func(e agent.EpochRecord) float64 {
 		return float64(int64(e.DirtyPages)*transport.PageSize+int64(e.DeviceBytes)) / 1024
 	}
+	var ran, spanned int64
+	for _, e := range eps {
+		ran, spanned = ran+e.RanUS, spanned+e.IntervalUS
+	}
+	if spanned > 0 {
+		r.RunFraction = float64(ran) / float64(spanned)
+	}
+	r.EffectiveEpochMS = field(func(e agent.EpochRecord) float64 { return ms(e.IntervalUS) })
 	r.DirtyPages = field(func(e agent.EpochRecord) float64 { return float64(e.DirtyPages) })
 	r.RawKiB = field(raw)
 	r.WireKiB = field(func(e agent.EpochRecord) float64 { return float64(e.WireBytes) / 1024 })
@@ -221,6 +234,7 @@ func printTable(w io.Writer, r *Result) {
 	fmt.Fprintf(tw, "remus-kvm bench\tworkload %s, %s, compress %v, %.1f s protected\n", r.Workload, r.Accel, r.Compress, r.Seconds)
 	fmt.Fprintf(tw, "accelerator\t%s\n", r.AccelReason)
 	fmt.Fprintf(tw, "epochs/s\t%.2f (%d epochs)\n", r.EpochsPerSec, r.Epochs)
+	fmt.Fprintf(tw, "guest ran\t%.1f%% of the time; effective epoch p50 %.1f ms, p99 %.1f ms\n", 100*r.RunFraction, r.EffectiveEpochMS.P50, r.EffectiveEpochMS.P99)
 	for _, s := range pauseSteps {
 		p := r.PauseMS[s]
 		fmt.Fprintf(tw, "pause %s (ms)\tp50 %.2f\tp99 %.2f\n", s, p.P50, p.P99)

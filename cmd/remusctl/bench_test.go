@@ -49,16 +49,20 @@ func TestSummarizeAndTable(t *testing.T) {
 		eps = append(eps, agent.EpochRecord{Epoch: uint64(i + 1), Start: t0.Add(time.Duration(i) * 50 * time.Millisecond),
 			PauseUS: 20000, StopUS: 1000, HarvestUS: 10000, CopyUS: 5000, SaveUS: 3000, ContUS: 1000,
 			DirtyPages: 100, DeviceBytes: 0, WireBytes: 40960, AckUS: 60000})
+		if i > 0 {
+			// 50 ms apart, 20 ms of it paused.
+			eps[i].IntervalUS, eps[i].RanUS = 50000, 30000
+		}
 	}
 	r := &Result{Workload: "dirtier", PauseMS: map[string]Pct{}}
 	summarize(r, eps)
 	if r.EpochsPerSec != 20 || r.PauseMS["harvest"].P50 != 10 || r.DirtyPages.P50 != 100 || r.RawKiB.P50 != 400 ||
-		r.WireKiB.P50 != 40 || r.WireRatio != 0.1 || r.AckMS.P99 != 60 {
+		r.WireKiB.P50 != 40 || r.WireRatio != 0.1 || r.AckMS.P99 != 60 || r.RunFraction != 0.6 || r.EffectiveEpochMS.P50 != 50 {
 		t.Fatalf("summary %+v", r)
 	}
 	var b bytes.Buffer
 	printTable(&b, r)
-	for _, want := range []string{"epochs/s", "pause harvest", "dirty pages/epoch", "wire KiB/epoch", "ratio 0.100", "remusd CPU", "client unprotected", "client protected"} {
+	for _, want := range []string{"epochs/s", "pause harvest", "dirty pages/epoch", "wire KiB/epoch", "ratio 0.100", "60.0% of the time", "remusd CPU", "client unprotected", "client protected"} {
 		if !strings.Contains(b.String(), want) {
 			t.Errorf("table lacks %q:\n%s", want, b.String())
 		}

@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -67,6 +68,7 @@ func app() *cli.App {
 					&cli.StringFlag{Name: "peer", Usage: "backup remusd, host:port", Required: true},
 					&cli.DurationFlag{Name: "epoch", Value: checkpoint.DefaultInterval, Usage: "checkpoint interval"},
 					&cli.IntFlag{Name: "max-in-flight", Value: checkpoint.DefaultMaxInFlight, Usage: "epochs sent but not yet acknowledged before the next waits"},
+					&cli.StringFlag{Name: "min-run", Value: "90%", Usage: "least share of time the guest runs: after a pause P the next checkpoint waits until the guest ran P×share/(1−share), so long pauses stretch the epoch instead of starving the guest (e.g. 90%, 0.5; off: checkpoint every --epoch whatever the pauses)"},
 					&cli.StringFlag{Name: "tracker", Value: agent.TrackerAuto, Usage: "dirty-page tracker: auto, softdirty or compare"},
 					&cli.StringFlag{Name: "device-state", Value: "auto", Usage: "how to save device state: auto, xen (xen-save-devices-state) or migrate (migration with x-ignore-shared)"},
 					&cli.DurationFlag{Name: "command-timeout", Value: checkpoint.DefaultCommandTimeout, Usage: "bound on each QMP command of a checkpoint (stop, save, cont); a guest whose stop does not return in time is stopped for good and the backup told to resume its last checkpoint"},
@@ -168,6 +170,9 @@ func runPrimary(c *cli.Context) error {
 		Trace: c.String("trace"), TraceEpochs: c.Int("trace-epochs"),
 		Witness: witnessConfig(c), AssumeFailStop: c.Bool("assume-fail-stop"), Control: c.String("control"),
 	}
+	if cfg.Pipeline.MinRun, err = parseMinRun(c.String("min-run")); err != nil {
+		return err
+	}
 	if cfg.Key, err = key(c); err != nil {
 		return err
 	}
@@ -207,4 +212,22 @@ func runBackup(c *cli.Context) error {
 			r.VM, r.Epoch, r.QEMUPID, r.DetectionMS, r.RestoreMS)
 	}
 	return nil
+}
+
+// parseMinRun reads --min-run: a percentage ("90%"), a fraction ("0.9"),
+// or "off" (no minimum: checkpoint.PipelineConfig.MinRun negative).
+func parseMinRun(v string) (float64, error) {
+	v = strings.TrimSpace(v)
+	if v == "off" || v == "0" || v == "0%" {
+		return -1, nil
+	}
+	num, scale := v, 1.0
+	if s, ok := strings.CutSuffix(v, "%"); ok {
+		num, scale = s, 100
+	}
+	f, err := strconv.ParseFloat(num, 64)
+	if err != nil || f/scale <= 0 || f/scale >= 0.99 {
+		return 0, fmt.Errorf("--min-run %q: want a share of time above 0 and below 99%% (e.g. 90%% or 0.9), or off", v)
+	}
+	return f / scale, nil
 }

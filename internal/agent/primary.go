@@ -156,6 +156,10 @@ type EpochRecord struct {
 	DeviceBytes int       `json:"device_bytes"`
 	WireBytes   int64     `json:"wire_bytes"`
 	AckUS       int64     `json:"ack_us"`
+	// The effective epoch (since the previous epoch's start) and how much
+	// of it the guest ran; zero for a session's first epoch.
+	IntervalUS int64 `json:"interval_us,omitempty"`
+	RanUS      int64 `json:"ran_us,omitempty"`
 	// Network output released by this epoch's commit: frames, bytes, and
 	// how long they were held (p50, p99); bytes still held and the most
 	// ever held, when remusd relays the guest's network.
@@ -177,6 +181,7 @@ func NewEpochRecord(s checkpoint.EpochStats) EpochRecord {
 		CopyUS:    s.Pause.Copy.Microseconds(), SaveUS: s.Pause.Save.Microseconds(), ContUS: s.Pause.Cont.Microseconds(),
 		DirtyPages: s.DirtyPages, DeviceBytes: s.DeviceBytes, WireBytes: s.WireBytes, AckUS: s.AckLatency().Microseconds(),
 		DiskWrites: s.DiskWrites, DiskBytes: s.DiskBytes,
+		IntervalUS: s.Interval.Microseconds(), RanUS: s.Ran.Microseconds(),
 		NetFrames: s.Output.Frames, NetBytes: s.Output.Bytes,
 		NetWaitP50US: s.Output.WaitP50.Microseconds(), NetWaitP99US: s.Output.WaitP99.Microseconds()}
 }
