@@ -24,6 +24,9 @@ type benchOptions struct {
 	Workload   string
 	Dirty      int
 	For, Epoch time.Duration
+	RAMMiB     int
+	Tracker    string
+	MinRun     string
 	Compress   bool
 	QEMU       string
 	Accel      string
@@ -43,9 +46,17 @@ type ClientStats struct {
 	RTTms     Pct     `json:"rtt_ms"`
 }
 
+// RSS is the peak resident memory of the two agents, in MiB.
+type RSS struct {
+	Primary float64 `json:"primary"`
+	Backup  float64 `json:"backup"`
+}
+
 // Result is one bench run.
 type Result struct {
 	Workload     string  `json:"workload"`
+	RAMMiB       int     `json:"ram_mib"`
+	Tracker      string  `json:"tracker"`
 	Accel        string  `json:"accel"`
 	AccelReason  string  `json:"accel_reason"`
 	Compress     bool    `json:"compress"`
@@ -63,9 +74,20 @@ type Result struct {
 	WireKiB          Pct            `json:"wire_kib"`
 	WireRatio        float64        `json:"wire_ratio"` // all bytes sent / all raw bytes
 	AckMS            Pct            `json:"ack_ms"`
-	RemusdCPU        float64        `json:"remusd_cpu_percent"` // of one core, primary remusd
-	Unprotected      ClientStats    `json:"unprotected"`
-	Protected        ClientStats    `json:"protected"`
+	// HarvestMSPerGiB is the harvest's p50 scaled to a GiB of guest RAM;
+	// HostMemGBps the host's memory copy bandwidth measured in the same
+	// run, for comparison.
+	HarvestMSPerGiB float64 `json:"harvest_ms_per_gib"`
+	HostMemGBps     float64 `json:"host_mem_gbps"`
+	RSSMiB          RSS     `json:"rss_mib"`
+	// WorkloadRatio is the guest workload's throughput protected over
+	// unprotected (the compile workload; 0 for the others); RTTms the
+	// counter client's round trip while protected.
+	WorkloadRatio float64     `json:"workload_ratio"`
+	RTTms         Pct         `json:"rtt_ms"`
+	RemusdCPU     float64     `json:"remusd_cpu_percent"` // of one core, primary remusd
+	Unprotected   ClientStats `json:"unprotected"`
+	Protected     ClientStats `json:"protected"`
 }
 
 var pauseSteps = []string{"total", "stop", "cut", "harvest", "copy", "save", "cont"}
@@ -89,6 +111,9 @@ func runBench(ctx context.Context, o benchOptions, log io.Writer) (*Result, erro
 	defer l.Close()
 	prim, back := l.GuestConfig("primary", dirty), l.GuestConfig("backup", dirty)
 	prim.Guest.Work, back.Guest.Work = work, work
+	if o.RAMMiB > 0 {
+		prim.MemoryMiB, back.MemoryMiB = o.RAMMiB, o.RAMMiB
+	}
 	back.RAMPath = filepath.Join(l.Dir, "backup-image.ram")
 	fmt.Fprintf(log, "booting the test guest (workload %s)\n", o.Workload)
 	vm, err := l.StartVM(ctx, prim)
@@ -101,7 +126,7 @@ func runBench(ctx context.Context, o benchOptions, log io.Writer) (*Result, erro
 		return nil, err
 	}
 	p, err := l.Protect(prim, back, lab.ProtectOptions{Epoch: o.Epoch, BackupLater: true,
-		PrimaryArgs: []string{"--compress=" + strconv.FormatBool(o.Compress)}})
+		PrimaryArgs: primaryArgs(o)})
 	if err != nil {
 		return nil, err
 	}
@@ -111,9 +136,10 @@ func runBench(ctx context.Context, o benchOptions, log io.Writer) (*Result, erro
 	}
 	defer conn.Close()
 	cl := counter.NewClient(conn)
-	r := &Result{Workload: o.Workload, Accel: vm.Config.Accel, AccelReason: l.Accel.Reason, Compress: o.Compress, PauseMS: map[string]Pct{}}
+	r := &Result{Workload: o.Workload, RAMMiB: prim.MemoryMiB, Tracker: o.Tracker, Accel: vm.Config.Accel, AccelReason: l.Accel.Reason, Compress: o.Compress, PauseMS: map[string]Pct{}}
 	fmt.Fprintf(log, "client, unprotected, 3s\n")
-	if r.Unprotected, err = client(ctx, conn, cl, 3*time.Second); err != nil {
+	var unprotectedWork float64
+	if r.Unprotected, unprotectedWork, err = clientWithWork(ctx, conn, cl, 3*time.Second); err != nil {
 		return nil, err
 	}
 	fmt.Fprintf(log, "starting the backup; the first checkpoint copies all of RAM\n")
@@ -132,9 +158,14 @@ func runBench(ctx context.Context, o benchOptions, log io.Writer) (*Result, erro
 	}
 	start := time.Now()
 	fmt.Fprintf(log, "client, protected, %v\n", o.For)
-	if r.Protected, err = client(ctx, conn, cl, o.For); err != nil {
+	var protectedWork float64
+	if r.Protected, protectedWork, err = clientWithWork(ctx, conn, cl, o.For); err != nil {
 		return nil, err
 	}
+	if unprotectedWork > 0 {
+		r.WorkloadRatio = protectedWork / unprotectedWork
+	}
+	r.RTTms = r.Protected.RTTms
 	cpu1, err := cpuTime(p.Primary.PID())
 	if err != nil {
 		return nil, err
@@ -150,7 +181,75 @@ func runBench(ctx context.Context, o benchOptions, log io.Writer) (*Result, erro
 		return nil, errors.New("fewer than 2 epochs committed while protected")
 	}
 	summarize(r, eps)
+	if r.RAMMiB > 0 {
+		r.HarvestMSPerGiB = r.PauseMS["harvest"].P50 * 1024 / float64(r.RAMMiB)
+	}
+	r.RSSMiB.Primary, _ = peakRSS(p.Primary.PID())
+	r.RSSMiB.Backup, _ = peakRSS(p.Backup.PID())
+	r.HostMemGBps = memBandwidth(256 << 20)
 	return r, nil
+}
+
+// primaryArgs are the bench's options for remusd primary.
+func primaryArgs(o benchOptions) []string {
+	args := []string{"--compress=" + strconv.FormatBool(o.Compress)}
+	if o.Tracker != "" {
+		args = append(args, "--tracker", o.Tracker)
+	}
+	if o.MinRun != "" {
+		args = append(args, "--min-run", o.MinRun)
+	}
+	return args
+}
+
+// clientWithWork runs the client for d and measures the guest workload's
+// throughput over the same time (units per second; 0 without one).
+func clientWithWork(ctx context.Context, conn interface{ SetDeadline(time.Time) error }, cl *counter.Client, d time.Duration) (ClientStats, float64, error) {
+	w0, err := cl.Work()
+	if err != nil {
+		return ClientStats{}, 0, err
+	}
+	t0 := time.Now()
+	cs, err := client(ctx, conn, cl, d)
+	if err != nil {
+		return cs, 0, err
+	}
+	w1, err := cl.Work()
+	if err != nil {
+		return cs, 0, err
+	}
+	return cs, float64(w1.Value-w0.Value) / time.Since(t0).Seconds(), nil
+}
+
+// peakRSS is a process's peak resident set (VmHWM) in MiB.
+func peakRSS(pid int) (float64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "VmHWM:"); ok {
+			kb, err := strconv.ParseFloat(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 64)
+			return kb / 1024, err
+		}
+	}
+	return 0, fmt.Errorf("no VmHWM in /proc/%d/status", pid)
+}
+
+// memBandwidth measures this host's memory copy bandwidth in GB/s (bytes
+// read plus written): the best of five copies of n bytes.
+func memBandwidth(n int) float64 {
+	src, dst := make([]byte, n), make([]byte, n)
+	for i := range src {
+		src[i] = byte(i)
+	}
+	best := time.Duration(1<<63 - 1)
+	for range 5 {
+		t := time.Now()
+		copy(dst, src)
+		best = min(best, time.Since(t))
+	}
+	return 2 * float64(n) / best.Seconds() / 1e9
 }
 
 // client runs INC requests back to back for d.
@@ -231,7 +330,7 @@ func cpuTime(pid int) (time.Duration, error) {
 
 func printTable(w io.Writer, r *Result) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintf(tw, "remus-kvm bench\tworkload %s, %s, compress %v, %.1f s protected\n", r.Workload, r.Accel, r.Compress, r.Seconds)
+	fmt.Fprintf(tw, "remus-kvm bench\tworkload %s, %d MiB, tracker %s, %s, compress %v, %.1f s protected\n", r.Workload, r.RAMMiB, r.Tracker, r.Accel, r.Compress, r.Seconds)
 	fmt.Fprintf(tw, "accelerator\t%s\n", r.AccelReason)
 	fmt.Fprintf(tw, "epochs/s\t%.2f (%d epochs)\n", r.EpochsPerSec, r.Epochs)
 	fmt.Fprintf(tw, "guest ran\t%.1f%% of the time; effective epoch p50 %.1f ms, p99 %.1f ms\n", 100*r.RunFraction, r.EffectiveEpochMS.P50, r.EffectiveEpochMS.P99)
@@ -243,7 +342,12 @@ func printTable(w io.Writer, r *Result) {
 	fmt.Fprintf(tw, "raw KiB/epoch\tp50 %.1f\tp99 %.1f\n", r.RawKiB.P50, r.RawKiB.P99)
 	fmt.Fprintf(tw, "wire KiB/epoch\tp50 %.1f\tp99 %.1f\tratio %.3f\n", r.WireKiB.P50, r.WireKiB.P99, r.WireRatio)
 	fmt.Fprintf(tw, "ack (ms)\tp50 %.1f\tp99 %.1f\n", r.AckMS.P50, r.AckMS.P99)
+	fmt.Fprintf(tw, "harvest per GiB\t%.1f ms (host memory copy %.1f GB/s)\n", r.HarvestMSPerGiB, r.HostMemGBps)
 	fmt.Fprintf(tw, "primary remusd CPU\t%.0f%% of a core\n", r.RemusdCPU)
+	fmt.Fprintf(tw, "peak RSS (MiB)\tprimary %.0f\tbackup %.0f\n", r.RSSMiB.Primary, r.RSSMiB.Backup)
+	if r.WorkloadRatio > 0 {
+		fmt.Fprintf(tw, "workload protected/unprotected\t%.2f\n", r.WorkloadRatio)
+	}
 	fmt.Fprintf(tw, "client unprotected\t%.0f req/s\tRTT p50 %.2f ms\tp99 %.2f ms\n", r.Unprotected.ReqPerSec, r.Unprotected.RTTms.P50, r.Unprotected.RTTms.P99)
 	fmt.Fprintf(tw, "client protected\t%.0f req/s\tRTT p50 %.2f ms\tp99 %.2f ms\n", r.Protected.ReqPerSec, r.Protected.RTTms.P50, r.Protected.RTTms.P99)
 	tw.Flush()

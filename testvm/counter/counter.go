@@ -34,6 +34,11 @@ import (
 const (
 	CmdInc = "INC"
 	CmdGet = "GET"
+	// CmdWork asks how much background work the guest has done since it
+	// booted (its remus.work workload's units: files compressed); the
+	// reply's Value carries it. Sampled twice, it gives the workload's
+	// throughput.
+	CmdWork = "WORK"
 )
 
 // MaxLine caps a request or reply line; longer input is rejected.
@@ -98,7 +103,7 @@ func ParseReply(line string) (Reply, error) {
 func ParseRequest(line string) (string, error) {
 	cmd := strings.TrimSpace(line)
 	switch cmd {
-	case CmdInc, CmdGet:
+	case CmdInc, CmdGet, CmdWork:
 		return cmd, nil
 	}
 	if len(cmd) > 32 {
@@ -145,6 +150,10 @@ func (c *Client) Inc() (Reply, error) { return c.do(CmdInc) }
 
 // Get returns the current value without changing it.
 func (c *Client) Get() (Reply, error) { return c.do(CmdGet) }
+
+// Work returns the units of background work the guest has done since it
+// booted, in the reply's Value.
+func (c *Client) Work() (Reply, error) { return c.do(CmdWork) }
 
 func (c *Client) do(cmd string) (Reply, error) {
 	if _, err := io.WriteString(c.rw, cmd+"\n"); err != nil {

@@ -32,6 +32,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -337,7 +338,13 @@ func (s *service) serve(c net.Conn) {
 	}
 }
 
+// workDone counts the units of the background workload done since boot.
+var workDone atomic.Uint64
+
 func (s *service) do(cmd string) (counter.Reply, error) {
+	if cmd == counter.CmdWork {
+		return counter.Reply{Value: workDone.Load(), BootID: s.bootID, Uptime: uptime()}, nil
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if cmd == counter.CmdInc {
@@ -424,6 +431,7 @@ func compressWork() {
 		zw.Close()
 		kept[i%len(kept)] = out.Bytes()
 		kept[(i+128)%len(kept)] = src.Bytes()
+		workDone.Add(1)
 		time.Sleep(time.Millisecond)
 	}
 }
