@@ -421,6 +421,12 @@ func (b *Backup) frame(c *backupConn, f transport.Frame, now time.Time) []any {
 	rejected := func(err error) []any {
 		return b.sb.Step(EpochRejected{Now: now, Conn: c.id, Epoch: f.Epoch, Err: err})
 	}
+	if f.Epoch == 0 && (f.Type == transport.TypeRAMPages || f.Type == transport.TypeRAMDelta) {
+		if err := b.livePages(f); err != nil {
+			return rejected(err)
+		}
+		return nil
+	}
 	switch f.Type {
 	case transport.TypeHeartbeat:
 		return nil
@@ -614,6 +620,37 @@ func (b *Backup) diskWrite(f transport.Frame) error {
 		return err
 	}
 	return b.cfg.Disk.Add(w)
+}
+
+// livePages takes pages of the primary's live first sync (epoch 0): they go
+// into the RAM image at once. Nothing of the session is resumable before
+// its first epoch commits (the Standby counts nothing committed since the
+// hello), and that epoch carries every page written after these were read.
+func (b *Backup) livePages(f transport.Frame) error {
+	if _, staging := b.stage.Staging(); staging || b.stage.Committed() > 0 {
+		return errors.New("checkpoint: a page of the live first sync after the first epoch began")
+	}
+	m, err := transport.Decode(f)
+	if err != nil {
+		return err
+	}
+	var pages transport.RAMPages
+	switch m := m.(type) {
+	case transport.RAMPages:
+		pages = m
+	case transport.RAMDelta:
+		if pages, err = m.Expand(b.basePage); err != nil {
+			return err
+		}
+	}
+	for _, pg := range pages.Pages {
+		dst := b.basePage(pg.Index)
+		if dst == nil {
+			return fmt.Errorf("%w: live sync page %d beyond the %d bytes of RAM", transport.ErrMalformed, pg.Index, len(b.ram))
+		}
+		copy(dst, pg.Data)
+	}
+	return nil
 }
 
 // basePage returns the image's version of a page, nil beyond RAM.

@@ -75,6 +75,10 @@ type PrimaryConfig struct {
 	// before the first epoch: the disk's initial copy. The first epoch
 	// waits for it; an error ends the session.
 	Prepare func(ctx context.Context, link Link) error
+	// LiveSync copies guest RAM to the backup while the guest runs, after
+	// Prepare and before the first epoch, so that the first pause holds
+	// only what the guest wrote meanwhile (see LiveSyncConfig).
+	LiveSync LiveSyncConfig
 	// OnEpoch, when set, is called from the loop's goroutine with the
 	// statistics of each epoch once it is acknowledged. It must not block.
 	OnEpoch func(EpochStats)
@@ -172,6 +176,9 @@ type EpochStats struct {
 	// this one's; Ran is how much of it the guest ran (from the previous
 	// resume). Both zero for a session's first epoch.
 	Interval, Ran time.Duration
+	// LiveSync describes the live first sync before a session's first
+	// epoch, in that epoch's stats (zero otherwise).
+	LiveSync LiveSyncStats
 }
 
 // RunFraction is the share of the effective epoch the guest ran (0 when
@@ -297,7 +304,7 @@ func (p *Primary) Run(ctx context.Context, link Link) error {
 	ioctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancel()
 	s, acts, err := NewSession(SessionConfig{VMName: p.cfg.VMName, RAMSize: uint64(len(p.ram)), DiskSize: p.cfg.DiskSize,
-		Pipeline: p.cfg.Pipeline, Heartbeat: p.cfg.Heartbeat, Prepare: p.cfg.Prepare != nil}, time.Now())
+		Pipeline: p.cfg.Pipeline, Heartbeat: p.cfg.Heartbeat, Prepare: p.cfg.Prepare != nil || p.liveSync()}, time.Now())
 	if err != nil {
 		return err
 	}
@@ -319,6 +326,9 @@ func (p *Primary) Run(ctx context.Context, link Link) error {
 		close(d.sendq)
 		cancel()
 		wg.Wait()
+		// The step before the first epoch reads guest RAM and the
+		// tracker, which the caller releases once Run returns.
+		d.prep.Wait()
 	}()
 
 	tick := time.NewTicker(p.cfg.Heartbeat.Interval / 4)
@@ -381,8 +391,10 @@ type primaryDriver struct {
 	taken   map[uint64]*epochData // taken, not yet handed to the sender
 	sendq   chan *epochData
 	beats   chan uint64
-	// checkpointing counts the checkpoint under way (one at most).
+	// checkpointing counts the checkpoint under way (one at most); prep
+	// the step before the first epoch.
 	checkpointing sync.WaitGroup
+	prep          sync.WaitGroup
 	lastRecv      atomic.Int64 // Unix ns of the newest frame from the backup
 	passed        bool         // the session's end let the guest's output go
 	killFailed    bool         // KillGuest failed: no takeover may follow
@@ -393,7 +405,8 @@ type primaryDriver struct {
 	// The previous epoch's pause began at lastStart and ended at
 	// lastResume (zero before the session's first epoch).
 	lastStart, lastResume time.Time
-	stretchLogged         time.Time // last "epochs stretched" line
+	liveStats             LiveSyncStats // the session's live first sync
+	stretchLogged         time.Time     // last "epochs stretched" line
 }
 
 // ran fills in how long the guest ran before the epoch's pause and the
@@ -447,6 +460,9 @@ func (d *primaryDriver) internal(ev any) (acts []any, ok bool) {
 			return d.s.Step(CheckpointFailed{Now: time.Now(), Epoch: r.epoch, Err: r.err, GuestStuck: r.stuck}), true
 		}
 		d.ran(&r.ed.stats, r.ed.resume)
+		if d.liveStats.Rounds > 0 {
+			r.ed.stats.LiveSync, d.liveStats = d.liveStats, LiveSyncStats{}
+		}
 		d.pending[r.epoch] = &pendingEpoch{EpochStats: r.ed.stats}
 		d.taken[r.epoch] = r.ed
 		return d.s.Step(CheckpointTaken{Now: time.Now(), Epoch: r.epoch}), true
@@ -469,10 +485,16 @@ func (d *primaryDriver) do(acts []any) (error, bool) {
 				acts = append(acts, d.s.Step(LinkDown{Now: time.Now(), Err: fmt.Errorf("send hello: %w", err)})...)
 			}
 		case StartPrepare:
-			go func() {
-				err := p.cfg.Prepare(d.ctx, d.link)
+			d.prep.Go(func() {
+				var err error
+				if p.cfg.Prepare != nil {
+					err = p.cfg.Prepare(d.ctx, d.link)
+				}
+				if err == nil && p.liveSync() {
+					err = d.liveSync(d.ctx)
+				}
 				d.post(Prepared{Now: time.Now(), Err: err})
-			}()
+			})
 		case TakeCheckpoint:
 			// The checkpoint runs beside the loop, which meanwhile hears
 			// the backup, sends heartbeats and releases acknowledged

@@ -97,23 +97,32 @@ type committedEpoch struct {
 }
 
 // TestPrimaryBackupCommitWholeEpochs runs a primary and a backup over a
-// loopback TCP connection, with and without compression, until the backup
-// has committed 20 epochs, checking each committed image against the
-// primary's RAM at the matching stop.
+// loopback TCP connection, with and without compression, with and without
+// the live first sync, until the backup has committed 20 epochs, checking
+// each committed image against the primary's RAM at the matching stop.
 func TestPrimaryBackupCommitWholeEpochs(t *testing.T) {
 	for _, compress := range []bool{false, true} {
-		t.Run(fmt.Sprintf("compress=%v", compress), func(t *testing.T) { commitWholeEpochs(t, compress) })
+		for _, live := range []bool{false, true} {
+			t.Run(fmt.Sprintf("compress=%v,live=%v", compress, live), func(t *testing.T) {
+				g := newFakeGuest(64)
+				tracker, err := dirtypages.NewCompare(g.ram, dirtypages.Options{})
+				if err != nil {
+					t.Fatal(err)
+				}
+				var tr dirtypages.Tracker = tracker
+				if live {
+					tr = &writingTracker{Compare: tracker, g: g}
+				}
+				commitWholeEpochs(t, g, tr, compress, LiveSyncConfig{Off: !live, TargetPages: 1})
+			})
+		}
 	}
 }
 
-func commitWholeEpochs(t *testing.T, compress bool) {
-	const pages = 64
-	g := newFakeGuest(pages)
+func commitWholeEpochs(t *testing.T, g *fakeGuest, tracker dirtypages.Tracker, compress bool, live LiveSyncConfig) {
+	pages := len(g.ram) / transport.PageSize
 	dir := t.TempDir()
-	tracker, err := dirtypages.NewCompare(g.ram, dirtypages.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	var err error
 	commits := make(chan committedEpoch, 100)
 	var backupCommitted atomic.Uint64
 	var b *Backup
@@ -131,7 +140,7 @@ func commitWholeEpochs(t *testing.T, compress bool) {
 	var statsMu sync.Mutex
 	out := &fakeOutput{g: g, backup: backupCommitted.Load}
 	p, err := NewPrimary(PrimaryConfig{VMName: "vm1", KillGuest: noKill, StateDir: dir, Heartbeat: hb, Pipeline: PipelineConfig{Interval: 5 * time.Millisecond},
-		Output: out, Compress: compress,
+		Output: out, Compress: compress, LiveSync: live,
 		OnEpoch: func(s EpochStats) { statsMu.Lock(); stats = append(stats, s); statsMu.Unlock() }}, g, g.ram, tracker)
 	if err != nil {
 		t.Fatal(err)
@@ -185,8 +194,14 @@ func commitWholeEpochs(t *testing.T, compress bool) {
 	out.check(t, 19)
 	statsMu.Lock()
 	defer statsMu.Unlock()
-	if len(stats) < 19 || stats[0].DirtyPages != pages {
-		t.Fatalf("got %d epoch stats, first with %d dirty pages; want ≥19 and a full first epoch", len(stats), stats[0].DirtyPages)
+	switch {
+	case len(stats) < 19:
+		t.Fatalf("got %d epoch stats; want ≥19", len(stats))
+	case live.Off && stats[0].DirtyPages != pages:
+		t.Fatalf("first epoch with %d dirty pages; want all %d", stats[0].DirtyPages, pages)
+	case !live.Off && (stats[0].DirtyPages > 2 || stats[0].LiveSync.Rounds < 2 || stats[0].LiveSync.Pages < pages):
+		t.Fatalf("first epoch with %d dirty pages after a live sync of %+v; want at most the 2 written since its last round, after 2 rounds or more that sent all %d pages",
+			stats[0].DirtyPages, stats[0].LiveSync, pages)
 	}
 	for _, s := range stats[1:] {
 		if s.DirtyPages == 0 || s.DirtyPages > 2 || s.WireBytes == 0 || s.AckLatency() <= 0 {

@@ -67,6 +67,16 @@ func NewCompare(ram []byte, opts Options) (*Compare, error) {
 // Pages is the number of pages tracked.
 func (c *Compare) Pages() int { return c.pages }
 
+// HarvestsLive reports that Harvest may run while the guest runs: a page
+// is reported whenever live RAM differs from the private copy, which a
+// harvest updates to what it read; the pages it reported must then be read
+// from Snapshot, not from live RAM.
+func (c *Compare) HarvestsLive() bool { return true }
+
+// Snapshot is the private copy as of the last harvest: the content of the
+// pages it reported. It stays valid until Close.
+func (c *Compare) Snapshot() []byte { return c.copy }
+
 // Harvest reports the pages whose content differs from the private copy and
 // updates the copy to match. The whole of RAM is read: the cost is a pass
 // over RAM and its copy whatever the number of dirty pages. The first

@@ -52,6 +52,9 @@ type PrimaryConfig struct {
 	EpochLog string
 	// Compress sends pages as compressed XOR deltas.
 	Compress bool
+	// NoLiveSync copies all of RAM in the first epoch's pause instead of
+	// while the guest runs (checkpoint.LiveSyncConfig).
+	NoLiveSync bool
 	// Key, when set, authenticates the link (the backup needs the same).
 	Key []byte
 	// Net, when enabled, relays the guest's network with output commit.
@@ -160,6 +163,11 @@ type EpochRecord struct {
 	// of it the guest ran; zero for a session's first epoch.
 	IntervalUS int64 `json:"interval_us,omitempty"`
 	RanUS      int64 `json:"ran_us,omitempty"`
+	// A session's first epoch after a live sync: its rounds, the pages
+	// they sent and how long they took.
+	LiveSyncRounds int   `json:"live_sync_rounds,omitempty"`
+	LiveSyncPages  int   `json:"live_sync_pages,omitempty"`
+	LiveSyncUS     int64 `json:"live_sync_us,omitempty"`
 	// Network output released by this epoch's commit: frames, bytes, and
 	// how long they were held (p50, p99); bytes still held and the most
 	// ever held, when remusd relays the guest's network.
@@ -182,6 +190,7 @@ func NewEpochRecord(s checkpoint.EpochStats) EpochRecord {
 		DirtyPages: s.DirtyPages, DeviceBytes: s.DeviceBytes, WireBytes: s.WireBytes, AckUS: s.AckLatency().Microseconds(),
 		DiskWrites: s.DiskWrites, DiskBytes: s.DiskBytes,
 		IntervalUS: s.Interval.Microseconds(), RanUS: s.Ran.Microseconds(),
+		LiveSyncRounds: s.LiveSync.Rounds, LiveSyncPages: s.LiveSync.Pages, LiveSyncUS: s.LiveSync.Took.Microseconds(),
 		NetFrames: s.Output.Frames, NetBytes: s.Output.Bytes,
 		NetWaitP50US: s.Output.WaitP50.Microseconds(), NetWaitP99US: s.Output.WaitP99.Microseconds()}
 }
@@ -622,7 +631,7 @@ func (s *primarySession) run(ctx context.Context) error {
 
 	pcfg := checkpoint.PrimaryConfig{
 		VMName: cfg.VM, Pipeline: cfg.Pipeline, Heartbeat: cfg.Heartbeat, StateDir: cfg.StateDir,
-		Saver: saver, Logger: log, Compress: cfg.Compress,
+		Saver: saver, Logger: log, Compress: cfg.Compress, LiveSync: checkpoint.LiveSyncConfig{Off: cfg.NoLiveSync},
 		CommandTimeout: cfg.CommandTimeout, KillGuest: s.killGuest, Output: out,
 		// QEMU's monitor closes as it dies, a moment before the process
 		// shows as gone: give it that moment.
