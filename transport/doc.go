@@ -4,7 +4,9 @@
 // Each protected VM has one TCP connection between the two agents. Both
 // directions carry a stream of frames. On an authenticated connection each
 // side first sends Auth. The primary sends Hello, the disk's initial copy
-// as DiskWrite frames of epoch 0, then for every epoch its DiskWrite,
+// as DiskWrite frames of epoch 0, the live first sync of RAM (copied while
+// the guest runs) as RAMPages or RAMDelta frames of epoch 0, which the
+// backup writes into its image at once, then for every epoch its DiskWrite,
 // RAMPages (or RAMDelta) and DeviceState (or DeviceStateZ) frames followed
 // by a Commit; the backup sends Hello and an Ack for every epoch it
 // verified and applied. Both send Heartbeats, and an Error that ends the
@@ -56,7 +58,8 @@
 //	                 bytes of UTF-8) | RAM size u64 | page size u32 |
 //	                 last committed epoch u64 | disk size u64 (0: none)
 //	2 RAMPages       count u16 (1..256) | count × page index u64, strictly
-//	                 ascending | count × 4096 bytes of page data
+//	                 ascending | count × 4096 bytes of page data; epoch 0:
+//	                 the live first sync
 //	3 DeviceState    offset u32 | total u32 (1..64 MiB) | data (1 byte to
 //	                 MaxMessage-8, ending at or before total)
 //	4 Commit         page count u64 | device state length u64 | digest u32
