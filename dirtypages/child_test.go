@@ -10,6 +10,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"strconv"
@@ -30,11 +31,87 @@ var inGuest = flag.Bool("dirtypages.in-guest", false, "the tests run inside the 
 // process of startChild.
 const childEnv = "DIRTYPAGES_TEST_CHILD"
 
+// launchEnv, set in the environment to a file name, turns the test binary
+// into a launcher: it starts the command its arguments name, with its own
+// standard files and fd 3 when open, writes the command's pid to the file
+// and exits without waiting. The command is then no child of the test
+// (which the uffd tracker's ptrace needs).
+const launchEnv = "DIRTYPAGES_TEST_LAUNCH"
+
 func TestMain(m *testing.M) {
+	if pidFile := os.Getenv(launchEnv); pidFile != "" {
+		os.Exit(launchMain(pidFile, os.Args[1:]))
+	}
 	if size := os.Getenv(childEnv); size != "" {
 		os.Exit(childMain(size))
 	}
 	os.Exit(m.Run())
+}
+
+func launchMain(pidFile string, argv []string) int {
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Env = slices.DeleteFunc(os.Environ(), func(e string) bool { return strings.HasPrefix(e, launchEnv+"=") })
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	if _, err := unix.FcntlInt(3, unix.F_GETFD, 0); err == nil {
+		cmd.ExtraFiles = []*os.File{os.NewFile(3, "fd3")}
+	}
+	if err := cmd.Start(); err != nil {
+		fmt.Fprintln(os.Stderr, "launch:", err)
+		return 2
+	}
+	if err := os.WriteFile(pidFile, []byte(strconv.Itoa(cmd.Process.Pid)), 0o644); err != nil {
+		fmt.Fprintln(os.Stderr, "launch:", err)
+		return 2
+	}
+	return 0
+}
+
+// launch starts argv through the launcher, with stdin, stdout and extra
+// (fd 3, or nil), and returns its pid and a pidfd of it. The process is no
+// child of the test; cleanup kills it (SIGKILL) unless it has exited, and
+// waits until it has.
+func launch(t testing.TB, argv []string, env []string, stdin, stdout, stderr, extra *os.File) (pid, pidfd int) {
+	t.Helper()
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pidFile := filepath.Join(t.TempDir(), "pid")
+	cmd := exec.Command(exe, argv...)
+	// GORACE: a race-enabled helper would otherwise linger a second at exit.
+	cmd.Env = append(append(os.Environ(), env...), launchEnv+"="+pidFile, "GORACE=atexit_sleep_ms=0")
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdin, stdout, stderr
+	if extra != nil {
+		cmd.ExtraFiles = []*os.File{extra}
+	}
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("launch %s: %v", argv[0], err)
+	}
+	b, err := os.ReadFile(pidFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pid, err = strconv.Atoi(string(b)); err != nil {
+		t.Fatal(err)
+	}
+	if pidfd, err = unix.PidfdOpen(pid, 0); err != nil {
+		t.Fatalf("pidfd of %s: %v", argv[0], err)
+	}
+	t.Cleanup(func() {
+		defer unix.Close(pidfd)
+		if !waitExit(pidfd, 5*time.Second) {
+			unix.PidfdSendSignal(pidfd, unix.SIGKILL, nil, 0)
+			waitExit(pidfd, 10*time.Second)
+		}
+	})
+	return pid, pidfd
+}
+
+// waitExit waits up to d for the process of pidfd to exit.
+func waitExit(pidfd int, d time.Duration) bool {
+	fds := []unix.PollFd{{Fd: int32(pidfd), Events: unix.POLLIN}}
+	n, err := unix.Poll(fds, int(d.Milliseconds()))
+	return err == nil && n == 1
 }
 
 // childMain is the helper process: it maps the memory passed as fd 3
@@ -46,6 +123,9 @@ func TestMain(m *testing.M) {
 //	l            lock the whole mapping in memory (mlock)
 //	p P...       reclaim each page P (madvise MADV_PAGEOUT): unmap it and
 //	             write it out, as memory pressure would
+//	k P...       have the kernel write 8 random bytes into each page P
+//	             (read(2) from /dev/urandom): a content change that is
+//	             no write of the process's own
 //
 // It exits when stdin closes. It runs on one thread pinned to one CPU: a
 // page it writes first sits in that CPU's batch of pages waiting for the
@@ -68,7 +148,12 @@ func childMain(sizeStr string) int {
 		return 2
 	}
 	unix.Close(3)
-	fmt.Printf("ready %#x\n", addrOf(mem))
+	random, err := os.Open("/dev/urandom")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "child:", err)
+		return 2
+	}
+	fmt.Printf("ready %#x %d\n", addrOf(mem), os.Getpid())
 	sc := bufio.NewScanner(os.Stdin)
 	sc.Buffer(make([]byte, 0, 1<<20), 1<<24)
 	for sc.Scan() {
@@ -82,7 +167,7 @@ func childMain(sizeStr string) int {
 		if f[0] == "l" {
 			callErr = unix.Mlock(mem)
 		}
-		if f[0] == "w" {
+		if f[0] == "w" || f[0] == "k" {
 			if gen, err = strconv.ParseUint(args[0], 10, 64); err != nil {
 				fmt.Fprintln(os.Stderr, "child:", err)
 				return 2
@@ -101,6 +186,10 @@ func childMain(sizeStr string) int {
 				atomic.StoreUint64(w, gen)
 			case "s":
 				atomic.StoreUint64(w, atomic.LoadUint64(w))
+			case "k":
+				if _, err := random.Read(mem[p*PageSize+int(gen%(PageSize/8))*8:][:8]); err != nil && callErr == nil {
+					callErr = fmt.Errorf("read into page %d: %w", p, err)
+				}
 			case "p":
 				if err := unix.Madvise(mem[p*PageSize:(p+1)*PageSize], unix.MADV_PAGEOUT); err != nil && callErr == nil {
 					callErr = fmt.Errorf("madvise(MADV_PAGEOUT) of page %d: %w", p, err)
@@ -136,7 +225,8 @@ func pinToOneCPU() error {
 
 // child is a running helper process.
 type child struct {
-	cmd  *exec.Cmd
+	cmd  *exec.Cmd // nil for a detached child
+	pid  int
 	in   io.WriteCloser
 	out  *bufio.Reader
 	addr uintptr
@@ -174,16 +264,47 @@ func startChild(t *testing.T, f *os.File, size int) *child {
 			t.Errorf("helper process: %v", err)
 		}
 	})
+	c.ready(t)
+	return c
+}
+
+// ready reads the child's first line: where it mapped the memory, and its
+// pid.
+func (c *child) ready(t testing.TB) {
+	t.Helper()
 	line, err := c.out.ReadString('\n')
 	if err != nil {
 		t.Fatalf("helper process did not start: %v", err)
 	}
-	a, ok := strings.CutPrefix(strings.TrimSpace(line), "ready ")
-	addr, err := strconv.ParseUint(a, 0, 64)
-	if !ok || err != nil {
-		t.Fatalf("helper process said %q", line)
+	if _, err := fmt.Sscanf(line, "ready %v %d", &c.addr, &c.pid); err != nil {
+		t.Fatalf("helper process said %q: %v", line, err)
 	}
-	c.addr = uintptr(addr)
+}
+
+// startDetachedChild is startChild for a helper process that is no child
+// of the test (see launch). Cleanup closes its stdin and waits for it to
+// exit.
+func startDetachedChild(t *testing.T, f *os.File, size int) *child {
+	t.Helper()
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	inR, inW, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &child{in: inW, out: bufio.NewReader(outR), gen: 1 << 32}
+	launch(t, []string{exe, "-test.run=^$"}, []string{childEnv + "=" + strconv.Itoa(size)}, inR, outW, os.Stderr, f)
+	// Runs before launch's cleanup, which waits for the child to exit.
+	t.Cleanup(func() { inW.Close(); outR.Close() })
+	inR.Close()
+	outW.Close()
+	c.ready(t)
 	return c
 }
 
@@ -241,6 +362,13 @@ func (c *child) write(t *testing.T, pages ...int) {
 	t.Helper()
 	c.gen++
 	c.do(t, "w "+strconv.FormatUint(c.gen, 10), pages)
+}
+
+// kernelWrite makes the kernel write into pages for the child (read(2)).
+func (c *child) kernelWrite(t *testing.T, pages ...int) {
+	t.Helper()
+	c.gen++
+	c.do(t, "k "+strconv.FormatUint(c.gen, 10), pages)
 }
 
 // rewrite makes the child write to pages the values they hold.
