@@ -64,6 +64,10 @@ type PrimaryConfig struct {
 	// Compress sends pages as XOR deltas against their last version,
 	// compressed with zstd or lz4, whichever is smaller (RAMDelta frames).
 	Compress bool
+	// DeltaCachePages bounds the pages the compressor remembers to send
+	// XOR deltas against (the most recently sent ones); a page it forgot
+	// goes whole, compressed. 0: all of RAM (its size in memory again).
+	DeltaCachePages int
 	// OnPages, when set, is given each epoch's dirty pages as they are
 	// shipped, from the sender's goroutine (page traces for compression
 	// studies). It must not keep the pages.
@@ -310,7 +314,12 @@ func (p *Primary) Run(ctx context.Context, link Link) error {
 	}
 	var enc *transport.DeltaEncoder
 	if p.cfg.Compress {
-		if enc, err = transport.NewDeltaEncoder(uint64(len(p.ram))); err != nil {
+		if p.cfg.DeltaCachePages > 0 {
+			enc, err = transport.NewBoundedDeltaEncoder(uint64(len(p.ram)), p.cfg.DeltaCachePages)
+		} else {
+			enc, err = transport.NewDeltaEncoder(uint64(len(p.ram)))
+		}
+		if err != nil {
 			return err
 		}
 	}

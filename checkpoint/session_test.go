@@ -101,25 +101,30 @@ type committedEpoch struct {
 // the live first sync, until the backup has committed 20 epochs, checking
 // each committed image against the primary's RAM at the matching stop.
 func TestPrimaryBackupCommitWholeEpochs(t *testing.T) {
-	for _, compress := range []bool{false, true} {
-		for _, live := range []bool{false, true} {
-			t.Run(fmt.Sprintf("compress=%v,live=%v", compress, live), func(t *testing.T) {
-				g := newFakeGuest(64)
-				tracker, err := dirtypages.NewCompare(g.ram, dirtypages.Options{})
-				if err != nil {
-					t.Fatal(err)
-				}
-				var tr dirtypages.Tracker = tracker
-				if live {
-					tr = &writingTracker{Compare: tracker, g: g}
-				}
-				commitWholeEpochs(t, g, tr, compress, LiveSyncConfig{Off: !live, TargetPages: 1})
-			})
-		}
+	for _, tc := range []struct {
+		compress   bool
+		cachePages int // compressor's memory of pages sent (0: all)
+		live       bool
+	}{{false, 0, false}, {false, 0, true}, {true, 0, false}, {true, 0, true}, {true, 8, true}} {
+		t.Run(fmt.Sprintf("compress=%v,cache=%d,live=%v", tc.compress, tc.cachePages, tc.live), func(t *testing.T) {
+			g := newFakeGuest(64)
+			tracker, err := dirtypages.NewCompare(g.ram, dirtypages.Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var tr dirtypages.Tracker = tracker
+			if tc.live {
+				tr = &writingTracker{Compare: tracker, g: g}
+			}
+			commitWholeEpochs(t, g, tr, PrimaryConfig{Compress: tc.compress, DeltaCachePages: tc.cachePages,
+				LiveSync: LiveSyncConfig{Off: !tc.live, TargetPages: 1}})
+		})
 	}
 }
 
-func commitWholeEpochs(t *testing.T, g *fakeGuest, tracker dirtypages.Tracker, compress bool, live LiveSyncConfig) {
+// commitWholeEpochs runs the test with cfg's compression and live sync.
+func commitWholeEpochs(t *testing.T, g *fakeGuest, tracker dirtypages.Tracker, cfg PrimaryConfig) {
+	live := cfg.LiveSync
 	pages := len(g.ram) / transport.PageSize
 	dir := t.TempDir()
 	var err error
@@ -140,7 +145,7 @@ func commitWholeEpochs(t *testing.T, g *fakeGuest, tracker dirtypages.Tracker, c
 	var statsMu sync.Mutex
 	out := &fakeOutput{g: g, backup: backupCommitted.Load}
 	p, err := NewPrimary(PrimaryConfig{VMName: "vm1", KillGuest: noKill, StateDir: dir, Heartbeat: hb, Pipeline: PipelineConfig{Interval: 5 * time.Millisecond},
-		Output: out, Compress: compress, LiveSync: live,
+		Output: out, Compress: cfg.Compress, DeltaCachePages: cfg.DeltaCachePages, LiveSync: live,
 		OnEpoch: func(s EpochStats) { statsMu.Lock(); stats = append(stats, s); statsMu.Unlock() }}, g, g.ram, tracker)
 	if err != nil {
 		t.Fatal(err)

@@ -74,6 +74,7 @@ func app() *cli.App {
 					&cli.DurationFlag{Name: "command-timeout", Value: checkpoint.DefaultCommandTimeout, Usage: "bound on each QMP command of a checkpoint (stop, save, cont); a guest whose stop does not return in time is stopped for good and the backup told to resume its last checkpoint"},
 					&cli.DurationFlag{Name: "retry", Value: time.Second, Usage: "wait before protecting again after the backup was lost (0: exit instead)"},
 					&cli.BoolFlag{Name: "compress", Value: true, Usage: "send dirty pages as XOR deltas against their last version, compressed with zstd or lz4 (whichever is smaller), and the device state with zstd; =false sends both raw"},
+					&cli.Int64Flag{Name: "delta-cache", Usage: "`BYTES` of the pages last sent that --compress remembers to send XOR deltas against (the most recent ones; 0: all of guest RAM, which costs its size in memory again)"},
 					&cli.BoolFlag{Name: "live-sync", Value: true, Usage: "copy guest RAM to the backup while the guest runs before a session's first epoch, so that its pause holds only what was written meanwhile (trackers that can: uffd, compare); =false copies all of RAM in that pause"},
 					&cli.StringFlag{Name: "disk", Usage: "block node of the guest's disk (-blockdev ...,node-name=NODE): QEMU mirrors it to remusd and its writes go to the backup with their epochs"},
 					&cli.StringFlag{Name: "net-plug-tap", Usage: "for a guest whose NIC is a tap (-netdev tap, libvirt's default): hold its output in the kernel, with the sch_plug qdisc on an IFB device fed from this tap (one epoch in flight)"},
@@ -167,7 +168,7 @@ func runPrimary(c *cli.Context) error {
 		Pipeline:  checkpoint.PipelineConfig{Interval: c.Duration("epoch"), MaxInFlight: c.Int("max-in-flight")},
 		Heartbeat: heartbeat(c), Tracker: c.String("tracker"), DeviceState: c.String("device-state"), Retry: c.Duration("retry"), EpochLog: c.String("epoch-log"),
 		CommandTimeout: c.Duration("command-timeout"),
-		Net:            netConfig(c), Disk: c.String("disk"), Compress: c.Bool("compress"), NoLiveSync: !c.Bool("live-sync"),
+		Net:            netConfig(c), Disk: c.String("disk"), Compress: c.Bool("compress"), NoLiveSync: !c.Bool("live-sync"), DeltaCache: c.Int64("delta-cache"),
 		Trace: c.String("trace"), TraceEpochs: c.Int("trace-epochs"),
 		Witness: witnessConfig(c), AssumeFailStop: c.Bool("assume-fail-stop"), Control: c.String("control"),
 	}

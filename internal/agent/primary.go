@@ -52,6 +52,9 @@ type PrimaryConfig struct {
 	EpochLog string
 	// Compress sends pages as compressed XOR deltas.
 	Compress bool
+	// DeltaCache bounds, in bytes, the compressor's memory of the pages
+	// it sent (0: as large as guest RAM).
+	DeltaCache int64
 	// NoLiveSync copies all of RAM in the first epoch's pause instead of
 	// while the guest runs (checkpoint.LiveSyncConfig).
 	NoLiveSync bool
@@ -632,7 +635,8 @@ func (s *primarySession) run(ctx context.Context) error {
 	pcfg := checkpoint.PrimaryConfig{
 		VMName: cfg.VM, Pipeline: cfg.Pipeline, Heartbeat: cfg.Heartbeat, StateDir: cfg.StateDir,
 		Saver: saver, Logger: log, Compress: cfg.Compress, LiveSync: checkpoint.LiveSyncConfig{Off: cfg.NoLiveSync},
-		CommandTimeout: cfg.CommandTimeout, KillGuest: s.killGuest, Output: out,
+		DeltaCachePages: int(cfg.DeltaCache / transport.PageSize),
+		CommandTimeout:  cfg.CommandTimeout, KillGuest: s.killGuest, Output: out,
 		// QEMU's monitor closes as it dies, a moment before the process
 		// shows as gone: give it that moment.
 		GuestGone: func() bool { return s.waitGone(300 * time.Millisecond) },
