@@ -66,8 +66,8 @@ func launchMain(pidFile string, argv []string) int {
 	return 0
 }
 
-// launch starts argv through the launcher, with stdin, stdout and extra
-// (fd 3, or nil), and returns its pid and a pidfd of it. The process is no
+// launch starts argv through the launcher, with stdin, stdout, stderr and
+// extra (fd 3; nil for none, /dev/null for the others), and returns its pid and a pidfd of it. The process is no
 // child of the test; cleanup kills it (SIGKILL) unless it has exited, and
 // waits until it has.
 func launch(t testing.TB, argv []string, env []string, stdin, stdout, stderr, extra *os.File) (pid, pidfd int) {
@@ -80,7 +80,17 @@ func launch(t testing.TB, argv []string, env []string, stdin, stdout, stderr, ex
 	cmd := exec.Command(exe, argv...)
 	// GORACE: a race-enabled helper would otherwise linger a second at exit.
 	cmd.Env = append(append(os.Environ(), env...), launchEnv+"="+pidFile, "GORACE=atexit_sleep_ms=0")
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdin, stdout, stderr
+	for _, std := range []struct {
+		f   *os.File
+		dst *io.Writer
+	}{{stdout, &cmd.Stdout}, {stderr, &cmd.Stderr}} {
+		if std.f != nil {
+			*std.dst = std.f
+		}
+	}
+	if stdin != nil {
+		cmd.Stdin = stdin
+	}
 	if extra != nil {
 		cmd.ExtraFiles = []*os.File{extra}
 	}

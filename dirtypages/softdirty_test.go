@@ -497,44 +497,61 @@ func TestSoftDirtyRefusesUnlockedRAM(t *testing.T) {
 	}
 }
 
-// TestAutoFallsBackToCompare: the automatic choice takes soft-dirty for
-// locked RAM and falls back to compare for unlocked RAM, giving the reason.
-func TestAutoFallsBackToCompare(t *testing.T) {
+// TestAutoChooses: the automatic choice takes uffd where it can be made,
+// else soft-dirty for locked RAM, else compare, giving the reasons for
+// what it passed over.
+func TestAutoChooses(t *testing.T) {
 	r := lockTestRAM
 	ram := mapShared(t, newMemfd(t, "dirtypages-auto", int(r.m.Len())), int(r.m.Len()))
-	choose := func(smaps string) (Tracker, error, error) {
+	noUffd := fmt.Errorf("%w: no PAGEMAP_SCAN", ErrUffdUnsupported)
+	choose := func(uffdErr error, smaps string) (Tracker, error, error) {
 		fake := newFakePagemap(r.m.Start, r.m.Pages())
 		fake.smaps = smaps
-		return chooseTracker(r.m, ram, Options{}, func() (*SoftDirty, error) {
-			return newLockedSoftDirty(1234, r.m, fake, Options{})
-		})
+		return chooseTracker(r.m, ram, Options{},
+			func() (*Uffd, error) {
+				if uffdErr != nil {
+					return nil, uffdErr
+				}
+				u, _ := newFakeUffd(r.m.Start, r.m.Pages(), 16)
+				return u, nil
+			},
+			func() (*SoftDirty, error) { return newLockedSoftDirty(1234, r.m, fake, Options{}) })
 	}
 
-	tr, fallback, err := choose(lockedSmaps())
+	tr, fallback, err := choose(nil, smapsVMA(r.m, ramFlags))
 	if err != nil || fallback != nil {
-		t.Fatalf("locked RAM: fallback %v, err %v", fallback, err)
+		t.Fatalf("uffd available: fallback %v, err %v", fallback, err)
 	}
-	if _, ok := tr.(*SoftDirty); !ok {
-		t.Fatalf("locked RAM: chose %T", tr)
+	if _, ok := tr.(*Uffd); !ok {
+		t.Fatalf("uffd available: chose %T", tr)
 	}
 	tr.Close()
 
-	tr, fallback, err = choose(smapsVMA(r.m, ramFlags))
+	tr, fallback, err = choose(noUffd, lockedSmaps())
+	if err != nil || !errors.Is(fallback, ErrUffdUnsupported) {
+		t.Fatalf("no uffd, locked RAM: fallback %v, err %v", fallback, err)
+	}
+	if _, ok := tr.(*SoftDirty); !ok {
+		t.Fatalf("no uffd, locked RAM: chose %T", tr)
+	}
+	tr.Close()
+
+	tr, fallback, err = choose(noUffd, smapsVMA(r.m, ramFlags))
 	if err != nil {
-		t.Fatalf("unlocked RAM: %v", err)
+		t.Fatalf("no uffd, unlocked RAM: %v", err)
 	}
 	defer tr.Close()
 	if _, ok := tr.(*Compare); !ok {
-		t.Fatalf("unlocked RAM: chose %T", tr)
+		t.Fatalf("no uffd, unlocked RAM: chose %T", tr)
 	}
-	if !errors.Is(fallback, ErrRAMNotLocked) || !strings.Contains(fallback.Error(), "-overcommit mem-lock=on") {
-		t.Fatalf("unlocked RAM: fallback reason %v", fallback)
+	if !errors.Is(fallback, ErrUffdUnsupported) || !errors.Is(fallback, ErrRAMNotLocked) || !strings.Contains(fallback.Error(), "-overcommit mem-lock=on") {
+		t.Fatalf("no uffd, unlocked RAM: fallback reasons %v", fallback)
 	}
 	if tr.Pages() != r.m.Pages() {
 		t.Fatalf("compare tracks %d pages, want %d", tr.Pages(), r.m.Pages())
 	}
 
-	if _, _, err := chooseTracker(r.m, ram[:PageSize], Options{}, nil); err == nil || !strings.Contains(err.Error(), "RAM mapped here is 4096 bytes") {
+	if _, _, err := chooseTracker(r.m, ram[:PageSize], Options{}, nil, nil); err == nil || !strings.Contains(err.Error(), "RAM mapped here is 4096 bytes") {
 		t.Fatalf("RAM of the wrong size: %v", err)
 	}
 }

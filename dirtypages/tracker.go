@@ -67,29 +67,47 @@ func (o Options) withDefaults(defaultWorkers int) (Options, error) {
 }
 
 // NewAuto picks the tracker for guest RAM that process pid (QEMU) maps at m
-// and this process at ram: a SoftDirty tracker when NewSoftDirty accepts m,
-// a Compare tracker of ram otherwise. When it falls back to Compare,
-// fallback is NewSoftDirty's error, which says why: it wraps
-// ErrSoftDirtyUnsupported when the kernel cannot track, and ErrRAMNotLocked,
-// naming the fix (QEMU's -overcommit mem-lock=on), when guest RAM is not
-// locked in memory; the caller should tell the user. err is set only when
-// no tracker could be made. ram must be as long as m.
+// and this process at ram, in this order of preference:
+//
+//  1. Uffd (NewUffd), when the kernel has userfaultfd's asynchronous
+//     write-protection and PAGEMAP_SCAN (Linux 6.7), this process may
+//     ptrace QEMU and QEMU is not confined by seccomp: exact, needs no
+//     locked RAM, and its harvest costs grow with the pages written;
+//  2. SoftDirty (NewSoftDirty), when the kernel tracks soft-dirty bits and
+//     QEMU locks guest RAM in memory;
+//  3. Compare (NewCompare) otherwise.
+//
+// fallback says why the trackers before the one chosen were passed over:
+// NewUffd's error when it chose SoftDirty, NewUffd's and NewSoftDirty's
+// joined (errors.Join) when it chose Compare. It wraps
+// ErrUffdUnsupported, ErrSoftDirtyUnsupported, or ErrRAMNotLocked (naming
+// the fix: QEMU's -overcommit mem-lock=on) where those are the reasons;
+// the caller should tell the user. err is set only when no tracker could
+// be made. ram must be as long as m.
 func NewAuto(pid int, m Mapping, ram []byte, opts Options) (tr Tracker, fallback error, err error) {
-	return chooseTracker(m, ram, opts, func() (*SoftDirty, error) { return NewSoftDirty(pid, m, opts) })
+	return chooseTracker(m, ram, opts,
+		func() (*Uffd, error) { return NewUffd(pid, m, opts) },
+		func() (*SoftDirty, error) { return NewSoftDirty(pid, m, opts) })
 }
 
-// chooseTracker is NewAuto with the soft-dirty constructor as a parameter.
-func chooseTracker(m Mapping, ram []byte, opts Options, softDirty func() (*SoftDirty, error)) (tr Tracker, fallback error, err error) {
+// chooseTracker is NewAuto with the uffd and soft-dirty constructors as
+// parameters.
+func chooseTracker(m Mapping, ram []byte, opts Options, uffd func() (*Uffd, error), softDirty func() (*SoftDirty, error)) (tr Tracker, fallback error, err error) {
 	if uintptr(len(ram)) != m.Len() {
 		return nil, nil, fmt.Errorf("dirtypages: choose a tracker: RAM mapped here is %d bytes, QEMU's mapping %#x-%#x of %s is %d", len(ram), m.Start, m.End, m.Path, m.Len())
 	}
-	sd, fallback := softDirty()
-	if fallback == nil {
-		return sd, nil, nil
+	u, uffdErr := uffd()
+	if uffdErr == nil {
+		return u, nil, nil
 	}
+	sd, sdErr := softDirty()
+	if sdErr == nil {
+		return sd, uffdErr, nil
+	}
+	fallback = errors.Join(uffdErr, sdErr)
 	c, err := NewCompare(ram, opts)
 	if err != nil {
-		return nil, fallback, fmt.Errorf("dirtypages: choose a tracker: soft-dirty unusable (%v), and compare: %w", fallback, err)
+		return nil, fallback, fmt.Errorf("dirtypages: choose a tracker: uffd unusable (%v), soft-dirty unusable (%v), and compare: %w", uffdErr, sdErr, err)
 	}
 	return c, fallback, nil
 }
