@@ -845,27 +845,31 @@ func (p *Primary) ship(ctx context.Context, link Link, ed *epochData, enc *trans
 	if p.cfg.OnPages != nil {
 		p.cfg.OnPages(n, ed.epoch.Pages)
 	}
-	frames, err := ed.epoch.FramesWith(enc)
-	if err != nil {
-		return shipped{epoch: n, err: err}
-	}
+	// Frames go out as they are made: a large epoch (a first one of all
+	// of RAM) is not copied whole a second time.
 	var bytes int64
-	total := len(frames)
+	total := len(ed.epoch.Disk) + (len(ed.epoch.Pages)+transport.MaxPagesPerFrame-1)/transport.MaxPagesPerFrame + 2 // about
 	progressEvery := 0
 	if total > 1000 {
 		progressEvery = total / 10
 	}
-	for i, f := range frames {
+	i := 0
+	err := ed.epoch.EachFrame(enc, func(f transport.Frame) error {
 		if i == total/2 {
 			p.fault(FaultShipping, n)
 		}
 		if err := link.Send(ctx, f); err != nil {
-			return shipped{epoch: n, err: err}
+			return err
 		}
+		i++
 		bytes += int64(len(f.Payload) + transport.Overhead)
-		if progressEvery > 0 && (i+1)%progressEvery == 0 {
-			p.log.Info("shipping epoch", "epoch", n, "frames_sent", i+1, "frames", total, "bytes_sent", bytes)
+		if progressEvery > 0 && i%progressEvery == 0 {
+			p.log.Info("shipping epoch", "epoch", n, "frames_sent", i, "frames_about", total, "bytes_sent", bytes)
 		}
+		return nil
+	})
+	if err != nil {
+		return shipped{epoch: n, err: err}
 	}
 	return shipped{epoch: n, wireBytes: bytes, ship: time.Since(ed.resume)}
 }

@@ -29,8 +29,24 @@ func (e Epoch) Frames() ([]Frame, error) { return e.FramesWith(nil) }
 // in place of RAMPages) when enc is not nil. The digest covers the pages
 // themselves, so the backup's Commit also checks its decompression.
 func (e Epoch) FramesWith(enc *DeltaEncoder) ([]Frame, error) {
+	frames := make([]Frame, 0, len(e.Disk)+(len(e.Pages)+MaxPagesPerFrame-1)/MaxPagesPerFrame+2)
+	err := e.EachFrame(enc, func(f Frame) error {
+		frames = append(frames, f)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return frames, nil
+}
+
+// EachFrame is FramesWith one frame at a time: it hands each frame to
+// yield as soon as it is made, so that a sender holds one frame of the
+// epoch at a time rather than a second copy of all of it. An error from
+// yield stops it and is returned.
+func (e Epoch) EachFrame(enc *DeltaEncoder, yield func(Frame) error) error {
 	if e.Number == 0 {
-		return nil, fmt.Errorf("%w: epoch 0 (epochs are numbered from 1)", ErrMalformed)
+		return fmt.Errorf("%w: epoch 0 (epochs are numbered from 1)", ErrMalformed)
 	}
 	dev, zdev := e.DeviceState, false
 	if enc != nil && len(dev) > 0 {
@@ -40,39 +56,40 @@ func (e Epoch) FramesWith(enc *DeltaEncoder) ([]Frame, error) {
 	}
 	chunks, err := ChunkDeviceState(dev)
 	if err != nil {
-		return nil, fmt.Errorf("epoch %d: %w", e.Number, err)
+		return fmt.Errorf("epoch %d: %w", e.Number, err)
 	}
-	var (
-		d      Digest
-		frames = make([]Frame, 0, len(e.Disk)+(len(e.Pages)+MaxPagesPerFrame-1)/MaxPagesPerFrame+len(chunks)+1)
-	)
+	var d Digest
 	for _, w := range e.Disk {
 		f, err := NewFrame(e.Number, w)
 		if err != nil {
-			return nil, fmt.Errorf("epoch %d: %w", e.Number, err)
+			return fmt.Errorf("epoch %d: %w", e.Number, err)
 		}
 		d.AddDiskWrite(w)
-		frames = append(frames, f)
+		if err := yield(f); err != nil {
+			return err
+		}
 	}
 	for i := 0; i < len(e.Pages); i += MaxPagesPerFrame {
 		m := RAMPages{Pages: e.Pages[i:min(i+MaxPagesPerFrame, len(e.Pages))]}
 		if i > 0 && m.Pages[0].Index <= e.Pages[i-1].Index {
-			return nil, fmt.Errorf("epoch %d: %w", e.Number, malformed(TypeRAMPages, "page index %d after %d: indexes must ascend", m.Pages[0].Index, e.Pages[i-1].Index))
+			return fmt.Errorf("epoch %d: %w", e.Number, malformed(TypeRAMPages, "page index %d after %d: indexes must ascend", m.Pages[0].Index, e.Pages[i-1].Index))
 		}
 		var msg Message = m
 		if enc != nil {
 			dm, err := enc.Encode(m.Pages)
 			if err != nil {
-				return nil, fmt.Errorf("epoch %d: %w", e.Number, err)
+				return fmt.Errorf("epoch %d: %w", e.Number, err)
 			}
 			msg = dm
 		}
 		f, err := NewFrame(e.Number, msg)
 		if err != nil {
-			return nil, fmt.Errorf("epoch %d: %w", e.Number, err)
+			return fmt.Errorf("epoch %d: %w", e.Number, err)
 		}
 		d.AddPages(m)
-		frames = append(frames, f)
+		if err := yield(f); err != nil {
+			return err
+		}
 	}
 	for _, c := range chunks {
 		var msg Message = c
@@ -81,16 +98,18 @@ func (e Epoch) FramesWith(enc *DeltaEncoder) ([]Frame, error) {
 		}
 		f, err := NewFrame(e.Number, msg)
 		if err != nil {
-			return nil, fmt.Errorf("epoch %d: %w", e.Number, err)
+			return fmt.Errorf("epoch %d: %w", e.Number, err)
 		}
 		d.AddDeviceState(c.Data)
-		frames = append(frames, f)
+		if err := yield(f); err != nil {
+			return err
+		}
 	}
 	f, err := NewFrame(e.Number, d.Commit())
 	if err != nil {
-		return nil, fmt.Errorf("epoch %d: %w", e.Number, err)
+		return fmt.Errorf("epoch %d: %w", e.Number, err)
 	}
-	return append(frames, f), nil
+	return yield(f)
 }
 
 // Stage assembles epochs on the backup. It takes an epoch's RAMPages and
