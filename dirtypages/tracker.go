@@ -31,7 +31,8 @@ type Tracker interface {
 // ErrClosed is returned by Harvest on a closed tracker.
 var ErrClosed = errors.New("dirtypages: tracker closed")
 
-// Options tunes a tracker. The zero value selects the defaults.
+// Options tunes a tracker. The zero value selects the defaults. Uffd has
+// nothing to tune: it checks the values and ignores them.
 type Options struct {
 	// Workers is the number of goroutines a Harvest spreads its work over.
 	// Default: runtime.GOMAXPROCS(0) for Compare, whose pass over RAM

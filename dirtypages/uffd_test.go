@@ -498,3 +498,28 @@ func TestUffdReportsReclaimedPageOfChild(t *testing.T) {
 	c.write(t, 10, 12)
 	wantSet(t, "written after reclaim", harvest(t, u), setOf(n, 10, 12))
 }
+
+// TestNewAutoChoosesUffd: on a kernel that supports it, the automatic
+// choice for a process that is no child of the agent is the uffd tracker,
+// with nothing passed over.
+func TestNewAutoChoosesUffd(t *testing.T) {
+	requireUffd(t)
+	const n = 64
+	f, name := childMemory(t, "memfd", n*PageSize)
+	c := startDetachedChild(t, f, n*PageSize)
+	m, err := FindMapping(c.pid, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr, fallback, err := NewAuto(c.pid, m, mapShared(t, f, n*PageSize), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tr.Close()
+	if _, ok := tr.(*Uffd); !ok || fallback != nil {
+		t.Fatalf("chose %T, passing over %v", tr, fallback)
+	}
+	harvest(t, tr)
+	c.write(t, 5)
+	wantSet(t, "after a write", harvest(t, tr), setOf(n, 5))
+}

@@ -56,7 +56,8 @@ import (
 // this process; see the package documentation.
 var ErrChild = errors.New("ptrace: target is a child of this process")
 
-// ErrDetached is returned by a Caller used after its Do returned.
+// ErrDetached is returned by a Caller used after its Do returned, or from
+// a goroutine other than the one running Do's function.
 var ErrDetached = errors.New("ptrace: thread no longer held")
 
 // SyscallError is the error of a system call that ran in the target and
@@ -122,6 +123,7 @@ func Do(ctx context.Context, pid int, f func(call Caller) error) (held time.Dura
 		// Never unlocked: the thread exits with the goroutine, and the
 		// kernel detaches whatever it still traces.
 		runtime.LockOSThread()
+		s.tid = unix.Gettid()
 		if err = s.attach(ctx); err != nil {
 			return
 		}
@@ -129,7 +131,9 @@ func Do(ctx context.Context, pid int, f func(call Caller) error) (held time.Dura
 		func() {
 			defer func() { panicked = recover() }()
 			ferr = f(func(nr uintptr, args ...uintptr) (uintptr, error) {
-				if s.detached {
+				// Only the tracing thread may make ptrace requests, and
+				// it runs f alone.
+				if unix.Gettid() != s.tid || s.detached {
 					return 0, fmt.Errorf("ptrace: system call %d in pid %d: %w", nr, pid, ErrDetached)
 				}
 				return s.syscall(ctx, nr, args)
@@ -160,6 +164,7 @@ func Inject(ctx context.Context, pid int, nr uintptr, args ...uintptr) (uintptr,
 // session is the state of one Do, owned by its tracing goroutine.
 type session struct {
 	pid      int
+	tid      int             // the tracing thread
 	insn     uintptr         // address of a syscall instruction in the target
 	saved    unix.PtraceRegs // the thread's registers at the stop
 	sigStop  bool            // the thread sits in a signal-delivery-stop
@@ -309,7 +314,7 @@ func (s *session) syscall(ctx context.Context, nr uintptr, args []uintptr) (uint
 		ws, err := s.wait(ctx)
 		if err != nil {
 			if ctx.Err() != nil {
-				return 0, s.recover(fmt.Errorf("ptrace: system call %d in pid %d: %w", nr, s.pid, err))
+				return 0, s.regain(fmt.Errorf("ptrace: system call %d in pid %d: %w", nr, s.pid, err))
 			}
 			return 0, s.fail(fmt.Errorf("ptrace: wait for pid %d: %w", s.pid, err))
 		}
@@ -389,12 +394,12 @@ func (s *session) fail(err error) error {
 	return err
 }
 
-// recover brings back a thread whose injected call outlived ctx: it
+// regain brings back a thread whose injected call outlived ctx: it
 // interrupts it, waits (at most recoverGrace) for the stop, and restores
 // the registers. The step's SIGTRAP may then still be queued for the
 // thread; it is drained so that it is not delivered after Detach, which
 // would kill the target.
-func (s *session) recover(err error) error {
+func (s *session) regain(err error) error {
 	ctx, cancel := context.WithTimeout(context.Background(), recoverGrace)
 	defer cancel()
 	if ierr := unix.PtraceInterrupt(s.pid); ierr != nil {

@@ -85,6 +85,12 @@ func TestInject(t *testing.T) {
 						t.Errorf("fd %d still open in the target after close: %q", fd, l)
 					}
 				}
+				// Only the goroutine running f may call.
+				other := make(chan error)
+				go func() { _, err := call(unix.SYS_GETPID); other <- err }()
+				if err := <-other; !errors.Is(err, ErrDetached) {
+					t.Errorf("call from another goroutine: %v", err)
+				}
 				// A call that fails returns its errno.
 				_, err = call(unix.SYS_CLOSE, uffd)
 				var se *SyscallError
