@@ -380,6 +380,11 @@ func userfaultfdIn(ctx context.Context, pid int) (fd int, held time.Duration, er
 // Pages is the number of pages tracked.
 func (u *Uffd) Pages() int { return u.pages }
 
+// HarvestsLive reports that Harvest may run while the guest runs: the scan
+// write-protects each page again as it reports it, so a write after that
+// (or during the copy that follows) is reported by the next harvest.
+func (u *Uffd) HarvestsLive() bool { return true }
+
 // Held is how long NewUffd stopped QEMU's main thread to make the
 // userfaultfd there.
 func (u *Uffd) Held() time.Duration { return u.held }

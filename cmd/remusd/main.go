@@ -69,7 +69,7 @@ func app() *cli.App {
 					&cli.DurationFlag{Name: "epoch", Value: checkpoint.DefaultInterval, Usage: "checkpoint interval"},
 					&cli.IntFlag{Name: "max-in-flight", Value: checkpoint.DefaultMaxInFlight, Usage: "epochs sent but not yet acknowledged before the next waits"},
 					&cli.StringFlag{Name: "min-run", Value: "90%", Usage: "least share of time the guest runs: after a pause P the next checkpoint waits until the guest ran P×share/(1−share), so long pauses stretch the epoch instead of starving the guest (e.g. 90%, 0.5; off: checkpoint every --epoch whatever the pauses)"},
-					&cli.StringFlag{Name: "tracker", Value: agent.TrackerAuto, Usage: "dirty-page tracker: auto, softdirty or compare"},
+					&cli.StringFlag{Name: "tracker", Value: agent.TrackerAuto, Usage: "dirty-page tracker: auto (uffd where the kernel has userfaultfd write-protection and PAGEMAP_SCAN, else softdirty where the kernel tracks it and guest RAM is locked, else compare), uffd, softdirty or compare"},
 					&cli.StringFlag{Name: "device-state", Value: "auto", Usage: "how to save device state: auto, xen (xen-save-devices-state) or migrate (migration with x-ignore-shared)"},
 					&cli.DurationFlag{Name: "command-timeout", Value: checkpoint.DefaultCommandTimeout, Usage: "bound on each QMP command of a checkpoint (stop, save, cont); a guest whose stop does not return in time is stopped for good and the backup told to resume its last checkpoint"},
 					&cli.DurationFlag{Name: "retry", Value: time.Second, Usage: "wait before protecting again after the backup was lost (0: exit instead)"},

@@ -27,6 +27,7 @@ import (
 // Tracker choices.
 const (
 	TrackerAuto      = "auto"
+	TrackerUffd      = "uffd"
 	TrackerSoftDirty = "softdirty"
 	TrackerCompare   = "compare"
 )
@@ -128,9 +129,9 @@ func (c PrimaryConfig) Validate() error {
 		return errors.New("no witness (--witness): " + failStopRisk + "; give --witness, or --assume-fail-stop where the backup fences this host (its --fence-command) or the hosts cannot be partitioned")
 	}
 	switch c.Tracker {
-	case "", TrackerAuto, TrackerSoftDirty, TrackerCompare:
+	case "", TrackerAuto, TrackerUffd, TrackerSoftDirty, TrackerCompare:
 	default:
-		return fmt.Errorf("unknown tracker %q (auto, softdirty or compare)", c.Tracker)
+		return fmt.Errorf("unknown tracker %q (auto, uffd, softdirty or compare)", c.Tracker)
 	}
 	switch c.DeviceState {
 	case "", "auto", "xen", "migrate":
@@ -703,27 +704,13 @@ func (s *primarySession) run(ctx context.Context) error {
 	}
 	s.current.Store(p)
 	defer s.current.Store(nil)
-	log.Info("protecting", "epoch", cfg.Pipeline.WithDefaults().Interval, "tracker", fmt.Sprintf("%T", tracker), "device_state", saver.String())
+	log.Info("protecting", "epoch", cfg.Pipeline.WithDefaults().Interval, "tracker", trackerName(tracker), "device_state", saver.String())
 	return p.Run(ctx, link)
 }
 
 func newTracker(kind string, q *QEMU, ram []byte, log *slog.Logger) (dirtypages.Tracker, error) {
-	if kind == TrackerSoftDirty || kind == TrackerAuto || kind == "" {
-		t, err := softDirty(q)
-		if err == nil {
-			return t, nil
-		}
-		if kind == TrackerSoftDirty {
-			return nil, err
-		}
-		log.Info("soft-dirty tracking unavailable; comparing RAM against the last checkpoint instead", "reason", err)
-	}
-	return dirtypages.NewCompare(ram, dirtypages.Options{})
-}
-
-func softDirty(q *QEMU) (dirtypages.Tracker, error) {
-	if err := dirtypages.SoftDirtySupported(); err != nil {
-		return nil, err
+	if kind == TrackerCompare {
+		return dirtypages.NewCompare(ram, dirtypages.Options{})
 	}
 	name := q.RAM.Path
 	if name == "" {
@@ -731,7 +718,40 @@ func softDirty(q *QEMU) (dirtypages.Tracker, error) {
 	}
 	m, err := dirtypages.FindMapping(q.PID, name)
 	if err != nil {
+		if kind != TrackerAuto && kind != "" {
+			return nil, err
+		}
+		log.Info("guest RAM not found in QEMU's mappings; comparing RAM against the last checkpoint instead", "reason", err)
+		return dirtypages.NewCompare(ram, dirtypages.Options{})
+	}
+	switch kind {
+	case TrackerUffd:
+		return dirtypages.NewUffd(q.PID, m, dirtypages.Options{})
+	case TrackerSoftDirty:
+		if err := dirtypages.SoftDirtySupported(); err != nil {
+			return nil, err
+		}
+		return dirtypages.NewSoftDirty(q.PID, m, dirtypages.Options{})
+	}
+	tr, fallback, err := dirtypages.NewAuto(q.PID, m, ram, dirtypages.Options{})
+	if err != nil {
 		return nil, err
 	}
-	return dirtypages.NewSoftDirty(q.PID, m, dirtypages.Options{})
+	if fallback != nil {
+		log.Info("dirty-page tracker: "+trackerName(tr)+"; the better ones are unavailable here", "reason", fallback)
+	}
+	return tr, nil
+}
+
+// trackerName names a tracker for people.
+func trackerName(tr dirtypages.Tracker) string {
+	switch tr.(type) {
+	case *dirtypages.Uffd:
+		return TrackerUffd
+	case *dirtypages.SoftDirty:
+		return TrackerSoftDirty
+	case *dirtypages.Compare:
+		return TrackerCompare
+	}
+	return fmt.Sprintf("%T", tr)
 }
