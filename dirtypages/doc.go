@@ -139,21 +139,20 @@
 // virtio-mem, discard): the page reads as zeroes afterwards, but its
 // marker stays and it is not reported.
 //
-// Its costs, measured on the two-core development machine (a VM on which
-// a plain page fault costs about 16 µs, against about 1 µs on bare
-// hardware, and the machine shared with other work, so that Compare took
-// 16 ms per 256 MiB at the same time), 256 MiB of RAM, every page mapped
-// in: a harvest takes 0.07-0.16 ms when nothing was written (the page
-// table walk), 3-15 ms after 1,000 random pages were written and 6-18 ms
-// after every page was (re-protecting each written page, and the TLB
-// flushes that needs, dominate; the notes of these measurements on bare
-// hardware give 0.16-0.26 ms and 2.4 ms); with the test guest under QEMU
-// and TCG, 150 epochs of 20 ms dirtied a median of 372-481 pages each and
-// the harvest took 1.0-1.2 ms (median; 6 ms at most). NewUffd's injection
-// stopped QEMU's main thread for 0.3-4 ms, and write-protecting 256 MiB
-// took 5-35 ms while the guest ran. The guest pays a write-protect fault on
-// its first write to each page in each epoch (18-37 µs here, about 1 µs on
-// bare hardware).
+// Its costs, measured on the two-core development machine while it was
+// shared with other work (a plain page fault, with no tracking, cost about
+// 16 µs at the time, and Compare took 16 ms per 256 MiB), 256 MiB of RAM,
+// every page mapped in: a harvest takes 0.07-0.16 ms when nothing was
+// written (the page table walk), 3-15 ms after 1,000 random pages were
+// written and 6-18 ms after every page was (re-protecting each written
+// page, and the TLB flushes that needs, dominate; earlier measurements on
+// a quiet machine of the same kind gave 0.16-0.26 ms and 2.4 ms); with the
+// test guest under QEMU and TCG, 150 epochs of 20 ms dirtied a median of
+// 372-481 pages each and the harvest took 1.0-1.2 ms (median; 6 ms at
+// most). NewUffd's injection stopped QEMU's main thread for 0.3-4 ms, and
+// write-protecting 256 MiB took 5-35 ms while the guest ran. The guest
+// pays a write-protect fault on its first write to each page in each epoch
+// (18-37 µs here; about 1.1 µs on the quiet machine).
 //
 // Its requirements: Linux 6.7 or later with CONFIG_USERFAULTFD and
 // CONFIG_PTE_MARKER_UFFD_WP (UffdSupported checks); the rights to ptrace
