@@ -42,12 +42,16 @@ const scanRegions = 4096
 const uffdFeatures = uffdFeatureWPAsync | uffdFeatureWPUnpopulated
 
 // UffdSupported checks that the kernel can track writes with userfaultfd
-// write-protection: it creates a userfaultfd here, registers a shared
-// memory page of its own for asynchronous write-protection, protects it,
-// writes to it, and checks that PAGEMAP_SCAN reports exactly that write.
-// It returns nil when it does, and an error wrapping ErrUffdUnsupported
-// that names the reason otherwise. It does not check that this process may
-// ptrace QEMU, which NewUffd needs as well.
+// write-protection: it creates a userfaultfd here, checks that it offers
+// the features the tracker needs, registers three pages of shared memory
+// of its own for asynchronous write-protection, and checks what
+// PAGEMAP_SCAN reports of them: every page as written before anything was
+// protected (the entries of the two not mapped in are empty, which must
+// count as written; see probeUffd), none once the scan has protected
+// them, then exactly the page written. It returns nil when all is as
+// expected, and an error wrapping ErrUffdUnsupported that names the reason
+// otherwise. It does not check that this process may ptrace QEMU, which
+// NewUffd needs as well.
 func UffdSupported() error {
 	fd, err := newUserfaultfd()
 	if err != nil {
@@ -264,7 +268,9 @@ var _ Tracker = (*Uffd)(nil)
 // NewUffd returns a Uffd tracker of mapping m (see FindMapping) of guest
 // RAM in process pid (QEMU). The mapping must start at offset 0 of the RAM
 // backend, so that page indexes are offsets in the backend, and be whole
-// pages of shared memory (a memfd, a file under /dev/shm) or hugetlbfs.
+// pages. Any shared mapping of a file will do: with asynchronous
+// write-protection the kernel registers regular files as well as shmem (a
+// memfd, a file under /dev/shm) and hugetlbfs.
 //
 // It checks UffdSupported, and refuses, with errors wrapping
 // ErrUffdUnsupported, a QEMU under a seccomp filter (-sandbox on: a filter
@@ -323,9 +329,9 @@ func newUffd(ctx context.Context, pid int, m Mapping, opts Options) (*Uffd, erro
 	return u, nil
 }
 
-// checkNoSeccomp refuses a process under a seccomp filter (the Seccomp
-// field of /proc/PID/status is 2): the injected userfaultfd() must not
-// meet a filter that kills the process for it.
+// checkNoSeccomp refuses a process under seccomp (the Seccomp field of
+// /proc/PID/status is 1, strict, or 2, a filter): the injected
+// userfaultfd() must not meet a filter that kills the process for it.
 func checkNoSeccomp(pid int) error {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
