@@ -46,6 +46,19 @@ type ClientStats struct {
 	RTTms     Pct     `json:"rtt_ms"`
 }
 
+// FirstSync describes how protection began: from the session's live sync
+// to the first epoch acknowledged, the live sync's rounds and time, the first
+// pause and its pages, and how long output was held for the first epoch
+// (from its pause to its ack).
+type FirstSync struct {
+	ToProtectedMS   float64 `json:"to_protected_ms"`
+	LiveRounds      int     `json:"live_rounds"`
+	LiveMS          float64 `json:"live_ms"`
+	FirstPauseMS    float64 `json:"first_pause_ms"`
+	FirstPausePages int     `json:"first_pause_pages"`
+	OutputStallMS   float64 `json:"output_stall_ms"`
+}
+
 // RSS is the peak resident memory of the two agents, in MiB.
 type RSS struct {
 	Primary float64 `json:"primary"`
@@ -77,9 +90,10 @@ type Result struct {
 	// HarvestMSPerGiB is the harvest's p50 scaled to a GiB of guest RAM;
 	// HostMemGBps the host's memory copy bandwidth measured in the same
 	// run, for comparison.
-	HarvestMSPerGiB float64 `json:"harvest_ms_per_gib"`
-	HostMemGBps     float64 `json:"host_mem_gbps"`
-	RSSMiB          RSS     `json:"rss_mib"`
+	HarvestMSPerGiB float64   `json:"harvest_ms_per_gib"`
+	HostMemGBps     float64   `json:"host_mem_gbps"`
+	RSSMiB          RSS       `json:"rss_mib"`
+	FirstSync       FirstSync `json:"first_sync"`
 	// WorkloadRatio is the guest workload's throughput protected over
 	// unprotected (the compile workload; 0 for the others); RTTms the
 	// counter client's round trip while protected.
@@ -142,7 +156,7 @@ func runBench(ctx context.Context, o benchOptions, log io.Writer) (*Result, erro
 	if r.Unprotected, unprotectedWork, err = clientWithWork(ctx, conn, cl, 3*time.Second); err != nil {
 		return nil, err
 	}
-	fmt.Fprintf(log, "starting the backup; the first checkpoint copies all of RAM\n")
+	fmt.Fprintf(log, "starting the backup; the first sync copies all of RAM\n")
 	if err := p.StartBackup(); err != nil {
 		return nil, err
 	}
@@ -152,6 +166,12 @@ func runBench(ctx context.Context, o benchOptions, log io.Writer) (*Result, erro
 	if err != nil {
 		return nil, fmt.Errorf("no checkpoint committed: %w\n%s", err, p.Primary.Output())
 	}
+	e1 := first[0]
+	// The session's start is not logged: protected after the live sync
+	// plus the first epoch's pause-to-ack (it begins right after).
+	r.FirstSync = FirstSync{ToProtectedMS: float64(e1.LiveSyncUS+e1.AckUS) / 1000,
+		LiveRounds: e1.LiveSyncRounds, LiveMS: float64(e1.LiveSyncUS) / 1000, FirstPausePages: e1.DirtyPages,
+		FirstPauseMS: float64(e1.PauseUS) / 1000, OutputStallMS: float64(e1.AckUS) / 1000}
 	cpu0, err := cpuTime(p.Primary.PID())
 	if err != nil {
 		return nil, err
@@ -332,6 +352,9 @@ func printTable(w io.Writer, r *Result) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintf(tw, "remus-kvm bench\tworkload %s, %d MiB, tracker %s, %s, compress %v, %.1f s protected\n", r.Workload, r.RAMMiB, r.Tracker, r.Accel, r.Compress, r.Seconds)
 	fmt.Fprintf(tw, "accelerator\t%s\n", r.AccelReason)
+	fs := r.FirstSync
+	fmt.Fprintf(tw, "first sync\tprotected after %.0f ms; live rounds %d (%.0f ms); first pause %.1f ms (%d pages); output held %.1f ms\n",
+		fs.ToProtectedMS, fs.LiveRounds, fs.LiveMS, fs.FirstPauseMS, fs.FirstPausePages, fs.OutputStallMS)
 	fmt.Fprintf(tw, "epochs/s\t%.2f (%d epochs)\n", r.EpochsPerSec, r.Epochs)
 	fmt.Fprintf(tw, "guest ran\t%.1f%% of the time; effective epoch p50 %.1f ms, p99 %.1f ms\n", 100*r.RunFraction, r.EffectiveEpochMS.P50, r.EffectiveEpochMS.P99)
 	for _, s := range pauseSteps {
