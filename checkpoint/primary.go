@@ -338,6 +338,9 @@ func (p *Primary) Run(ctx context.Context, link Link) error {
 		// The step before the first epoch reads guest RAM and the
 		// tracker, which the caller releases once Run returns.
 		d.prep.Wait()
+		if enc != nil {
+			enc.Close()
+		}
 	}()
 
 	tick := time.NewTicker(p.cfg.Heartbeat.Interval / 4)

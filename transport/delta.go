@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"runtime"
 
 	"github.com/klauspost/compress/zstd"
 	"github.com/pierrec/lz4/v4"
+	"golang.org/x/sys/unix"
 )
 
 // RAMDelta carries pages compressed: each page is a zero page, unchanged,
@@ -231,12 +233,13 @@ func xorPage(dst, a, b []byte) {
 // the next version goes as an XOR against it. It is not safe for concurrent
 // use; Reset it when a session starts (the backup's copy is then unknown).
 type DeltaEncoder struct {
-	cache pageCache
-	zenc  *zstd.Encoder
-	lz    lz4.Compressor
-	raw   []byte
-	zbuf  []byte
-	lbuf  []byte
+	cache   pageCache
+	zenc    *zstd.Encoder
+	lz      lz4.Compressor
+	raw     []byte
+	zbuf    []byte
+	lbuf    []byte
+	cleanup runtime.Cleanup // releases the cache's memory if Close is not called
 	// Codecs, when set, limits the codecs tried (for measurements).
 	Codecs []Codec
 	Stats  DeltaStats
@@ -258,7 +261,37 @@ func NewDeltaEncoder(ramSize uint64) (*DeltaEncoder, error) {
 		return nil, fmt.Errorf("transport: zstd: %w", err)
 	}
 	pages := ramSize / PageSize
-	return &DeltaEncoder{cache: &fullCache{data: make([]byte, ramSize), valid: make([]uint64, (pages+63)/64)}, zenc: z}, nil
+	data, err := offHeap(int(pages * PageSize))
+	if err != nil {
+		return nil, err
+	}
+	e := &DeltaEncoder{zenc: z}
+	e.setCache(&fullCache{data: data, valid: make([]uint64, (pages+63)/64)}, data)
+	return e, nil
+}
+
+// setCache gives the encoder a cache whose memory, data, is outside the Go
+// heap: released by Close, or once the encoder is unreachable.
+func (e *DeltaEncoder) setCache(c pageCache, data []byte) {
+	e.cache = c
+	if data != nil {
+		e.cleanup = runtime.AddCleanup(e, func(d []byte) { unix.Munmap(d) }, data)
+	}
+}
+
+// offHeap allocates n zeroed bytes outside the Go heap, as an anonymous
+// mapping: a page cache as large as guest RAM on the heap would let the
+// garbage collector grow the heap to twice that before it collects. The
+// encoder releases the mapping (Close, or once it is unreachable).
+func offHeap(n int) ([]byte, error) {
+	if n == 0 {
+		return nil, nil
+	}
+	b, err := unix.Mmap(-1, 0, n, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
+	if err != nil {
+		return nil, fmt.Errorf("transport: map a page cache of %d bytes: %w", n, err)
+	}
+	return b, nil
 }
 
 // NewBoundedDeltaEncoder returns an encoder whose cache holds at most
@@ -269,8 +302,31 @@ func NewBoundedDeltaEncoder(ramSize uint64, maxPages int) (*DeltaEncoder, error)
 	if err != nil {
 		return nil, err
 	}
-	e.cache = newLRUCache(ramSize/PageSize, maxPages)
+	e.Close()
+	c, err := newLRUCache(ramSize/PageSize, maxPages)
+	if err != nil {
+		return nil, err
+	}
+	e.setCache(c, c.data)
 	return e, nil
+}
+
+// Close releases the encoder's page cache (kept outside the Go heap); the
+// encoder must not be used afterwards.
+func (e *DeltaEncoder) Close() error {
+	if e.cache == nil {
+		return nil
+	}
+	e.cleanup.Stop()
+	data := e.cache.release()
+	e.cache = nil
+	if data == nil {
+		return nil
+	}
+	if err := unix.Munmap(data); err != nil {
+		return fmt.Errorf("transport: release the page cache: %w", err)
+	}
+	return nil
 }
 
 // Reset forgets every cached page.
@@ -362,6 +418,9 @@ type pageCache interface {
 	get(idx uint64) ([]byte, bool)
 	put(idx uint64, data []byte)
 	reset()
+	// release gives up the cache's memory (outside the Go heap) for the
+	// caller to unmap.
+	release() []byte
 }
 
 // fullCache holds every page: guest-RAM-sized.
@@ -371,6 +430,8 @@ type fullCache struct {
 }
 
 func (c *fullCache) pages() uint64 { return uint64(len(c.data)) / PageSize }
+
+func (c *fullCache) release() []byte { d := c.data; c.data = nil; return d }
 
 func (c *fullCache) get(idx uint64) ([]byte, bool) {
 	return c.data[idx*PageSize : (idx+1)*PageSize], c.valid[idx/64]&(1<<(idx%64)) != 0
@@ -395,13 +456,19 @@ type lruCache struct {
 	used       int32
 }
 
-func newLRUCache(ramPages uint64, maxPages int) *lruCache {
+func newLRUCache(ramPages uint64, maxPages int) (*lruCache, error) {
 	maxPages = max(maxPages, 1)
-	c := &lruCache{ramPages: ramPages, data: make([]byte, maxPages*PageSize), page: make([]uint64, maxPages),
+	data, err := offHeap(maxPages * PageSize)
+	if err != nil {
+		return nil, err
+	}
+	c := &lruCache{ramPages: ramPages, data: data, page: make([]uint64, maxPages),
 		prev: make([]int32, maxPages), next: make([]int32, maxPages)}
 	c.reset()
-	return c
+	return c, nil
 }
+
+func (c *lruCache) release() []byte { d := c.data; c.data = nil; return d }
 
 func (c *lruCache) pages() uint64 { return c.ramPages }
 

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"math/rand/v2"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // backupRAM plays the backup's committed RAM image.
@@ -170,7 +172,11 @@ func FuzzRAMDelta(f *testing.F) {
 }
 
 func TestLRUCacheEvictsLeastRecentlySent(t *testing.T) {
-	c := newLRUCache(100, 3)
+	c, err := newLRUCache(100, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { unix.Munmap(c.release()) }()
 	pg := func(b byte) []byte { return bytes.Repeat([]byte{b}, PageSize) }
 	for i := uint64(1); i <= 3; i++ {
 		c.put(i, pg(byte(i)))
