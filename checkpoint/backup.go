@@ -45,6 +45,13 @@ type BackupConfig struct {
 	// DiskSize is the size of the backup's disk image (0: none); a
 	// primary that mirrors a disk of another size is refused.
 	DiskSize uint64
+	// StageMemory bounds the bytes of pages an epoch holds in memory while
+	// it arrives; beyond it they go to StageFile and are applied from
+	// there. 0: no bound (StageFile unused).
+	StageMemory int64
+	// StageFile is where pages beyond StageMemory wait for their epoch's
+	// commit (default: beside StateFile).
+	StageFile string
 	// OnCommit, when set, is called after each epoch is applied, before it
 	// is acknowledged. It must not block.
 	OnCommit func(epoch uint64, pages int)
@@ -107,6 +114,7 @@ type Backup struct {
 	nextID ConnID
 	stage  *transport.Stage
 	staged transport.Epoch // the epoch the stage completed, until applied
+	spill  *spill          // pages of the staged epoch beyond StageMemory
 	ended  error           // why the last session ended (Serve)
 	lost   *PrimaryLost    // the Standby's failover decision
 
@@ -153,8 +161,11 @@ func NewBackup(cfg BackupConfig) (*Backup, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	if cfg.StageFile == "" {
+		cfg.StageFile = cfg.StateFile + ".staging"
+	}
 	return &Backup{cfg: cfg, sb: sb, conns: map[ConnID]*backupConn{}, applyDone: make(chan error, 1), fenceDone: make(chan error, 1), claimDone: make(chan ClaimDone, 1),
-		log: log.With("vm", cfg.VMName, "role", "backup")}, nil
+		spill: &spill{path: cfg.StageFile}, log: log.With("vm", cfg.VMName, "role", "backup")}, nil
 }
 
 // Committed is the newest checkpoint the backup may resume (Epoch 0: none).
@@ -165,14 +176,14 @@ func (b *Backup) Committed() Committed {
 // State is the Standby's state.
 func (b *Backup) State() StandbyState { return b.sb.State() }
 
-// Close unmaps the RAM image.
+// Close unmaps the RAM image and removes the staging file.
 func (b *Backup) Close() error {
+	err := b.spill.close()
 	if b.ram != nil {
-		err := unix.Munmap(b.ram)
+		err = errors.Join(err, unix.Munmap(b.ram))
 		b.ram = nil
-		return err
 	}
-	return nil
+	return err
 }
 
 // backupEvent is what a connection's reader hands the loop.
@@ -456,12 +467,18 @@ func (b *Backup) frame(c *backupConn, f transport.Frame, now time.Time) []any {
 		if err == nil {
 			err = b.stage.AddPages(f.Epoch, pages)
 		}
+		if err == nil {
+			err = b.boundStage()
+		}
 		if err != nil {
 			return rejected(err)
 		}
 		return nil
 	}
 	ep, done, err := b.stage.Add(f)
+	if err == nil && !done {
+		err = b.boundStage()
+	}
 	if err != nil {
 		return rejected(err)
 	}
@@ -470,6 +487,15 @@ func (b *Backup) frame(c *backupConn, f transport.Frame, now time.Time) []any {
 	}
 	b.staged = ep
 	return b.sb.Step(EpochStaged{Now: now, Conn: c.id, Epoch: ep.Number})
+}
+
+// boundStage moves the staged epoch's pages to the staging file once they
+// take more than StageMemory.
+func (b *Backup) boundStage() error {
+	if b.cfg.StageMemory <= 0 || int64(b.stage.StagedPages())*transport.PageSize < b.cfg.StageMemory {
+		return nil
+	}
+	return b.spill.write(b.stage.TakePages())
 }
 
 // do carries out the Standby's actions, feeding back what they report.
@@ -485,6 +511,9 @@ func (b *Backup) do(ctx context.Context, acts []any) error {
 				return err
 			}
 			b.stage = stage
+			if err := b.spill.reset(); err != nil {
+				return fmt.Errorf("checkpoint: empty the staging file: %w", err)
+			}
 			c.session = true
 			if err := b.send(ctx, c, 0, transport.Hello{Version: transport.Version, Role: transport.RoleBackup,
 				VMName: b.cfg.VMName, RAMSize: b.ramSize, DiskSize: b.cfg.DiskSize, PageSize: transport.PageSize}); err != nil {
@@ -667,6 +696,9 @@ func (b *Backup) discard() {
 	if b.stage != nil {
 		b.stage.Reset()
 	}
+	if err := b.spill.reset(); err != nil {
+		b.log.Warn("empty the staging file", "err", err)
+	}
 	b.staged = transport.Epoch{}
 	if b.cfg.Disk != nil {
 		b.cfg.Disk.Discard()
@@ -706,6 +738,13 @@ func (b *Backup) apply(ep transport.Epoch) error {
 		if err := b.cfg.Disk.Commit(); err != nil {
 			return fmt.Errorf("checkpoint: epoch %d: disk: %w", ep.Number, err)
 		}
+	}
+	// Pages that went to the staging file arrived first.
+	if err := b.spill.apply(b.ram); err != nil {
+		return fmt.Errorf("checkpoint: epoch %d: %w", ep.Number, err)
+	}
+	if err := b.spill.reset(); err != nil {
+		return fmt.Errorf("checkpoint: epoch %d: empty the staging file: %w", ep.Number, err)
 	}
 	for _, pg := range ep.Pages {
 		off := pg.Index * transport.PageSize

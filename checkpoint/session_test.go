@@ -105,8 +105,9 @@ func TestPrimaryBackupCommitWholeEpochs(t *testing.T) {
 		compress   bool
 		cachePages int // compressor's memory of pages sent (0: all)
 		live       bool
-	}{{false, 0, false}, {false, 0, true}, {true, 0, false}, {true, 0, true}, {true, 8, true}} {
-		t.Run(fmt.Sprintf("compress=%v,cache=%d,live=%v", tc.compress, tc.cachePages, tc.live), func(t *testing.T) {
+		stagePages int // backup's staging memory in pages (0: unbounded)
+	}{{false, 0, false, 0}, {false, 0, true, 0}, {true, 0, false, 0}, {true, 0, true, 0}, {true, 8, true, 0}, {true, 0, false, 5}, {false, 0, true, 1}} {
+		t.Run(fmt.Sprintf("compress=%v,cache=%d,live=%v,stage=%d", tc.compress, tc.cachePages, tc.live, tc.stagePages), func(t *testing.T) {
 			g := newFakeGuest(64)
 			tracker, err := dirtypages.NewCompare(g.ram, dirtypages.Options{})
 			if err != nil {
@@ -117,13 +118,14 @@ func TestPrimaryBackupCommitWholeEpochs(t *testing.T) {
 				tr = &writingTracker{Compare: tracker, g: g}
 			}
 			commitWholeEpochs(t, g, tr, PrimaryConfig{Compress: tc.compress, DeltaCachePages: tc.cachePages,
-				LiveSync: LiveSyncConfig{Off: !tc.live, TargetPages: 1}})
+				LiveSync: LiveSyncConfig{Off: !tc.live, TargetPages: 1}}, int64(tc.stagePages)*transport.PageSize)
 		})
 	}
 }
 
-// commitWholeEpochs runs the test with cfg's compression and live sync.
-func commitWholeEpochs(t *testing.T, g *fakeGuest, tracker dirtypages.Tracker, cfg PrimaryConfig) {
+// commitWholeEpochs runs the test with cfg's compression and live sync,
+// and the backup's staging memory bounded to stageMemory bytes.
+func commitWholeEpochs(t *testing.T, g *fakeGuest, tracker dirtypages.Tracker, cfg PrimaryConfig, stageMemory int64) {
 	live := cfg.LiveSync
 	pages := len(g.ram) / transport.PageSize
 	dir := t.TempDir()
@@ -132,6 +134,7 @@ func commitWholeEpochs(t *testing.T, g *fakeGuest, tracker dirtypages.Tracker, c
 	var backupCommitted atomic.Uint64
 	var b *Backup
 	b, err = NewBackup(BackupConfig{VMName: "vm1", RAMImage: filepath.Join(dir, "backup.ram"), StateFile: filepath.Join(dir, "backup.state"), Heartbeat: hb,
+		StageMemory: stageMemory,
 		OnCommit: func(epoch uint64, _ int) {
 			dev, _ := os.ReadFile(filepath.Join(dir, "backup.state"))
 			commits <- committedEpoch{epoch: epoch, ram: bytes.Clone(b.ram), dev: dev}

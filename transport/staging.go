@@ -247,6 +247,21 @@ func (s *Stage) AddPages(epoch uint64, m RAMPages) error {
 	return nil
 }
 
+// StagedPages is the number of pages of the epoch being staged that the
+// Stage holds (those TakePages has not taken).
+func (s *Stage) StagedPages() int { return len(s.ep.Pages) }
+
+// TakePages hands over the pages the Stage holds of the epoch being staged
+// and forgets them, for a caller that keeps them elsewhere (in a file) to
+// bound the memory an epoch takes. The epoch's count and digest still cover
+// them: the Commit checks all the pages that arrived, and the Epoch it
+// returns holds only those that arrived after the last TakePages.
+func (s *Stage) TakePages() []Page {
+	p := s.ep.Pages
+	s.ep.Pages = nil
+	return p
+}
+
 // AddDiskWrite adds a disk write to epoch.
 func (s *Stage) AddDiskWrite(epoch uint64, m DiskWrite) error {
 	if err := s.begin(epoch); err != nil {

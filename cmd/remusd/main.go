@@ -102,6 +102,7 @@ func app() *cli.App {
 					&cli.StringFlag{Name: "listen", Usage: "address for the primary, host:port", Required: true},
 					&cli.StringFlag{Name: "ram-image", Usage: "file holding the guest RAM of the last committed epoch", Required: true},
 					&cli.StringFlag{Name: "qmp", Usage: "QMP socket created by the QEMU command line, for the restore", Required: true},
+					&cli.Int64Flag{Name: "stage-memory", Value: 64 << 20, Usage: "`BYTES` of an epoch's pages held in memory while it arrives; beyond them they wait in a file of --state-dir until the epoch commits (0: all in memory; a first epoch may be all of guest RAM)"},
 					&cli.StringFlag{Name: "disk-image", Usage: "the backup's copy of the guest's disk: a raw image the size of the primary's disk, used by the QEMU command line; it only ever holds committed epochs' writes"},
 					&cli.StringFlag{Name: "report", Usage: "write a JSON failover report to this file"},
 					&cli.StringFlag{Name: "fence-command", Usage: "shell command run before resuming the guest after the primary went silent (STONITH-style): it gets the VM name and the primary's address as arguments (also REMUS_VM, REMUS_PRIMARY) and must make sure the primary's guest runs no more; a non-zero exit or a timeout means no failover (tried again)"},
@@ -198,7 +199,7 @@ func runBackup(c *cli.Context) error {
 	cfg := agent.BackupConfig{
 		VM: c.String("vm"), Listen: c.String("listen"), RAMImage: c.String("ram-image"), StateDir: c.String("state-dir"),
 		QEMU: c.Args().Slice(), QMPSocket: c.String("qmp"), Heartbeat: heartbeat(c), Report: c.String("report"),
-		Net: netConfig(c), DiskImage: c.String("disk-image"),
+		Net: netConfig(c), DiskImage: c.String("disk-image"), StageMemory: c.Int64("stage-memory"),
 		FenceCommand: c.String("fence-command"), FenceTimeout: c.Duration("fence-timeout"),
 		Witness: witnessConfig(c), AssumeFailStop: c.Bool("assume-fail-stop"),
 	}

@@ -31,6 +31,9 @@ type BackupConfig struct {
 	Listen   string // host:port for the primary
 	RAMImage string // the guest RAM as of the last committed epoch (tmpfs)
 	StateDir string // holds the committed device state
+	// StageMemory bounds the memory an epoch's pages take while it arrives;
+	// beyond it they wait in a file of StateDir (0: no bound).
+	StageMemory int64
 	// QEMU is the command line that starts the guest here on failover: the
 	// primary's, with the RAM backend's mem-path set to RAMImage. remusd
 	// adds the arguments that make it wait for the device state.
@@ -153,7 +156,7 @@ func RunBackup(ctx context.Context, cfg BackupConfig, log *slog.Logger) (*Failov
 			return err
 		}
 		bcfg := checkpoint.BackupConfig{VMName: cfg.VM, RAMImage: cfg.RAMImage, StateFile: stateFile,
-			Heartbeat: cfg.Heartbeat, Logger: log}
+			Heartbeat: cfg.Heartbeat, Logger: log, StageMemory: cfg.StageMemory, StageFile: filepath.Join(cfg.StateDir, "staging.pages")}
 		if cfg.Witness.Enabled() {
 			if w, err = cfg.Witness.open(cfg.VM); err != nil {
 				return err
