@@ -148,10 +148,12 @@ func TestCorruptFrameIsRejectedAndProtectionRecovers(t *testing.T) {
 	}
 	defer conn.Close()
 	conn.SetDeadline(time.Now().Add(time.Minute))
-	got, err := counter.NewClient(conn).Get()
+	cl := counter.NewClient(conn)
+	got, err := cl.Get()
 	if err != nil {
 		t.Fatal(err)
 	}
+	checkGuestMemory(t, cl)
 	if got.BootID != ready.BootID {
 		t.Fatalf("resumed guest has boot id %s, want %s", got.BootID, ready.BootID)
 	}

@@ -126,10 +126,12 @@ func failoverAt(t *testing.T, point string, primaryArgs ...string) {
 	}
 	defer conn2.Close()
 	conn2.SetDeadline(time.Now().Add(time.Minute))
-	now, err := counter.NewClient(conn2).Get()
+	cl2 := counter.NewClient(conn2)
+	now, err := cl2.Get()
 	if err != nil {
 		t.Fatalf("GET from the resumed guest: %v", err)
 	}
+	checkGuestMemory(t, cl2)
 
 	if now.BootID != ready.BootID {
 		t.Fatalf("resumed guest has boot id %s, want %s: it rebooted", now.BootID, ready.BootID)

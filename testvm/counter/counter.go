@@ -39,6 +39,11 @@ const (
 	// reply's Value carries it. Sampled twice, it gives the workload's
 	// throughput.
 	CmdWork = "WORK"
+	// CmdCheck asks the guest to check its dirtier's memory (remus.dirty):
+	// the reply's Value counts the pages out of order, 0 when guest RAM is
+	// consistent (a resumed checkpoint missed no write there); an ERR
+	// reply when no dirtier runs.
+	CmdCheck = "CHECK"
 )
 
 // MaxLine caps a request or reply line; longer input is rejected.
@@ -103,7 +108,7 @@ func ParseReply(line string) (Reply, error) {
 func ParseRequest(line string) (string, error) {
 	cmd := strings.TrimSpace(line)
 	switch cmd {
-	case CmdInc, CmdGet, CmdWork:
+	case CmdInc, CmdGet, CmdWork, CmdCheck:
 		return cmd, nil
 	}
 	if len(cmd) > 32 {
@@ -150,6 +155,10 @@ func (c *Client) Inc() (Reply, error) { return c.do(CmdInc) }
 
 // Get returns the current value without changing it.
 func (c *Client) Get() (Reply, error) { return c.do(CmdGet) }
+
+// Check returns the number of pages of the guest's dirtier found out of
+// order (0: consistent), in the reply's Value.
+func (c *Client) Check() (Reply, error) { return c.do(CmdCheck) }
 
 // Work returns the units of background work the guest has done since it
 // booted, in the reply's Value.

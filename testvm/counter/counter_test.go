@@ -55,7 +55,7 @@ func TestParseReplyRejects(t *testing.T) {
 }
 
 func TestParseRequest(t *testing.T) {
-	for line, want := range map[string]string{"INC\n": CmdInc, "GET": CmdGet, " INC \r\n": CmdInc, "WORK\n": CmdWork} {
+	for line, want := range map[string]string{"INC\n": CmdInc, "GET": CmdGet, " INC \r\n": CmdInc, "WORK\n": CmdWork, "CHECK": CmdCheck} {
 		if got, err := ParseRequest(line); err != nil || got != want {
 			t.Errorf("ParseRequest(%q) = %q, %v; want %q", line, got, err, want)
 		}

@@ -22,6 +22,7 @@ import (
 	"bufio"
 	"bytes"
 	"compress/gzip"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -342,8 +343,12 @@ func (s *service) serve(c net.Conn) {
 var workDone atomic.Uint64
 
 func (s *service) do(cmd string) (counter.Reply, error) {
-	if cmd == counter.CmdWork {
+	switch cmd {
+	case counter.CmdWork:
 		return counter.Reply{Value: workDone.Load(), BootID: s.bootID, Uptime: uptime()}, nil
+	case counter.CmdCheck:
+		bad, err := dirtyCheck()
+		return counter.Reply{Value: bad, BootID: s.bootID, Uptime: uptime()}, err
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -382,12 +387,15 @@ func ticker(period time.Duration, bootID string) {
 }
 
 // dirtier writes to pagesPerSec distinct pages every second, spread over
-// 100 slices of 10 ms, cycling through a buffer of mib MiB.
+// 100 slices of 10 ms, cycling through a buffer of mib MiB. Each page it
+// writes gets the tick's generation in its first 8 bytes, pages in order,
+// so that read from the page after the next one to write, the
+// generations never decrease: dirtyCheck counts where they do, which a
+// checkpoint that missed a write leaves behind.
 func dirtier(pagesPerSec, mib int) {
-	const page = 4096
-	buf := make([]byte, mib<<20)
-	pages := len(buf) / page
-	next := 0
+	dirt.Lock()
+	dirt.buf = make([]byte, mib<<20)
+	dirt.Unlock()
 	var gen uint64
 	t := time.NewTicker(10 * time.Millisecond)
 	carry := 0
@@ -396,14 +404,45 @@ func dirtier(pagesPerSec, mib int) {
 		n := carry / 100
 		carry %= 100
 		gen++
+		dirt.Lock()
+		pages := len(dirt.buf) / dirtPage
 		for i := 0; i < n; i++ {
-			off := next * page
-			for j := 0; j < 8; j++ {
-				buf[off+j] = byte(gen >> (8 * j))
-			}
-			next = (next + 1) % pages
+			binary.LittleEndian.PutUint64(dirt.buf[dirt.next*dirtPage:], gen)
+			dirt.next = (dirt.next + 1) % pages
 		}
+		dirt.Unlock()
 	}
+}
+
+const dirtPage = 4096
+
+// dirt is the dirtier's buffer and the next page it writes.
+var dirt struct {
+	sync.Mutex
+	buf  []byte
+	next int
+}
+
+// dirtyCheck counts the pages of the dirtier's buffer whose generation is
+// below the one before them, reading from the next page to write: 0 when
+// its memory is consistent. It fails when no dirtier runs.
+func dirtyCheck() (uint64, error) {
+	dirt.Lock()
+	defer dirt.Unlock()
+	pages := len(dirt.buf) / dirtPage
+	if pages == 0 {
+		return 0, errors.New("no dirtier runs (remus.dirty=0)")
+	}
+	var bad, prev uint64
+	for i := range pages {
+		p := (dirt.next + i) % pages
+		g := binary.LittleEndian.Uint64(dirt.buf[p*dirtPage:])
+		if g < prev {
+			bad++
+		}
+		prev = g
+	}
+	return bad, nil
 }
 
 // compressWork imitates a build: it writes source-like text, compresses it
