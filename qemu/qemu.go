@@ -3,6 +3,8 @@ package qemu
 import (
 	"context"
 	"fmt"
+	"strings"
+	"time"
 )
 
 // Monitor is the part of a QMP client the commands use (*qmp.Client).
@@ -69,4 +71,31 @@ func Announce(ctx context.Context, mon Monitor) error {
 		return fmt.Errorf("announce-self: %w", err)
 	}
 	return nil
+}
+
+// WaitStreamConnected waits until QEMU has taken a connection on its
+// `-netdev stream,server=on` socket at path: until then the netdev's link
+// is down and QEMU drops what the guest sends through it. A client's
+// connect returns once the kernel queued it, before QEMU's main loop
+// accepted it; a guest continued in between loses its first packets.
+// QEMU names the socket in "info network" once it accepted (both 7.2 and
+// 10.0), which is what this polls.
+func WaitStreamConnected(ctx context.Context, mon Monitor, path string, poll time.Duration) error {
+	want := "unix:" + path
+	for {
+		out, err := run[string](ctx, mon, "human-monitor-command", map[string]string{"command-line": "info network"})
+		if err != nil {
+			return fmt.Errorf("info network: %w", err)
+		}
+		for _, l := range strings.Split(out, "\n") {
+			if strings.Contains(l, "type=stream") && strings.HasSuffix(strings.TrimSpace(l), want) {
+				return nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("QEMU has not taken the connection on %s: %w (info network: %q)", path, context.Cause(ctx), out)
+		case <-time.After(poll):
+		}
+	}
 }

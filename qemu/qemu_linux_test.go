@@ -165,3 +165,37 @@ func testMirror(t *testing.T, ctx context.Context, mon *qmp.Client) {
 type discard struct{}
 
 func (discard) Write(context.Context, diskmirror.Write) error { return nil }
+
+// TestWaitStreamConnected: a netdev stream server socket shows as
+// connected in QEMU only once QEMU accepted the client, which
+// WaitStreamConnected waits for; before, it times out.
+func TestWaitStreamConnected(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	dir, err := os.MkdirTemp("", "net")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	sock := filepath.Join(dir, "nic.sock")
+	mon := startQEMU(t, ctx, "-S", "-netdev", "stream,id=n0,server=on,addr.type=unix,addr.path="+sock, "-device", "virtio-net-pci,netdev=n0")
+	short, cancelShort := context.WithTimeout(ctx, 300*time.Millisecond)
+	err = WaitStreamConnected(short, mon, sock, 10*time.Millisecond)
+	cancelShort()
+	if err == nil {
+		t.Fatal("connected before anything connected")
+	}
+	var c net.Conn
+	for c == nil {
+		if c, err = net.Dial("unix", sock); err != nil {
+			if ctx.Err() != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	defer c.Close()
+	if err := WaitStreamConnected(ctx, mon, sock, 5*time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+}

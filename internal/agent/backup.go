@@ -406,8 +406,14 @@ func failOver(ctx context.Context, cfg BackupConfig, lost *checkpoint.PrimaryLos
 		// Connected once the device state is loaded and before the guest
 		// runs, so that nothing it sends is lost.
 		if err := step(ctx, log, "connect the guest's NIC to "+cfg.Net.Tap, func() (err error) {
-			*gnet, err = startNetwork(ctx, cfg.Net, 10*time.Second, log)
-			return err
+			if *gnet, err = startNetwork(ctx, cfg.Net, 10*time.Second, log); err != nil {
+				return err
+			}
+			// The guest runs only once QEMU took the connection: before,
+			// it would drop what the guest sends.
+			wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			defer cancel()
+			return qemu.WaitStreamConnected(wctx, mon, cfg.Net.Guest, 2*time.Millisecond)
 		}); err != nil {
 			cmd.Process.Kill()
 			return r, err
