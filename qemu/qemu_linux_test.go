@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -197,5 +198,19 @@ func TestWaitStreamConnected(t *testing.T) {
 	defer c.Close()
 	if err := WaitStreamConnected(ctx, mon, sock, 5*time.Millisecond); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestUntrackedWritesWithQEMU: a balloon is named, plain devices are not.
+func TestUntrackedWritesWithQEMU(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	plain := startQEMU(t, ctx, "-S", "-device", "virtio-rng-pci")
+	if got, err := UntrackedWrites(ctx, plain); err != nil || len(got) != 0 {
+		t.Fatalf("plain guest: %q, %v", got, err)
+	}
+	balloon := startQEMU(t, ctx, "-S", "-device", "virtio-balloon-pci")
+	if got, err := UntrackedWrites(ctx, balloon); err != nil || len(got) != 1 || !strings.HasPrefix(got[0], "virtio-balloon") {
+		t.Fatalf("guest with a balloon: %q, %v", got, err)
 	}
 }

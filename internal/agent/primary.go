@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -581,7 +582,7 @@ func (s *primarySession) run(ctx context.Context) error {
 	out := s.output()
 	var tracker dirtypages.Tracker
 	if err := step(ctx, log, "start dirty-page tracking", func() (err error) {
-		tracker, err = newTracker(cfg.Tracker, q, ram, log)
+		tracker, err = newTracker(ctx, cfg.Tracker, q, ram, log)
 		return err
 	}); err != nil {
 		return err
@@ -708,8 +709,22 @@ func (s *primarySession) run(ctx context.Context) error {
 	return p.Run(ctx, link)
 }
 
-func newTracker(kind string, q *QEMU, ram []byte, log *slog.Logger) (dirtypages.Tracker, error) {
+func newTracker(ctx context.Context, kind string, q *QEMU, ram []byte, log *slog.Logger) (dirtypages.Tracker, error) {
 	if kind == TrackerCompare {
+		return dirtypages.NewCompare(ram, dirtypages.Options{})
+	}
+	// Write trackers miss what changes guest RAM other than through
+	// QEMU's mapping; comparing sees it.
+	hazards, err := qemu.UntrackedWrites(ctx, q.Mon)
+	if err != nil {
+		return nil, fmt.Errorf("look for devices that write guest RAM unseen: %w", err)
+	}
+	if len(hazards) > 0 {
+		why := fmt.Errorf("guest RAM can change without a write through QEMU's mapping, which write tracking would miss: %s", strings.Join(hazards, "; "))
+		if kind != TrackerAuto && kind != "" {
+			return nil, fmt.Errorf("--tracker %s: %w (--tracker compare sees those changes)", kind, why)
+		}
+		log.Info("comparing RAM against the last checkpoint instead of tracking writes", "reason", why)
 		return dirtypages.NewCompare(ram, dirtypages.Options{})
 	}
 	name := q.RAM.Path
