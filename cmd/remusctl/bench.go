@@ -27,6 +27,7 @@ type benchOptions struct {
 	RAMMiB     int
 	Tracker    string
 	MinRun     string
+	DeltaCache int64
 	Compress   bool
 	QEMU       string
 	Accel      string
@@ -218,6 +219,9 @@ func primaryArgs(o benchOptions) []string {
 	}
 	if o.MinRun != "" {
 		args = append(args, "--min-run", o.MinRun)
+	}
+	if o.DeltaCache > 0 {
+		args = append(args, "--delta-cache", strconv.FormatInt(o.DeltaCache, 10))
 	}
 	return args
 }

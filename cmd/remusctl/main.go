@@ -46,6 +46,7 @@ func app() *cli.App {
 				&cli.IntFlag{Name: "ram", Value: 256, Usage: "guest RAM in `MiB`"},
 				&cli.StringFlag{Name: "tracker", Value: "auto", Usage: "remusd's dirty-page tracker (its --tracker)"},
 				&cli.StringFlag{Name: "min-run", Value: "90%", Usage: "remusd's --min-run: the least share of time the guest runs"},
+				&cli.Int64Flag{Name: "delta-cache", Usage: "remusd's --delta-cache: `BYTES` of sent pages remembered for XOR deltas (0: remusd's default)"},
 				&cli.BoolFlag{Name: "compress", Value: true, Usage: "compress pages on the link"},
 				&cli.StringFlag{Name: "json", Usage: "also write the results as JSON to this file (- for standard output)"},
 				&cli.StringFlag{Name: "qemu", Value: testvm.DefaultQEMU, EnvVars: []string{testvm.QEMUEnv}, Usage: "QEMU system emulator"},
@@ -54,7 +55,7 @@ func app() *cli.App {
 			},
 			Action: func(c *cli.Context) error {
 				o := benchOptions{Workload: c.String("workload"), Dirty: c.Int("dirty"), For: c.Duration("for"), Epoch: c.Duration("epoch"),
-					RAMMiB: c.Int("ram"), Tracker: c.String("tracker"), MinRun: c.String("min-run"),
+					RAMMiB: c.Int("ram"), Tracker: c.String("tracker"), MinRun: c.String("min-run"), DeltaCache: c.Int64("delta-cache"),
 					Compress: c.Bool("compress"), QEMU: c.String("qemu"), Accel: c.String("accel"), Remusd: c.String("remusd")}
 				r, err := runBench(c.Context, o, os.Stderr)
 				if err != nil {
