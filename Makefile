@@ -4,16 +4,21 @@
 #   make demo    boot the test guest and show it serving, under protection
 #   make test    setup, then every test with the race detector
 #   make bench   benchmarks
+#   make chaos   the fault-injection suite: CHAOS_N iterations (default 300),
+#                CHAOS_SEED to replay, results in CHAOS_JSON
 #   make fuzz    run each fuzz target for FUZZTIME
 
 SHELL := /bin/bash
 GO ?= go
 FUZZTIME ?= 20s
+CHAOS_N ?= 300
+CHAOS_SEED ?= 0
+CHAOS_JSON ?= chaos-results.json
 APT_PACKAGES := qemu-system-x86 qemu-utils iproute2 kmod ca-certificates etcd-server
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 KERNEL_CACHE := .cache/guest-kernel
 
-.PHONY: setup demo test vet bench fuzz clean
+.PHONY: setup demo test vet bench fuzz chaos clean
 
 setup:
 	@command -v $(GO) >/dev/null || { echo "setup: Go 1.26 or newer is required (https://go.dev/dl)"; exit 1; }
@@ -35,6 +40,9 @@ vet:
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./...
+
+chaos: setup
+	$(GO) test -timeout 0 -run '^TestChaos$$' ./e2e -chaos.n $(CHAOS_N) -chaos.seed $(CHAOS_SEED) -chaos.json $(abspath $(CHAOS_JSON)) -v
 
 fuzz:
 	@for pkg in $$($(GO) list ./...); do \

@@ -210,6 +210,7 @@ type Primary struct {
 	// switchq takes switchover requests to the running session; each
 	// is answered on its channel when the switchover ends.
 	switchq chan chan error
+	free    chan []byte // shipped epochs' page buffers, for reuse
 }
 
 // Switchover moves the guest to the backup with nothing lost: the running
@@ -270,7 +271,7 @@ func NewPrimary(cfg PrimaryConfig, mon Monitor, ram []byte, tracker dirtypages.T
 		log = slog.New(slog.DiscardHandler)
 	}
 	return &Primary{cfg: cfg, mon: mon, ram: ram, tracker: tracker, log: log.With("vm", cfg.VMName, "role", "primary"),
-		switchq: make(chan chan error)}, nil
+		switchq: make(chan chan error), free: make(chan []byte, cfg.Pipeline.MaxInFlight+1)}, nil
 }
 
 // epochData is a checkpoint taken and waiting to be shipped.
@@ -278,6 +279,33 @@ type epochData struct {
 	stats  EpochStats
 	epoch  transport.Epoch
 	resume time.Time
+	buf    []byte // the pages' data, recycled once shipped
+}
+
+// pageBuf returns a buffer of n bytes for an epoch's pages, reusing one an
+// earlier epoch shipped when it is large enough: a fresh allocation of
+// tens of MiB per epoch costs a page fault per page during the pause,
+// which dominated it for a guest writing thousands of pages an epoch.
+func (p *Primary) pageBuf(n int) []byte {
+	select {
+	case b := <-p.free:
+		if cap(b) >= n {
+			return b[:n]
+		}
+	default:
+	}
+	return make([]byte, n, n+n/4)
+}
+
+// recycle keeps a shipped epoch's buffer for a later epoch.
+func (p *Primary) recycle(b []byte) {
+	if b == nil {
+		return
+	}
+	select {
+	case p.free <- b[:0]:
+	default:
+	}
 }
 
 // shipped is the sender's report on one epoch.
@@ -671,6 +699,7 @@ func (d *primaryDriver) receive() {
 func (d *primaryDriver) sender() {
 	for ed := range d.sendq {
 		s := d.p.ship(d.ctx, d.link, ed, d.enc)
+		d.p.recycle(ed.buf)
 		if s.err != nil {
 			d.post(ShipFailed{Now: time.Now(), Epoch: s.epoch, Err: s.err})
 			for range d.sendq { // drain: nothing more goes out
@@ -797,7 +826,7 @@ func (p *Primary) checkpoint(ctx context.Context, n uint64, now time.Time, final
 	step(&st.Pause.Harvest)
 
 	count := set.Count()
-	buf := make([]byte, count*transport.PageSize)
+	buf := p.pageBuf(count * transport.PageSize)
 	pages := make([]transport.Page, 0, count)
 	for i := range set.All() {
 		off := i * transport.PageSize
@@ -818,7 +847,7 @@ func (p *Primary) checkpoint(ctx context.Context, n uint64, now time.Time, final
 	if final {
 		resumed = true // the switchover resumes it elsewhere, or here if abandoned
 		st.DirtyPages, st.DeviceBytes = count, len(dev)
-		return &epochData{stats: st, epoch: transport.Epoch{Number: n, Pages: pages, DeviceState: dev, Disk: disk}, resume: time.Now()}, nil, false
+		return &epochData{stats: st, epoch: transport.Epoch{Number: n, Pages: pages, DeviceState: dev, Disk: disk}, resume: time.Now(), buf: buf}, nil, false
 	}
 	if err := bounded(qemu.Cont); err != nil {
 		return nil, fmt.Errorf("cont: %w", err), false // the deferred cont tries again
@@ -827,7 +856,7 @@ func (p *Primary) checkpoint(ctx context.Context, n uint64, now time.Time, final
 	step(&st.Pause.Cont)
 	st.DirtyPages, st.DeviceBytes = count, len(dev)
 	p.fault(FaultResumed, n)
-	return &epochData{stats: st, epoch: transport.Epoch{Number: n, Pages: pages, DeviceState: dev, Disk: disk}, resume: time.Now()}, nil, false
+	return &epochData{stats: st, epoch: transport.Epoch{Number: n, Pages: pages, DeviceState: dev, Disk: disk}, resume: time.Now(), buf: buf}, nil, false
 }
 
 func (p *Primary) saveDevices(ctx context.Context) ([]byte, error) {
