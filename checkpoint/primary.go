@@ -460,7 +460,7 @@ func (d *primaryDriver) ran(st *EpochStats, resume time.Time) {
 	cfg := d.p.cfg.Pipeline.WithDefaults()
 	if st.Interval > 2*cfg.Interval && cfg.MinRun > 0 && st.Start.Sub(d.stretchLogged) >= 10*time.Second {
 		d.stretchLogged = st.Start
-		d.p.log.Warn("epochs stretched so that the guest runs its share: pauses are long", "epoch", st.Epoch,
+		d.p.log.Info("epochs stretched so that the guest runs its share of the time", "epoch", st.Epoch,
 			"effective_epoch", st.Interval.Round(time.Millisecond), "interval", cfg.Interval,
 			"previous_pause", (st.Interval - st.Ran).Round(time.Millisecond), "min_run", cfg.MinRun)
 	}
