@@ -66,7 +66,8 @@ type PrimaryConfig struct {
 	Compress bool
 	// DeltaCachePages bounds the pages the compressor remembers to send
 	// XOR deltas against (the most recently sent ones); a page it forgot
-	// goes whole, compressed. 0: all of RAM (its size in memory again).
+	// goes whole, compressed. 0, or at least RAM's pages: all of RAM (its
+	// size in memory again).
 	DeltaCachePages int
 	// OnPages, when set, is given each epoch's dirty pages as they are
 	// shipped, from the sender's goroutine (page traces for compression
@@ -342,7 +343,7 @@ func (p *Primary) Run(ctx context.Context, link Link) error {
 	}
 	var enc *transport.DeltaEncoder
 	if p.cfg.Compress {
-		if p.cfg.DeltaCachePages > 0 {
+		if n := p.cfg.DeltaCachePages; n > 0 && n < len(p.ram)/transport.PageSize {
 			enc, err = transport.NewBoundedDeltaEncoder(uint64(len(p.ram)), p.cfg.DeltaCachePages)
 		} else {
 			enc, err = transport.NewDeltaEncoder(uint64(len(p.ram)))
