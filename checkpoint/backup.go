@@ -456,14 +456,8 @@ func (b *Backup) frame(c *backupConn, f transport.Frame, now time.Time) []any {
 		}
 		return nil
 	case transport.TypeRAMDelta:
-		// Compressed pages: XORed ones are against the image, which
-		// holds the version the primary sent last (epochs commit in
-		// order). The Commit's digest covers the expanded pages.
-		m, err := transport.Decode(f)
-		var pages transport.RAMPages
-		if err == nil {
-			pages, err = m.(transport.RAMDelta).Expand(b.basePage)
-		}
+		// The Commit's digest covers the expanded pages.
+		pages, err := b.decodePages(f)
 		if err == nil {
 			err = b.stage.AddPages(f.Epoch, pages)
 		}
@@ -659,18 +653,9 @@ func (b *Backup) livePages(f transport.Frame) error {
 	if _, staging := b.stage.Staging(); staging || b.stage.Committed() > 0 {
 		return errors.New("checkpoint: a page of the live first sync after the first epoch began")
 	}
-	m, err := transport.Decode(f)
+	pages, err := b.decodePages(f)
 	if err != nil {
 		return err
-	}
-	var pages transport.RAMPages
-	switch m := m.(type) {
-	case transport.RAMPages:
-		pages = m
-	case transport.RAMDelta:
-		if pages, err = m.Expand(b.basePage); err != nil {
-			return err
-		}
 	}
 	for _, pg := range pages.Pages {
 		dst := b.basePage(pg.Index)
@@ -680,6 +665,24 @@ func (b *Backup) livePages(f transport.Frame) error {
 		copy(dst, pg.Data)
 	}
 	return nil
+}
+
+// decodePages decodes a RAMPages or RAMDelta frame into its pages. A
+// RAMDelta's XORed pages are against the image, which holds the version the
+// primary sent last (epochs commit in order; the live sync's pages are
+// written at once).
+func (b *Backup) decodePages(f transport.Frame) (transport.RAMPages, error) {
+	m, err := transport.Decode(f)
+	if err != nil {
+		return transport.RAMPages{}, err
+	}
+	switch m := m.(type) {
+	case transport.RAMPages:
+		return m, nil
+	case transport.RAMDelta:
+		return m.Expand(b.basePage)
+	}
+	return transport.RAMPages{}, fmt.Errorf("%w: a %s frame does not carry pages", transport.ErrMalformed, f.Type)
 }
 
 // basePage returns the image's version of a page, nil beyond RAM.

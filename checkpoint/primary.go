@@ -458,7 +458,7 @@ func (d *primaryDriver) ran(st *EpochStats, resume time.Time) {
 		st.Interval, st.Ran = st.Start.Sub(d.lastStart), st.Start.Sub(d.lastResume)
 	}
 	d.lastStart, d.lastResume = st.Start, resume
-	cfg := d.p.cfg.Pipeline.WithDefaults()
+	cfg := d.p.cfg.Pipeline // NewPrimary filled in the defaults
 	if st.Interval > 2*cfg.Interval && cfg.MinRun > 0 && st.Start.Sub(d.stretchLogged) >= 10*time.Second {
 		d.stretchLogged = st.Start
 		d.p.log.Info("epochs stretched so that the guest runs its share of the time", "epoch", st.Epoch,

@@ -402,9 +402,11 @@ func (u *Uffd) Protected() time.Duration { return u.protect }
 // Harvest reports the pages written since the previous harvest and
 // write-protects them again, in the same PAGEMAP_SCAN calls: one per
 // scanRegions runs of written pages, each walking QEMU's page tables from
-// where the previous one stopped. The guest must be paused: a write during
-// the harvest is reported by this harvest or the next, but a checkpoint
-// copying the pages after the harvest would copy it without its epoch.
+// where the previous one stopped. A write during the harvest is reported
+// by this harvest or the next: for a checkpoint the guest must be paused
+// (its pages are copied after the harvest, and such a write would go out
+// without its epoch); the live first sync harvests with the guest running
+// and relies on the next harvest (HarvestsLive).
 //
 // The first Harvest, and the first successful one after a failure (or a
 // cancelled ctx), reports every page.

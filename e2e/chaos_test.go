@@ -330,18 +330,9 @@ func (c *consecutiveClient) run(stop <-chan struct{}) error {
 			return nil
 		default:
 		}
-		c.conn.SetDeadline(time.Now().Add(time.Minute))
-		sent := time.Now()
-		r, err := c.cl.Inc()
-		c.maxGap = max(c.maxGap, time.Since(sent))
-		if err != nil {
-			return fmt.Errorf("INC after %d replies: %w", c.n, err)
+		if err := c.next(); err != nil {
+			return err
 		}
-		if c.n > 0 && (r.Value != c.last.Value+1 || r.BootID != c.last.BootID) {
-			return fmt.Errorf("reply %d: counter %d boot %s after %d boot %s: not consecutive", c.n+1, r.Value, r.BootID, c.last.Value, c.last.BootID)
-		}
-		c.last = r
-		c.n++
 	}
 }
 

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"strings"
 	"syscall"
@@ -46,18 +47,27 @@ func (c *consecutiveClient) incFor(d time.Duration) {
 // inc increments once and checks the reply follows the last one.
 func (c *consecutiveClient) inc() {
 	c.t.Helper()
+	if err := c.next(); err != nil {
+		c.t.Fatal(err)
+	}
+}
+
+// next increments once and says what is wrong with the reply: an error,
+// or not the last one plus one on the same boot.
+func (c *consecutiveClient) next() error {
 	c.conn.SetDeadline(time.Now().Add(time.Minute))
 	sent := time.Now()
 	r, err := c.cl.Inc()
 	c.maxGap = max(c.maxGap, time.Since(sent))
 	if err != nil {
-		c.t.Fatalf("INC after %d replies: %v", c.n, err)
+		return fmt.Errorf("INC after %d replies: %w", c.n, err)
 	}
 	if c.n > 0 && (r.Value != c.last.Value+1 || r.BootID != c.last.BootID) {
-		c.t.Fatalf("reply %d: counter %d boot %s after %d boot %s: not consecutive", c.n+1, r.Value, r.BootID, c.last.Value, c.last.BootID)
+		return fmt.Errorf("reply %d: counter %d boot %s after %d boot %s: not consecutive", c.n+1, r.Value, r.BootID, c.last.Value, c.last.BootID)
 	}
 	c.last = r
 	c.n++
+	return nil
 }
 
 // protectGuest boots the primary guest (with opts), protects it with o

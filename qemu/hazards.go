@@ -17,11 +17,11 @@ import (
 // device and why. Comparing RAM against the last checkpoint sees all of
 // them.
 func UntrackedWrites(ctx context.Context, mon Monitor) ([]string, error) {
-	qtree, err := run[string](ctx, mon, "human-monitor-command", map[string]string{"command-line": "info qtree"})
+	qtree, err := hmp(ctx, mon, "info qtree")
 	if err != nil {
 		return nil, fmt.Errorf("info qtree: %w", err)
 	}
-	network, err := run[string](ctx, mon, "human-monitor-command", map[string]string{"command-line": "info network"})
+	network, err := hmp(ctx, mon, "info network")
 	if err != nil {
 		return nil, fmt.Errorf("info network: %w", err)
 	}

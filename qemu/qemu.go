@@ -12,6 +12,11 @@ type Monitor interface {
 	Execute(ctx context.Context, command string, args, result any) error
 }
 
+// hmp runs a human monitor command through QMP and returns its text.
+func hmp(ctx context.Context, mon Monitor, command string) (string, error) {
+	return run[string](ctx, mon, "human-monitor-command", map[string]string{"command-line": command})
+}
+
 // run executes command and decodes its return value into a T.
 func run[T any](ctx context.Context, mon Monitor, command string, args any) (T, error) {
 	var v T
@@ -83,7 +88,7 @@ func Announce(ctx context.Context, mon Monitor) error {
 func WaitStreamConnected(ctx context.Context, mon Monitor, path string, poll time.Duration) error {
 	want := "unix:" + path
 	for {
-		out, err := run[string](ctx, mon, "human-monitor-command", map[string]string{"command-line": "info network"})
+		out, err := hmp(ctx, mon, "info network")
 		if err != nil {
 			return fmt.Errorf("info network: %w", err)
 		}
