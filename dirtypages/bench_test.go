@@ -75,9 +75,9 @@ func BenchmarkCompareHarvest(b *testing.B) {
 		b.Run(fmt.Sprintf("256MiB/first/workers=%d", workers), func(b *testing.B) {
 			b.SetBytes(benchRAM)
 			for b.Loop() {
-				tr.mu.Lock()
-				tr.full = true
-				tr.mu.Unlock()
+				tr.h.mu.Lock()
+				tr.h.synced = false
+				tr.h.mu.Unlock()
 				if _, err := tr.Harvest(context.Background()); err != nil {
 					b.Fatal(err)
 				}
@@ -216,7 +216,7 @@ func ownUffd(b *testing.B, mem []byte, regions int) *Uffd {
 		scanner.Close()
 		b.Fatal(err)
 	}
-	u := &Uffd{pid: os.Getpid(), m: m, pages: m.Pages(), uffd: fd, scanner: scanner, full: true, regions: make([]pageRegion, regions)}
+	u := &Uffd{pid: os.Getpid(), m: m, pages: m.Pages(), uffd: fd, scanner: scanner, regions: make([]pageRegion, regions)}
 	b.Cleanup(func() { u.Close() })
 	if err := registerUffd(fd, m); err != nil {
 		b.Fatal(err)

@@ -25,9 +25,7 @@ type Compare struct {
 	pages   int
 	workers int
 
-	mu     sync.Mutex // serialises Harvest and Close
-	full   bool       // the next Harvest reports every page
-	closed bool
+	h harvests
 }
 
 var _ Tracker = (*Compare)(nil)
@@ -60,7 +58,6 @@ func NewCompare(ram []byte, opts Options) (*Compare, error) {
 		copy:    cp,
 		pages:   len(ram) / PageSize,
 		workers: opts.Workers,
-		full:    true,
 	}, nil
 }
 
@@ -83,26 +80,12 @@ func (c *Compare) Snapshot() []byte { return c.copy }
 // Harvest copies all of RAM and reports every page. If ctx ends during a
 // harvest, Harvest returns its error and the next one reports every page.
 func (c *Compare) Harvest(ctx context.Context) (*Set, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.closed {
-		return nil, ErrClosed
-	}
-	if err := ctx.Err(); err != nil {
-		return nil, fmt.Errorf("dirtypages: compare harvest: %w", err)
-	}
-	full := c.full
-	// Until this harvest completes, a failure must lead to a full one.
-	c.full = true
-	set := NewSet(c.pages)
-	if err := c.run(ctx, full, set); err != nil {
-		return nil, fmt.Errorf("dirtypages: compare harvest: %w", err)
-	}
-	c.full = false
-	if full {
-		set.AddRange(0, c.pages)
-	}
-	return set, nil
+	return c.h.harvest(ctx, c.pages, "compare harvest", func(set *Set, full bool) error {
+		if err := c.run(ctx, full, set); err != nil {
+			return fmt.Errorf("dirtypages: compare harvest: %w", err)
+		}
+		return nil
+	})
 }
 
 // run hands chunks of pages to the workers until all are done or ctx ends.
@@ -169,16 +152,12 @@ func (c *Compare) compareChunk(first, last int, set *Set) {
 
 // Close releases the private copy. It waits for a Harvest in progress.
 func (c *Compare) Close() error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.closed {
+	return c.h.close(func() error {
+		cp := c.copy
+		c.live, c.copy = nil, nil
+		if err := unix.Munmap(cp); err != nil {
+			return fmt.Errorf("dirtypages: compare: unmap private copy: %w", err)
+		}
 		return nil
-	}
-	c.closed = true
-	cp := c.copy
-	c.live, c.copy = nil, nil
-	if err := unix.Munmap(cp); err != nil {
-		return fmt.Errorf("dirtypages: compare: unmap private copy: %w", err)
-	}
-	return nil
+	})
 }

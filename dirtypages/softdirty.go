@@ -176,9 +176,7 @@ type SoftDirty struct {
 	workers int
 	batch   int // pages per read, a multiple of 64
 
-	mu     sync.Mutex // serialises Harvest and Close
-	full   bool
-	closed bool
+	h harvests
 	// present holds the pages mapped in (pagemap's present bit) at the
 	// last successful harvest; meaningless while full. spare is the set
 	// the next harvest fills, swapped with present when it succeeds.
@@ -294,7 +292,6 @@ func newSoftDirty(pid int, m Mapping, src pagemapSource, opts Options) (*SoftDir
 		pages:   pages,
 		workers: opts.Workers,
 		batch:   opts.BatchPages,
-		full:    true,
 		present: NewSet(pages),
 		spare:   NewSet(pages),
 	}, nil
@@ -318,33 +315,20 @@ func (s *SoftDirty) Pages() int { return s.pages }
 // The first Harvest, and the first successful one after a failure, records
 // which pages are present, clears and reports every page.
 func (s *SoftDirty) Harvest(ctx context.Context) (*Set, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closed {
-		return nil, ErrClosed
-	}
-	if err := ctx.Err(); err != nil {
-		return nil, fmt.Errorf("dirtypages: soft-dirty harvest of pid %d: %w", s.pid, err)
-	}
-	full := s.full
-	s.full = true
-	set := NewSet(s.pages)
-	prev := s.present
-	if full {
-		prev = nil
-	}
-	if err := s.scan(ctx, set, s.spare, prev); err != nil {
-		return nil, fmt.Errorf("dirtypages: pagemap of pid %d: %w", s.pid, err)
-	}
-	if full {
-		set.AddRange(0, s.pages)
-	}
-	if err := s.src.ClearSoftDirty(); err != nil {
-		return nil, fmt.Errorf("dirtypages: clear_refs of pid %d: %w", s.pid, err)
-	}
-	s.present, s.spare = s.spare, s.present
-	s.full = false
-	return set, nil
+	return s.h.harvest(ctx, s.pages, fmt.Sprintf("soft-dirty harvest of pid %d", s.pid), func(set *Set, full bool) error {
+		prev := s.present
+		if full {
+			prev = nil
+		}
+		if err := s.scan(ctx, set, s.spare, prev); err != nil {
+			return fmt.Errorf("dirtypages: pagemap of pid %d: %w", s.pid, err)
+		}
+		if err := s.src.ClearSoftDirty(); err != nil {
+			return fmt.Errorf("dirtypages: clear_refs of pid %d: %w", s.pid, err)
+		}
+		s.present, s.spare = s.spare, s.present
+		return nil
+	})
 }
 
 // scan reads the pagemap entries of the mapping, at most s.batch pages per
@@ -435,14 +419,10 @@ func decode(dirty, present, was []uint64, entries []uint64) {
 // Close closes the pagemap, smaps and clear_refs files. The soft-dirty
 // bits are left as they are.
 func (s *SoftDirty) Close() error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closed {
+	return s.h.close(func() error {
+		if err := s.src.Close(); err != nil {
+			return fmt.Errorf("dirtypages: soft-dirty of pid %d: close: %w", s.pid, err)
+		}
 		return nil
-	}
-	s.closed = true
-	if err := s.src.Close(); err != nil {
-		return fmt.Errorf("dirtypages: soft-dirty of pid %d: close: %w", s.pid, err)
-	}
-	return nil
+	})
 }

@@ -9,7 +9,6 @@ import (
 	"os"
 	"runtime"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 	"unsafe"
@@ -257,9 +256,7 @@ type Uffd struct {
 	held    time.Duration // how long the injection stopped QEMU's main thread
 	protect time.Duration // how long the first write-protection of m took
 
-	mu      sync.Mutex // serialises Harvest and Close
-	full    bool
-	closed  bool
+	h       harvests
 	regions []pageRegion // PAGEMAP_SCAN's output
 }
 
@@ -311,7 +308,7 @@ func newUffd(ctx context.Context, pid int, m Mapping, opts Options) (*Uffd, erro
 	if err != nil {
 		return nil, fmt.Errorf("dirtypages: uffd of pid %d: %w", pid, err)
 	}
-	u := &Uffd{pid: pid, m: m, pages: m.Pages(), uffd: -1, scanner: scanner, full: true, regions: make([]pageRegion, scanRegions)}
+	u := &Uffd{pid: pid, m: m, pages: m.Pages(), uffd: -1, scanner: scanner, regions: make([]pageRegion, scanRegions)}
 	if u.uffd, u.held, err = userfaultfdIn(ctx, pid); err != nil {
 		scanner.Close()
 		return nil, err
@@ -411,25 +408,12 @@ func (u *Uffd) Protected() time.Duration { return u.protect }
 // The first Harvest, and the first successful one after a failure (or a
 // cancelled ctx), reports every page.
 func (u *Uffd) Harvest(ctx context.Context) (*Set, error) {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	if u.closed {
-		return nil, ErrClosed
-	}
-	if err := ctx.Err(); err != nil {
-		return nil, fmt.Errorf("dirtypages: uffd harvest of pid %d: %w", u.pid, err)
-	}
-	full := u.full
-	u.full = true
-	set := NewSet(u.pages)
-	if err := u.scan(ctx, set); err != nil {
-		return nil, fmt.Errorf("dirtypages: uffd harvest of pid %d: %w", u.pid, err)
-	}
-	if full {
-		set.AddRange(0, u.pages)
-	}
-	u.full = false
-	return set, nil
+	return u.h.harvest(ctx, u.pages, fmt.Sprintf("uffd harvest of pid %d", u.pid), func(set *Set, _ bool) error {
+		if err := u.scan(ctx, set); err != nil {
+			return fmt.Errorf("dirtypages: uffd harvest of pid %d: %w", u.pid, err)
+		}
+		return nil
+	})
 }
 
 // scan puts in set the pages of the mapping written since they were last
@@ -483,23 +467,19 @@ func (u *Uffd) scan(ctx context.Context, set *Set) error {
 // Close closes the userfaultfd, which ends the registration (QEMU's pages
 // are write-protected no more and run as before), and QEMU's pagemap.
 func (u *Uffd) Close() error {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	if u.closed {
-		return nil
-	}
-	u.closed = true
-	var errs []error
-	if u.uffd >= 0 {
-		if err := unix.Close(u.uffd); err != nil {
-			errs = append(errs, fmt.Errorf("close userfaultfd: %w", err))
+	return u.h.close(func() error {
+		var errs []error
+		if u.uffd >= 0 {
+			if err := unix.Close(u.uffd); err != nil {
+				errs = append(errs, fmt.Errorf("close userfaultfd: %w", err))
+			}
 		}
-	}
-	if err := u.scanner.Close(); err != nil {
-		errs = append(errs, fmt.Errorf("close pagemap: %w", err))
-	}
-	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("dirtypages: uffd of pid %d: %w", u.pid, err)
-	}
-	return nil
+		if err := u.scanner.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close pagemap: %w", err))
+		}
+		if err := errors.Join(errs...); err != nil {
+			return fmt.Errorf("dirtypages: uffd of pid %d: %w", u.pid, err)
+		}
+		return nil
+	})
 }

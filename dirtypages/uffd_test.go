@@ -100,7 +100,7 @@ func (f *fakeScanner) write(pages ...int) {
 func newFakeUffd(base uintptr, n, regions int) (*Uffd, *fakeScanner) {
 	fake := newFakeScanner(base, n)
 	m := Mapping{Start: base, End: base + uintptr(n)*PageSize, Inode: 1}
-	return &Uffd{pid: 4321, m: m, pages: n, uffd: -1, scanner: fake, full: true, regions: make([]pageRegion, regions)}, fake
+	return &Uffd{pid: 4321, m: m, pages: n, uffd: -1, scanner: fake, regions: make([]pageRegion, regions)}, fake
 }
 
 // TestUffdHarvestFake checks the harvest's loop over PAGEMAP_SCAN calls
