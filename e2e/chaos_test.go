@@ -3,24 +3,30 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"text/tabwriter"
 	"time"
 
 	"github.com/remus-kvm/remus/internal/agent"
 	"github.com/remus-kvm/remus/internal/lab"
+	"github.com/remus-kvm/remus/internal/netns"
 	"github.com/remus-kvm/remus/qemu"
 	"github.com/remus-kvm/remus/qmp"
 	"github.com/remus-kvm/remus/testvm"
 	"github.com/remus-kvm/remus/testvm/counter"
+	"github.com/remus-kvm/remus/witness"
 )
 
 var (
@@ -38,43 +44,53 @@ type chaosFault struct {
 	name     string
 	weight   int
 	failover *bool
-	inject   func(r *chaosRun) error
+	// alone: the guest may end unprotected (its backup is gone for good);
+	// the primary must then say so, and go on serving.
+	alone bool
+	// link: the agents' link runs through a LinkProxy (r.proxy).
+	link bool
+	// early: injected during the initial sync, before the first commit.
+	early bool
+	// before prepares the lab before protection starts.
+	before func(r *chaosRun) error
+	inject func(r *chaosRun) error
 }
 
 var (
 	yes, no = func() *bool { b := true; return &b }(), func() *bool { b := false; return &b }()
 )
 
-// chaosFaults are the faults drawn, the riskiest first (the order a short
-// run takes them in).
+// chaosFaults are the faults drawn, the riskiest first (the order the
+// short mode takes them in).
 var chaosFaults = []chaosFault{
-	{"host-death", 3, yes, func(r *chaosRun) error {
+	{name: "host-death", weight: 3, failover: yes, inject: func(r *chaosRun) error {
 		// QEMU and the agent die together, as with their host.
 		r.g.vm.Kill()
 		r.p.Primary.Kill()
 		return nil
 	}},
-	{"agent-sigterm-restart", 3, no, func(r *chaosRun) error {
+	{name: "primary-agent-kill-restart", weight: 3, failover: nil, inject: func(r *chaosRun) error {
+		// remusd crashes and systemd starts it again; the guest's QEMU
+		// runs on meanwhile.
+		r.p.Primary.Kill()
+		r.sleep(0, 3*time.Second)
+		return r.restartPrimary()
+	}},
+	{name: "primary-agent-kill", weight: 1, failover: yes, inject: func(r *chaosRun) error {
+		// remusd crashes for good: its guest has lost its network relay
+		// and its protector; the backup must take over, and the copy
+		// left on the primary must not run on.
+		r.p.Primary.Kill()
+		return nil
+	}},
+	{name: "agent-sigterm-restart", weight: 3, failover: no, inject: func(r *chaosRun) error {
 		if err := r.p.Primary.Stop(30 * time.Second); err != nil {
 			return err
 		}
 		r.sleep(0, 2*time.Second)
-		return r.p.RestartPrimary()
+		return r.restartPrimary()
 	}},
-	{"qemu-crash", 2, yes, func(r *chaosRun) error {
-		r.g.vm.Kill()
-		return nil
-	}},
-	{"partition", 2, nil, func(r *chaosRun) error {
-		// The hosts lose each other for a while; each still reaches the
-		// witness and the clients.
-		if err := r.h.Cut(r.h.A, r.h.B); err != nil {
-			return err
-		}
-		r.sleep(200*time.Millisecond, 4*time.Second)
-		return r.h.Heal(r.h.A, r.h.B)
-	}},
-	{"primary-isolated", 1, yes, func(r *chaosRun) error {
+	{name: "primary-isolated", weight: 2, failover: yes, inject: func(r *chaosRun) error {
 		// The primary's host loses the network (backup, witness,
 		// clients) and never comes back.
 		if err := r.h.Isolate(r.h.A); err != nil {
@@ -82,12 +98,128 @@ var chaosFaults = []chaosFault{
 		}
 		return r.l.Net.NS.Exec("link", "set", "dev", r.l.Net.TapPrimary, "down")
 	}},
-	{"backup-agent-kill-restart", 2, no, func(r *chaosRun) error {
+	{name: "partition", weight: 2, failover: nil, inject: func(r *chaosRun) error {
+		// The hosts lose each other for a while; each still reaches the
+		// witness and the clients.
+		return r.cutFor(r.h.A, r.h.B, 200*time.Millisecond, 4*time.Second)
+	}},
+	{name: "qemu-crash", weight: 2, failover: yes, inject: func(r *chaosRun) error {
+		r.g.vm.Kill()
+		return nil
+	}},
+	{name: "link-corrupt", weight: 1, failover: no, link: true, inject: func(r *chaosRun) error {
+		return r.damage(lab.Corrupt)
+	}},
+	{name: "backup-disk-full", weight: 1, failover: no, before: mountSmallBackupState, inject: func(r *chaosRun) error {
+		// The backup's state directory fills up for a while: committing
+		// an epoch (its device state, its disk journal) fails there.
+		full := filepath.Join(r.l.Dir, "backup-state", "filler")
+		err := exec.Command("dd", "if=/dev/zero", "of="+full, "bs=1M", "count=64").Run()
+		if err == nil {
+			return errors.New("the backup's state directory did not fill up")
+		}
+		r.sleep(500*time.Millisecond, 4*time.Second)
+		return os.Remove(full)
+	}},
+	{name: "switchover-lossy-link", weight: 1, failover: yes, link: true, inject: func(r *chaosRun) error {
+		// An administrator moves the guest while the link drops
+		// packets: the switchover either completes or is refused, and
+		// the guest stays one guest.
+		r.proxy.Lossy(time.Duration(r.rng.IntN(20))*time.Millisecond, 0.02, 200*time.Millisecond)
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		if _, err := r.p.Switchover(ctx); err != nil {
+			return fmt.Errorf("switchover: %w", err)
+		}
+		r.proxy.Lossy(0, 0, 0)
+		return nil
+	}},
+	{name: "sigterm-during-sync", weight: 1, failover: no, early: true, inject: func(r *chaosRun) error {
+		// Protection is ended (and started again) before the first
+		// checkpoint committed.
+		if err := r.p.Primary.Stop(30 * time.Second); err != nil {
+			return err
+		}
+		r.sleep(0, time.Second)
+		return r.restartPrimary()
+	}},
+	{name: "backup-agent-kill-restart", weight: 2, failover: no, inject: func(r *chaosRun) error {
 		r.p.Backup.Kill()
 		r.sleep(0, 2*time.Second)
-		r.p.Backup = nil
-		return r.p.StartBackup()
+		return r.restartBackup()
 	}},
+	{name: "backup-agent-sigterm-restart", weight: 1, failover: no, inject: func(r *chaosRun) error {
+		if err := r.p.Backup.Stop(30 * time.Second); err != nil {
+			return err
+		}
+		r.sleep(0, 2*time.Second)
+		return r.restartBackup()
+	}},
+	{name: "backup-agent-kill", weight: 1, failover: no, alone: true, inject: func(r *chaosRun) error {
+		r.p.Backup.Kill()
+		return nil
+	}},
+	{name: "witness-death", weight: 1, failover: no, inject: func(r *chaosRun) error {
+		// etcd dies and comes back (its data kept) after a while.
+		r.wit.Stop()
+		r.sleep(500*time.Millisecond, 5*time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		var err error
+		r.wit, err = r.h.StartWitness(ctx)
+		return err
+	}},
+	{name: "witness-hang", weight: 1, failover: no, inject: func(r *chaosRun) error {
+		if err := r.wit.Pause(); err != nil {
+			return err
+		}
+		r.sleep(500*time.Millisecond, 5*time.Second)
+		return r.wit.Resume()
+	}},
+	{name: "primary-witness-cut", weight: 1, failover: no, inject: func(r *chaosRun) error {
+		return r.cutFor(r.h.A, r.h.W, 500*time.Millisecond, 5*time.Second)
+	}},
+	{name: "backup-witness-cut", weight: 1, failover: no, inject: func(r *chaosRun) error {
+		return r.cutFor(r.h.B, r.h.W, 500*time.Millisecond, 5*time.Second)
+	}},
+	{name: "lossy-link", weight: 1, failover: no, link: true, inject: func(r *chaosRun) error {
+		r.proxy.Lossy(time.Duration(r.rng.IntN(30))*time.Millisecond, 0.01+r.rng.Float64()*0.04, 200*time.Millisecond)
+		r.sleep(time.Second, 6*time.Second)
+		r.proxy.Lossy(0, 0, 0)
+		return nil
+	}},
+	{name: "slow-backup-link", weight: 1, failover: no, link: true, inject: func(r *chaosRun) error {
+		// A bandwidth-limited link: epochs take longer, the guest slows,
+		// nothing is dropped.
+		r.proxy.Limit(float64((1 + r.rng.IntN(4)) << 20))
+		r.sleep(2*time.Second, 6*time.Second)
+		r.proxy.Limit(0)
+		return nil
+	}},
+	{name: "link-drop-frame", weight: 1, failover: no, link: true, inject: func(r *chaosRun) error {
+		return r.damage(lab.Drop)
+	}},
+	{name: "link-duplicate-frame", weight: 1, failover: no, link: true, inject: func(r *chaosRun) error {
+		return r.damage(lab.Duplicate)
+	}},
+}
+
+// chaosShortN is how many iterations the short mode (TestChaos without
+// -chaos.n, in make test) runs: the first faults of chaosFaults, in order.
+const chaosShortN = 10
+
+// mountSmallBackupState puts the backup's state directory on a 16 MiB
+// tmpfs of its own, which the fault can fill.
+func mountSmallBackupState(r *chaosRun) error {
+	dir := filepath.Join(r.l.Dir, "backup-state")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=16m", "remus-chaos", dir).CombinedOutput(); err != nil {
+		return fmt.Errorf("mount a tmpfs on %s: %w: %s", dir, err, out)
+	}
+	r.t.Cleanup(func() { exec.Command("umount", "-l", dir).Run() })
+	return nil
 }
 
 // chaosResult is one iteration's outcome.
@@ -97,20 +229,28 @@ type chaosResult struct {
 	At         string   `json:"injected_at"` // after how long protected
 	Passed     bool     `json:"passed"`
 	FailedOver bool     `json:"failed_over"`
-	MaxGapMS   float64  `json:"client_max_gap_ms"` // longest wait for a reply
+	FailoverMS float64  `json:"failover_ms,omitempty"` // fault -> guest running on the backup
+	MaxGapMS   float64  `json:"client_max_gap_ms"`     // longest wait for a reply
 	ReprotMS   float64  `json:"reprotect_ms,omitempty"`
+	Replies    int      `json:"replies"`
+	Short      int      `json:"short_connections"` // answered on short connections
+	Records    uint64   `json:"disk_records"`
 	Violations []string `json:"violations,omitempty"`
+	labDir     string
 }
 
 // chaosRun is the state of one iteration.
 type chaosRun struct {
-	t   *testing.T
-	rng *rand.Rand
-	l   *lab.Lab
-	h   *lab.Hosts
-	g   *protectedGuest
-	p   *lab.Protection
-	res *chaosResult
+	t     *testing.T
+	rng   *rand.Rand
+	l     *lab.Lab
+	h     *lab.Hosts
+	wit   *witness.Local
+	g     *protectedGuest
+	p     *lab.Protection
+	proxy *lab.LinkProxy
+	res   *chaosResult
+	old   []*lab.Proc // agents replaced by a restart, for their logs
 }
 
 func (r *chaosRun) sleep(min, max time.Duration) {
@@ -121,37 +261,89 @@ func (r *chaosRun) violate(format string, args ...any) {
 	r.res.Violations = append(r.res.Violations, fmt.Sprintf(format, args...))
 }
 
+// restartPrimary starts the primary agent again once it exited.
+func (r *chaosRun) restartPrimary() error {
+	r.old = append(r.old, r.p.Primary)
+	return r.p.RestartPrimary()
+}
+
+// restartBackup starts the backup agent again once it exited.
+func (r *chaosRun) restartBackup() error {
+	<-r.p.Backup.Done()
+	r.old = append(r.old, r.p.Backup)
+	r.p.Backup = nil
+	return r.p.StartBackup()
+}
+
+// cutFor cuts x from y for a random time in [min, max], then heals.
+func (r *chaosRun) cutFor(x, y *netns.Namespace, min, max time.Duration) error {
+	if err := r.h.Cut(x, y); err != nil {
+		return err
+	}
+	r.sleep(min, max)
+	return r.h.Heal(x, y)
+}
+
+// damage arms d on the link and waits until a frame took it.
+func (r *chaosRun) damage(d lab.FrameDamage) error {
+	r.proxy.Damage(d)
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if len(r.proxy.Damaged()) > 0 {
+			return nil
+		}
+	}
+	return fmt.Errorf("no RAM frame crossed the link to %s within 30 s", d)
+}
+
 // TestChaos injects one randomly drawn fault per iteration into a protected
 // guest (witness on, each agent and the witness in a host namespace of its
-// own) at a random moment, with a client holding one TCP connection that
-// increments the guest's counter throughout, and checks from outside:
-// every reply follows the one before on that connection (nothing taken
-// back, the connection never reset), exactly one guest's QEMU runs at the
-// end (sampled every 100 ms from the fault on), the backup resumed the
-// guest exactly when the fault calls for it, the guest that runs is the
-// same boot with its memory consistent (the dirtier's pages in order), and
-// a guest left on the primary is protected again. Every iteration logs its
-// seed; -chaos.seed with -chaos.n 1 replays one.
+// own, the guest with a disk) at a random moment, with a client holding one
+// TCP connection that increments the guest's counter throughout (each
+// increment a record the guest fsyncs to its disk) and another reading it
+// on short connections, and checks from outside: every reply follows the
+// one before on the long connection (nothing taken back, the connection
+// never reset), no short connection ever reads less than what was already
+// acknowledged, at most one guest's QEMU runs (sampled every 100 ms from
+// the fault on), the backup resumed the guest exactly when the fault calls
+// for it, the guest that runs is the same boot with its memory consistent
+// (the dirtier's pages in order) and its disk holding exactly the records
+// up to its counter, a guest left on the primary is protected again (or,
+// its backup gone for good, says it runs unprotected), no agent panicked,
+// and once the iteration is torn down nothing of it runs or stays mounted.
+//
+// With -chaos.n N it runs N iterations drawn by weight (make chaos); every
+// iteration logs its seed, and -chaos.seed with -chaos.n 1 replays one.
+// Without, it runs the short mode: the first chaosShortN faults, riskiest
+// first, one iteration each.
 func TestChaos(t *testing.T) {
-	if *chaosN <= 0 {
-		t.Skip("the fault-injection suite runs with -chaos.n N (make chaos)")
+	n := *chaosN
+	short := n <= 0
+	if short {
+		n = chaosShortN
 	}
 	seed := *chaosSeed
 	if seed == 0 {
 		seed = uint64(time.Now().UnixNano())
 	}
 	var results []chaosResult
-	for i := range *chaosN {
+	for i := range n {
 		s := seed + uint64(i)
-		f := drawFault(s, i)
-		t.Run(fmt.Sprintf("seed=%d/%s", s, f.name), func(t *testing.T) {
-			res := runChaos(t, s, f)
-			results = append(results, res)
-			if !res.Passed {
-				t.Errorf("seed %d (%s): %s; replay: go test ./e2e -run 'TestChaos' -chaos.n 1 -chaos.seed %d -chaos.fault %s -v",
-					s, f.name, strings.Join(res.Violations, "; "), s, f.name)
-			}
-		})
+		f := drawFault(s, i, short)
+		res := chaosResult{Seed: s, Fault: f.name}
+		ok := t.Run(fmt.Sprintf("seed=%d/%s", s, f.name), func(t *testing.T) { runChaos(t, f, &res) })
+		// After the iteration's teardown nothing of it may be left.
+		for _, leak := range leftovers(res.labDir) {
+			res.Violations = append(res.Violations, "leaked after teardown: "+leak)
+		}
+		if !ok && len(res.Violations) == 0 {
+			res.Violations = append(res.Violations, "the iteration failed (its log says why)")
+		}
+		res.Passed = len(res.Violations) == 0
+		results = append(results, res)
+		if !res.Passed {
+			t.Errorf("seed %d (%s): %s; replay: go test ./e2e -run 'TestChaos' -chaos.n 1 -chaos.seed %d -chaos.fault %s -v",
+				s, f.name, strings.Join(res.Violations, "; "), s, f.name)
+		}
 	}
 	t.Log("\n" + chaosTable(results))
 	if *chaosJSON != "" {
@@ -162,9 +354,9 @@ func TestChaos(t *testing.T) {
 	}
 }
 
-// drawFault picks iteration i's fault: -chaos.fault if given, else drawn
-// by weight from the seed.
-func drawFault(seed uint64, i int) chaosFault {
+// drawFault picks iteration i's fault: -chaos.fault if given, in the
+// short mode the i-th, else drawn by weight from the seed.
+func drawFault(seed uint64, i int, short bool) chaosFault {
 	if *chaosOnly != "" {
 		for _, f := range chaosFaults {
 			if f.name == *chaosOnly {
@@ -172,6 +364,9 @@ func drawFault(seed uint64, i int) chaosFault {
 			}
 		}
 		panic("unknown -chaos.fault " + *chaosOnly)
+	}
+	if short {
+		return chaosFaults[i%len(chaosFaults)]
 	}
 	total := 0
 	for _, f := range chaosFaults {
@@ -186,39 +381,124 @@ func drawFault(seed uint64, i int) chaosFault {
 	return chaosFaults[0]
 }
 
-func runChaos(t *testing.T, seed uint64, f chaosFault) chaosResult {
+// leftovers lists what still runs or is mounted from the lab in dir.
+func leftovers(dir string) []string {
+	if dir == "" {
+		return nil
+	}
+	var out []string
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		out = out[:0]
+		procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+		for _, p := range procs {
+			b, err := os.ReadFile(p)
+			if err == nil && strings.Contains(string(b), dir+"/") {
+				out = append(out, fmt.Sprintf("process %s: %s", filepath.Base(filepath.Dir(p)), strings.ReplaceAll(string(b), "\x00", " ")))
+			}
+		}
+		if m, err := os.ReadFile("/proc/self/mounts"); err == nil && strings.Contains(string(m), dir+"/") {
+			out = append(out, "a mount under "+dir)
+		}
+		if _, err := os.Stat(dir); err == nil {
+			out = append(out, "the lab directory "+dir)
+		}
+		if len(out) == 0 || time.Now().After(deadline) {
+			return out
+		}
+	}
+}
+
+// runChaos runs one iteration of fault f, its outcome in res (whose Seed
+// is set); the checks that need the agents' whole logs run at its
+// cleanup, and add to res then.
+func runChaos(t *testing.T, f chaosFault, res *chaosResult) {
+	seed := res.Seed
 	t.Logf("seed %d, fault %s", seed, f.name)
-	res := chaosResult{Seed: seed, Fault: f.name}
-	r := &chaosRun{t: t, rng: rand.New(rand.NewPCG(seed, 1)), res: &res}
+	r := &chaosRun{t: t, rng: rand.New(rand.NewPCG(seed, 1)), res: res}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	r.l = newLab(t)
+	res.labDir = r.l.Dir
 	var err error
 	if r.h, err = r.l.NewHosts(); err != nil {
 		t.Fatal(err)
 	}
-	wit, err := r.h.StartWitness(ctx)
-	if err != nil {
+	if r.wit, err = r.h.StartWitness(ctx); err != nil {
 		t.Fatal(err)
 	}
-	var c *consecutiveClient
-	r.g, r.p, c = protectGuest(t, ctx, r.l, lab.ProtectOptions{Witness: wit.Endpoint, Hosts: r.h}, 3)
-
-	// The client runs beside the fault; it stops at the first bad reply.
-	stop := make(chan struct{})
-	var cerr error
-	var wg sync.WaitGroup
-	wg.Go(func() { cerr = c.run(stop) })
-	protectedAt := time.Now()
-	r.sleep(200*time.Millisecond, 3*time.Second)
-	res.At = time.Since(protectedAt).Round(time.Millisecond).String()
-	before, _ := r.p.Epochs()
-	faultAt := time.Now()
-	if err := f.inject(r); err != nil {
-		close(stop)
-		wg.Wait()
-		t.Fatalf("inject %s: %v", f.name, err)
+	if f.before != nil {
+		if err := f.before(r); err != nil {
+			t.Fatal(err)
+		}
 	}
+	o := lab.ProtectOptions{Witness: r.wit.Endpoint, Hosts: r.h, HeartbeatTimeout: heartbeatTimeout}
+	if f.link {
+		o.Via = func(backup string) (string, error) {
+			var err error
+			r.proxy, err = r.h.NewLinkProxy(backup, seed)
+			if err != nil {
+				return "", err
+			}
+			return r.proxy.Addr(), nil
+		}
+	}
+	r.g = bootPrimary(t, r.l, ctx, 4000, withDisk(r.l, 64))
+	if r.p, err = r.l.Protect(r.g.prim, r.g.back, o); err != nil {
+		t.Fatal(err)
+	}
+	dump(t, r.l, r.p)
+	t.Cleanup(func() {
+		// Before the lab's teardown (registered earlier, run later).
+		for _, p := range append(r.old, r.p.Primary, r.p.Backup) {
+			if p == nil {
+				continue
+			}
+			if out := p.Output(); strings.Contains(out, "panic:") || strings.Contains(out, "fatal error:") || strings.Contains(out, "DATA RACE") {
+				res.Violations = append(res.Violations, p.Name+" panicked:\n"+out)
+			}
+		}
+		if t.Failed() {
+			for _, p := range r.old {
+				t.Logf("%s (replaced) output:\n%s", p.Name, p.Output())
+			}
+		}
+	})
+	var before []agent.EpochRecord
+	faultAt := time.Now()
+	if f.early {
+		// During the initial sync (a live sync of 256 MiB takes seconds).
+		r.sleep(0, time.Second)
+		res.At = "sync"
+		faultAt = time.Now()
+		if err := f.inject(r); err != nil {
+			t.Fatalf("inject %s: %v", f.name, err)
+		}
+	}
+	if _, err := r.p.WaitCommitted(ctx, 3); err != nil {
+		t.Fatal(err)
+	}
+	c := newConsecutiveClient(t, ctx, r.l)
+
+	// The clients run beside the fault; each stops at its first bad reply.
+	stop := make(chan struct{})
+	var cerr, serr error
+	var acked atomic.Uint64 // the last value the long connection got
+	var wg sync.WaitGroup
+	wg.Go(func() { cerr = c.run(stop, &acked) })
+	wg.Go(func() { res.Short, serr = r.shortReads(ctx, stop, &acked) })
+	if !f.early {
+		protectedAt := time.Now()
+		r.sleep(200*time.Millisecond, 3*time.Second)
+		res.At = time.Since(protectedAt).Round(time.Millisecond).String()
+		before, _ = r.p.Epochs()
+		faultAt = time.Now()
+		if err := f.inject(r); err != nil {
+			close(stop)
+			wg.Wait()
+			t.Fatalf("inject %s: %v", f.name, err)
+		}
+	}
+	injected := time.Now()
 
 	// Watch the guests until things settle: a failover reported, or the
 	// primary protecting again.
@@ -241,6 +521,16 @@ func runChaos(t *testing.T, seed uint64, f chaosFault) chaosResult {
 		}
 		return n, who
 	}
+	// reprotected is the first epoch committed after the fault ended.
+	reprotected := func() *agent.EpochRecord {
+		eps, _ := r.p.Epochs()
+		for i := len(before); i < len(eps); i++ {
+			if eps[i].Acked.After(injected) {
+				return &eps[i]
+			}
+		}
+		return nil
+	}
 	settle := time.Now().Add(30 * time.Second)
 	var report *agent.FailoverReport
 	for time.Now().Before(settle) {
@@ -251,12 +541,11 @@ func runChaos(t *testing.T, seed uint64, f chaosFault) chaosResult {
 		if report == nil {
 			report, _ = lab.ReadReport(r.p.Report)
 		}
-		if report != nil && time.Since(faultAt) > 3*time.Second {
-			break
-		}
-		if report == nil && f.failover != yes {
-			if eps, _ := r.p.Epochs(); len(eps) > len(before)+5 && time.Since(faultAt) > 3*time.Second {
-				res.ReprotMS = float64(eps[len(eps)-1].Acked.Sub(faultAt).Milliseconds())
+		if time.Since(injected) > 3*time.Second {
+			if report != nil || (f.alone && f.failover != yes) {
+				break
+			}
+			if eps, _ := r.p.Epochs(); f.failover != yes && len(eps) > len(before)+5 && reprotected() != nil {
 				break
 			}
 		}
@@ -267,9 +556,21 @@ func runChaos(t *testing.T, seed uint64, f chaosFault) chaosResult {
 	close(stop)
 	wg.Wait()
 	res.MaxGapMS = float64(c.maxGap.Microseconds()) / 1000
+	res.Replies = c.n
+	if report == nil {
+		report, _ = lab.ReadReport(r.p.Report)
+	}
 	res.FailedOver = report != nil
+	if report != nil {
+		res.FailoverMS = float64(report.Running.Sub(faultAt).Milliseconds())
+	} else if e := reprotected(); e != nil {
+		res.ReprotMS = float64(e.Acked.Sub(faultAt).Milliseconds())
+	}
 	if cerr != nil {
-		r.violate("client: %v", cerr)
+		r.violate("long connection: %v", cerr)
+	}
+	if serr != nil {
+		r.violate("short connections: %v", serr)
 	}
 	switch {
 	case f.failover == yes && report == nil:
@@ -280,24 +581,77 @@ func runChaos(t *testing.T, seed uint64, f chaosFault) chaosResult {
 	if n, who := aliveAtEnd(); n != 1 {
 		r.violate("%d guests run at the end: %s", n, strings.Join(who, ", "))
 	}
-	if report == nil && f.failover != yes {
-		if eps, _ := r.p.Epochs(); len(eps) <= len(before) {
+	if report == nil {
+		if f.alone {
+			st, err := r.p.Status(ctx)
+			if err != nil || st.State != "unprotected" {
+				r.violate("with its backup gone the primary says %q (%v), want unprotected", st.State, err)
+			}
+		} else if reprotected() == nil {
 			r.violate("the guest on the primary is not protected again")
 		}
 	}
 	// The guest that runs: same boot, memory consistent, counter at
-	// least the last reply.
-	r.checkGuest(ctx, c.last.Value)
-	res.Passed = len(res.Violations) == 0
-	t.Logf("%s injected %s after protection; failover %v; %d replies, longest wait %.0f ms; re-protected after %.0f ms",
-		f.name, res.At, res.FailedOver, c.n, res.MaxGapMS, res.ReprotMS)
-	return res
+	// least the last reply, its disk holding exactly the records up to
+	// its counter.
+	disk := r.g.prim.Disk
+	if report != nil {
+		disk = r.g.back.Disk
+	}
+	r.checkGuest(ctx, c.last.Value, disk)
+	t.Logf("%s injected %s after protection; failover %v (%.0f ms); %d replies, longest wait %.0f ms; %d short reads; re-protected after %.0f ms; %d disk records; link damage %v",
+		f.name, res.At, res.FailedOver, res.FailoverMS, c.n, res.MaxGapMS, res.Short, res.ReprotMS, res.Records, r.proxyDamage())
+}
+
+func (r *chaosRun) proxyDamage() []string {
+	if r.proxy == nil {
+		return nil
+	}
+	return r.proxy.Damaged()
+}
+
+// shortReads reads the counter on a new connection every 100-300 ms until
+// stop: every answer must be the guest's boot and at least what the long
+// connection had been acknowledged before the read began (a resumed
+// guest that forgot an acknowledged increment shows here too). Failed
+// connections (during a failover) are retried, not errors.
+func (r *chaosRun) shortReads(ctx context.Context, stop <-chan struct{}, acked *atomic.Uint64) (int, error) {
+	n := 0
+	rng := rand.New(rand.NewPCG(r.res.Seed, 2))
+	for {
+		select {
+		case <-stop:
+			return n, nil
+		case <-time.After(time.Duration(100+rng.IntN(200)) * time.Millisecond):
+		}
+		floor := acked.Load()
+		dctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		conn, err := r.l.Dial(dctx)
+		cancel()
+		if err != nil {
+			continue
+		}
+		conn.SetDeadline(time.Now().Add(2 * time.Second))
+		got, err := counter.NewClient(conn).Get()
+		conn.Close()
+		if err != nil {
+			continue
+		}
+		n++
+		if got.BootID != r.g.ready.BootID {
+			return n, fmt.Errorf("read boot %s, want %s", got.BootID, r.g.ready.BootID)
+		}
+		if got.Value < floor {
+			return n, fmt.Errorf("read counter %d, below the %d acknowledged before the read", got.Value, floor)
+		}
+	}
 }
 
 // checkGuest connects to the guest that runs and checks it is the same
-// boot, its counter at least last (the last reply the client got) and its
-// memory consistent.
-func (r *chaosRun) checkGuest(ctx context.Context, last uint64) {
+// boot, its counter at least last (the last reply the client got), its
+// memory consistent, and its disk (the image at disk) holding the records
+// 1..counter of this boot and nothing beyond.
+func (r *chaosRun) checkGuest(ctx context.Context, last uint64, disk string) {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	conn, err := r.l.Dial(ctx)
@@ -312,6 +666,7 @@ func (r *chaosRun) checkGuest(ctx context.Context, last uint64) {
 	switch {
 	case err != nil:
 		r.violate("GET at the end: %v", err)
+		return
 	case got.BootID != r.g.ready.BootID:
 		r.violate("the guest rebooted: boot %s, want %s", got.BootID, r.g.ready.BootID)
 	case got.Value < last:
@@ -320,10 +675,53 @@ func (r *chaosRun) checkGuest(ctx context.Context, last uint64) {
 	if chk, err := cl.Check(); err != nil || chk.Value != 0 {
 		r.violate("memory check: %d pages out of order, %v", chk.Value, err)
 	}
+	n, err := checkRecords(disk, got.Value, got.BootID)
+	r.res.Records = n
+	if err != nil {
+		r.violate("disk %s: %v", filepath.Base(disk), err)
+	}
 }
 
-// run increments until stop, returning the first failure.
-func (c *consecutiveClient) run(stop <-chan struct{}) error {
+// checkRecords checks that the disk image at path holds exactly the
+// records 1..value, all of boot, and returns how many it holds.
+func checkRecords(path string, value uint64, boot string) (uint64, error) {
+	img, err := os.Open(path)
+	if err != nil {
+		return 0, err
+	}
+	defer img.Close()
+	st, err := img.Stat()
+	if err != nil {
+		return 0, err
+	}
+	recs, err := counter.ReadRecords(img, st.Size())
+	if err != nil {
+		return uint64(len(recs)), err
+	}
+	n := uint64(len(recs))
+	if n != value {
+		return n, fmt.Errorf("holds records 1..%d, the guest's counter is %d", n, value)
+	}
+	for _, rec := range recs {
+		if counter.FormatBootID(rec.BootID) != boot {
+			return n, fmt.Errorf("record %d is from boot %s", rec.Value, counter.FormatBootID(rec.BootID))
+		}
+	}
+	var b [counter.RecordSize]byte
+	for v := value + 1; v <= value+4096 && counter.Offset(v)+counter.RecordSize <= st.Size(); v++ {
+		if _, err := img.ReadAt(b[:], counter.Offset(v)); err != nil {
+			return n, err
+		}
+		if _, err := counter.UnmarshalRecord(b[:]); !errors.Is(err, counter.ErrNoRecord) {
+			return n, fmt.Errorf("a block at value %d beyond the counter %d (%v)", v, value, err)
+		}
+	}
+	return n, nil
+}
+
+// run increments until stop, returning the first failure; acked follows
+// the last value acknowledged.
+func (c *consecutiveClient) run(stop <-chan struct{}, acked *atomic.Uint64) error {
 	for {
 		select {
 		case <-stop:
@@ -333,6 +731,7 @@ func (c *consecutiveClient) run(stop <-chan struct{}) error {
 		if err := c.next(); err != nil {
 			return err
 		}
+		acked.Store(c.last.Value)
 	}
 }
 
@@ -351,15 +750,26 @@ func guestRuns(ctx context.Context, qmpSocket string) bool {
 	return err == nil && st == "running"
 }
 
-// chaosTable is the results per fault: iterations, passed, failovers, the
-// client's longest wait (p50, max) and the seeds that failed.
+// chaosTable is the results per fault: iterations, passed, failovers and
+// their time from the fault to the guest running on the backup (p50,
+// p99), the time from the fault to the first epoch committed after it
+// ended (p50, p99), the client's longest wait (p50, max) and the seeds that
+// failed; and a total line.
 func chaosTable(results []chaosResult) string {
 	var sb strings.Builder
 	tw := tabwriter.NewWriter(&sb, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "fault\titerations\tpassed\tfailovers\tclient wait p50 (ms)\tmax (ms)\tfailed seeds")
+	fmt.Fprintln(tw, "fault\titerations\tpassed\tfailovers\tfailover p50/p99 (ms)\tre-protect p50/p99 (ms)\tclient wait p50/max (ms)\tfailed seeds")
+	pct := func(v []float64, p float64) string {
+		if len(v) == 0 {
+			return "-"
+		}
+		slices.Sort(v)
+		return strconv.FormatFloat(v[min(len(v)-1, int(p*float64(len(v))))], 'f', 0, 64)
+	}
+	var total, passed int
 	for _, f := range chaosFaults {
 		var n, ok, fo int
-		var gaps []float64
+		var gaps, fos, reps []float64
 		var failed []string
 		for _, r := range results {
 			if r.Fault != f.name {
@@ -373,15 +783,20 @@ func chaosTable(results []chaosResult) string {
 			}
 			if r.FailedOver {
 				fo++
+				fos = append(fos, r.FailoverMS)
+			} else if r.ReprotMS > 0 {
+				reps = append(reps, r.ReprotMS)
 			}
 			gaps = append(gaps, r.MaxGapMS)
 		}
 		if n == 0 {
 			continue
 		}
-		slices.Sort(gaps)
-		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%.0f\t%.0f\t%s\n", f.name, n, ok, fo, gaps[len(gaps)/2], gaps[len(gaps)-1], strings.Join(failed, " "))
+		total, passed = total+n, passed+ok
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%s / %s\t%s / %s\t%s / %s\t%s\n", f.name, n, ok, fo,
+			pct(fos, 0.5), pct(fos, 0.99), pct(reps, 0.5), pct(reps, 0.99), pct(gaps, 0.5), pct(gaps, 1), strings.Join(failed, " "))
 	}
+	fmt.Fprintf(tw, "total\t%d\t%d\t\t\t\t\t\n", total, passed)
 	tw.Flush()
 	return sb.String()
 }

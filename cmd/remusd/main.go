@@ -110,6 +110,26 @@ func app() *cli.App {
 				}, common...),
 				Action: runBackup,
 			},
+			{
+				Name:   agent.DeadmanCommand,
+				Usage:  "started by remusd primary: stops the guest if that agent dies without ending its session",
+				Hidden: true,
+				Flags: []cli.Flag{
+					&cli.StringFlag{Name: "qmp", Required: true},
+					&cli.IntFlag{Name: "pid", Required: true},
+					&cli.StringFlag{Name: "state-dir", Required: true},
+					&cli.DurationFlag{Name: "budget", Value: agent.DefaultDeadmanBudget},
+					&cli.StringFlag{Name: "log-level", Value: "info"},
+				},
+				Action: func(c *cli.Context) error {
+					log, err := logger(c)
+					if err != nil {
+						return err
+					}
+					return agent.RunDeadman(c.Context, agent.DeadmanConfig{QMPSocket: c.String("qmp"), PID: c.Int("pid"),
+						StateDir: c.String("state-dir"), Budget: c.Duration("budget")}, os.Stdin, log.With("role", "deadman"))
+				},
+			},
 		},
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -221,6 +222,25 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 	}
 	defer q.Mon.Close()
 
+	s := &primarySession{cfg: cfg, q: q, log: log}
+	// A guest the deadman of an agent before this one stopped (it died
+	// without a goodbye) runs again only once this agent may run it.
+	stopped := ReadDeadmanMarker(cfg.StateDir, q.PID)
+	if stopped != nil {
+		log.Warn("the guest was stopped by the deadman when the previous agent died", "at", stopped.At, "action", stopped.Action)
+	}
+	dm, err := startDeadman(DeadmanConfig{QMPSocket: cfg.QMPSocket, PID: q.PID, StateDir: cfg.StateDir}, log)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if s.backupWillNotResume() || s.guestGone() {
+			dm.disarm()
+		} else {
+			dm.release()
+		}
+	}()
+
 	var w *witness.Witness
 	var lease witness.Lease
 	if cfg.Witness.Enabled() {
@@ -247,11 +267,24 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 			return err
 		}
 		defer w.Close()
+		if stopped != nil {
+			// Holding the lease: the backup has not resumed the guest,
+			// and cannot while it lasts.
+			if err := s.continueStopped(ctx); err != nil {
+				return err
+			}
+		}
 	} else {
 		log.Warn("no witness: assuming fail-stop hosts: " + failStopRisk)
+		if stopped != nil {
+			// Without a witness only the backup can say it did not resume
+			// the guest: the first checkpoint of a session it accepted
+			// continues it.
+			log.Warn("the guest stays stopped until a backup accepts a session")
+			os.Remove(DeadmanMarker(cfg.StateDir))
+		}
 	}
 
-	s := &primarySession{cfg: cfg, q: q, log: log}
 	// The guard runs from the moment the lease is held: it renews it and
 	// stops the guest if it may not run, whatever the rest of the start
 	// is doing.
@@ -287,7 +320,7 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 	} else {
 		guardErr <- nil
 	}
-	err := s.protect(runCtx)
+	err = s.protect(runCtx)
 	close(loopDone)
 	cancelRun()
 	if gerr := <-guardErr; gerr != nil {
@@ -442,6 +475,7 @@ func (s *primarySession) loop(ctx context.Context) error {
 	for {
 		s.protected.Store(false)
 		err := s.run(ctx)
+		s.ended(err)
 		switch {
 		case errors.Is(err, checkpoint.ErrFailedOver), errors.Is(err, checkpoint.ErrHandedOver), errors.Is(err, checkpoint.ErrSwitchedOver):
 			return err
@@ -506,6 +540,47 @@ type primarySession struct {
 	// passes as the lease allows.
 	gate  *gate
 	guard *primaryGuard
+
+	mu      sync.Mutex
+	lastEnd error // how the last session ended
+}
+
+// ended notes how a session (or an attempt at one) ended, for the
+// deadman: whether the backup may still resume the guest.
+func (s *primarySession) ended(err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.lastEnd = err
+}
+
+// backupWillNotResume reports whether the last session ended with the
+// backup's word that it will not resume the guest: a goodbye it confirmed,
+// or a session it refused. Anything else (no session yet, since a backup
+// may hold an earlier agent's epochs; a backup gone silent) may leave it
+// a committed epoch to resume.
+func (s *primarySession) backupWillNotResume() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	err := s.lastEnd
+	return err != nil && !errors.Is(err, checkpoint.ErrPeerLost) &&
+		(errors.Is(err, checkpoint.ErrStopped) || errors.Is(err, checkpoint.ErrPeerRejected))
+}
+
+// continueStopped continues a guest the deadman stopped, now that this
+// agent may run it.
+func (s *primarySession) continueStopped(ctx context.Context) error {
+	st, err := qemu.Status(ctx, s.q.Mon)
+	if err != nil {
+		return fmt.Errorf("status of the guest the deadman stopped: %w", err)
+	}
+	if st == "paused" {
+		if err := qemu.Cont(ctx, s.q.Mon); err != nil {
+			return fmt.Errorf("continue the guest the deadman stopped: %w", err)
+		}
+		s.log.Info("continued the guest the deadman had stopped: this agent holds the witness lease")
+	}
+	os.Remove(DeadmanMarker(s.cfg.StateDir))
+	return nil
 }
 
 // output is the session's output commit, nil without one.

@@ -154,3 +154,15 @@ func (h *Hosts) addr(n *netns.Namespace) string {
 func (h *Hosts) agentAddr(host *netns.Namespace) string {
 	return net.JoinHostPort(h.addr(host), agentPort)
 }
+
+// NewLinkProxy starts a LinkProxy to target (the backup agent's address)
+// that the agents' hosts reach on this process's address on the switch;
+// the lab closes it.
+func (h *Hosts) NewLinkProxy(target string, seed uint64) (*LinkProxy, error) {
+	p, err := NewLinkProxy(net.JoinHostPort(hostsRoot, "0"), target, seed)
+	if err != nil {
+		return nil, err
+	}
+	h.lab.defer_(p.Close)
+	return p, nil
+}
