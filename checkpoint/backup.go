@@ -165,7 +165,7 @@ func NewBackup(cfg BackupConfig) (*Backup, error) {
 		cfg.StageFile = cfg.StateFile + ".staging"
 	}
 	return &Backup{cfg: cfg, sb: sb, conns: map[ConnID]*backupConn{}, applyDone: make(chan error, 1), fenceDone: make(chan error, 1), claimDone: make(chan ClaimDone, 1),
-		spill: &spill{path: cfg.StageFile}, log: log.With("vm", cfg.VMName, "role", "backup")}, nil
+		spill: &spill{path: cfg.StageFile}, log: log.With("role", "backup")}, nil
 }
 
 // Committed is the newest checkpoint the backup may resume (Epoch 0: none).

@@ -271,7 +271,7 @@ func NewPrimary(cfg PrimaryConfig, mon Monitor, ram []byte, tracker dirtypages.T
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Primary{cfg: cfg, mon: mon, ram: ram, tracker: tracker, log: log.With("vm", cfg.VMName, "role", "primary"),
+	return &Primary{cfg: cfg, mon: mon, ram: ram, tracker: tracker, log: log.With("role", "primary"),
 		switchq: make(chan chan error), free: make(chan []byte, cfg.Pipeline.MaxInFlight+1)}, nil
 }
 

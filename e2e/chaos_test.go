@@ -34,6 +34,7 @@ var (
 	chaosSeed = flag.Uint64("chaos.seed", 0, "TestChaos: seed of the first iteration, iteration i runs seed+i (0: from the clock)")
 	chaosOnly = flag.String("chaos.fault", "", "TestChaos: run only this fault")
 	chaosJSON = flag.String("chaos.json", "", "TestChaos: write the results as JSON to this file")
+	chaosEcho = flag.Bool("chaos.echo", false, "TestChaos: copy the agents' logs to the test's output as they run")
 )
 
 // chaosFault is one kind of failure the suite injects into a protected
@@ -329,21 +330,7 @@ func TestChaos(t *testing.T) {
 	for i := range n {
 		s := seed + uint64(i)
 		f := drawFault(s, i, short)
-		res := chaosResult{Seed: s, Fault: f.name}
-		ok := t.Run(fmt.Sprintf("seed=%d/%s", s, f.name), func(t *testing.T) { runChaos(t, f, &res) })
-		// After the iteration's teardown nothing of it may be left.
-		for _, leak := range leftovers(res.labDir) {
-			res.Violations = append(res.Violations, "leaked after teardown: "+leak)
-		}
-		if !ok && len(res.Violations) == 0 {
-			res.Violations = append(res.Violations, "the iteration failed (its log says why)")
-		}
-		res.Passed = len(res.Violations) == 0
-		results = append(results, res)
-		if !res.Passed {
-			t.Errorf("seed %d (%s): %s; replay: go test ./e2e -run 'TestChaos' -chaos.n 1 -chaos.seed %d -chaos.fault %s -v",
-				s, f.name, strings.Join(res.Violations, "; "), s, f.name)
-		}
+		results = append(results, chaosIteration(t, s, f))
 	}
 	t.Log("\n" + chaosTable(results))
 	if *chaosJSON != "" {
@@ -354,16 +341,50 @@ func TestChaos(t *testing.T) {
 	}
 }
 
+// chaosIteration runs one iteration as a subtest and reports it failed,
+// with the command that replays it, on any violation.
+func chaosIteration(t *testing.T, seed uint64, f chaosFault) chaosResult {
+	res := chaosResult{Seed: seed, Fault: f.name}
+	ok := t.Run(fmt.Sprintf("seed=%d/%s", seed, f.name), func(t *testing.T) { runChaos(t, f, &res) })
+	// After the iteration's teardown nothing of it may be left.
+	for _, leak := range leftovers(res.labDir) {
+		res.Violations = append(res.Violations, "leaked after teardown: "+leak)
+	}
+	if !ok && len(res.Violations) == 0 {
+		res.Violations = append(res.Violations, "the iteration failed (its log says why)")
+	}
+	res.Passed = len(res.Violations) == 0
+	if !res.Passed {
+		t.Errorf("seed %d (%s): %s; replay: go test ./e2e -run 'TestChaos' -chaos.n 1 -chaos.seed %d -chaos.fault %s -v",
+			seed, f.name, strings.Join(res.Violations, "; "), seed, f.name)
+	}
+	return res
+}
+
+// faultNamed is the fault called name.
+func faultNamed(name string) chaosFault {
+	for _, f := range chaosFaults {
+		if f.name == name {
+			return f
+		}
+	}
+	panic("unknown chaos fault " + name)
+}
+
+// Regressions: iterations that once failed, replayed with their seed and
+// fault on every make test.
+
+// TestChaosSeed600 found two live guests: remusd primary killed (SIGKILL)
+// with its QEMU left running, the backup resumed the guest after the lease
+// ran out while the old copy ran on, unguarded. The primary's deadman now
+// stops that copy as soon as its agent is gone.
+func TestChaosSeed600(t *testing.T) { chaosIteration(t, 600, faultNamed("primary-agent-kill")) }
+
 // drawFault picks iteration i's fault: -chaos.fault if given, in the
 // short mode the i-th, else drawn by weight from the seed.
 func drawFault(seed uint64, i int, short bool) chaosFault {
 	if *chaosOnly != "" {
-		for _, f := range chaosFaults {
-			if f.name == *chaosOnly {
-				return f
-			}
-		}
-		panic("unknown -chaos.fault " + *chaosOnly)
+		return faultNamed(*chaosOnly)
 	}
 	if short {
 		return chaosFaults[i%len(chaosFaults)]
@@ -432,6 +453,9 @@ func runChaos(t *testing.T, f chaosFault, res *chaosResult) {
 		}
 	}
 	o := lab.ProtectOptions{Witness: r.wit.Endpoint, Hosts: r.h, HeartbeatTimeout: heartbeatTimeout}
+	if *chaosEcho {
+		o.Echo = os.Stderr
+	}
 	if f.link {
 		o.Via = func(backup string) (string, error) {
 			var err error
@@ -586,6 +610,9 @@ func runChaos(t *testing.T, f chaosFault, res *chaosResult) {
 			st, err := r.p.Status(ctx)
 			if err != nil || st.State != "unprotected" {
 				r.violate("with its backup gone the primary says %q (%v), want unprotected", st.State, err)
+			}
+			if jobs, err := blockJobs(ctx, r.g.prim.QMP[0]); err != nil || len(jobs) > 0 {
+				r.violate("with its backup gone the guest's QEMU runs block jobs %v (%v), want none (the mirror removed)", jobs, err)
 			}
 		} else if reprotected() == nil {
 			r.violate("the guest on the primary is not protected again")
@@ -748,6 +775,28 @@ func guestRuns(ctx context.Context, qmpSocket string) bool {
 	defer mon.Close()
 	st, err := qemu.Status(ctx, mon)
 	return err == nil && st == "running"
+}
+
+// blockJobs lists the block jobs (their ids) of the QEMU at qmpSocket.
+func blockJobs(ctx context.Context, qmpSocket string) ([]string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	mon, err := qmp.Dial(ctx, qmpSocket)
+	if err != nil {
+		return nil, err
+	}
+	defer mon.Close()
+	var jobs []struct {
+		Device string `json:"device"`
+	}
+	if err := mon.Execute(ctx, "query-block-jobs", nil, &jobs); err != nil {
+		return nil, err
+	}
+	var ids []string
+	for _, j := range jobs {
+		ids = append(ids, j.Device)
+	}
+	return ids, nil
 }
 
 // chaosTable is the results per fault: iterations, passed, failovers and
