@@ -157,10 +157,12 @@
 // Its requirements: Linux 6.7 or later with CONFIG_USERFAULTFD and
 // CONFIG_PTE_MARKER_UFFD_WP (UffdSupported checks); the rights to ptrace
 // QEMU (root or CAP_SYS_PTRACE); QEMU must not be a child of the agent
-// process (its ptrace stops would also reach whoever waits for it) and
-// must not run under a seccomp filter (QEMU's -sandbox on, which libvirt
-// enables: NewUffd refuses, since a filter that killed on userfaultfd()
-// would kill QEMU); nothing else may register guest RAM with a userfaultfd
+// process (its ptrace stops would also reach whoever waits for it); a
+// QEMU under seccomp filters (QEMU's -sandbox on, which libvirt enables)
+// is tracked only when its filters allow the injected userfaultfd() and
+// close(): NewUffd reads them (PTRACE_SECCOMP_GET_FILTER, which needs
+// CAP_SYS_ADMIN) and runs them on those calls first (QEMU's own filters
+// allow both; see seccomp.go); nothing else may register guest RAM with a userfaultfd
 // (QEMU's postcopy and background-snapshot do, and are refused while the
 // tracker holds it). Not measured: KVM (each harvest makes KVM drop its
 // mappings of the pages it protects again, through the MMU notifier) and

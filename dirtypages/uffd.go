@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -21,7 +22,8 @@ import (
 // ErrUffdUnsupported is returned (wrapped, with the reason) when the uffd
 // tracker cannot be used: the kernel lacks userfaultfd's asynchronous
 // write-protection or the PAGEMAP_SCAN ioctl, this process may not create
-// a userfaultfd or ptrace QEMU, or QEMU runs under a seccomp filter.
+// a userfaultfd or ptrace QEMU, or QEMU runs under seccomp filters that
+// would not allow the calls the tracker injects (or cannot be read).
 var ErrUffdUnsupported = errors.New("dirtypages: userfaultfd write-protect tracking unsupported")
 
 // uffdSetupTimeout bounds the injection of the userfaultfd into QEMU: it
@@ -270,9 +272,10 @@ var _ Tracker = (*Uffd)(nil)
 // memfd, a file under /dev/shm) and hugetlbfs.
 //
 // It checks UffdSupported, and refuses, with errors wrapping
-// ErrUffdUnsupported, a QEMU under a seccomp filter (-sandbox on: a filter
-// that killed on userfaultfd would kill QEMU; whether QEMU's allows it is
-// not known) and one this process may not ptrace. It then makes the
+// ErrUffdUnsupported, a QEMU in strict seccomp mode, one under seccomp
+// filters (-sandbox on) that would not allow the calls it injects (it reads
+// and runs them first: a filter that killed on userfaultfd() would kill
+// QEMU), and one this process may not ptrace. It then makes the
 // userfaultfd inside QEMU: it stops QEMU's main thread with ptrace, runs
 // userfaultfd() there, takes a copy of the new fd with pidfd_getfd and
 // closes QEMU's with an injected close() (package internal/ptrace; about a
@@ -301,15 +304,19 @@ func newUffd(ctx context.Context, pid int, m Mapping, opts Options) (*Uffd, erro
 	if err := UffdSupported(); err != nil {
 		return nil, err
 	}
-	if err := checkNoSeccomp(pid); err != nil {
+	mode, err := seccompMode(pid)
+	if err != nil {
 		return nil, err
+	}
+	if mode == 1 {
+		return nil, fmt.Errorf("%w: pid %d runs in strict seccomp mode", ErrUffdUnsupported, pid)
 	}
 	scanner, err := openPagemapScanner(pid)
 	if err != nil {
 		return nil, fmt.Errorf("dirtypages: uffd of pid %d: %w", pid, err)
 	}
 	u := &Uffd{pid: pid, m: m, pages: m.Pages(), uffd: -1, scanner: scanner, regions: make([]pageRegion, scanRegions)}
-	if u.uffd, u.held, err = userfaultfdIn(ctx, pid); err != nil {
+	if u.uffd, u.held, err = userfaultfdIn(ctx, pid, mode == 2); err != nil {
 		scanner.Close()
 		return nil, err
 	}
@@ -326,27 +333,57 @@ func newUffd(ctx context.Context, pid int, m Mapping, opts Options) (*Uffd, erro
 	return u, nil
 }
 
-// checkNoSeccomp refuses a process under seccomp (the Seccomp field of
-// /proc/PID/status is 1, strict, or 2, a filter): the injected
-// userfaultfd() must not meet a filter that kills the process for it.
-func checkNoSeccomp(pid int) error {
+// seccompMode is the Seccomp field of /proc/PID/status: 0 none, 1
+// strict, 2 filters.
+func seccompMode(pid int) (int, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
-		return fmt.Errorf("dirtypages: uffd of pid %d: %w", pid, err)
+		return 0, fmt.Errorf("dirtypages: uffd of pid %d: %w", pid, err)
 	}
 	sc := bufio.NewScanner(bytes.NewReader(b))
 	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), "Seccomp:"); ok && strings.TrimSpace(v) != "0" {
-			return fmt.Errorf("%w: pid %d runs under a seccomp filter (QEMU's -sandbox on?), which might kill it for the userfaultfd() the tracker would inject", ErrUffdUnsupported, pid)
+		if v, ok := strings.CutPrefix(sc.Text(), "Seccomp:"); ok {
+			return strconv.Atoi(strings.TrimSpace(v))
+		}
+	}
+	return 0, nil
+}
+
+// injected are the system calls userfaultfdIn runs in QEMU, with their
+// arguments (close's fd is the one userfaultfd() returns; filters that
+// look at it are checked again with it, by the call itself).
+var injected = []struct {
+	name string
+	nr   uintptr
+	args []uintptr
+}{
+	{"userfaultfd", unix.SYS_USERFAULTFD, []uintptr{unix.O_CLOEXEC | unix.O_NONBLOCK | uffdUserModeOnly}},
+	{"close", unix.SYS_CLOSE, []uintptr{3}},
+}
+
+// checkFilters refuses, wrapping ErrUffdUnsupported, unless every seccomp
+// filter of the thread Do holds in pid allows every injected call.
+func checkFilters(pid int) error {
+	filters, err := ptrace.SeccompFilters(pid)
+	if err != nil {
+		return fmt.Errorf("%w: pid %d runs under seccomp and its filters cannot be read to check that they allow userfaultfd() (needs CAP_SYS_ADMIN): %w", ErrUffdUnsupported, pid, err)
+	}
+	for _, c := range injected {
+		ok, why, err := seccompVerdict(filters, c.nr, c.args...)
+		switch {
+		case err != nil:
+			return fmt.Errorf("%w: pid %d: its seccomp filters cannot be evaluated for %s(): %w", ErrUffdUnsupported, pid, c.name, err)
+		case !ok:
+			return fmt.Errorf("%w: pid %d: its seccomp %s on %s(): injecting it could take QEMU down", ErrUffdUnsupported, pid, why, c.name)
 		}
 	}
 	return nil
 }
 
-// userfaultfdIn creates a userfaultfd in process pid (bound to its memory)
-// and returns this process's copy of it, and how long pid's main thread
-// was stopped for it.
-func userfaultfdIn(ctx context.Context, pid int) (fd int, held time.Duration, err error) {
+// userfaultfdIn creates a userfaultfd inside process pid (QEMU), takes a
+// copy of it for this process and closes pid's. A pid under seccomp
+// filters gets the calls only when its filters allow them.
+func userfaultfdIn(ctx context.Context, pid int, filtered bool) (fd int, held time.Duration, err error) {
 	pidfd, err := unix.PidfdOpen(pid, 0)
 	if err != nil {
 		return -1, 0, fmt.Errorf("dirtypages: uffd of pid %d: pidfd_open: %w", pid, err)
@@ -354,7 +391,12 @@ func userfaultfdIn(ctx context.Context, pid int) (fd int, held time.Duration, er
 	defer unix.Close(pidfd)
 	fd = -1
 	held, err = ptrace.Do(ctx, pid, func(call ptrace.Caller) error {
-		theirs, err := call(unix.SYS_USERFAULTFD, unix.O_CLOEXEC|unix.O_NONBLOCK|uffdUserModeOnly)
+		if filtered {
+			if err := checkFilters(pid); err != nil {
+				return err
+			}
+		}
+		theirs, err := call(injected[0].nr, injected[0].args...)
 		if err != nil {
 			return fmt.Errorf("userfaultfd() in pid %d: %w", pid, err)
 		}
@@ -363,7 +405,7 @@ func userfaultfdIn(ctx context.Context, pid int) (fd int, held time.Duration, er
 			fd = -1
 			getErr = fmt.Errorf("pidfd_getfd of fd %d of pid %d: %w", theirs, pid, getErr)
 		}
-		if _, err := call(unix.SYS_CLOSE, theirs); err != nil {
+		if _, err := call(injected[1].nr, theirs); err != nil {
 			return errors.Join(getErr, fmt.Errorf("close() of its userfaultfd %d in pid %d: %w", theirs, pid, err))
 		}
 		return getErr

@@ -13,6 +13,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/remus-kvm/remus/internal/testenv"
 	"github.com/remus-kvm/remus/internal/testguest"
 	"github.com/remus-kvm/remus/qmp"
 	"github.com/remus-kvm/remus/testvm"
@@ -30,7 +31,7 @@ type qemuGuest struct {
 // startQEMUGuest boots the test guest with guest RAM in a shared memfd
 // and the guest dirtying memory, under a QEMU started through the launcher
 // (see launch), and waits for its ready line. Cleanup kills QEMU.
-func startQEMUGuest(t *testing.T, guest testvm.Guest) *qemuGuest {
+func startQEMUGuest(t *testing.T, guest testvm.Guest, extra ...string) *qemuGuest {
 	t.Helper()
 	if testing.Short() {
 		t.Skip("boots the test guest; skipped in -short mode")
@@ -38,6 +39,7 @@ func startQEMUGuest(t *testing.T, guest testvm.Guest) *qemuGuest {
 	cfg := testguest.Config(t) // skips without QEMU or the guest kernel
 	cfg.RAM, cfg.RAMPath = testvm.RAMMemfd, ""
 	cfg.Guest = guest
+	cfg.Extra = append(cfg.Extra, extra...)
 	args, err := cfg.Args()
 	if err != nil {
 		t.Fatal(err)
@@ -140,6 +142,31 @@ func (g *qemuGuest) run(t testing.TB, ctx context.Context, cmd string) time.Dura
 func TestUffdQEMU(t *testing.T) {
 	requireUffd(t)
 	g := startQEMUGuest(t, testvm.Guest{DirtyPerSec: 50000, DirtyMiB: 64, Work: "compress"})
+	trackExactly(t, g, 150)
+}
+
+// libvirtSandbox is the -sandbox option libvirt gives every QEMU.
+const libvirtSandbox = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+// TestUffdQEMUSandboxed is TestUffdQEMU for a QEMU under libvirt's
+// seccomp sandbox: the tracker reads QEMU's filters, finds that they allow
+// the calls it injects, and tracks exactly; QEMU survives the injection.
+func TestUffdQEMUSandboxed(t *testing.T) {
+	requireUffd(t)
+	testenv.RequireRoot(t) // PTRACE_SECCOMP_GET_FILTER needs CAP_SYS_ADMIN
+	g := startQEMUGuest(t, testvm.Guest{DirtyPerSec: 50000, DirtyMiB: 64}, "-sandbox", libvirtSandbox)
+	if mode, err := seccompMode(g.pid); err != nil || mode != 2 {
+		t.Fatalf("QEMU with -sandbox %s: seccomp mode %d (%v), want 2 (filters)", libvirtSandbox, mode, err)
+	}
+	trackExactly(t, g, 60)
+}
+
+// trackExactly runs epochs Remus epochs over g with a new uffd tracker
+// (stop, harvest, copy the reported pages into a private image, cont),
+// compares the image with guest RAM byte for byte at the end, then closes
+// the tracker and checks that the guest runs on.
+func trackExactly(t *testing.T, g *qemuGuest, epochs int) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 
@@ -157,7 +184,6 @@ func TestUffdQEMU(t *testing.T) {
 			copy(image[first*PageSize:(first+n)*PageSize], g.ram[first*PageSize:(first+n)*PageSize])
 		}
 	}
-	const epochs = 150
 	var stops, harvests, copies, conts []time.Duration
 	var dirty []int
 	for e := 0; e <= epochs; e++ {

@@ -519,3 +519,33 @@ func ptraceDetach(pid, sig int) error {
 	}
 	return nil
 }
+
+// ptraceSeccompGetFilter is PTRACE_SECCOMP_GET_FILTER (linux/ptrace.h).
+const ptraceSeccompGetFilter = 0x420c
+
+// SeccompFilters returns the classic BPF programs of the seccomp filters
+// of the thread that Do holds stopped in process pid, the most recently
+// installed first (the kernel runs them all and the strictest verdict
+// wins). It must be called from inside Do's f, on the tracing goroutine.
+// The kernel hands them out only to a tracer with CAP_SYS_ADMIN that runs
+// under no seccomp filter itself, and only with CONFIG_CHECKPOINT_RESTORE.
+func SeccompFilters(pid int) ([][]unix.SockFilter, error) {
+	var filters [][]unix.SockFilter
+	for i := 0; ; i++ {
+		n, _, errno := unix.Syscall6(unix.SYS_PTRACE, ptraceSeccompGetFilter, uintptr(pid), uintptr(i), 0, 0, 0)
+		switch {
+		case errno == unix.ENOENT || (errno == unix.EINVAL && i == 0):
+			// Past the last one; EINVAL: no filter mode at all.
+			return filters, nil
+		case errno != 0:
+			return filters, fmt.Errorf("ptrace: seccomp filter %d of pid %d: %w", i, pid, errno)
+		case n == 0:
+			return filters, fmt.Errorf("ptrace: seccomp filter %d of pid %d is empty", i, pid)
+		}
+		prog := make([]unix.SockFilter, n)
+		if _, _, errno := unix.Syscall6(unix.SYS_PTRACE, ptraceSeccompGetFilter, uintptr(pid), uintptr(i), uintptr(unsafe.Pointer(&prog[0])), 0, 0); errno != 0 {
+			return filters, fmt.Errorf("ptrace: seccomp filter %d of pid %d: %w", i, pid, errno)
+		}
+		filters = append(filters, prog)
+	}
+}
