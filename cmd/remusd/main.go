@@ -51,6 +51,7 @@ func app() *cli.App {
 		&cli.StringFlag{Name: "witness-key", Usage: "key of --witness-cert (PEM)"},
 		&cli.DurationFlag{Name: "witness-ttl", Value: witness.DefaultTTL, Usage: "TTL of the witness lease (whole seconds, at least etcd's minimum of 2s by default): a failover waits this long after the primary's last renewal"},
 		&cli.StringFlag{Name: "witness-id", Usage: "name of this host at the witness, the same for its primary and backup agents, never shared by two hosts (default: the host name)"},
+		&cli.StringFlag{Name: "metrics", Usage: "serve Prometheus metrics over HTTP at `ADDR` (host:port, e.g. 127.0.0.1:9477; path /metrics); remusd primary also serves them on its control socket"},
 		&cli.BoolFlag{Name: "assume-fail-stop", Usage: "protect without a witness (and, on the backup, without --fence-command): a partition between the hosts, both alive, then leaves two live copies of the guest"},
 	}
 	return &cli.App{
@@ -81,7 +82,7 @@ func app() *cli.App {
 					&cli.Int64Flag{Name: "net-hold-cap", Value: netbuffer.DefaultHoldCap, Usage: "bytes of guest output held for commits at most; at the cap the guest waits"},
 					&cli.BoolFlag{Name: "net-output-commit", Value: true, Usage: "hold the guest's output until its epoch commits; =false lets it straight through, and a failover can then take back replies clients saw"},
 					&cli.StringFlag{Name: "epoch-log", Usage: "append one JSON line per committed epoch to this file"},
-					&cli.StringFlag{Name: "control", Usage: "`PATH` of the control socket for remusctl status and switchover (default STATE-DIR/remusd.sock)"},
+					&cli.StringFlag{Name: "control", Usage: "`PATH` of the control socket for remusctl status and switchover, and GET /metrics (default STATE-DIR/remusd.sock)"},
 					&cli.StringFlag{Name: "trace", Usage: "benchmark aid: record the dirty pages of --trace-epochs epochs to this file", Hidden: true},
 					&cli.IntFlag{Name: "trace-epochs", Value: 50, Usage: "benchmark aid: epochs to record with --trace", Hidden: true},
 					&cli.StringFlag{Name: "fault", Usage: "testing aid: stop at POINT:EPOCH of the epoch cycle (paused, resumed, shipping, shipped, acked) until killed", Hidden: true},
@@ -192,6 +193,7 @@ func runPrimary(c *cli.Context) error {
 		Net:            netConfig(c), Disk: c.String("disk"), Compress: c.Bool("compress"), NoLiveSync: !c.Bool("live-sync"), DeltaCache: c.Int64("delta-cache"),
 		Trace: c.String("trace"), TraceEpochs: c.Int("trace-epochs"),
 		Witness: witnessConfig(c), AssumeFailStop: c.Bool("assume-fail-stop"), Control: c.String("control"),
+		Metrics: c.String("metrics"),
 	}
 	if cfg.Pipeline.MinRun, err = parseMinRun(c.String("min-run")); err != nil {
 		return err
@@ -221,7 +223,7 @@ func runBackup(c *cli.Context) error {
 		QEMU: c.Args().Slice(), QMPSocket: c.String("qmp"), Heartbeat: heartbeat(c), Report: c.String("report"),
 		Net: netConfig(c), DiskImage: c.String("disk-image"), StageMemory: c.Int64("stage-memory"),
 		FenceCommand: c.String("fence-command"), FenceTimeout: c.Duration("fence-timeout"),
-		Witness: witnessConfig(c), AssumeFailStop: c.Bool("assume-fail-stop"),
+		Witness: witnessConfig(c), AssumeFailStop: c.Bool("assume-fail-stop"), Metrics: c.String("metrics"),
 	}
 	if cfg.Key, err = key(c); err != nil {
 		return err

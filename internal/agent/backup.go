@@ -71,6 +71,9 @@ type BackupConfig struct {
 	// AssumeFailStop allows running with neither witness nor fence
 	// command.
 	AssumeFailStop bool
+	// Metrics, when set, is a TCP address (host:port) where the agent
+	// serves its Prometheus metrics (GET /metrics).
+	Metrics string
 }
 
 // Validate rejects incomplete configurations.
@@ -138,6 +141,14 @@ func RunBackup(ctx context.Context, cfg BackupConfig, log *slog.Logger) (*Failov
 		return nil, fmt.Errorf("configuration: %w", err)
 	}
 	log = log.With("vm", cfg.VM)
+	metrics := newBackupMetrics(cfg.VM)
+	if cfg.Metrics != "" {
+		_, stop, err := serveMetrics(ctx, cfg.Metrics, metrics.handler(), log)
+		if err != nil {
+			return nil, err
+		}
+		defer stop()
+	}
 	stateFile := filepath.Join(cfg.StateDir, "committed.state")
 	var b *checkpoint.Backup
 	var ln net.Listener
@@ -156,7 +167,8 @@ func RunBackup(ctx context.Context, cfg BackupConfig, log *slog.Logger) (*Failov
 			return err
 		}
 		bcfg := checkpoint.BackupConfig{VMName: cfg.VM, RAMImage: cfg.RAMImage, StateFile: stateFile,
-			Heartbeat: cfg.Heartbeat, Logger: log, StageMemory: cfg.StageMemory, StageFile: filepath.Join(cfg.StateDir, "staging.pages")}
+			Heartbeat: cfg.Heartbeat, Logger: log, StageMemory: cfg.StageMemory, StageFile: filepath.Join(cfg.StateDir, "staging.pages"),
+			OnCommit: func(uint64, int) { metrics.epochApplied(time.Now()) }}
 		if cfg.Witness.Enabled() {
 			if w, err = cfg.Witness.open(cfg.VM); err != nil {
 				return err
@@ -213,6 +225,7 @@ func RunBackup(ctx context.Context, cfg BackupConfig, log *slog.Logger) (*Failov
 			log.Warn("primary lost: failing over", "committed_epoch", lost.Committed.Epoch, "cause", lost.Cause)
 			r, err := failOver(ctx, cfg, lost, &gnet, log)
 			report = r
+			metrics.failedOver(r, err)
 			if err != nil {
 				return err
 			}

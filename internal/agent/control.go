@@ -20,6 +20,7 @@ import (
 // socket (mode 0600: root, or the user running remusd) for remusctl.
 //
 //	GET  /status      PrimaryStatus as JSON
+//	GET  /metrics     the agent's Prometheus metrics (see metrics.go)
 //	POST /switchover  move the guest to the backup; answers once done
 //	                  (200, SwitchoverResult) or refused/abandoned (409,
 //	                  {"error": ...})
@@ -114,6 +115,7 @@ func (s *primarySession) serveControl(ctx context.Context, path string) (func(),
 	mux.HandleFunc("GET "+ControlStatusPath, func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, s.status(r.Context()))
 	})
+	mux.Handle("GET "+MetricsPath, s.metrics.handler())
 	mux.HandleFunc("POST "+ControlSwitchoverPath, func(w http.ResponseWriter, r *http.Request) {
 		p := s.current.Load()
 		if p == nil {

@@ -88,8 +88,12 @@ type PrimaryConfig struct {
 	// (or hosts that never partition) must make a failover safe.
 	AssumeFailStop bool
 	// Control is the path of the control socket (remusctl status,
-	// switchover); default DefaultControlSocket(StateDir).
+	// switchover, metrics); default DefaultControlSocket(StateDir).
 	Control string
+	// Metrics, when set, is a TCP address (host:port) where the agent
+	// serves its Prometheus metrics (GET /metrics) besides the control
+	// socket.
+	Metrics string
 }
 
 // Fault describes where to stop the agent: at Point of epoch Epoch (or the
@@ -210,6 +214,14 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 		return fmt.Errorf("configuration: %w", err)
 	}
 	log = log.With("vm", cfg.VM)
+	s := &primarySession{cfg: cfg, log: log, metrics: newPrimaryMetrics(cfg.VM, cfg.Net.Enabled(), cfg.Witness.Enabled())}
+	if cfg.Metrics != "" {
+		_, stop, err := serveMetrics(ctx, cfg.Metrics, s.metrics.handler(), log)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
 	var q *QEMU
 	if err := step(ctx, log, "attach to QEMU", func() (err error) {
 		q, err = Attach(ctx, cfg.QMPSocket, log)
@@ -222,7 +234,7 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 	}
 	defer q.Mon.Close()
 
-	s := &primarySession{cfg: cfg, q: q, log: log}
+	s.q = q
 	// A guest the deadman of an agent before this one stopped (it died
 	// without a goodbye) runs again only once this agent may run it.
 	stopped := ReadDeadmanMarker(cfg.StateDir, q.PID)
@@ -296,7 +308,7 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 		s.gate = &gate{mon: q.Mon}
 		// A guest the guard cannot stop in time is killed at once: the
 		// lease may run out next.
-		s.guard = &primaryGuard{w: w, g: s.gate, log: log, grace: cfg.Heartbeat.WithDefaults().Timeout / 3,
+		s.guard = &primaryGuard{w: w, g: s.gate, log: log, grace: cfg.Heartbeat.WithDefaults().Timeout / 3, metrics: s.metrics,
 			kill: func(context.Context, string) error { return s.killGuestNow() }}
 		go func() {
 			err := s.guard.run(runCtx, lease)
@@ -530,6 +542,7 @@ type primarySession struct {
 	disk     *primaryDisk
 	epochLog *json.Encoder
 	log      *slog.Logger
+	metrics  *primaryMetrics
 	// protected: the last run committed an epoch.
 	protected atomic.Bool
 	// current is the session's Primary while one runs (for a
@@ -723,13 +736,18 @@ func (s *primarySession) run(ctx context.Context) error {
 			if s.guard != nil {
 				s.guard.acked(st.Acked)
 			}
+			var relay *netbuffer.Status
+			if gnet != nil {
+				rs := gnet.relay.Status()
+				relay = &rs
+			}
+			s.metrics.committed(st, relay)
 			if epochLog == nil {
 				return
 			}
 			rec := NewEpochRecord(st)
-			if gnet != nil {
-				st := gnet.relay.Status()
-				rec.NetHeldBytes, rec.NetPeakBytes = st.HeldBytes, st.PeakBytes
+			if relay != nil {
+				rec.NetHeldBytes, rec.NetPeakBytes = relay.HeldBytes, relay.PeakBytes
 			}
 			epochLog.Encode(rec)
 		},
@@ -781,7 +799,10 @@ func (s *primarySession) run(ctx context.Context) error {
 	s.current.Store(p)
 	defer s.current.Store(nil)
 	log.Info("protecting", "epoch", cfg.Pipeline.WithDefaults().Interval, "tracker", trackerName(tracker), "device_state", saver.String())
-	return p.Run(ctx, link)
+	s.metrics.sessionStarted()
+	err = p.Run(ctx, link)
+	s.metrics.sessionEnded(err)
+	return err
 }
 
 func newTracker(ctx context.Context, kind string, q *QEMU, ram []byte, log *slog.Logger) (dirtypages.Tracker, error) {

@@ -209,6 +209,7 @@ type primaryGuard struct {
 	grace   time.Duration
 	kill    func(ctx context.Context, reason string) error // ends the guest's QEMU
 	lastAck atomic.Int64                                   // unix ns of the backup's last acknowledgement
+	metrics *primaryMetrics
 
 	mu   sync.Mutex
 	snap guardSnapshot
@@ -307,6 +308,7 @@ func (p *primaryGuard) run(ctx context.Context, first witness.Lease) error {
 			p.mu.Lock()
 			p.snap = guardSnapshot{trustedFor: guard.TrustedFor(now), frozen: !ok, why: why}
 			p.mu.Unlock()
+			p.metrics.witness(trusted, !ok)
 			switch {
 			case !ok && !frozen:
 				frozen = true
