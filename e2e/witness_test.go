@@ -217,6 +217,7 @@ func TestSwitchoverMovesTheGuestWithNothingLost(t *testing.T) {
 	if err != nil || st.State != "protecting" || st.Witness != lab.WitnessA || st.WitnessOwner != lab.WitnessA || st.WitnessActive != lab.WitnessA || st.CommittedEpoch == 0 {
 		t.Fatalf("status %+v (%v): want protecting, with a witness and a committed epoch", st, err)
 	}
+	checkMetrics(t, ctx, p)
 	c.maxGap = 0
 	type result struct {
 		r   agent.SwitchoverResult
@@ -458,4 +459,42 @@ func TestWitnessDownFenceDecides(t *testing.T) {
 	}
 	wit.Resume()
 	t.Logf("witness down: fenced and resumed epoch %d (%.0f ms after the primary was declared dead); %d consecutive replies", r.Epoch, r.ClearMS, c.n)
+}
+
+// checkMetrics scrapes the protecting primary's /metrics and checks the
+// series an administrator alerts on: protected, epochs committed, the
+// last commit's time, pauses observed, the witness lease trusted.
+func checkMetrics(t *testing.T, ctx context.Context, p *lab.Protection) {
+	t.Helper()
+	m, err := p.Metrics(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	value := func(series string) float64 {
+		for line := range strings.Lines(m) {
+			if rest, ok := strings.CutPrefix(line, series+" "); ok {
+				v, err := strconv.ParseFloat(strings.TrimSpace(rest), 64)
+				if err == nil {
+					return v
+				}
+			}
+		}
+		t.Fatalf("no series %s in /metrics:\n%s", series, m)
+		return 0
+	}
+	if v := value(`remus_protected{vm="lab"}`); v != 1 {
+		t.Errorf("remus_protected %v, want 1", v)
+	}
+	if v := value(`remus_epochs_committed_total{vm="lab"}`); v < 3 {
+		t.Errorf("remus_epochs_committed_total %v, want at least 3", v)
+	}
+	if v := value(`remus_last_commit_timestamp_seconds{vm="lab"}`); time.Since(time.Unix(int64(v), 0)) > time.Minute {
+		t.Errorf("remus_last_commit_timestamp_seconds %v: not recent", v)
+	}
+	if v := value(`remus_checkpoint_pause_seconds_count{step="total",vm="lab"}`); v < 3 {
+		t.Errorf("pause histogram count %v, want at least 3", v)
+	}
+	if v := value(`remus_witness_lease_trusted{vm="lab"}`); v != 1 {
+		t.Errorf("remus_witness_lease_trusted %v, want 1", v)
+	}
 }

@@ -61,7 +61,8 @@ type SwitchoverResult struct {
 }
 
 // CallControl makes one request on the control socket and decodes the
-// answer into out, or returns the agent's error.
+// JSON answer into out (or, when out is a *[]byte, stores it as it came),
+// or returns the agent's error.
 func CallControl(ctx context.Context, socket, method, path string, timeout time.Duration, out any) error {
 	cl := &http.Client{Timeout: timeout, Transport: &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
@@ -87,6 +88,10 @@ func CallControl(ctx context.Context, socket, method, path string, timeout time.
 			return errors.New(e.Error)
 		}
 		return fmt.Errorf("control socket %s: %s: %s", socket, resp.Status, strings.TrimSpace(string(body)))
+	}
+	if raw, ok := out.(*[]byte); ok {
+		*raw = body
+		return nil
 	}
 	if err := json.Unmarshal(body, out); err != nil {
 		return fmt.Errorf("control socket %s: answer: %w", socket, err)

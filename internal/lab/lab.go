@@ -523,6 +523,13 @@ func (p *Protection) Status(ctx context.Context) (agent.PrimaryStatus, error) {
 	return st, err
 }
 
+// Metrics scrapes the primary remusd's /metrics on its control socket.
+func (p *Protection) Metrics(ctx context.Context) (string, error) {
+	var b []byte
+	err := agent.CallControl(ctx, p.Control, http.MethodGet, agent.MetricsPath, 5*time.Second, &b)
+	return string(b), err
+}
+
 // StartBackup starts the backup remusd of a Protect with BackupLater.
 func (p *Protection) StartBackup() error {
 	if p.Backup != nil {
