@@ -14,7 +14,7 @@ FUZZTIME ?= 20s
 CHAOS_N ?= 300
 CHAOS_SEED ?= 0
 CHAOS_JSON ?= chaos-results.json
-APT_PACKAGES := qemu-system-x86 qemu-utils iproute2 kmod ca-certificates etcd-server
+APT_PACKAGES := qemu-system-x86 qemu-utils iproute2 kmod ca-certificates etcd-server libvirt-daemon-system libvirt-clients
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 KERNEL_CACHE := .cache/guest-kernel
 

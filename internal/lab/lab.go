@@ -102,15 +102,18 @@ func (l *Lab) setup(ctx context.Context, accel string) error {
 }
 
 // BuildRemusd builds cmd/remusd of this module into out.
-func BuildRemusd(ctx context.Context, out string) error {
+func BuildRemusd(ctx context.Context, out string) error { return BuildCommand(ctx, "remusd", out) }
+
+// BuildCommand builds cmd/NAME of this module into out.
+func BuildCommand(ctx context.Context, name, out string) error {
 	root, err := testvm.RepoRoot()
 	if err != nil {
 		return err
 	}
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", out, "./cmd/remusd")
+	cmd := exec.CommandContext(ctx, "go", "build", "-o", out, "./cmd/"+name)
 	cmd.Dir = root
 	if b, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("lab: build remusd: %w\n%s", err, b)
+		return fmt.Errorf("lab: build %s: %w\n%s", name, err, b)
 	}
 	return nil
 }
