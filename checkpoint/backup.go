@@ -23,6 +23,10 @@ type BackupConfig struct {
 	// RAMImage is the file that holds the guest RAM as of the last committed
 	// epoch (on a tmpfs such as /dev/shm). On failover QEMU runs on it.
 	RAMImage string
+	// RAMFixed: RAMImage is a standby QEMU's guest RAM (its memory
+	// backend's file, or its memfd through /proc): it is never created or
+	// resized, and a primary announcing another size is refused.
+	RAMFixed bool
 	// StateFile holds the device state of the last committed epoch.
 	StateFile string
 	Heartbeat failover.DetectorConfig
@@ -716,12 +720,24 @@ func (b *Backup) mapRAM(size uint64) error {
 		}
 		return fmt.Errorf("%w: primary announced %d bytes of RAM; this backup holds %d", ErrPeerRejected, size, b.ramSize)
 	}
-	f, err := os.OpenFile(b.cfg.RAMImage, os.O_RDWR|os.O_CREATE, 0o600)
+	flags := os.O_RDWR | os.O_CREATE
+	if b.cfg.RAMFixed {
+		flags = os.O_RDWR
+	}
+	f, err := os.OpenFile(b.cfg.RAMImage, flags, 0o600)
 	if err != nil {
 		return fmt.Errorf("checkpoint: RAM image: %w", err)
 	}
 	defer f.Close()
-	if err := f.Truncate(int64(size)); err != nil {
+	if b.cfg.RAMFixed {
+		st, err := f.Stat()
+		if err != nil {
+			return fmt.Errorf("checkpoint: RAM image %s: %w", b.cfg.RAMImage, err)
+		}
+		if uint64(st.Size()) != size {
+			return fmt.Errorf("%w: primary announced %d bytes of RAM; the standby QEMU here has %d", ErrPeerRejected, size, st.Size())
+		}
+	} else if err := f.Truncate(int64(size)); err != nil {
 		return fmt.Errorf("checkpoint: size RAM image %s: %w", b.cfg.RAMImage, err)
 	}
 	ram, err := unix.Mmap(int(f.Fd()), 0, int(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)

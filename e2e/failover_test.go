@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -161,4 +162,38 @@ func touch(path string) error {
 		return err
 	}
 	return f.Close()
+}
+
+// TestFailoverIntoStandby protects the guest with a standby QEMU that runs
+// on the backup from the start, waiting for a device state (as libvirt's
+// standby domain does), instead of a command line the backup starts on
+// failover: committed epochs go straight into the standby's RAM, and when
+// the primary's host dies the backup hands that QEMU the device state by
+// descriptor and continues it. The client's counter on its connection
+// carries on, the same boot, with memory consistent, in the standby QEMU.
+func TestFailoverIntoStandby(t *testing.T) {
+	l := newLab(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	g, p, c := protectGuest(t, ctx, l, lab.ProtectOptions{Standby: true}, 3)
+	if !strings.Contains(p.Backup.Output(), "standby QEMU found") {
+		t.Fatalf("the backup did not take the standby QEMU:\n%s", p.Backup.Output())
+	}
+	c.incFor(time.Second)
+	g.vm.Kill()
+	p.Primary.Kill()
+	r, err := p.WaitReport(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.QEMUPID != p.StandbyVM.PID() || !strings.HasPrefix(r.IncomingURI, "fd:") {
+		t.Fatalf("resumed in QEMU pid %d from %s; want the standby (pid %d) from a descriptor", r.QEMUPID, r.IncomingURI, p.StandbyVM.PID())
+	}
+	c.incFor(time.Second)
+	if c.last.BootID != g.ready.BootID {
+		t.Fatalf("boot %s after the failover, want %s", c.last.BootID, g.ready.BootID)
+	}
+	checkGuestMemory(t, c.cl)
+	t.Logf("resumed epoch %d in the standby QEMU (pid %d): restore %.0f ms, device state load %.1f ms; %d consecutive replies",
+		r.Epoch, r.QEMUPID, r.RestoreMS, r.LoadMS, c.n)
 }

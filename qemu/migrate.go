@@ -87,6 +87,24 @@ func WaitMigration(ctx context.Context, mon Monitor, every time.Duration) error 
 	}
 }
 
+// FileMonitor is a Monitor that can pass a file's descriptor with a
+// command (qmp.Client over a unix socket).
+type FileMonitor interface {
+	Monitor
+	ExecuteWithFile(ctx context.Context, command string, args, result any, f *os.File) error
+}
+
+// PassFile hands QEMU f's descriptor under name (QMP getfd), for an fd:NAME
+// migration URI. QEMU's sandbox (-sandbox on: libvirt's) forbids exec:
+// URIs, and QEMU's user may not open remusd's files: a descriptor it is
+// given works under both.
+func PassFile(ctx context.Context, mon FileMonitor, name string, f *os.File) error {
+	if err := mon.ExecuteWithFile(ctx, "getfd", map[string]string{"fdname": name}, nil, f); err != nil {
+		return fmt.Errorf("getfd %s: %w", name, err)
+	}
+	return nil
+}
+
 // IncomingURI returns the migrate-incoming URI that reads a saved device
 // state file: file: where QEMU has it (8.2 and later), else exec:cat.
 func IncomingURI(path string, v qmp.Version) string {

@@ -9,10 +9,13 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"runtime"
 	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Client is a connection to one QEMU monitor in QMP mode. It is safe for
@@ -138,6 +141,31 @@ func (c *Client) Capabilities() []string { return slices.Clone(c.capabilities) }
 // read and discarded, never handed to another command. If the connection
 // closes first, the error wraps ErrClosed and says why.
 func (c *Client) Execute(ctx context.Context, command string, args, result any) error {
+	return c.execute(ctx, command, args, result, nil)
+}
+
+// ExecuteWithFile is Execute with f's descriptor passed along with the
+// command (SCM_RIGHTS), as QMP's getfd and add-fd expect. It needs a
+// connection on a unix socket (Dial's).
+func (c *Client) ExecuteWithFile(ctx context.Context, command string, args, result any, f *os.File) error {
+	if _, ok := c.conn.(*net.UnixConn); !ok {
+		return fmt.Errorf("qmp: %s: passing a file needs a unix socket connection, not %T", command, c.conn)
+	}
+	raw, err := f.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("qmp: %s: %w", command, err)
+	}
+	var oob []byte
+	if err := raw.Control(func(fd uintptr) { oob = unix.UnixRights(int(fd)) }); err != nil {
+		return fmt.Errorf("qmp: %s: %w", command, err)
+	}
+	// f stays open until the command is written: its descriptor is copied
+	// into the message.
+	defer runtime.KeepAlive(f)
+	return c.execute(ctx, command, args, result, oob)
+}
+
+func (c *Client) execute(ctx context.Context, command string, args, result any, oob []byte) error {
 	if command == "" {
 		return errors.New("qmp: Execute: empty command name")
 	}
@@ -171,7 +199,7 @@ func (c *Client) Execute(ctx context.Context, command string, args, result any) 
 		c.forget(id)
 		return fmt.Errorf("qmp: %s: encode command: %w", command, err)
 	}
-	if err := c.write(ctx, command, append(req, '\n')); err != nil {
+	if err := c.write(ctx, command, append(req, '\n'), oob); err != nil {
 		c.forget(id)
 		return err
 	}
@@ -246,7 +274,7 @@ var aLongTimeAgo = time.Unix(1, 0)
 // before any byte is written, write returns the ctx error and the
 // connection stays usable; a write that fails part way leaves the stream
 // corrupt, so it closes the connection.
-func (c *Client) write(ctx context.Context, command string, b []byte) error {
+func (c *Client) write(ctx context.Context, command string, b, oob []byte) error {
 	select {
 	case c.wsem <- struct{}{}:
 	case <-ctx.Done():
@@ -264,7 +292,20 @@ func (c *Client) write(ctx context.Context, command string, b []byte) error {
 		c.conn.SetWriteDeadline(aLongTimeAgo)
 		close(fired)
 	})
-	n, err := c.conn.Write(b)
+	var n int
+	var err error
+	if len(oob) > 0 {
+		// The descriptor goes with the first byte; a short write (it
+		// would take a full socket buffer) sends the rest plainly.
+		n, _, err = c.conn.(*net.UnixConn).WriteMsgUnix(b, oob, nil)
+		if err == nil && n < len(b) {
+			var m int
+			m, err = c.conn.Write(b[n:])
+			n += m
+		}
+	} else {
+		n, err = c.conn.Write(b)
+	}
 	if !stop() {
 		<-fired
 		c.conn.SetWriteDeadline(time.Time{})

@@ -129,6 +129,30 @@ func TestQEMU(t *testing.T) {
 		}
 	})
 
+	t.Run("getfd takes a descriptor passed with the command", func(t *testing.T) {
+		r, w, err := os.Pipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer r.Close()
+		defer w.Close()
+		// closefd of a name QEMU does not hold fails; after getfd it works:
+		// the descriptor arrived under that name.
+		if err := c.Execute(ctx, "closefd", map[string]string{"fdname": "passed"}, nil); err == nil {
+			t.Fatal("closefd of an unknown name succeeded")
+		}
+		if err := c.ExecuteWithFile(ctx, "getfd", map[string]string{"fdname": "passed"}, nil, r); err != nil {
+			t.Fatalf("getfd: %v", err)
+		}
+		if err := c.Execute(ctx, "closefd", map[string]string{"fdname": "passed"}, nil); err != nil {
+			t.Fatalf("closefd after getfd: %v", err)
+		}
+		// Without a descriptor, getfd fails.
+		if err := c.Execute(ctx, "getfd", map[string]string{"fdname": "none"}, nil); err == nil {
+			t.Fatal("getfd without a descriptor succeeded")
+		}
+	})
+
 	t.Run("a machine started without -S is running", func(t *testing.T) {
 		st, err := qmp.Run[statusInfo](ctx, c, "query-status", nil)
 		if err != nil {

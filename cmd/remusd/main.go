@@ -93,7 +93,7 @@ func app() *cli.App {
 			{
 				Name:      "backup",
 				Usage:     "hold the VM's last committed checkpoint and resume it when the primary dies",
-				ArgsUsage: "-- QEMU-BINARY QEMU-ARGS...",
+				ArgsUsage: "[-- QEMU-BINARY QEMU-ARGS...]",
 				Description: "Receives epochs from the primary remusd and applies each one whole to the RAM image and device state.\n" +
 					"When the primary stops being heard for the heartbeat timeout, starts the QEMU command line given after --\n" +
 					"(the primary's, with the RAM backend's mem-path set to --ram-image), loads the last committed device state\n" +
@@ -101,8 +101,9 @@ func app() *cli.App {
 					"STATE-DIR/qemu.pid (its output to STATE-DIR/qemu.log) as soon as it starts.",
 				Flags: append([]cli.Flag{
 					&cli.StringFlag{Name: "listen", Usage: "address for the primary, host:port", Required: true},
-					&cli.StringFlag{Name: "ram-image", Usage: "file holding the guest RAM of the last committed epoch", Required: true},
-					&cli.StringFlag{Name: "qmp", Usage: "QMP socket created by the QEMU command line, for the restore", Required: true},
+					&cli.StringFlag{Name: "ram-image", Usage: "file holding the guest RAM of the last committed epoch (the QEMU command line's mem-path)"},
+					&cli.StringFlag{Name: "qmp", Usage: "QMP socket created by the QEMU command line, for the restore"},
+					&cli.StringFlag{Name: "standby-qmp", Usage: "instead of a QEMU command line, --ram-image and --qmp: the QMP socket of a standby QEMU that runs already, waiting with -incoming defer (libvirt's standby domain), guest RAM in a shared backend; committed epochs go into its RAM, and on failover it gets the device state (by descriptor) and runs"},
 					&cli.Int64Flag{Name: "stage-memory", Value: 64 << 20, Usage: "`BYTES` of an epoch's pages held in memory while it arrives; beyond them they wait in a file of --state-dir until the epoch commits (0: all in memory; a first epoch may be all of guest RAM)"},
 					&cli.StringFlag{Name: "disk-image", Usage: "the backup's copy of the guest's disk: a raw image the size of the primary's disk, used by the QEMU command line; it only ever holds committed epochs' writes"},
 					&cli.StringFlag{Name: "report", Usage: "write a JSON failover report to this file"},
@@ -220,7 +221,7 @@ func runBackup(c *cli.Context) error {
 	}
 	cfg := agent.BackupConfig{
 		VM: c.String("vm"), Listen: c.String("listen"), RAMImage: c.String("ram-image"), StateDir: c.String("state-dir"),
-		QEMU: c.Args().Slice(), QMPSocket: c.String("qmp"), Heartbeat: heartbeat(c), Report: c.String("report"),
+		QEMU: c.Args().Slice(), QMPSocket: c.String("qmp"), Standby: c.String("standby-qmp"), Heartbeat: heartbeat(c), Report: c.String("report"),
 		Net: netConfig(c), DiskImage: c.String("disk-image"), StageMemory: c.Int64("stage-memory"),
 		FenceCommand: c.String("fence-command"), FenceTimeout: c.Duration("fence-timeout"),
 		Witness: witnessConfig(c), AssumeFailStop: c.Bool("assume-fail-stop"), Metrics: c.String("metrics"),

@@ -41,6 +41,13 @@ type BackupConfig struct {
 	// QMPSocket is the QMP socket that QEMU command line creates, for
 	// remusd to drive the restore.
 	QMPSocket string
+	// Standby, instead of QEMU, QMPSocket and RAMImage, is the QMP socket
+	// of a standby QEMU that runs already, waiting for a device state
+	// (-incoming defer), with guest RAM in a shared backend the size of the
+	// primary's: libvirt's standby domain. remusd writes committed epochs
+	// straight into that RAM and, on failover, hands the device state to
+	// that QEMU (getfd, migrate-incoming fd:) and continues it.
+	Standby   string
 	Heartbeat failover.DetectorConfig
 	// Report, when set, receives a JSON FailoverReport after a failover.
 	Report string
@@ -83,12 +90,15 @@ func (c BackupConfig) Validate() error {
 		return errors.New("--vm is required")
 	case c.Listen == "":
 		return errors.New("--listen is required")
-	case c.RAMImage == "":
-		return errors.New("--ram-image is required")
 	case c.StateDir == "":
 		return errors.New("--state-dir is required")
+	case c.Standby != "" && (len(c.QEMU) > 0 || c.RAMImage != "" || c.QMPSocket != ""):
+		return errors.New("--standby-qmp names a QEMU that runs already: no QEMU command line, --ram-image or --qmp with it")
+	case c.Standby != "":
+	case c.RAMImage == "":
+		return errors.New("--ram-image is required (or --standby-qmp)")
 	case len(c.QEMU) == 0:
-		return errors.New("the QEMU command line to start on failover is required (after --)")
+		return errors.New("the QEMU command line to start on failover is required (after --), or --standby-qmp")
 	case c.QMPSocket == "":
 		return errors.New("--qmp is required (the QMP socket of the QEMU started on failover)")
 	case !c.Witness.Enabled() && c.FenceCommand == "" && !c.AssumeFailStop:
@@ -96,6 +106,9 @@ func (c BackupConfig) Validate() error {
 	}
 	if err := c.Net.Validate(); err != nil {
 		return err
+	}
+	if c.Standby != "" {
+		return c.Heartbeat.Validate()
 	}
 	if _, err := exec.LookPath(c.QEMU[0]); err != nil {
 		return fmt.Errorf("QEMU binary: %w", err)
@@ -154,7 +167,11 @@ func RunBackup(ctx context.Context, cfg BackupConfig, log *slog.Logger) (*Failov
 	var ln net.Listener
 	var journal *diskmirror.Journal
 	var w *witness.Witness
+	var standby *QEMU
 	defer func() {
+		if standby != nil {
+			standby.Mon.Close()
+		}
 		if journal != nil {
 			journal.Close()
 		}
@@ -166,7 +183,17 @@ func RunBackup(ctx context.Context, cfg BackupConfig, log *slog.Logger) (*Failov
 		if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 			return err
 		}
-		bcfg := checkpoint.BackupConfig{VMName: cfg.VM, RAMImage: cfg.RAMImage, StateFile: stateFile,
+		if cfg.Standby != "" {
+			if standby, err = attachStandby(ctx, cfg.Standby, log); err != nil {
+				return err
+			}
+			if cfg.RAMImage, err = standby.ramPath(); err != nil {
+				return fmt.Errorf("standby QEMU: %w", err)
+			}
+			log.Info("standby QEMU found: committed epochs go straight into its RAM", "pid", standby.PID, "version", standby.Version.String(),
+				"ram_backend", standby.RAM.ID, "ram_bytes", standby.RAM.Size, "ram", cfg.RAMImage)
+		}
+		bcfg := checkpoint.BackupConfig{VMName: cfg.VM, RAMImage: cfg.RAMImage, RAMFixed: standby != nil, StateFile: stateFile,
 			Heartbeat: cfg.Heartbeat, Logger: log, StageMemory: cfg.StageMemory, StageFile: filepath.Join(cfg.StateDir, "staging.pages"),
 			OnCommit: func(uint64, int) { metrics.epochApplied(time.Now()) }}
 		if cfg.Witness.Enabled() {
@@ -223,7 +250,7 @@ func RunBackup(ctx context.Context, cfg BackupConfig, log *slog.Logger) (*Failov
 	go func() {
 		runDone <- b.Run(rctx, conns, func(ctx context.Context, lost *checkpoint.PrimaryLost) error {
 			log.Warn("primary lost: failing over", "committed_epoch", lost.Committed.Epoch, "cause", lost.Cause)
-			r, err := failOver(ctx, cfg, lost, &gnet, log)
+			r, err := failOver(ctx, cfg, standby, lost, &gnet, log)
 			report = r
 			metrics.failedOver(r, err)
 			if err != nil {
@@ -337,9 +364,9 @@ func acceptPrimaries(ctx context.Context, ln net.Listener, key []byte, conns cha
 	}
 }
 
-func failOver(ctx context.Context, cfg BackupConfig, lost *checkpoint.PrimaryLost, gnet **guestNet, log *slog.Logger) (*FailoverReport, error) {
+func failOver(ctx context.Context, cfg BackupConfig, standby *QEMU, lost *checkpoint.PrimaryLost, gnet **guestNet, log *slog.Logger) (*FailoverReport, error) {
 	r := &FailoverReport{VM: cfg.VM, Epoch: lost.Committed.Epoch, LastHeard: lost.LastHeard, Declared: lost.DeclaredAt, Cleared: lost.ClearedAt,
-		Cause: lost.Cause.Error(), RAMImage: cfg.RAMImage}
+		Cause: lost.Cause.Error(), RAMImage: lost.Committed.RAMImage}
 	if st, err := os.Stat(lost.Committed.StateFile); err == nil {
 		r.DeviceStateLen = st.Size()
 	}
@@ -347,8 +374,179 @@ func failOver(ctx context.Context, cfg BackupConfig, lost *checkpoint.PrimaryLos
 	if err != nil {
 		return r, err
 	}
+	var mon *qmp.Client
+	// kill ends a QEMU this failover started and could not finish with; a
+	// standby QEMU is its manager's (libvirt's), and is left as it is.
+	kill := func() {}
+	qemuLog := func(err error) error { return err }
+	if standby != nil {
+		if err := step(ctx, log, "take the standby QEMU", func() error {
+			if err := standby.Mon.Err(); err != nil {
+				return fmt.Errorf("its QMP connection (%s) broke: %w (is the standby QEMU gone?)", cfg.Standby, err)
+			}
+			if err := checkIncoming(ctx, standby.Mon); err != nil {
+				return err
+			}
+			mon, r.QEMUPID = standby.Mon, standby.PID
+			return writeQEMUPID(cfg.StateDir, r.QEMUPID)
+		}); err != nil {
+			return r, err
+		}
+	} else {
+		cmd, err := startRestoreQEMU(ctx, cfg, format, r, log)
+		if err != nil {
+			return r, err
+		}
+		kill = func() { cmd.Process.Kill() }
+		qemuLog = func(err error) error {
+			return fmt.Errorf("%w\nQEMU's output (%s):\n%s", err, filepath.Join(cfg.StateDir, "qemu.log"), tail(filepath.Join(cfg.StateDir, "qemu.log"), 2000))
+		}
+		if err := step(ctx, log, "connect to the new QEMU", func() error {
+			dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			defer cancel()
+			var err error
+			mon, err = redial(dctx, 5*time.Millisecond, func(ctx context.Context) (*qmp.Client, error) {
+				return qmp.Dial(ctx, cfg.QMPSocket, qmp.WithLogger(log))
+			})
+			if err != nil {
+				return fmt.Errorf("QMP socket %s: %w", cfg.QMPSocket, err)
+			}
+			return nil
+		}); err != nil {
+			kill()
+			return r, err
+		}
+		defer mon.Close()
+	}
+	v := mon.Version()
+	r.QEMUVersion = v.String()
+	r.IncomingURI = qemu.IncomingURI(lost.Committed.StateFile, v)
+	if err := step(ctx, log, "load the last committed checkpoint", func() error {
+		if standby != nil {
+			// The standby's QEMU may run sandboxed and as another user:
+			// it gets the state as a descriptor.
+			f, err := os.Open(lost.Committed.StateFile)
+			if err != nil {
+				return err
+			}
+			defer f.Close()
+			if err := qemu.PassFile(ctx, mon, standbyStateFD, f); err != nil {
+				return err
+			}
+			r.IncomingURI = "fd:" + standbyStateFD
+		}
+		load, err := failover.Load(ctx, mon, r.IncomingURI, format)
+		r.LoadMS = ms(load)
+		if err != nil {
+			return qemuLog(err)
+		}
+		return nil
+	}); err != nil {
+		kill()
+		return r, err
+	}
+	if cfg.Net.Enabled() {
+		// Connected once the device state is loaded and before the guest
+		// runs, so that nothing it sends is lost.
+		if err := step(ctx, log, "connect the guest's NIC to "+cfg.Net.Tap, func() (err error) {
+			if *gnet, err = startNetwork(ctx, cfg.Net, 10*time.Second, log); err != nil {
+				return err
+			}
+			// The guest runs only once QEMU took the connection: before,
+			// it would drop what the guest sends.
+			wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			defer cancel()
+			return qemu.WaitStreamConnected(wctx, mon, cfg.Net.Guest, 2*time.Millisecond)
+		}); err != nil {
+			kill()
+			return r, err
+		}
+	}
+	if err := step(ctx, log, "resume the guest", func() error {
+		if _, err := failover.Resume(ctx, mon); err != nil {
+			return qemuLog(err)
+		}
+		return nil
+	}); err != nil {
+		kill()
+		return r, err
+	}
+	// The guest's MAC address now lives behind another port: tell the
+	// switches (gratuitous RARP from each NIC, as after a migration).
+	if err := qemu.Announce(ctx, mon); err != nil {
+		log.Warn("announce the guest on the network", "err", err)
+	}
+	r.Running = time.Now()
+	r.DetectionMS = ms(r.Declared.Sub(r.LastHeard))
+	from := r.Declared
+	if !r.Cleared.IsZero() {
+		r.ClearMS, from = ms(r.Cleared.Sub(r.Declared)), r.Cleared
+	}
+	r.RestoreMS = ms(r.Running.Sub(from))
+	log.Info("failed over: the guest runs here", "epoch", r.Epoch, "detection_ms", r.DetectionMS, "clear_ms", r.ClearMS, "restore_ms", r.RestoreMS, "qemu_pid", r.QEMUPID)
+	if cfg.Report != "" {
+		b, _ := json.MarshalIndent(r, "", "  ")
+		if err := os.WriteFile(cfg.Report, append(b, '\n'), 0o644); err != nil {
+			return r, fmt.Errorf("write failover report: %w", err)
+		}
+	}
+	return r, nil
+}
+
+// standbyAttachWait bounds the wait for the standby QEMU's QMP socket at
+// start.
+const standbyAttachWait = 30 * time.Second
+
+// standbyStateFD is the name the device state's descriptor gets in a
+// standby QEMU.
+const standbyStateFD = "remus-state"
+
+// attachStandby attaches to the standby QEMU at socket and checks that it
+// waits for a device state.
+func attachStandby(ctx context.Context, socket string, log *slog.Logger) (*QEMU, error) {
+	// It may be starting as remusd does (both started at boot).
+	actx, cancel := context.WithTimeout(ctx, standbyAttachWait)
+	defer cancel()
+	q, err := redial(actx, 100*time.Millisecond, func(ctx context.Context) (*QEMU, error) { return Attach(ctx, socket, log) })
+	if err != nil {
+		return nil, fmt.Errorf("standby QEMU (waited %v): %w", standbyAttachWait, err)
+	}
+	if err := checkIncoming(ctx, q.Mon); err != nil {
+		q.Mon.Close()
+		return nil, err
+	}
+	return q, nil
+}
+
+// checkIncoming checks that QEMU waits for an incoming migration.
+func checkIncoming(ctx context.Context, mon qemu.Monitor) error {
+	st, err := qemu.Status(ctx, mon)
+	if err != nil {
+		return fmt.Errorf("standby QEMU: %w", err)
+	}
+	if st != "inmigrate" {
+		return fmt.Errorf("the standby QEMU is %q, not waiting for a device state: start it with -incoming defer", st)
+	}
+	return nil
+}
+
+// ramPath is where this process opens the guest RAM of q: its backend's
+// file, or its memfd through /proc.
+func (q *QEMU) ramPath() (string, error) {
+	if q.RAM.Type == "memory-backend-memfd" {
+		return q.memfdPath()
+	}
+	if q.RAM.Path == "" {
+		return "", fmt.Errorf("RAM backend %s (%s) has no file to write committed epochs into", q.RAM.ID, q.RAM.Type)
+	}
+	return q.RAM.Path, nil
+}
+
+// startRestoreQEMU starts the QEMU command line of cfg waiting for the
+// device state of format, on the RAM image; it outlives remusd.
+func startRestoreQEMU(ctx context.Context, cfg BackupConfig, format qemu.StateFormat, r *FailoverReport, log *slog.Logger) (*exec.Cmd, error) {
 	var cmd *exec.Cmd
-	if err := step(ctx, log, "start QEMU on the RAM image", func() error {
+	err := step(ctx, log, "start QEMU on the RAM image", func() error {
 		os.Remove(cfg.QMPSocket)
 		args := append(append([]string{}, cfg.QEMU[1:]...), qemu.RestoreArgs(format)...)
 		cmd = exec.Command(cfg.QEMU[0], args...)
@@ -373,94 +571,18 @@ func failOver(ctx context.Context, cfg BackupConfig, lost *checkpoint.PrimaryLos
 		}()
 		// The restored guest's QEMU is not remusd's child for long: say
 		// where it is at once, for whoever manages it from here.
-		pidFile := QEMUPIDFile(cfg.StateDir)
-		if err := os.WriteFile(pidFile, []byte(strconv.Itoa(r.QEMUPID)+"\n"), 0o644); err != nil {
-			return fmt.Errorf("write %s: %w", pidFile, err)
-		}
-		return nil
-	}); err != nil {
-		return r, err
+		return writeQEMUPID(cfg.StateDir, r.QEMUPID)
+	})
+	return cmd, err
+}
+
+// writeQEMUPID names the guest's QEMU in the state directory.
+func writeQEMUPID(stateDir string, pid int) error {
+	pidFile := QEMUPIDFile(stateDir)
+	if err := os.WriteFile(pidFile, []byte(strconv.Itoa(pid)+"\n"), 0o644); err != nil {
+		return fmt.Errorf("write %s: %w", pidFile, err)
 	}
-	var mon *qmp.Client
-	if err := step(ctx, log, "connect to the new QEMU", func() error {
-		dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-		defer cancel()
-		var err error
-		mon, err = redial(dctx, 5*time.Millisecond, func(ctx context.Context) (*qmp.Client, error) {
-			return qmp.Dial(ctx, cfg.QMPSocket, qmp.WithLogger(log))
-		})
-		if err != nil {
-			return fmt.Errorf("QMP socket %s: %w", cfg.QMPSocket, err)
-		}
-		return nil
-	}); err != nil {
-		cmd.Process.Kill()
-		return r, err
-	}
-	defer mon.Close()
-	v := mon.Version()
-	r.QEMUVersion = v.String()
-	r.IncomingURI = qemu.IncomingURI(lost.Committed.StateFile, v)
-	qemuLog := func(err error) error {
-		return fmt.Errorf("%w\nQEMU's output (%s):\n%s", err, filepath.Join(cfg.StateDir, "qemu.log"), tail(filepath.Join(cfg.StateDir, "qemu.log"), 2000))
-	}
-	if err := step(ctx, log, "load the last committed checkpoint", func() error {
-		load, err := failover.Load(ctx, mon, r.IncomingURI, format)
-		r.LoadMS = ms(load)
-		if err != nil {
-			return qemuLog(err)
-		}
-		return nil
-	}); err != nil {
-		cmd.Process.Kill()
-		return r, err
-	}
-	if cfg.Net.Enabled() {
-		// Connected once the device state is loaded and before the guest
-		// runs, so that nothing it sends is lost.
-		if err := step(ctx, log, "connect the guest's NIC to "+cfg.Net.Tap, func() (err error) {
-			if *gnet, err = startNetwork(ctx, cfg.Net, 10*time.Second, log); err != nil {
-				return err
-			}
-			// The guest runs only once QEMU took the connection: before,
-			// it would drop what the guest sends.
-			wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-			defer cancel()
-			return qemu.WaitStreamConnected(wctx, mon, cfg.Net.Guest, 2*time.Millisecond)
-		}); err != nil {
-			cmd.Process.Kill()
-			return r, err
-		}
-	}
-	if err := step(ctx, log, "resume the guest", func() error {
-		if _, err := failover.Resume(ctx, mon); err != nil {
-			return qemuLog(err)
-		}
-		return nil
-	}); err != nil {
-		cmd.Process.Kill()
-		return r, err
-	}
-	// The guest's MAC address now lives behind another port: tell the
-	// switches (gratuitous RARP from each NIC, as after a migration).
-	if err := qemu.Announce(ctx, mon); err != nil {
-		log.Warn("announce the guest on the network", "err", err)
-	}
-	r.Running = time.Now()
-	r.DetectionMS = ms(r.Declared.Sub(r.LastHeard))
-	from := r.Declared
-	if !r.Cleared.IsZero() {
-		r.ClearMS, from = ms(r.Cleared.Sub(r.Declared)), r.Cleared
-	}
-	r.RestoreMS = ms(r.Running.Sub(from))
-	log.Info("failed over: the guest runs here", "epoch", r.Epoch, "detection_ms", r.DetectionMS, "clear_ms", r.ClearMS, "restore_ms", r.RestoreMS, "qemu_pid", r.QEMUPID)
-	if cfg.Report != "" {
-		b, _ := json.MarshalIndent(r, "", "  ")
-		if err := os.WriteFile(cfg.Report, append(b, '\n'), 0o644); err != nil {
-			return r, fmt.Errorf("write failover report: %w", err)
-		}
-	}
-	return r, nil
+	return nil
 }
 
 // tail returns the last n bytes of a file, or why it cannot.

@@ -26,6 +26,7 @@ import (
 
 	"github.com/remus-kvm/remus/internal/agent"
 	"github.com/remus-kvm/remus/internal/netns"
+	"github.com/remus-kvm/remus/qemu"
 	"github.com/remus-kvm/remus/testvm"
 	"github.com/remus-kvm/remus/witness"
 )
@@ -342,6 +343,8 @@ type Protection struct {
 	EpochLog        string
 	Report          string
 	BackupConfig    testvm.Config
+	// StandbyVM is the backup's standby QEMU (ProtectOptions.Standby).
+	StandbyVM *testvm.VM
 
 	// BackupAddr is where the backup remusd listens; Control, the
 	// primary remusd's control socket.
@@ -374,6 +377,11 @@ type ProtectOptions struct {
 	// failover or switchover) from there: the primary remusd relays to
 	// the backup's tap, the backup's to the primary's.
 	Reverse bool
+	// Standby starts the backup's QEMU at once, waiting for a device
+	// state (-incoming defer), and gives it to the backup remusd with
+	// --standby-qmp instead of a command line to start on failover: as
+	// with libvirt's standby domain. Protection.StandbyVM is that QEMU.
+	Standby bool
 	// Hosts, when set, runs the primary remusd on host A and the backup's
 	// on host B (the other way round with Reverse), linked through the
 	// hosts' network; Witness is then the witness on host W.
@@ -422,9 +430,24 @@ func (l *Lab) Protect(prim, back testvm.Config, o ProtectOptions) (*Protection, 
 		common = append(common, "--heartbeat-timeout", o.HeartbeatTimeout.String())
 	}
 	backupState := filepath.Join(l.Dir, "backup-state")
-	bargs := append([]string{"backup", "--listen", peer, "--state-dir", backupState,
-		"--ram-image", back.RAMPath, "--qmp", back.QMP[1], "--report", p.Report,
-		"--net-guest", back.NIC.Path, "--net-tap", backupTap}, common...)
+	bargs := []string{"backup", "--listen", peer, "--state-dir", backupState, "--report", p.Report,
+		"--net-guest", back.NIC.Path, "--net-tap", backupTap}
+	if o.Standby {
+		// The device state the primary saves by default (QMP
+		// xen-save-devices-state) has no configuration section.
+		sb := back
+		sb.Extra = append(append([]string{}, sb.Extra...), qemu.RestoreArgs(qemu.StateFormat{})...)
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		p.StandbyVM, err = l.StartVM(ctx, sb)
+		cancel()
+		if err != nil {
+			return nil, fmt.Errorf("lab: start the standby QEMU: %w", err)
+		}
+		bargs = append(bargs, "--standby-qmp", back.QMP[1])
+	} else {
+		bargs = append(bargs, "--ram-image", back.RAMPath, "--qmp", back.QMP[1])
+	}
+	bargs = append(bargs, common...)
 	if o.Witness != "" {
 		bargs = append(bargs, "--witness", o.Witness, "--witness-id", backupID)
 	}
@@ -432,7 +455,9 @@ func (l *Lab) Protect(prim, back testvm.Config, o ProtectOptions) (*Protection, 
 		bargs = append(bargs, "--disk-image", back.Disk)
 	}
 	bargs = append(bargs, o.BackupArgs...)
-	bargs = append(append(bargs, "--", back.QEMU), backupArgs...)
+	if !o.Standby {
+		bargs = append(append(bargs, "--", back.QEMU), backupArgs...)
+	}
 	p.startBackup = func() error {
 		// The QEMU the backup starts on failover outlives remusd by
 		// design; remusd names it in its state directory as soon as it
