@@ -31,6 +31,15 @@ type StandbyOptions struct {
 	// Check is what the primary is checked with; Standby refuses a primary
 	// with Errors.
 	Check CheckOptions
+	// DeviceStateXen: the primary agent saves device state with QMP
+	// xen-save-devices-state (remusd's default where QEMU has it), whose
+	// stream has no configuration section: the standby must not expect
+	// one (-global migration.send-configuration=off).
+	DeviceStateXen bool
+	// ArgPaths rewrites the qemu:commandline arguments: each key (a path
+	// on the primary's host, e.g. the directory of a -netdev stream
+	// socket) becomes its value wherever it occurs, longest keys first.
+	ArgPaths map[string]string
 }
 
 // Standby builds the backup host's standby domain from the primary's XML
@@ -99,7 +108,10 @@ func Standby(doc string, o StandbyOptions) (string, error) {
 	} else {
 		args = append(args, agentArgs(o.AgentQMP)...)
 	}
-	args = withIncomingDefer(args)
+	args = withIncomingDefer(rewritePaths(args, o.ArgPaths))
+	if o.DeviceStateXen && !slices.Contains(args, sendConfigurationOff) {
+		args = append(args, "-global", sendConfigurationOff)
+	}
 	if d.QEMUCommandline == nil {
 		d.QEMUCommandline = &libvirtxml.DomainQEMUCommandline{}
 	}
@@ -120,6 +132,24 @@ func Standby(doc string, o StandbyOptions) (string, error) {
 		m.Epoch, m.Attrs = meta.Epoch, meta.Attrs
 	}
 	return SetMetadata(out, m)
+}
+
+// sendConfigurationOff makes an incoming migration expect no
+// configuration section.
+const sendConfigurationOff = "migration.send-configuration=off"
+
+// rewritePaths applies ArgPaths to args.
+func rewritePaths(args []string, paths map[string]string) []string {
+	keys := slices.SortedFunc(maps.Keys(paths), func(a, b string) int { return len(b) - len(a) })
+	out := slices.Clone(args)
+	for i := range out {
+		for _, k := range keys {
+			if k != "" {
+				out[i] = strings.ReplaceAll(out[i], k, paths[k])
+			}
+		}
+	}
+	return out
 }
 
 // withIncomingDefer returns args with -incoming defer, replacing any other

@@ -194,3 +194,32 @@ func TestLosslessTestdata(t *testing.T) {
 		}
 	}
 }
+
+// TestStandbyArgs: the standby of a primary whose device state has no
+// configuration section expects none, and per-host paths in the QEMU
+// arguments are rewritten.
+func TestStandbyArgs(t *testing.T) {
+	primary := strings.Replace(readDomain(t, "ready"), "</qemu:commandline>",
+		"<qemu:arg value='-netdev'/><qemu:arg value='stream,id=n0,server=on,addr.type=unix,addr.path=/run/remus/web1/net.sock'/></qemu:commandline>", 1)
+	out, err := Standby(primary, StandbyOptions{
+		AgentQMP: "/run/remus/web1-standby/agent.qmp", Peer: "primary1:7700", DeviceStateXen: true,
+		ArgPaths: map[string]string{"/run/remus/web1/": "/run/remus/web1-standby/"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var d libvirtxml.Domain
+	if err := d.Unmarshal(out); err != nil {
+		t.Fatal(err)
+	}
+	var args []string
+	for _, a := range d.QEMUCommandline.Args {
+		args = append(args, a.Value)
+	}
+	want := []string{"-qmp", "unix:/run/remus/web1-standby/agent.qmp,server=on,wait=off",
+		"-netdev", "stream,id=n0,server=on,addr.type=unix,addr.path=/run/remus/web1-standby/net.sock",
+		"-incoming", "defer", "-global", "migration.send-configuration=off"}
+	if !slices.Equal(args, want) {
+		t.Fatalf("standby's QEMU arguments %q, want %q", args, want)
+	}
+}
