@@ -6,12 +6,14 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"os/user"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -19,6 +21,7 @@ import (
 
 	"github.com/remus-kvm/remus/internal/lab"
 	"github.com/remus-kvm/remus/internal/libvirttest"
+	"github.com/remus-kvm/remus/libvirtdom"
 	"github.com/remus-kvm/remus/qemu"
 	"github.com/remus-kvm/remus/qmp"
 )
@@ -186,4 +189,212 @@ func TestLibvirtCheck(t *testing.T) {
 	if !memfd {
 		t.Errorf("no memory-backend-memfd among the domain's objects:%s", types.String())
 	}
+}
+
+// libvirtGuest is the test guest as a libvirt domain of type qemu: kernel
+// and initrd from dir, RAM in a shared memfd, remusd's QMP socket and the
+// NIC's stream socket (which remusd relays to the lab's network) in dir,
+// the console in dir/console.log.
+func libvirtGuest(name, uuid, dir, cmdline string) string {
+	return `<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>` + name + `</name>
+  <uuid>` + uuid + `</uuid>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>` + dir + `/vmlinuz</kernel>
+    <initrd>` + dir + `/initrd</initrd>
+    <cmdline>` + cmdline + `</cmdline>
+  </os>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <serial type='file'><source path='` + dir + `/console.log'/><target port='0'/></serial>
+    <video><model type='none'/></video>
+    <memballoon model='none'/>
+  </devices>
+  <qemu:commandline>
+    <qemu:arg value='-qmp'/>
+    <qemu:arg value='unix:` + dir + `/agent.qmp,server=on,wait=off'/>
+    <qemu:arg value='-netdev'/>
+    <qemu:arg value='stream,id=net0,server=on,addr.type=unix,addr.path=` + dir + `/net.sock'/>
+    <qemu:arg value='-device'/>
+    <qemu:arg value='virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,romfile=,bus=pcie.0,addr=0x10'/>
+  </qemu:commandline>
+</domain>`
+}
+
+// qemuDir makes dir for QEMU's user (libvirt-qemu), removed with the test.
+func qemuDir(t *testing.T, dir string) {
+	t.Helper()
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(filepath.Dir(dir), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	u, err := user.Lookup("libvirt-qemu")
+	if err != nil {
+		t.Fatalf("libvirt's QEMU user: %v", err)
+	}
+	uid, _ := strconv.Atoi(u.Uid)
+	gid, _ := strconv.Atoi(u.Gid)
+	if err := os.Chown(dir, uid, gid); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func copyFile(t *testing.T, from, to string) {
+	t.Helper()
+	b, err := os.ReadFile(from)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(to, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestLibvirtFailover protects a domain that libvirt runs, with its
+// standby domain (libvirtdom.Standby of its XML) started by libvirt on the
+// same daemon, waiting with -incoming defer: the backup remusd writes the
+// committed epochs into the standby's memfd. When the primary's QEMU and
+// agent are killed (-9), the backup hands the standby the device state and
+// continues it: libvirt then shows the standby domain running, and the
+// client's counter on its connection carries on, the same boot.
+func TestLibvirtFailover(t *testing.T) {
+	lv := libvirttest.Require(t)
+	l := newLab(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+
+	name := fmt.Sprintf("remus-fo-%d", os.Getpid())
+	pdir, sdir := "/run/remus/"+name, "/run/remus/"+name+"-standby"
+	qemuDir(t, pdir)
+	qemuDir(t, sdir)
+	copyFile(t, l.Image.Kernel.Image, pdir+"/vmlinuz")
+	copyFile(t, l.Image.Initrd, pdir+"/initrd")
+	cmdline := l.GuestConfig("primary", 4000).Cmdline()
+
+	d := libvirttest.Define(t, lv, libvirtGuest(name, newUUID(t), pdir, cmdline))
+	if err := lv.DomainCreate(d); err != nil {
+		t.Fatalf("start the domain: %v", err)
+	}
+	inactive, err := lv.DomainGetXMLDesc(d, libvirt.DomainXMLInactive)
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer, err := freeLoopback()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sxml, err := libvirtdom.Standby(inactive, libvirtdom.StandbyOptions{AgentQMP: sdir + "/agent.qmp", Peer: peer,
+		Name: name + "-standby", UUID: newUUID(t), DeviceStateXen: true,
+		ArgPaths: map[string]string{pdir + "/net.sock": sdir + "/net.sock"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Both domains run on this one host: the standby's console goes to a
+	// file of its own.
+	sxml = strings.ReplaceAll(sxml, pdir+"/console.log", sdir+"/console.log")
+	sd := libvirttest.Define(t, lv, sxml)
+	if err := lv.DomainCreate(sd); err != nil {
+		t.Fatalf("start the standby domain: %v", err)
+	}
+	if st, _, err := lv.DomainGetState(sd, 0); err != nil || libvirt.DomainState(st) != libvirt.DomainPaused {
+		t.Fatalf("standby domain state %d (%v), want paused (waiting for the device state)", st, err)
+	}
+
+	report, epochs := filepath.Join(l.Dir, "failover.json"), filepath.Join(l.Dir, "epochs.jsonl")
+	common := []string{"--vm", name, "--net-netns", l.Net.NS.Path(), "--assume-fail-stop", "--heartbeat-timeout", heartbeatTimeout.String()}
+	backup, err := l.Start(l.Remusd, nil, append([]string{"backup", "--listen", peer, "--state-dir", filepath.Join(l.Dir, "backup-state"),
+		"--standby-qmp", sdir + "/agent.qmp", "--net-guest", sdir + "/net.sock", "--net-tap", l.Net.TapBackup, "--report", report}, common...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	primary, err := l.Start(l.Remusd, nil, append([]string{"primary", "--qmp", pdir + "/agent.qmp", "--peer", peer,
+		"--state-dir", filepath.Join(l.Dir, "primary-state"), "--epoch-log", epochs,
+		"--net-guest", pdir + "/net.sock", "--net-tap", l.Net.TapPrimary}, common...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("primary remusd:\n%s\nbackup remusd:\n%s", primary.Output(), backup.Output())
+			b, _ := os.ReadFile(pdir + "/console.log")
+			t.Logf("console:\n%s", b)
+		}
+	})
+	for {
+		eps, err := lab.ReadEpochLog(epochs)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(eps) >= 3 {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("%d epochs committed: %v", len(eps), ctx.Err())
+		case <-primary.Done():
+			t.Fatal("the primary remusd exited")
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	c := newConsecutiveClient(t, ctx, l)
+	c.incFor(time.Second)
+	boot := c.last.BootID
+
+	// The primary's host dies: its QEMU and its agent, -9.
+	pidText, err := os.ReadFile("/run/libvirt/qemu/" + name + ".pid")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(pidText)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	primary.Kill()
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		if _, err := lab.ReadReport(report); err == nil {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("no failover: %v", ctx.Err())
+		case <-backup.Done():
+			t.Fatal("the backup remusd exited without failing over")
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	c.incFor(time.Second)
+	if c.last.BootID != boot {
+		t.Fatalf("boot %s after the failover, want %s", c.last.BootID, boot)
+	}
+	checkGuestMemory(t, c.cl)
+	st, reason, err := lv.DomainGetState(sd, 0)
+	if err != nil || libvirt.DomainState(st) != libvirt.DomainRunning {
+		t.Fatalf("standby domain after the failover: state %d reason %d (%v), want running", st, reason, err)
+	}
+	rep, _ := lab.ReadReport(report)
+	t.Logf("the standby domain runs under libvirt: resumed epoch %d in QEMU %s (pid %d) from %s, restore %.0f ms; %d consecutive replies, one boot",
+		rep.Epoch, rep.QEMUVersion, rep.QEMUPID, rep.IncomingURI, rep.RestoreMS, c.n)
+}
+
+// freeLoopback is a free TCP address on loopback.
+func freeLoopback() (string, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer ln.Close()
+	return ln.Addr().String(), nil
 }

@@ -2,8 +2,11 @@ package qemu
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io"
 	"os"
+	"strconv"
 	"time"
 
 	"github.com/remus-kvm/remus/qmp"
@@ -146,6 +149,55 @@ type DeviceSaver struct {
 	Migrate bool
 	// Version is QEMU's; it picks the migrate URI form.
 	Version qmp.Version
+	// FDSet, when set, is the state file as a descriptor handed to QEMU
+	// (AddStateFD): QEMU then writes it without opening a path of its own,
+	// which a QEMU running as another user, sandboxed or under an AppArmor
+	// profile (libvirt's) may not. xen-save-devices-state only.
+	FDSet *FDSetFile
+}
+
+// FDSetFile is a file this process opened for writing and added to an fd
+// set of QEMU's (QMP add-fd): QEMU opens /dev/fdset/ID and gets a duplicate
+// of the descriptor, sharing its offset.
+type FDSetFile struct {
+	f  *os.File
+	ID int
+}
+
+// AddStateFD creates (or empties) the file at path and hands QEMU a
+// descriptor of it in a new fd set.
+func AddStateFD(ctx context.Context, mon FileMonitor, path string) (*FDSetFile, error) {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	var r struct {
+		FDSetID int `json:"fdset-id"`
+	}
+	if err := mon.ExecuteWithFile(ctx, "add-fd", map[string]string{"opaque": "remus device state " + path}, &r, f); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("add-fd %s: %w", path, err)
+	}
+	return &FDSetFile{f: f, ID: r.FDSetID}, nil
+}
+
+// Name is the file name QEMU opens the descriptor by.
+func (s *FDSetFile) Name() string { return "/dev/fdset/" + strconv.Itoa(s.ID) }
+
+// reset empties the file and rewinds the shared offset for the next save.
+func (s *FDSetFile) reset() error {
+	if err := s.f.Truncate(0); err != nil {
+		return err
+	}
+	_, err := s.f.Seek(0, io.SeekStart)
+	return err
+}
+
+// Close removes the fd set from QEMU (best effort: QEMU also drops it when
+// the monitor that added it goes) and closes the file.
+func (s *FDSetFile) Close(ctx context.Context, mon Monitor) error {
+	err := mon.Execute(ctx, "remove-fd", map[string]int{"fdset-id": s.ID}, nil)
+	return errors.Join(err, s.f.Close())
 }
 
 // String names the method.
@@ -157,8 +209,15 @@ func (s DeviceSaver) String() string {
 }
 
 // Save writes the device state to path, which it replaces; QEMU must be
-// able to write there (it must be on QEMU's host).
+// able to write there (it must be on QEMU's host), unless FDSet holds
+// path's descriptor for it.
 func (s DeviceSaver) Save(ctx context.Context, mon Monitor, path string) error {
+	if s.FDSet != nil && !s.Migrate {
+		if err := s.FDSet.reset(); err != nil {
+			return fmt.Errorf("empty %s: %w", path, err)
+		}
+		return SaveDevicesState(ctx, mon, s.FDSet.Name())
+	}
 	os.Remove(path)
 	if !s.Migrate {
 		return SaveDevicesState(ctx, mon, path)

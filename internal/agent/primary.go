@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -391,9 +392,27 @@ func (s *primarySession) protect(ctx context.Context) error {
 			saver.Migrate = true
 			log.Warn("QEMU lacks xen-save-devices-state; saving device state by migration (slower)")
 		}
-		return os.MkdirAll(cfg.StateDir, 0o700)
+		if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+			return err
+		}
+		if saver.Migrate {
+			return nil
+		}
+		// QEMU writes the state through a descriptor remusd hands it: it
+		// may not open a file of remusd's (another user, a sandbox, an
+		// AppArmor profile: libvirt's QEMU).
+		var err2 error
+		saver.FDSet, err2 = qemu.AddStateFD(ctx, q.Mon, filepath.Join(cfg.StateDir, deviceStateFile))
+		return err2
 	}); err != nil {
 		return err
+	}
+	if saver.FDSet != nil {
+		defer func() {
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+			saver.FDSet.Close(cctx, q.Mon)
+			cancel()
+		}()
 	}
 
 	var gnet *guestNet
@@ -467,6 +486,10 @@ func (s *primarySession) protect(ctx context.Context) error {
 	defer stopControl()
 	return s.loop(ctx)
 }
+
+// deviceStateFile is the name, in the state directory, of the file the
+// device state is saved to (checkpoint.Primary reads it there).
+const deviceStateFile = "devices.state"
 
 // ErrGuestGone ends protection when the guest's QEMU is gone.
 var ErrGuestGone = errors.New("no guest to protect")
