@@ -9,6 +9,8 @@ import (
 
 	"github.com/remus-kvm/remus/internal/agent"
 	"github.com/remus-kvm/remus/internal/lab"
+	"github.com/remus-kvm/remus/qemu"
+	"github.com/remus-kvm/remus/qmp"
 	"github.com/remus-kvm/remus/testvm/counter"
 )
 
@@ -154,6 +156,18 @@ func failoverAt(t *testing.T, point string, primaryArgs ...string) {
 		t.Fatalf("resumed guest uptime %v is below %v seen before: it rebooted", now.Uptime, floor.Uptime)
 	}
 	t.Logf("resumed counter %d (floor %d, last seen %d), uptime %v", now.Value, floor.Value, maxSeen, now.Uptime)
+
+	// A device state loaded by migration turned x-ignore-shared on in the
+	// resumed guest's QEMU; it must not stay on (a later save of the VM,
+	// virsh save say, would leave RAM out of its image).
+	mon, err := qmp.Dial(ctx, p.BackupConfig.QMP[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mon.Close()
+	if on, err := qemu.CapabilityOn(ctx, mon, qemu.IgnoreShared); err != nil || on {
+		t.Fatalf("x-ignore-shared in the resumed guest's QEMU: on %v (%v), want off", on, err)
+	}
 }
 
 func touch(path string) error {

@@ -36,7 +36,16 @@ func Load(ctx context.Context, mon qemu.Monitor, uri string, f qemu.StateFormat)
 	if err := qemu.WaitMigration(ctx, mon, 2*time.Millisecond); err != nil {
 		return 0, fmt.Errorf("%w: loading the device state: %w", ErrRestore, err)
 	}
-	return time.Since(start), nil
+	took := time.Since(start)
+	if f.Configuration {
+		// Not left on in the guest's QEMU (libvirt's, after a failover
+		// into its standby domain): a later virsh save would leave RAM
+		// out of the image.
+		if err := qemu.SetCapability(ctx, mon, qemu.IgnoreShared, false); err != nil {
+			return took, fmt.Errorf("%w: %w", ErrRestore, err)
+		}
+	}
+	return took, nil
 }
 
 // Resume continues the loaded guest and checks that it runs.

@@ -55,7 +55,7 @@ func TestRestore(t *testing.T) {
 		{"xen state", qemu.StateFormat{}, fakeQEMU{status: "running"},
 			[]string{"migrate-incoming", "query-migrate", "query-migrate", "query-migrate", "cont", "query-status"}, ""},
 		{"migration state skips shared RAM", qemu.StateFormat{Configuration: true}, fakeQEMU{status: "running"},
-			[]string{"migrate-set-capabilities", "migrate-incoming", "query-migrate", "query-migrate", "query-migrate", "cont", "query-status"}, ""},
+			[]string{"migrate-set-capabilities", "migrate-incoming", "query-migrate", "query-migrate", "query-migrate", "migrate-set-capabilities", "cont", "query-status"}, ""},
 		{"load fails", qemu.StateFormat{}, fakeQEMU{loadErr: "bad section"},
 			[]string{"migrate-incoming", "query-migrate", "query-migrate", "query-migrate"}, "loading the device state: migration failed: bad section"},
 		{"guest not running", qemu.StateFormat{}, fakeQEMU{status: "paused"},

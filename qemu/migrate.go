@@ -19,6 +19,23 @@ type Capability string
 // backends out of a migration stream: both sides have them already.
 const IgnoreShared Capability = "x-ignore-shared"
 
+// CapabilityOn reports whether migration capability c is on.
+func CapabilityOn(ctx context.Context, mon Monitor, c Capability) (bool, error) {
+	var caps []struct {
+		Capability Capability `json:"capability"`
+		State      bool       `json:"state"`
+	}
+	if err := mon.Execute(ctx, "query-migrate-capabilities", nil, &caps); err != nil {
+		return false, fmt.Errorf("query-migrate-capabilities: %w", err)
+	}
+	for _, x := range caps {
+		if x.Capability == c {
+			return x.State, nil
+		}
+	}
+	return false, nil
+}
+
 // SetCapability turns a migration capability on or off.
 func SetCapability(ctx context.Context, mon Monitor, c Capability, on bool) error {
 	type capability struct {
@@ -238,10 +255,17 @@ func SaveDevicesState(ctx context.Context, mon Monitor, path string) error {
 
 // migrateToFile saves the device state with a migration that skips shared
 // RAM, for QEMU builds without xen-save-devices-state.
-func (s DeviceSaver) migrateToFile(ctx context.Context, mon Monitor, path string) error {
+func (s DeviceSaver) migrateToFile(ctx context.Context, mon Monitor, path string) (err error) {
 	if err := SetCapability(ctx, mon, IgnoreShared, true); err != nil {
 		return err
 	}
+	// Never left on: a later save of the VM by anyone else (virsh save,
+	// a snapshot) would leave guest RAM out of its image.
+	defer func() {
+		if oerr := SetCapability(context.WithoutCancel(ctx), mon, IgnoreShared, false); oerr != nil && err == nil {
+			err = oerr
+		}
+	}()
 	if err := Migrate(ctx, mon, OutgoingURI(path, s.Version)); err != nil {
 		return fmt.Errorf("migrate to %s: %w", path, err)
 	}

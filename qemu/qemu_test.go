@@ -163,12 +163,15 @@ func TestDeviceSaver(t *testing.T) {
 			`query-migrate`,
 			// completed, but still in finish-migrate once: asked again
 			`query-status`, `query-status`,
+			// and the capability is not left on
+			`migrate-set-capabilities {"capabilities":[{"capability":"x-ignore-shared","state":false}]}`,
 		}},
 		{DeviceSaver{Migrate: true, Version: qmp.Version{Major: 10}}, []string{
 			`migrate-set-capabilities {"capabilities":[{"capability":"x-ignore-shared","state":true}]}`,
 			`migrate {"uri":"file:` + path + `"}`,
 			`query-migrate`,
 			`query-status`, `query-status`,
+			`migrate-set-capabilities {"capabilities":[{"capability":"x-ignore-shared","state":false}]}`,
 		}},
 	} {
 		mon := &fakeMonitor{reply: map[string]func(string) (any, error){"query-migrate": completed,
