@@ -311,7 +311,9 @@ func TestLibvirtFailover(t *testing.T) {
 	}
 
 	report, epochs := filepath.Join(l.Dir, "failover.json"), filepath.Join(l.Dir, "epochs.jsonl")
-	common := []string{"--vm", name, "--net-netns", l.Net.NS.Path(), "--assume-fail-stop", "--heartbeat-timeout", heartbeatTimeout.String()}
+	// Timing is not what this test is about: a generous heartbeat timeout
+	// keeps a loaded machine from failing over before the kill.
+	common := []string{"--vm", name, "--net-netns", l.Net.NS.Path(), "--assume-fail-stop", "--heartbeat-timeout", "3s"}
 	backup, err := l.Start(l.Remusd, nil, append([]string{"backup", "--listen", peer, "--state-dir", filepath.Join(l.Dir, "backup-state"),
 		"--standby-qmp", sdir + "/agent.qmp", "--net-guest", sdir + "/net.sock", "--net-tap", l.Net.TapBackup, "--report", report}, common...)...)
 	if err != nil {
@@ -349,6 +351,29 @@ func TestLibvirtFailover(t *testing.T) {
 	c := newConsecutiveClient(t, ctx, l)
 	c.incFor(time.Second)
 	boot := c.last.BootID
+
+	// While protected, libvirt's save (a migration remusd did not start)
+	// is refused, and the domain runs on, protected.
+	saved := filepath.Join(l.Dir, "saved.img")
+	if err := lv.DomainSave(d, saved); err == nil {
+		t.Fatal("virsh save of the protected domain succeeded")
+	} else {
+		t.Logf("virsh save refused: %v", err)
+	}
+	if err := lv.DomainManagedSave(d, 0); err == nil {
+		t.Fatal("virsh managedsave of the protected domain succeeded")
+	}
+	if st, _, err := lv.DomainGetState(d, 0); err != nil || libvirt.DomainState(st) != libvirt.DomainRunning {
+		t.Fatalf("after the refused saves the domain is in state %d (%v), want running", st, err)
+	}
+	if !strings.Contains(primary.Output(), "cancelling it") {
+		t.Errorf("the primary remusd did not say it cancelled the save:\n%s", primary.Output())
+	}
+	before, _ := lab.ReadEpochLog(epochs)
+	c.incFor(2 * time.Second)
+	if after, _ := lab.ReadEpochLog(epochs); len(after) < len(before)+2 {
+		t.Fatalf("protection did not go on after the refused saves: %d epochs committed in two seconds", len(after)-len(before))
+	}
 
 	// The primary's host dies: its QEMU and its agent, -9.
 	pidText, err := os.ReadFile("/run/libvirt/qemu/" + name + ".pid")

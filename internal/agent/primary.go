@@ -407,6 +407,16 @@ func (s *primarySession) protect(ctx context.Context) error {
 	}); err != nil {
 		return err
 	}
+	if !saver.Migrate {
+		var stop func()
+		if err := step(ctx, log, "guard against migrations remusd does not start", func() (err error) {
+			stop, err = guardMigrations(ctx, q.Mon, log)
+			return err
+		}); err != nil {
+			return err
+		}
+		defer stop()
+	}
 	if saver.FDSet != nil {
 		defer func() {
 			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
