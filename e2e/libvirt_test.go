@@ -141,6 +141,18 @@ func TestLibvirtCheck(t *testing.T) {
 	if out, code := run("check", name); code != 0 || !strings.Contains(out, "ready to protect") {
 		t.Fatalf("remusctl check of the fixed domain: exit %d:\n%s", code, out)
 	}
+	// Its standby, for the backup host: the same domain, waiting for the
+	// device state, with the backup agent's socket.
+	out, code = run("standby-xml", "--peer", "10.0.0.1:7700", "--agent-qmp", "/run/remus/"+name+"/standby.qmp", name)
+	if code != 0 {
+		t.Fatalf("remusctl standby-xml: exit %d:\n%s", code, out)
+	}
+	for _, want := range []string{"<name>" + name + "</name>", "<uuid>" + uuid + "</uuid>", "unix:/run/remus/" + name + "/standby.qmp,server=on,wait=off",
+		`<arg value="-incoming"></arg>`, `<arg value="defer"></arg>`, "migration.send-configuration=off", `role="standby"`, `peer="10.0.0.1:7700"`} {
+		if !strings.Contains(out, want) {
+			t.Errorf("standby XML lacks %q:\n%s", want, out)
+		}
+	}
 	// As the fix says: install -d -o libvirt-qemu -g libvirt-qemu DIR.
 	dir := filepath.Dir(agentQMP(name))
 	if err := os.MkdirAll(dir, 0o755); err != nil {

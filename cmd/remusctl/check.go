@@ -33,10 +33,7 @@ func checkCommand() *cli.Command {
 			&cli.BoolFlag{Name: "json", Usage: "print the domain's summary and its problems as JSON"},
 		},
 		Action: func(c *cli.Context) error {
-			if c.NArg() != 1 {
-				return cli.Exit("remusctl check: give one DOMAIN", 2)
-			}
-			xml, err := domainXML(c.String("connect"), c.Args().First())
+			xml, err := argDomainXML(c)
 			if err != nil {
 				return err
 			}
@@ -62,6 +59,14 @@ func checkCommand() *cli.Command {
 			return nil
 		},
 	}
+}
+
+// argDomainXML returns the XML of the one DOMAIN the command was given.
+func argDomainXML(c *cli.Context) (string, error) {
+	if c.NArg() != 1 {
+		return "", cli.Exit("remusctl "+c.Command.Name+": give one DOMAIN", 2)
+	}
+	return domainXML(c.String("connect"), c.Args().First())
 }
 
 // domainXML returns the persistent definition of domain name at uri (what
@@ -113,4 +118,57 @@ func printCheck(w io.Writer, d *libvirtdom.Domain, problems []libvirtdom.Problem
 
 func indent(s, prefix string) string {
 	return prefix + strings.ReplaceAll(strings.TrimRight(s, "\n"), "\n", "\n"+prefix)
+}
+
+func standbyCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "standby-xml",
+		Usage:     "print the standby domain's XML for the backup host, made from a libvirt domain's",
+		ArgsUsage: "DOMAIN",
+		Description: "Reads DOMAIN's persistent XML (--connect) and prints the XML of its standby for the backup host:\n" +
+			"the same domain (name, UUID, machine, RAM backend, devices), with remusd's QMP socket at --agent-qmp,\n" +
+			"QEMU waiting for the device state (-incoming defer; with --device-state xen, the default, expecting no\n" +
+			"configuration section), the disks at the backup's copies (--disk TARGET=PATH), and remus metadata naming\n" +
+			"the peer. Define it on the backup host and start it: it waits, paused, for `remusd backup --standby-qmp`\n" +
+			"(virsh -c qemu+ssh://root@B/system define standby.xml && virsh ... start NAME). Refuses a domain\n" +
+			"`remusctl check` refuses.",
+		Flags: []cli.Flag{connectFlag,
+			&cli.StringFlag{Name: "agent-qmp", Usage: "`PATH` of the backup remusd's QMP socket in the standby (default: the primary's)"},
+			&cli.StringFlag{Name: "peer", Required: true, Usage: "the primary remusd's `HOST[:PORT]`, recorded in the standby's metadata"},
+			&cli.StringSliceFlag{Name: "disk", Usage: "`TARGET=PATH`: the backup's copy of the disk at TARGET (vda=/var/lib/remus/web1/vda.raw); repeat per disk"},
+			&cli.StringFlag{Name: "device-state", Value: "xen", Usage: "how the primary remusd saves device state (its --device-state: xen, the default where QEMU has it, or migrate)"},
+		},
+		Action: func(c *cli.Context) error {
+			xml, err := argDomainXML(c)
+			if err != nil {
+				return err
+			}
+			o := libvirtdom.StandbyOptions{AgentQMP: c.String("agent-qmp"), Peer: c.String("peer"), DeviceStateXen: c.String("device-state") != "migrate"}
+			if o.AgentQMP == "" {
+				dom, _, err := libvirtdom.Check(xml, libvirtdom.CheckOptions{})
+				if err != nil {
+					return err
+				}
+				if o.AgentQMP = dom.AgentQMP; o.AgentQMP == "" {
+					return cli.Exit("remusctl standby-xml: the domain has no agent QMP socket: give --agent-qmp (remusctl check says how to add one)", 1)
+				}
+			}
+			for _, d := range c.StringSlice("disk") {
+				target, path, ok := strings.Cut(d, "=")
+				if !ok || target == "" || path == "" {
+					return cli.Exit(fmt.Sprintf("remusctl standby-xml: --disk %q: want TARGET=PATH", d), 2)
+				}
+				if o.DiskPaths == nil {
+					o.DiskPaths = map[string]string{}
+				}
+				o.DiskPaths[target] = path
+			}
+			out, err := libvirtdom.Standby(xml, o)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintln(c.App.Writer, out)
+			return nil
+		},
+	}
 }

@@ -31,7 +31,7 @@ func app() *cli.App {
 	return &cli.App{
 		Name:  "remusctl",
 		Usage: "operate remus-kvm protection",
-		Commands: append(controlCommands(), checkCommand(), &cli.Command{
+		Commands: append(controlCommands(), checkCommand(), standbyCommand(), &cli.Command{
 			Name:  "bench",
 			Usage: "measure protection of the test guest under a workload (needs root, QEMU and the guest kernel: make setup)",
 			Description: "Boots the 256 MiB test guest with the workload, measures the counter service unprotected, protects the guest\n" +
