@@ -1053,6 +1053,14 @@ func (a *simAgent) dial(first bool) {
 		w.after(w.cfg.Redial, func() { a.dial(false) })
 		return
 	}
+	if h.qemuGone() {
+		// The agent's run: QEMU died while it dialed; no session (the
+		// backup would drop the epochs it may resume).
+		a.exitErr = fmt.Errorf("%w: its QEMU died while the agent dialed the backup", simErrGuestGone)
+		w.logf(h.name, "the guest's QEMU is gone: no new session (%v)", a.exitErr)
+		a.exit()
+		return
+	}
 	a.sess = newSimPrimarySession(a)
 }
 

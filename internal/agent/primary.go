@@ -721,6 +721,12 @@ func (s *primarySession) run(ctx context.Context) error {
 		var d net.Dialer
 		first := true
 		nc, err := redial(dctx, 100*time.Millisecond, func(ctx context.Context) (net.Conn, error) {
+			if s.guestGone() {
+				// Nothing left to protect: dial no more (the loop ends
+				// with ErrGuestGone).
+				cancel()
+				return nil, errors.New("the guest's QEMU is gone")
+			}
 			if first {
 				// The first attempt is short: the guest's output waits
 				// on it.
@@ -754,6 +760,12 @@ func (s *primarySession) run(ctx context.Context) error {
 		return err
 	}
 	defer link.Close()
+	if s.guestGone() {
+		// QEMU died while the agent dialed (a partition held the dial,
+		// say): a session opened now would make the backup drop the
+		// epochs it may resume, and then fail with nothing committed.
+		return fmt.Errorf("%w: its QEMU died while the agent dialed the backup: no session opened", ErrGuestGone)
+	}
 
 	pcfg := checkpoint.PrimaryConfig{
 		VMName: cfg.VM, Pipeline: cfg.Pipeline, Heartbeat: cfg.Heartbeat, StateDir: cfg.StateDir,
