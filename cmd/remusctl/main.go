@@ -1,5 +1,8 @@
-// Command remusctl drives remus-kvm from the operator's side: status and
-// switchover talk to a primary remusd on its control socket; bench boots
+// Command remusctl drives remus-kvm from the operator's side: check tells
+// whether a libvirt domain can be protected and prints the XML that fixes
+// what cannot; standby-xml makes its standby domain for the backup host;
+// status and switchover talk to a primary remusd on its control socket;
+// bench boots
 // the test guest with a chosen workload on this machine, protects it with a
 // primary and a backup remusd over loopback for a fixed time, and prints
 // what protection costs and achieves as one table (and as JSON for
