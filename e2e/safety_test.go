@@ -10,6 +10,9 @@ import (
 	"time"
 
 	"github.com/remus-kvm/remus/internal/lab"
+	"github.com/remus-kvm/remus/qemu"
+	"github.com/remus-kvm/remus/qmp"
+	"github.com/remus-kvm/remus/testvm"
 	"github.com/remus-kvm/remus/testvm/counter"
 )
 
@@ -226,4 +229,74 @@ func TestHangingStopHandsTheGuestOver(t *testing.T) {
 	}
 	t.Logf("stop hung at %s; the backup resumed epoch %d, running %.0f ms after the freeze; %d consecutive replies",
 		frozenAt.Format("15:04:05.000"), r.Epoch, float64(r.Running.Sub(frozenAt).Milliseconds()), c.n)
+}
+
+// TestUnprotectEndsProtectionCleanly ends protection on the control
+// socket (remusctl unprotect) of a guest with a disk: the backup confirms
+// it will not resume the guest (it never does), the primary remusd exits
+// cleanly, and the guest's QEMU is left as it was before protection: the
+// guest running, no block job, no mirror node, no migration capability
+// left on, no descriptor set.
+func TestUnprotectEndsProtectionCleanly(t *testing.T) {
+	l := newLab(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	g, p, c := protectGuest(t, ctx, l, lab.ProtectOptions{}, 3, withDisk(l, 64))
+	c.incFor(time.Second)
+	r, err := p.Unprotect(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !r.Confirmed {
+		t.Fatalf("unprotect: %s", r.Result)
+	}
+	select {
+	case <-p.Primary.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the primary remusd still runs after unprotect")
+	}
+	time.Sleep(2 * heartbeatTimeout)
+	if _, err := lab.ReadReport(p.Report); err == nil {
+		t.Fatal("the backup resumed the guest after unprotect")
+	}
+	mon, err := qmp.Dial(ctx, g.prim.QMP[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mon.Close()
+	if st, err := qemu.Status(ctx, mon); err != nil || st != "running" {
+		t.Fatalf("guest %q (%v) after unprotect, want running", st, err)
+	}
+	var jobs []struct {
+		Device string `json:"device"`
+	}
+	if err := mon.Execute(ctx, "query-block-jobs", nil, &jobs); err != nil || len(jobs) > 0 {
+		t.Errorf("block jobs %v (%v) after unprotect, want none", jobs, err)
+	}
+	var nodes []struct {
+		NodeName string `json:"node-name"`
+	}
+	if err := mon.Execute(ctx, "query-named-block-nodes", map[string]bool{"flat": true}, &nodes); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range nodes {
+		if n.NodeName != testvm.DiskNode && n.NodeName != testvm.DiskNode+"-file" {
+			t.Errorf("block node %q left after unprotect", n.NodeName)
+		}
+	}
+	for _, capName := range []qemu.Capability{qemu.IgnoreShared, "events"} {
+		if on, err := qemu.CapabilityOn(ctx, mon, capName); err != nil || on {
+			t.Errorf("migration capability %s on (%v) after unprotect", capName, err)
+		}
+	}
+	var fdsets []struct {
+		ID int `json:"fdset-id"`
+	}
+	if err := mon.Execute(ctx, "query-fdsets", nil, &fdsets); err != nil || len(fdsets) > 0 {
+		t.Errorf("descriptor sets %v (%v) left in QEMU after unprotect", fdsets, err)
+	}
+	if !strings.Contains(p.Primary.Output(), "protection ends: asked on the control socket") {
+		t.Errorf("the primary did not log why protection ended:\n%s", p.Primary.Output())
+	}
+	t.Logf("%s; %d replies before", r.Result, c.n)
 }

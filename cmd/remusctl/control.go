@@ -54,6 +54,27 @@ func controlCommands() []*cli.Command {
 				return nil
 			},
 		},
+		{
+			Name:  "unprotect",
+			Usage: "end protection: the guest runs on here, unprotected, and the primary remusd exits",
+			Description: "As SIGTERM to the primary remusd: its session says goodbye and waits for the backup's confirmation that\n" +
+				"it will not resume the guest, the disk mirror job and its node are removed, the migration capabilities\n" +
+				"remusd changed are restored, and the guest's held output is let go. When the backup does not confirm\n" +
+				"(unreachable), it may resume the guest: the primary's deadman then stops the guest here. The backup\n" +
+				"remusd and its standby go on until stopped (a standby domain: virsh destroy and undefine it there).",
+			Flags: []cli.Flag{controlFlag},
+			Action: func(c *cli.Context) error {
+				var r agent.UnprotectResult
+				if err := agent.CallControl(c.Context, c.String("control"), http.MethodPost, agent.ControlUnprotectPath, time.Minute, &r); err != nil {
+					return fmt.Errorf("unprotect: %w", err)
+				}
+				fmt.Println(r.Result)
+				if !r.Confirmed {
+					return cli.Exit("", 1)
+				}
+				return nil
+			},
+		},
 	}
 }
 

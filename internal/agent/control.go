@@ -24,10 +24,25 @@ import (
 //	POST /switchover  move the guest to the backup; answers once done
 //	                  (200, SwitchoverResult) or refused/abandoned (409,
 //	                  {"error": ...})
+//	POST /unprotect   end protection as SIGTERM does (the session says
+//	                  goodbye, the mirror job and its node go, the
+//	                  capabilities remusd changed are restored, output
+//	                  passes) and exit; answers once the session ended
+//	                  (200, UnprotectResult)
 const (
 	ControlStatusPath     = "/status"
 	ControlSwitchoverPath = "/switchover"
+	ControlUnprotectPath  = "/unprotect"
 )
+
+// UnprotectResult is what POST /unprotect answers.
+type UnprotectResult struct {
+	// Confirmed: the backup confirmed that it will not resume the guest,
+	// which runs on here, unprotected. Otherwise the backup (unreachable)
+	// may resume it: the deadman stops the guest here as the agent exits.
+	Confirmed bool   `json:"backup_confirmed"`
+	Result    string `json:"result"`
+}
 
 // DefaultControlSocket is the control socket of an agent whose state
 // directory is stateDir.
@@ -137,6 +152,22 @@ func (s *primarySession) serveControl(ctx context.Context, path string) (func(),
 			return
 		}
 		writeJSON(w, http.StatusOK, SwitchoverResult{Result: err.Error(), TookMS: ms(time.Since(start))})
+	})
+	mux.HandleFunc("POST "+ControlUnprotectPath, func(w http.ResponseWriter, r *http.Request) {
+		s.log.Info("protection ends: asked on the control socket")
+		s.unprotect()
+		select {
+		case <-s.looped:
+		case <-r.Context().Done():
+			return
+		}
+		res := UnprotectResult{Confirmed: s.backupWillNotResume()}
+		if res.Confirmed {
+			res.Result = "unprotected: the backup confirmed it will not resume the guest; the guest runs on here; this agent exits"
+		} else {
+			res.Result = "the backup did not confirm the end (unreachable?) and may resume the guest: the deadman stops it here as this agent exits"
+		}
+		writeJSON(w, http.StatusOK, res)
 	})
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second,
 		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)}

@@ -303,6 +303,7 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 	// is doing.
 	runCtx, cancelRun := context.WithCancel(ctx)
 	defer cancelRun()
+	s.unprotect, s.looped = cancelRun, make(chan struct{})
 	guardErr := make(chan error, 1)
 	loopDone := make(chan struct{})
 	if w != nil {
@@ -494,7 +495,9 @@ func (s *primarySession) protect(ctx context.Context) error {
 		return err
 	}
 	defer stopControl()
-	return s.loop(ctx)
+	err = s.loop(ctx)
+	close(s.looped)
+	return err
 }
 
 // deviceStateFile is the name, in the state directory, of the file the
@@ -589,6 +592,11 @@ type primarySession struct {
 
 	mu      sync.Mutex
 	lastEnd error // how the last session ended
+
+	// unprotect ends protection as SIGTERM does (POST /unprotect);
+	// looped is closed once the protection loop has returned.
+	unprotect func()
+	looped    chan struct{}
 }
 
 // ended notes how a session (or an attempt at one) ended, for the

@@ -544,6 +544,13 @@ func (p *Protection) Switchover(ctx context.Context) (agent.SwitchoverResult, er
 	return r, err
 }
 
+// Unprotect asks the primary remusd to end protection.
+func (p *Protection) Unprotect(ctx context.Context) (agent.UnprotectResult, error) {
+	var r agent.UnprotectResult
+	err := agent.CallControl(ctx, p.Control, http.MethodPost, agent.ControlUnprotectPath, time.Minute, &r)
+	return r, err
+}
+
 // Status asks the primary remusd for its status.
 func (p *Protection) Status(ctx context.Context) (agent.PrimaryStatus, error) {
 	var st agent.PrimaryStatus
