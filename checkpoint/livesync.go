@@ -93,12 +93,17 @@ func (d *primaryDriver) liveSync(ctx context.Context) error {
 	st := LiveSyncStats{}
 	start := time.Now()
 	prev := 0
+	p.sync.round.Store(0)
+	p.sync.pages.Store(0)
+	p.sync.on.Store(true)
+	defer p.sync.on.Store(false)
 	for {
 		set, err := p.tracker.Harvest(ctx)
 		if err != nil {
 			return fmt.Errorf("checkpoint: live sync: round %d: harvest: %w", st.Rounds+1, err)
 		}
 		st.Rounds++
+		p.sync.round.Store(int64(st.Rounds))
 		n := set.Count()
 		// Whatever a harvest reported goes out, even in the last round:
 		// the tracker reports it only once.
@@ -150,6 +155,7 @@ func (d *primaryDriver) sendLivePages(ctx context.Context, set *dirtypages.Set, 
 		if err := d.link.Send(ctx, f); err != nil {
 			return fmt.Errorf("send pages: %w", err)
 		}
+		d.p.sync.pages.Add(int64(len(pages)))
 		sent += int64(len(f.Payload) + transport.Overhead)
 		pages = pages[:0]
 		return nil

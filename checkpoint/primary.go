@@ -212,6 +212,25 @@ type Primary struct {
 	// is answered on its channel when the switchover ends.
 	switchq chan chan error
 	free    chan []byte // shipped epochs' page buffers, for reuse
+	// sync is the live first sync's progress, for SyncProgress.
+	sync struct {
+		on           atomic.Bool
+		round, pages atomic.Int64
+	}
+}
+
+// SyncProgress is how far a session's live first sync has come.
+type SyncProgress struct {
+	Syncing  bool // the live first sync runs: nothing of the session is resumable yet
+	Round    int  // the round under way, from 1
+	Pages    int  // pages sent so far over all rounds
+	RAMPages int  // pages of guest RAM
+}
+
+// SyncProgress reports the live first sync of the running session.
+func (p *Primary) SyncProgress() SyncProgress {
+	return SyncProgress{Syncing: p.sync.on.Load(), Round: int(p.sync.round.Load()), Pages: int(p.sync.pages.Load()),
+		RAMPages: len(p.ram) / transport.PageSize}
 }
 
 // Switchover moves the guest to the backup with nothing lost: the running

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/remus-kvm/remus/internal/agent"
 	"github.com/remus-kvm/remus/internal/lab"
 	"github.com/remus-kvm/remus/qemu"
 	"github.com/remus-kvm/remus/qmp"
@@ -299,4 +300,67 @@ func TestUnprotectEndsProtectionCleanly(t *testing.T) {
 		t.Errorf("the primary did not log why protection ended:\n%s", p.Primary.Output())
 	}
 	t.Logf("%s; %d replies before", r.Result, c.n)
+}
+
+// TestStatusShowsTheInitialSync protects the guest over a link held to
+// 8 MiB/s, so that the live copy of its RAM takes seconds, and reads the
+// primary's status all along: syncing, with the round and the share of RAM
+// sent growing, then protecting once the first epoch committed.
+func TestStatusShowsTheInitialSync(t *testing.T) {
+	l := newLab(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	g := bootPrimary(t, l, ctx, 4000)
+	var proxy *lab.LinkProxy
+	p, err := l.Protect(g.prim, g.back, lab.ProtectOptions{HeartbeatTimeout: 3 * time.Second, Via: func(backup string) (string, error) {
+		var err error
+		if proxy, err = lab.NewLinkProxy("127.0.0.1:0", backup, 1); err != nil {
+			return "", err
+		}
+		t.Cleanup(proxy.Close)
+		proxy.Limit(8 << 20)
+		return proxy.Addr(), nil
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dump(t, l, p)
+	var syncing []agent.SyncStatus
+	for {
+		st, err := p.Status(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.State == "syncing" {
+			if st.Sync == nil || st.Sync.RAMPages != 256<<20/4096 {
+				t.Fatalf("syncing without progress: %+v", st)
+			}
+			syncing = append(syncing, *st.Sync)
+		}
+		if st.State == "protecting" {
+			if st.Sync != nil || st.CommittedEpoch == 0 {
+				t.Fatalf("protecting: %+v", st)
+			}
+			break
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("not protecting: %+v", st)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	proxy.Limit(0)
+	if len(syncing) < 2 {
+		t.Fatalf("saw the sync %d times; the link was slow enough for more", len(syncing))
+	}
+	first, last := syncing[0], syncing[len(syncing)-1]
+	for i := 1; i < len(syncing); i++ {
+		if syncing[i].Pages < syncing[i-1].Pages || syncing[i].Round < syncing[i-1].Round {
+			t.Fatalf("sync progress went back: %+v after %+v", syncing[i], syncing[i-1])
+		}
+	}
+	if last.Pages <= first.Pages {
+		t.Fatalf("sync progress did not grow: %+v to %+v", first, last)
+	}
+	t.Logf("syncing seen %d times: from round %d, %.0f%% to round %d, %.0f%% (%d pages sent); then protecting", len(syncing), first.Round, first.Percent, last.Round, last.Percent, last.Pages)
 }

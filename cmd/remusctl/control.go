@@ -20,20 +20,35 @@ func controlCommands() []*cli.Command {
 	return []*cli.Command{
 		{
 			Name:  "status",
-			Usage: "show what the primary remusd is doing: protecting, unprotected or stopped, and why",
-			Flags: []cli.Flag{controlFlag, &cli.BoolFlag{Name: "json", Usage: "print the status as JSON"}},
+			Usage: "show what the primary remusd is doing: syncing (with progress), protecting, unprotected or stopped, and why",
+			Flags: []cli.Flag{controlFlag, &cli.BoolFlag{Name: "json", Usage: "print the status as JSON"},
+				&cli.DurationFlag{Name: "watch", Usage: "print it again every `INTERVAL` (1s, ...) until interrupted or remusd exits"}},
 			Action: func(c *cli.Context) error {
-				var st agent.PrimaryStatus
-				if err := agent.CallControl(c.Context, c.String("control"), http.MethodGet, agent.ControlStatusPath, 5*time.Second, &st); err != nil {
-					return err
+				for {
+					var st agent.PrimaryStatus
+					if err := agent.CallControl(c.Context, c.String("control"), http.MethodGet, agent.ControlStatusPath, 5*time.Second, &st); err != nil {
+						return err
+					}
+					if c.Bool("json") {
+						enc := json.NewEncoder(os.Stdout)
+						enc.SetIndent("", "  ")
+						if err := enc.Encode(st); err != nil {
+							return err
+						}
+					} else {
+						printStatus(os.Stdout, st, time.Now())
+					}
+					every := c.Duration("watch")
+					if every <= 0 {
+						return nil
+					}
+					select {
+					case <-c.Context.Done():
+						return nil
+					case <-time.After(every):
+					}
+					fmt.Println()
 				}
-				if c.Bool("json") {
-					enc := json.NewEncoder(os.Stdout)
-					enc.SetIndent("", "  ")
-					return enc.Encode(st)
-				}
-				printStatus(os.Stdout, st, time.Now())
-				return nil
 			},
 		},
 		{
@@ -82,6 +97,9 @@ func printStatus(w io.Writer, st agent.PrimaryStatus, now time.Time) {
 	fmt.Fprintf(w, "vm          %s\nrole        %s\nstate       %s\n", st.VM, st.Role, st.State)
 	if st.Why != "" {
 		fmt.Fprintf(w, "why         %s\n", st.Why)
+	}
+	if sp := st.Sync; sp != nil {
+		fmt.Fprintf(w, "sync        round %d, %.0f%% of guest RAM sent (%d of %d pages sent so far)\n", sp.Round, sp.Percent, sp.Pages, sp.RAMPages)
 	}
 	if st.CommittedEpoch > 0 {
 		fmt.Fprintf(w, "committed   epoch %d, %v ago\n", st.CommittedEpoch, now.Sub(st.CommittedAt).Round(time.Millisecond))

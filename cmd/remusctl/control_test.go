@@ -20,7 +20,12 @@ func TestPrintStatus(t *testing.T) {
 	}
 	b.Reset()
 	printStatus(&b, agent.PrimaryStatus{VM: "web1", Role: "primary", State: "unprotected"}, now)
-	if !strings.Contains(b.String(), "none (fail-stop assumed)") || strings.Contains(b.String(), "committed") {
+	if !strings.Contains(b.String(), "none (fail-stop assumed)") || strings.Contains(b.String(), "committed") || strings.Contains(b.String(), "sync") {
 		t.Errorf("status without witness or commits:\n%s", b.String())
+	}
+	b.Reset()
+	printStatus(&b, agent.PrimaryStatus{VM: "web1", Role: "primary", State: "syncing", Sync: &agent.SyncStatus{Round: 1, Pages: 16384, RAMPages: 65536, Percent: 25}}, now)
+	if !strings.Contains(b.String(), "state       syncing") || !strings.Contains(b.String(), "sync        round 1, 25% of guest RAM sent (16384 of 65536 pages") {
+		t.Errorf("status while syncing:\n%s", b.String())
 	}
 }

@@ -52,21 +52,32 @@ func DefaultControlSocket(stateDir string) string { return stateDir + "/remusd.s
 type PrimaryStatus struct {
 	VM   string `json:"vm"`
 	Role string `json:"role"`
-	// State: protecting (a session with the backup committed epochs),
+	// State: syncing (a session copies guest RAM to the backup while the
+	// guest runs: Sync says how far; nothing is resumable yet),
+	// protecting (a session with the backup committed epochs),
 	// unprotected (no backup answers; the guest runs on alone), or
 	// stopped (the guest is stopped here: no witness lease and no
 	// acknowledging backup).
-	State          string    `json:"state"`
-	Why            string    `json:"why,omitempty"`
-	CommittedEpoch uint64    `json:"committed_epoch"`
-	CommittedAt    time.Time `json:"committed_at,omitzero"`
-	Witness        string    `json:"witness_id,omitempty"`
-	LeaseLeftMS    float64   `json:"lease_trusted_for_ms,omitempty"`
+	State          string      `json:"state"`
+	Why            string      `json:"why,omitempty"`
+	Sync           *SyncStatus `json:"sync,omitempty"`
+	CommittedEpoch uint64      `json:"committed_epoch"`
+	CommittedAt    time.Time   `json:"committed_at,omitzero"`
+	Witness        string      `json:"witness_id,omitempty"`
+	LeaseLeftMS    float64     `json:"lease_trusted_for_ms,omitempty"`
 	// What the witness says now: the guest's owner and the side holding
 	// a live lease (WitnessError when it could not be read).
 	WitnessOwner  string `json:"witness_owner,omitempty"`
 	WitnessActive string `json:"witness_active,omitempty"`
 	WitnessError  string `json:"witness_error,omitempty"`
+}
+
+// SyncStatus is the progress of a session's initial copy of guest RAM.
+type SyncStatus struct {
+	Round    int     `json:"round"`     // rounds of the live sync: the first sends all of RAM, each later one what was written since
+	Pages    int     `json:"pages"`     // pages sent so far
+	RAMPages int     `json:"ram_pages"` // pages of guest RAM
+	Percent  float64 `json:"percent"`   // of RAM sent at least once
 }
 
 // SwitchoverResult is what a completed POST /switchover answers.
@@ -192,8 +203,16 @@ func (s *primarySession) status(ctx context.Context) PrimaryStatus {
 	if last := s.lastCommit.Load(); last != nil {
 		st.CommittedEpoch, st.CommittedAt = last.Epoch, last.Acked
 	}
-	if s.current.Load() != nil && s.protected.Load() {
+	if cur := s.current.Load(); cur != nil && s.protected.Load() {
 		st.State, st.Why = "protecting", ""
+	} else if cur != nil {
+		if sp := cur.SyncProgress(); sp.Syncing {
+			st.State, st.Why = "syncing", "copying guest RAM to the backup while the guest runs; nothing is resumable before the first epoch commits"
+			st.Sync = &SyncStatus{Round: sp.Round, Pages: sp.Pages, RAMPages: sp.RAMPages}
+			if sp.RAMPages > 0 {
+				st.Sync.Percent = 100 * float64(min(sp.Pages, sp.RAMPages)) / float64(sp.RAMPages)
+			}
+		}
 	}
 	if s.guard != nil {
 		st.Witness = s.guard.w.ID()
