@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/remus-kvm/remus/qmp"
@@ -181,9 +182,33 @@ type FDSetFile struct {
 	ID int
 }
 
+// stateFDOpaque marks the fd sets AddStateFD makes.
+const stateFDOpaque = "remus device state "
+
 // AddStateFD creates (or empties) the file at path and hands QEMU a
-// descriptor of it in a new fd set.
+// descriptor of it in a new fd set. Sets an earlier agent left behind
+// (it was killed: QEMU keeps them while another monitor, libvirt's, is
+// connected) are removed first.
 func AddStateFD(ctx context.Context, mon FileMonitor, path string) (*FDSetFile, error) {
+	var sets []struct {
+		ID  int `json:"fdset-id"`
+		FDs []struct {
+			Opaque string `json:"opaque"`
+		} `json:"fds"`
+	}
+	if err := mon.Execute(ctx, "query-fdsets", nil, &sets); err != nil {
+		return nil, fmt.Errorf("query-fdsets: %w", err)
+	}
+	for _, set := range sets {
+		for _, fd := range set.FDs {
+			if strings.HasPrefix(fd.Opaque, stateFDOpaque) {
+				if err := mon.Execute(ctx, "remove-fd", map[string]int{"fdset-id": set.ID}, nil); err != nil {
+					return nil, fmt.Errorf("remove an earlier agent's fd set %d: %w", set.ID, err)
+				}
+				break
+			}
+		}
+	}
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return nil, err
@@ -191,7 +216,7 @@ func AddStateFD(ctx context.Context, mon FileMonitor, path string) (*FDSetFile, 
 	var r struct {
 		FDSetID int `json:"fdset-id"`
 	}
-	if err := mon.ExecuteWithFile(ctx, "add-fd", map[string]string{"opaque": "remus device state " + path}, &r, f); err != nil {
+	if err := mon.ExecuteWithFile(ctx, "add-fd", map[string]string{"opaque": stateFDOpaque + path}, &r, f); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("add-fd %s: %w", path, err)
 	}
@@ -210,8 +235,9 @@ func (s *FDSetFile) reset() error {
 	return err
 }
 
-// Close removes the fd set from QEMU (best effort: QEMU also drops it when
-// the monitor that added it goes) and closes the file.
+// Close removes the fd set from QEMU and closes the file. QEMU closes its
+// descriptors of a removed set only while the guest runs (a paused guest's
+// go when it continues).
 func (s *FDSetFile) Close(ctx context.Context, mon Monitor) error {
 	err := mon.Execute(ctx, "remove-fd", map[string]int{"fdset-id": s.ID}, nil)
 	return errors.Join(err, s.f.Close())

@@ -214,3 +214,75 @@ func TestUntrackedWritesWithQEMU(t *testing.T) {
 		t.Fatalf("guest with a balloon: %q, %v", got, err)
 	}
 }
+
+// TestStateFDWithQEMU saves a paused guest's device state through a
+// descriptor set (AddStateFD) twice: each save replaces the file's content
+// (not appended), and a set an earlier agent left is removed by the next
+// AddStateFD; Close removes the set.
+func TestStateFDWithQEMU(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
+	mon := startQEMU(t, ctx)
+	if !hasXenSave(t, ctx, mon) {
+		t.Skip("this QEMU has no xen-save-devices-state")
+	}
+	// QEMU closes the descriptors of a removed set only while the guest
+	// runs (not during an incoming migration, say): the sets are made and
+	// removed with it running.
+	dir := t.TempDir()
+	path := filepath.Join(dir, "devices.state")
+	stale, err := AddStateFD(ctx, mon, filepath.Join(dir, "stale.state"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := AddStateFD(ctx, mon, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sets []struct {
+		ID int `json:"fdset-id"`
+	}
+	if err := mon.Execute(ctx, "query-fdsets", nil, &sets); err != nil || len(sets) != 1 || sets[0].ID != f.ID {
+		t.Fatalf("fd sets %+v (%v): want only the new one (%d), the earlier agent's (%d) removed", sets, err, f.ID, stale.ID)
+	}
+	if err := Stop(ctx, mon); err != nil {
+		t.Fatal(err)
+	}
+	saver := DeviceSaver{FDSet: f}
+	var sizes []int64
+	for range 2 {
+		if err := saver.Save(ctx, mon, path); err != nil {
+			t.Fatal(err)
+		}
+		st, err := os.Stat(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sizes = append(sizes, st.Size())
+		if format, err := ReadStateFormat(path); err != nil || format.Configuration {
+			t.Fatalf("saved state: %+v, %v", format, err)
+		}
+	}
+	if sizes[0] == 0 || sizes[1] != sizes[0] {
+		t.Fatalf("device state sizes %v: each save must replace the last", sizes)
+	}
+	if err := Cont(ctx, mon); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Close(ctx, mon); err != nil {
+		t.Fatal(err)
+	}
+	if err := mon.Execute(ctx, "query-fdsets", nil, &sets); err != nil || len(sets) != 0 {
+		t.Fatalf("fd sets %+v (%v) after Close, want none", sets, err)
+	}
+}
+
+// hasXenSave reports whether QEMU has xen-save-devices-state.
+func hasXenSave(t *testing.T, ctx context.Context, mon *qmp.Client) bool {
+	t.Helper()
+	ok, err := HasCommand(ctx, mon, "xen-save-devices-state")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ok
+}
