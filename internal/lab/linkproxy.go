@@ -1,6 +1,7 @@
 package lab
 
 import (
+	"fmt"
 	"math/rand/v2"
 	"net"
 	"sync"
@@ -20,16 +21,17 @@ type LinkProxy struct {
 	ln     net.Listener
 	target string
 
-	mu      sync.Mutex
-	latency time.Duration // added to every frame, pipelined
-	stallP  float64       // chance per frame of a stall of stall
-	stall   time.Duration
-	rate    float64 // bytes per second each way, 0: unlimited
-	damage  FrameDamage
-	damaged []string // what was done, for the log
-	conns   []net.Conn
-	closed  bool
-	rng     *rand.Rand
+	mu       sync.Mutex
+	latency  time.Duration // added to every frame, pipelined
+	stallP   float64       // chance per frame of a stall of stall
+	stall    time.Duration
+	rate     float64 // bytes per second each way, 0: unlimited
+	damage   FrameDamage
+	damaged  []string // what was done, for the log
+	conns    []net.Conn
+	accepted int
+	closed   bool
+	rng      *rand.Rand
 }
 
 // FrameDamage is a one-shot fault on the next RAM frame from the primary.
@@ -91,6 +93,13 @@ func (p *LinkProxy) Damaged() []string {
 	return append([]string(nil), p.damaged...)
 }
 
+// Connections is how many connections the proxy relayed so far.
+func (p *LinkProxy) Connections() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.accepted
+}
+
 // Close stops accepting and cuts every relayed connection.
 func (p *LinkProxy) Close() {
 	p.mu.Lock()
@@ -123,6 +132,7 @@ func (p *LinkProxy) serve() {
 			return
 		}
 		p.conns = append(p.conns, c, b)
+		p.accepted++
 		p.mu.Unlock()
 		go p.relay(c, b, true)
 		go p.relay(b, c, false)
@@ -164,7 +174,7 @@ func (p *LinkProxy) relay(src, dst net.Conn, fromPrimary bool) {
 				case Duplicate:
 					copies = 2
 				}
-				p.damaged = append(p.damaged, p.damage.String()+" "+f.Type.String())
+				p.damaged = append(p.damaged, fmt.Sprintf("%s %s of epoch %d", p.damage, f.Type, f.Epoch))
 				p.damage = NoDamage
 			}
 			p.mu.Unlock()
