@@ -611,7 +611,7 @@ func runChaos(t *testing.T, f chaosFault, res *chaosResult) {
 			if err != nil || st.State != "unprotected" {
 				r.violate("with its backup gone the primary says %q (%v), want unprotected", st.State, err)
 			}
-			if jobs, err := blockJobs(ctx, r.g.prim.QMP[0]); err != nil || len(jobs) > 0 {
+			if jobs, err := blockJobsAt(ctx, r.g.prim.QMP[0]); err != nil || len(jobs) > 0 {
 				r.violate("with its backup gone the guest's QEMU runs block jobs %v (%v), want none (the mirror removed)", jobs, err)
 			}
 		} else if reprotected() == nil {
@@ -777,8 +777,8 @@ func guestRuns(ctx context.Context, qmpSocket string) bool {
 	return err == nil && st == "running"
 }
 
-// blockJobs lists the block jobs (their ids) of the QEMU at qmpSocket.
-func blockJobs(ctx context.Context, qmpSocket string) ([]string, error) {
+// blockJobsAt lists the block jobs (their ids) of the QEMU at qmpSocket.
+func blockJobsAt(ctx context.Context, qmpSocket string) ([]string, error) {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	mon, err := qmp.Dial(ctx, qmpSocket)
@@ -786,6 +786,11 @@ func blockJobs(ctx context.Context, qmpSocket string) ([]string, error) {
 		return nil, err
 	}
 	defer mon.Close()
+	return blockJobs(ctx, mon)
+}
+
+// blockJobs lists the block jobs (their ids) of a QEMU.
+func blockJobs(ctx context.Context, mon *qmp.Client) ([]string, error) {
 	var jobs []struct {
 		Device string `json:"device"`
 	}

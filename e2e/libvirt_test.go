@@ -6,7 +6,6 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"os/user"
@@ -154,21 +153,7 @@ func TestLibvirtCheck(t *testing.T) {
 		}
 	}
 	// As the fix says: install -d -o libvirt-qemu -g libvirt-qemu DIR.
-	dir := filepath.Dir(agentQMP(name))
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Chmod(filepath.Dir(dir), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	if u, err := user.Lookup("libvirt-qemu"); err == nil {
-		uid, _ := strconv.Atoi(u.Uid)
-		gid, _ := strconv.Atoi(u.Gid)
-		if err := os.Chown(dir, uid, gid); err != nil {
-			t.Fatal(err)
-		}
-	}
+	qemuDir(t, filepath.Dir(agentQMP(name)))
 	if err := l.DomainCreate(d); err != nil {
 		t.Fatalf("start the fixed domain: %v", err)
 	}
@@ -301,7 +286,7 @@ func TestLibvirtFailover(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	peer, err := freeLoopback()
+	peer, err := lab.FreePort()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -424,14 +409,4 @@ func TestLibvirtFailover(t *testing.T) {
 	rep, _ := lab.ReadReport(report)
 	t.Logf("the standby domain runs under libvirt: resumed epoch %d in QEMU %s (pid %d) from %s, restore %.0f ms; %d consecutive replies, one boot",
 		rep.Epoch, rep.QEMUVersion, rep.QEMUPID, rep.IncomingURI, rep.RestoreMS, c.n)
-}
-
-// freeLoopback is a free TCP address on loopback.
-func freeLoopback() (string, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
-	}
-	defer ln.Close()
-	return ln.Addr().String(), nil
 }

@@ -268,10 +268,7 @@ func TestUnprotectEndsProtectionCleanly(t *testing.T) {
 	if st, err := qemu.Status(ctx, mon); err != nil || st != "running" {
 		t.Fatalf("guest %q (%v) after unprotect, want running", st, err)
 	}
-	var jobs []struct {
-		Device string `json:"device"`
-	}
-	if err := mon.Execute(ctx, "query-block-jobs", nil, &jobs); err != nil || len(jobs) > 0 {
+	if jobs, err := blockJobs(ctx, mon); err != nil || len(jobs) > 0 {
 		t.Errorf("block jobs %v (%v) after unprotect, want none", jobs, err)
 	}
 	var nodes []struct {

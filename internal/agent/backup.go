@@ -530,18 +530,6 @@ func checkIncoming(ctx context.Context, mon qemu.Monitor) error {
 	return nil
 }
 
-// ramPath is where this process opens the guest RAM of q: its backend's
-// file, or its memfd through /proc.
-func (q *QEMU) ramPath() (string, error) {
-	if q.RAM.Type == "memory-backend-memfd" {
-		return q.memfdPath()
-	}
-	if q.RAM.Path == "" {
-		return "", fmt.Errorf("RAM backend %s (%s) has no file to write committed epochs into", q.RAM.ID, q.RAM.Type)
-	}
-	return q.RAM.Path, nil
-}
-
 // startRestoreQEMU starts the QEMU command line of cfg waiting for the
 // device state of format, on the RAM image; it outlives remusd.
 func startRestoreQEMU(ctx context.Context, cfg BackupConfig, format qemu.StateFormat, r *FailoverReport, log *slog.Logger) (*exec.Cmd, error) {

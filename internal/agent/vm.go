@@ -121,12 +121,9 @@ func peerPID(nc net.Conn) (int, error) {
 // MapRAM maps the guest RAM read-only into this process. A file backend is
 // opened by its path; a memfd through QEMU's file descriptor in /proc.
 func (q *QEMU) MapRAM() ([]byte, error) {
-	path := q.RAM.Path
-	if q.RAM.Type == "memory-backend-memfd" {
-		var err error
-		if path, err = q.memfdPath(); err != nil {
-			return nil, err
-		}
+	path, err := q.ramPath()
+	if err != nil {
+		return nil, err
 	}
 	f, err := os.Open(path)
 	if err != nil {
@@ -145,6 +142,18 @@ func (q *QEMU) MapRAM() ([]byte, error) {
 		return nil, fmt.Errorf("map guest RAM %s: %w", path, err)
 	}
 	return ram, nil
+}
+
+// ramPath is where this process opens the guest RAM of q: its backend's
+// file, or its memfd through /proc.
+func (q *QEMU) ramPath() (string, error) {
+	if q.RAM.Type == "memory-backend-memfd" {
+		return q.memfdPath()
+	}
+	if q.RAM.Path == "" {
+		return "", fmt.Errorf("RAM backend %s (%s) has no file to write committed epochs into", q.RAM.ID, q.RAM.Type)
+	}
+	return q.RAM.Path, nil
 }
 
 // memfdPath finds QEMU's memfd of the RAM backend's size in /proc/PID/fd.

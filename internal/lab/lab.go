@@ -412,7 +412,7 @@ func (l *Lab) Protect(prim, back testvm.Config, o ProtectOptions) (*Protection, 
 			primaryNS, backupNS = backupNS, primaryNS
 		}
 		peer = h.agentAddr(backupNS)
-	} else if peer, err = freePort(); err != nil {
+	} else if peer, err = FreePort(); err != nil {
 		return nil, err
 	}
 	p := &Protection{EpochLog: filepath.Join(l.Dir, "epochs.jsonl"), Report: filepath.Join(l.Dir, "failover.json"), BackupConfig: back, BackupAddr: peer}
@@ -592,7 +592,8 @@ func killPIDFile(pidFile, dir string) {
 	syscall.Kill(pid, syscall.SIGKILL)
 }
 
-func freePort() (string, error) {
+// FreePort is a free TCP address on loopback.
+func FreePort() (string, error) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return "", err
