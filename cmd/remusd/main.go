@@ -109,6 +109,7 @@ func app() *cli.App {
 					&cli.StringFlag{Name: "report", Usage: "write a JSON failover report to this file"},
 					&cli.StringFlag{Name: "fence-command", Usage: "shell command run before resuming the guest after the primary went silent (STONITH-style): it gets the VM name and the primary's address as arguments (also REMUS_VM, REMUS_PRIMARY) and must make sure the primary's guest runs no more; a non-zero exit or a timeout means no failover (tried again)"},
 					&cli.DurationFlag{Name: "fence-timeout", Value: agent.DefaultFenceTimeout, Usage: "bound on one run of --fence-command"},
+					&cli.StringFlag{Name: "control", Usage: "`PATH` of the control socket for remusctl status and GET /metrics (default STATE-DIR/remusd.sock)"},
 				}, common...),
 				Action: runBackup,
 			},
@@ -225,6 +226,7 @@ func runBackup(c *cli.Context) error {
 		Net: netConfig(c), DiskImage: c.String("disk-image"), StageMemory: c.Int64("stage-memory"),
 		FenceCommand: c.String("fence-command"), FenceTimeout: c.Duration("fence-timeout"),
 		Witness: witnessConfig(c), AssumeFailStop: c.Bool("assume-fail-stop"), Metrics: c.String("metrics"),
+		Control: c.String("control"),
 	}
 	if cfg.Key, err = key(c); err != nil {
 		return err

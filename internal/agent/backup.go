@@ -81,6 +81,9 @@ type BackupConfig struct {
 	// Metrics, when set, is a TCP address (host:port) where the agent
 	// serves its Prometheus metrics (GET /metrics).
 	Metrics string
+	// Control is the path of the control socket (remusctl status,
+	// metrics); default DefaultControlSocket(StateDir).
+	Control string
 }
 
 // Validate rejects incomplete configurations.
