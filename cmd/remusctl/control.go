@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -16,27 +17,33 @@ import (
 // controlFlag names the primary remusd's control socket.
 var controlFlag = &cli.StringFlag{Name: "control", Usage: "control socket of the primary remusd (remusd primary --control; default STATE-DIR/remusd.sock)", Required: true}
 
+// statusControlFlag names either remusd's control socket.
+var statusControlFlag = &cli.StringFlag{Name: "control", Usage: "control socket of the primary or backup remusd (remusd primary|backup --control; default STATE-DIR/remusd.sock)", Required: true}
+
 func controlCommands() []*cli.Command {
 	return []*cli.Command{
 		{
 			Name:  "status",
-			Usage: "show what the primary remusd is doing: syncing (with progress), protecting, unprotected or stopped, and why",
-			Flags: []cli.Flag{controlFlag, &cli.BoolFlag{Name: "json", Usage: "print the status as JSON"},
+			Usage: "show what a remusd is doing, and why: the primary syncing (with progress), protecting, unprotected or stopped; the backup waiting, standby, failing over or failed over",
+			Flags: []cli.Flag{statusControlFlag, &cli.BoolFlag{Name: "json", Usage: "print the status as JSON, as remusd answered it"},
 				&cli.DurationFlag{Name: "watch", Usage: "print it again every `INTERVAL` (1s, ...) until interrupted or remusd exits"}},
 			Action: func(c *cli.Context) error {
 				for {
-					var st agent.PrimaryStatus
-					if err := agent.CallControl(c.Context, c.String("control"), http.MethodGet, agent.ControlStatusPath, 5*time.Second, &st); err != nil {
+					var answer []byte
+					if err := agent.CallControl(c.Context, c.String("control"), http.MethodGet, agent.ControlStatusPath, 5*time.Second, &answer); err != nil {
 						return err
 					}
 					if c.Bool("json") {
-						enc := json.NewEncoder(os.Stdout)
-						enc.SetIndent("", "  ")
-						if err := enc.Encode(st); err != nil {
+						var b bytes.Buffer
+						if err := json.Indent(&b, bytes.TrimSpace(answer), "", "  "); err != nil {
+							return fmt.Errorf("status answer from %s: %w", c.String("control"), err)
+						}
+						b.WriteByte('\n')
+						if _, err := b.WriteTo(os.Stdout); err != nil {
 							return err
 						}
-					} else {
-						printStatus(os.Stdout, st, time.Now())
+					} else if err := printAnswer(os.Stdout, answer, time.Now()); err != nil {
+						return fmt.Errorf("status answer from %s: %w", c.String("control"), err)
 					}
 					every := c.Duration("watch")
 					if every <= 0 {
@@ -93,6 +100,34 @@ func controlCommands() []*cli.Command {
 	}
 }
 
+// printAnswer prints a GET /status answer: a primary's or a backup's
+// status, as its role says.
+func printAnswer(w io.Writer, answer []byte, now time.Time) error {
+	var r struct {
+		Role string `json:"role"`
+	}
+	if err := json.Unmarshal(answer, &r); err != nil {
+		return err
+	}
+	switch r.Role {
+	case "primary":
+		var st agent.PrimaryStatus
+		if err := json.Unmarshal(answer, &st); err != nil {
+			return err
+		}
+		printStatus(w, st, now)
+	case "backup":
+		var st agent.BackupStatus
+		if err := json.Unmarshal(answer, &st); err != nil {
+			return err
+		}
+		printBackupStatus(w, st, now)
+	default:
+		return fmt.Errorf("unknown role %q", r.Role)
+	}
+	return nil
+}
+
 func printStatus(w io.Writer, st agent.PrimaryStatus, now time.Time) {
 	fmt.Fprintf(w, "vm          %s\nrole        %s\nstate       %s\n", st.VM, st.Role, st.State)
 	if st.Why != "" {
@@ -101,8 +136,20 @@ func printStatus(w io.Writer, st agent.PrimaryStatus, now time.Time) {
 	if sp := st.Sync; sp != nil {
 		fmt.Fprintf(w, "sync        round %d, %.0f%% of guest RAM sent (%d of %d pages sent so far)\n", sp.Round, sp.Percent, sp.Pages, sp.RAMPages)
 	}
+	if st.Peer != "" {
+		fmt.Fprintf(w, "backup      %s\n", st.Peer)
+	}
 	if st.CommittedEpoch > 0 {
 		fmt.Fprintf(w, "committed   epoch %d, %v ago\n", st.CommittedEpoch, now.Sub(st.CommittedAt).Round(time.Millisecond))
+	}
+	if r := st.Recent; r != nil {
+		fmt.Fprintf(w, "recent      %.1f epochs/s, pause p50 %.1f ms p99 %.1f ms, raw %s/s, wire %s/s, held %s",
+			r.EpochsPerS, r.PauseP50MS, r.PauseP99MS, humanBytes(r.RawBytesPerS), humanBytes(r.WireBytesPerS), humanBytes(float64(r.HeldOutputBytes)))
+		if r.WindowS < agent.RecentWindow.Seconds() {
+			// More epochs than the agent remembers: a shorter span.
+			fmt.Fprintf(w, " (over the last %.2fs)", r.WindowS)
+		}
+		fmt.Fprintln(w)
 	}
 	if st.Witness != "" {
 		fmt.Fprintf(w, "witness     this host is %q; lease trusted for %.0f ms more\n", st.Witness, st.LeaseLeftMS)
@@ -114,4 +161,40 @@ func printStatus(w io.Writer, st agent.PrimaryStatus, now time.Time) {
 	} else {
 		fmt.Fprintf(w, "witness     none (fail-stop assumed)\n")
 	}
+}
+
+func printBackupStatus(w io.Writer, st agent.BackupStatus, now time.Time) {
+	fmt.Fprintf(w, "vm          %s\nrole        %s\nstate       %s\n", st.VM, st.Role, st.State)
+	if st.Why != "" {
+		fmt.Fprintf(w, "why         %s\n", st.Why)
+	}
+	if st.CommittedEpoch > 0 {
+		fmt.Fprintf(w, "committed   epoch %d, %v ago\n", st.CommittedEpoch, now.Sub(st.CommittedAt).Round(time.Millisecond))
+	}
+	if st.Primary != "" {
+		fmt.Fprintf(w, "primary     %s\n", st.Primary)
+	}
+	if r := st.Failover; r != nil {
+		if r.Running.IsZero() {
+			fmt.Fprintf(w, "failover    epoch %d not resumed (cause: %s)\n", r.Epoch, r.Cause)
+		} else {
+			fmt.Fprintf(w, "failover    epoch %d resumed in QEMU pid %d, %v ago (detection %.0f ms, clear %.0f ms, restore %.0f ms; cause: %s)\n",
+				r.Epoch, r.QEMUPID, now.Sub(r.Running).Round(time.Millisecond), r.DetectionMS, r.ClearMS, r.RestoreMS, r.Cause)
+		}
+	}
+}
+
+// humanBytes writes a byte count with a binary unit (B, KiB, MiB, GiB,
+// TiB).
+func humanBytes(n float64) string {
+	const units = "KMGT"
+	if n < 1024 {
+		return fmt.Sprintf("%.0f B", n)
+	}
+	i := -1
+	for n >= 1024 && i < len(units)-1 {
+		n /= 1024
+		i++
+	}
+	return fmt.Sprintf("%.1f %ciB", n, units[i])
 }

@@ -158,6 +158,7 @@ func RunBackup(ctx context.Context, cfg BackupConfig, log *slog.Logger) (*Failov
 	}
 	log = log.With("vm", cfg.VM)
 	metrics := newBackupMetrics(cfg.VM)
+	status := newBackupState(cfg.VM)
 	if cfg.Metrics != "" {
 		_, stop, err := serveMetrics(ctx, cfg.Metrics, metrics.handler(), log)
 		if err != nil {
@@ -198,7 +199,11 @@ func RunBackup(ctx context.Context, cfg BackupConfig, log *slog.Logger) (*Failov
 		}
 		bcfg := checkpoint.BackupConfig{VMName: cfg.VM, RAMImage: cfg.RAMImage, RAMFixed: standby != nil, StateFile: stateFile,
 			Heartbeat: cfg.Heartbeat, Logger: log, StageMemory: cfg.StageMemory, StageFile: filepath.Join(cfg.StateDir, "staging.pages"),
-			OnCommit: func(uint64, int) { metrics.epochApplied(time.Now()) }}
+			OnCommit: func(epoch uint64, _ int) {
+				now := time.Now()
+				metrics.epochApplied(now)
+				status.committed(epoch, now)
+			}}
 		if cfg.Witness.Enabled() {
 			if w, err = cfg.Witness.open(cfg.VM); err != nil {
 				return err
@@ -206,14 +211,14 @@ func RunBackup(ctx context.Context, cfg BackupConfig, log *slog.Logger) (*Failov
 			if err := checkBackupSide(ctx, w, log); err != nil {
 				return err
 			}
-			bcfg.Claim = claimFor(w, max(cfg.Heartbeat.WithDefaults().Timeout, time.Second))
+			bcfg.Claim = status.claim(claimFor(w, max(cfg.Heartbeat.WithDefaults().Timeout, time.Second)))
 		} else if cfg.FenceCommand == "" {
 			log.Warn("no witness and no fence command: assuming fail-stop hosts: " + failStopRisk)
 		}
 		if cfg.FenceCommand != "" {
-			bcfg.Fence = func(ctx context.Context, primary string) error {
+			bcfg.Fence = status.fence(func(ctx context.Context, primary string) error {
 				return fence(ctx, cfg, primary, log)
-			}
+			})
 		}
 		if cfg.DiskImage != "" {
 			st, err := os.Stat(cfg.DiskImage)
@@ -240,10 +245,19 @@ func RunBackup(ctx context.Context, cfg BackupConfig, log *slog.Logger) (*Failov
 	defer ln.Close()
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
+	ctl := cfg.Control
+	if ctl == "" {
+		ctl = DefaultControlSocket(cfg.StateDir)
+	}
+	stopControl, err := serveBackupControl(ctx, ctl, status, metrics, log)
+	if err != nil {
+		return nil, err
+	}
+	defer stopControl()
 
 	log.Info("waiting for the primary", "listen", ln.Addr().String())
 	conns := make(chan checkpoint.Link)
-	go acceptPrimaries(ctx, ln, cfg.Key, conns, log)
+	go acceptPrimaries(ctx, ln, cfg.Key, conns, status, log)
 	var report *FailoverReport
 	var gnet *guestNet
 	relayDone := make(chan error, 1)
@@ -253,9 +267,11 @@ func RunBackup(ctx context.Context, cfg BackupConfig, log *slog.Logger) (*Failov
 	go func() {
 		runDone <- b.Run(rctx, conns, func(ctx context.Context, lost *checkpoint.PrimaryLost) error {
 			log.Warn("primary lost: failing over", "committed_epoch", lost.Committed.Epoch, "cause", lost.Cause)
+			status.failingOver(lost)
 			r, err := failOver(ctx, cfg, standby, lost, &gnet, log)
 			report = r
 			metrics.failedOver(r, err)
+			status.failedOver(r, err)
 			if err != nil {
 				return err
 			}
@@ -333,11 +349,11 @@ func fence(ctx context.Context, cfg BackupConfig, primary string, log *slog.Logg
 }
 
 // acceptPrimaries accepts connections until ctx ends and hands each one, once
-// authenticated where a key is set, to conns. Each handshake runs on its own
-// goroutine with a deadline, so a connection that says nothing (a port scan)
-// holds up no other; no connection is a session before the Standby accepts
-// its hello.
-func acceptPrimaries(ctx context.Context, ln net.Listener, key []byte, conns chan<- checkpoint.Link, log *slog.Logger) {
+// authenticated where a key is set, to conns, telling st what the primary
+// says on it. Each handshake runs on its own goroutine with a deadline, so
+// a connection that says nothing (a port scan) holds up no other; no
+// connection is a session before the Standby accepts its hello.
+func acceptPrimaries(ctx context.Context, ln net.Listener, key []byte, conns chan<- checkpoint.Link, st *backupState, log *slog.Logger) {
 	for {
 		nc, err := ln.Accept()
 		if err != nil {
@@ -359,7 +375,7 @@ func acceptPrimaries(ctx context.Context, ln net.Listener, key []byte, conns cha
 				}
 			}
 			select {
-			case conns <- link:
+			case conns <- &primaryLink{Conn: link, addr: nc.RemoteAddr().String(), st: st}:
 			case <-ctx.Done():
 				link.Close()
 			}

@@ -16,11 +16,14 @@ import (
 	"github.com/remus-kvm/remus/checkpoint"
 )
 
-// The control socket: remusd primary serves a small HTTP API on a unix
-// socket (mode 0600: root, or the user running remusd) for remusctl.
+// The control socket: each agent serves a small HTTP API on a unix socket
+// (mode 0600: root, or the user running remusd) for remusctl. Both answer
 //
-//	GET  /status      PrimaryStatus as JSON
+//	GET  /status      PrimaryStatus or BackupStatus as JSON (see Role)
 //	GET  /metrics     the agent's Prometheus metrics (see metrics.go)
+//
+// and remusd primary also
+//
 //	POST /switchover  move the guest to the backup; answers once done
 //	                  (200, SwitchoverResult) or refused/abandoned (409,
 //	                  {"error": ...})
@@ -70,6 +73,36 @@ type PrimaryStatus struct {
 	WitnessOwner  string `json:"witness_owner,omitempty"`
 	WitnessActive string `json:"witness_active,omitempty"`
 	WitnessError  string `json:"witness_error,omitempty"`
+	// Peer is the backup's address (--peer).
+	Peer string `json:"peer,omitempty"`
+	// Recent describes the epochs committed in the last RecentWindow;
+	// absent before the first commit.
+	Recent *RecentStats `json:"recent,omitempty"`
+}
+
+// BackupStatus is what GET /status answers on the backup.
+type BackupStatus struct {
+	VM   string `json:"vm"`
+	Role string `json:"role"`
+	// State: waiting (nothing to resume: no epoch committed yet, or the
+	// primary started a new session or ended its own), standby (holds a
+	// committed epoch: the guest resumes from it if the primary is lost),
+	// failing-over (the primary went silent: fencing its host, claiming
+	// the witness, or resuming the guest here), failed-over (the guest
+	// runs here) or failover-failed (Why says what failed): the
+	// Backup* constants.
+	State string `json:"state"`
+	Why   string `json:"why,omitempty"`
+	// The newest epoch this agent committed, and when; resumable in the
+	// standby state only.
+	CommittedEpoch uint64    `json:"committed_epoch"`
+	CommittedAt    time.Time `json:"committed_at,omitzero"`
+	// Primary is the address the current or last primary session came
+	// from.
+	Primary string `json:"primary,omitempty"`
+	// Failover is the failover's report, once one ended (the failed one's
+	// as far as it got).
+	Failover *FailoverReport `json:"failover,omitempty"`
 }
 
 // SyncStatus is the progress of a session's initial copy of guest RAM.
@@ -101,7 +134,7 @@ func CallControl(ctx context.Context, socket, method, path string, timeout time.
 	}
 	resp, err := cl.Do(req)
 	if err != nil {
-		return fmt.Errorf("control socket %s (is remusd primary running?): %w", socket, err)
+		return fmt.Errorf("control socket %s (is remusd running?): %w", socket, err)
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
@@ -129,19 +162,46 @@ type controlError struct {
 	Error string `json:"error"`
 }
 
-// serveControl serves the primary's control socket until ctx ends; the
-// returned function stops it, letting a switchover's answer go out first.
-func (s *primarySession) serveControl(ctx context.Context, path string) (func(), error) {
+// serveSocket serves mux on a unix socket at path (mode 0600) until the
+// returned function is called; that function lets answers under way go
+// out (for up to 3 s) and removes the socket.
+func serveSocket(ctx context.Context, path string, mux *http.ServeMux, log *slog.Logger) (func(), error) {
 	os.Remove(path)
 	var lc net.ListenConfig
 	ln, err := lc.Listen(ctx, "unix", path)
 	if err != nil {
-		return nil, fmt.Errorf("control socket: %w", err)
+		return nil, fmt.Errorf("control socket %s: %w", path, err)
 	}
 	if err := os.Chmod(path, 0o600); err != nil {
 		ln.Close()
-		return nil, fmt.Errorf("control socket: %w", err)
+		os.Remove(path)
+		return nil, fmt.Errorf("control socket %s: %w", path, err)
 	}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second,
+		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+	go srv.Serve(ln)
+	return func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		defer cancel()
+		srv.Shutdown(sctx)
+		os.Remove(path)
+	}, nil
+}
+
+// serveBackupControl serves the backup's control socket (GET /status, GET
+// /metrics) until the returned function is called.
+func serveBackupControl(ctx context.Context, path string, st *backupState, m *backupMetrics, log *slog.Logger) (func(), error) {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET "+ControlStatusPath, func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, st.status())
+	})
+	mux.Handle("GET "+MetricsPath, m.handler())
+	return serveSocket(ctx, path, mux, log)
+}
+
+// serveControl serves the primary's control socket until the returned
+// function is called; it lets a switchover's answer go out first.
+func (s *primarySession) serveControl(ctx context.Context, path string) (func(), error) {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET "+ControlStatusPath, func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, s.status(r.Context()))
@@ -180,15 +240,7 @@ func (s *primarySession) serveControl(ctx context.Context, path string) (func(),
 		}
 		writeJSON(w, http.StatusOK, res)
 	})
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second,
-		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)}
-	go srv.Serve(ln)
-	return func() {
-		sctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-		defer cancel()
-		srv.Shutdown(sctx)
-		os.Remove(path)
-	}, nil
+	return serveSocket(ctx, path, mux, s.log)
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {
@@ -199,9 +251,12 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 
 // status describes the primary now.
 func (s *primarySession) status(ctx context.Context) PrimaryStatus {
-	st := PrimaryStatus{VM: s.cfg.VM, Role: "primary", State: "unprotected", Why: "no session with a backup has committed an epoch"}
+	st := PrimaryStatus{VM: s.cfg.VM, Role: "primary", State: "unprotected", Why: "no session with a backup has committed an epoch", Peer: s.cfg.Peer}
 	if last := s.lastCommit.Load(); last != nil {
 		st.CommittedEpoch, st.CommittedAt = last.Epoch, last.Acked
+	}
+	if r, ok := s.recent.stats(time.Now()); ok {
+		st.Recent = &r
 	}
 	if cur := s.current.Load(); cur != nil && s.protected.Load() {
 		st.State, st.Why = "protecting", ""

@@ -16,15 +16,14 @@ import (
 
 	"github.com/remus-kvm/remus/checkpoint"
 	"github.com/remus-kvm/remus/netbuffer"
-	"github.com/remus-kvm/remus/transport"
 )
 
 // Metrics: each agent process has a Prometheus registry of its own (not
 // the client library's global one) holding its VM's metrics, each labelled
-// vm, beside the Go runtime's (go_*) and the process's (process_*). The
-// primary serves it at GET /metrics on its control socket; either agent
-// serves it over TCP with --metrics ADDR. The agent pushes each event into
-// the metrics (one method per event); the metrics never read the agent.
+// vm, beside the Go runtime's (go_*) and the process's (process_*). Each
+// agent serves it at GET /metrics on its control socket, and over TCP with
+// --metrics ADDR. The agent pushes each event into the metrics (one method
+// per event); the metrics never read the agent.
 //
 // remusd primary:
 //
@@ -178,8 +177,8 @@ func (m *primaryMetrics) committed(st checkpoint.EpochStats, relay *netbuffer.St
 	}
 	m.dirty.Observe(float64(st.DirtyPages))
 	m.dirtyPages.Add(float64(st.DirtyPages))
-	m.rawBytes.Add(float64(int64(st.DirtyPages+st.LiveSync.Pages)*transport.PageSize + int64(st.DeviceBytes) + st.DiskBytes))
-	m.wireBytes.Add(float64(st.WireBytes + st.LiveSync.WireBytes))
+	m.rawBytes.Add(float64(epochRawBytes(st)))
+	m.wireBytes.Add(float64(epochWireBytes(st)))
 	m.ackLatency.Observe(st.AckLatency().Seconds())
 	m.outFrames.Add(float64(st.Output.Frames))
 	m.outBytes.Add(float64(st.Output.Bytes))

@@ -215,7 +215,8 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 		return fmt.Errorf("configuration: %w", err)
 	}
 	log = log.With("vm", cfg.VM)
-	s := &primarySession{cfg: cfg, log: log, metrics: newPrimaryMetrics(cfg.VM, cfg.Net.Enabled(), cfg.Witness.Enabled())}
+	s := &primarySession{cfg: cfg, log: log, metrics: newPrimaryMetrics(cfg.VM, cfg.Net.Enabled(), cfg.Witness.Enabled()),
+		recent: newRecentEpochs(RecentWindow, recentSize)}
 	if cfg.Metrics != "" {
 		_, stop, err := serveMetrics(ctx, cfg.Metrics, s.metrics.handler(), log)
 		if err != nil {
@@ -579,6 +580,7 @@ type primarySession struct {
 	epochLog *json.Encoder
 	log      *slog.Logger
 	metrics  *primaryMetrics
+	recent   *recentEpochs // the newest epochs, for the status
 	// protected: the last run committed an epoch.
 	protected atomic.Bool
 	// current is the session's Primary while one runs (for a
@@ -795,6 +797,7 @@ func (s *primarySession) run(ctx context.Context) error {
 				relay = &rs
 			}
 			s.metrics.committed(st, relay)
+			s.recent.add(st, relay)
 			if epochLog == nil {
 				return
 			}
