@@ -45,8 +45,12 @@ type Domain struct {
 	RAMBackend string
 	// AgentQMP is the path of the agent's QMP socket, "" when there is none.
 	AgentQMP string
-	NICs     []NIC
-	Disks    []Disk
+	// NetSocket is the unix socket of a -netdev stream server in
+	// <qemu:commandline>: a NIC whose frames remusd relays to a tap
+	// (remusd --net-guest), "" when there is none.
+	NetSocket string
+	NICs      []NIC
+	Disks     []Disk
 	// Protect is the domain's remus metadata, nil when it has none.
 	Protect *Metadata
 }
@@ -213,6 +217,7 @@ func (c *checker) summarise() error {
 	if s := findAgentSocket(qemuArgs(d)); s != nil && s.bad == "" {
 		dom.AgentQMP = s.path
 	}
+	dom.NetSocket = findNetSocket(qemuArgs(d))
 	for _, iface := range devs.Interfaces {
 		dom.NICs = append(dom.NICs, describeNIC(iface))
 	}

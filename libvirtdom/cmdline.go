@@ -92,6 +92,31 @@ func findAgentSocket(args []string) *agentSocket {
 	return nil
 }
 
+// findNetSocket returns the unix socket of the first -netdev stream
+// server among QEMU's arguments (-netdev
+// stream,id=ID,server=on,addr.type=unix,addr.path=PATH): a guest NIC whose
+// frames remusd relays, holding them until their epoch commits. "" when
+// there is none.
+func findNetSocket(args []string) string {
+	for i := 0; i+1 < len(args); i++ {
+		if opt := strings.TrimPrefix(args[i], "-"); opt != "-netdev" && opt != "netdev" {
+			continue
+		}
+		items := splitOpts(args[i+1])
+		i++
+		if backend, _ := optValue(items, "type", true); backend != "stream" {
+			continue
+		}
+		server, _ := optValue(items, "server", false)
+		typ, _ := optValue(items, "addr.type", false)
+		p, _ := optValue(items, "addr.path", false)
+		if isOn(server) && typ == "unix" && p != "" {
+			return p
+		}
+	}
+	return ""
+}
+
 // socketIssue says why a unix socket with these options cannot serve the
 // agent, or "" when it can.
 func socketIssue(path string, items []string) string {

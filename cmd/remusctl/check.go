@@ -102,6 +102,14 @@ func printCheck(w io.Writer, d *libvirtdom.Domain, problems []libvirtdom.Problem
 		fmt.Fprintln(w, "ready to protect: nothing to fix")
 		return
 	}
+	printProblems(w, problems)
+	if len(libvirtdom.Blocking(problems)) == 0 {
+		fmt.Fprintln(w, "\nready to protect (warnings only)")
+	}
+}
+
+// printProblems prints each problem with its fix.
+func printProblems(w io.Writer, problems []libvirtdom.Problem) {
 	for i, p := range problems {
 		fmt.Fprintf(w, "\n%d. %s\n", i+1, p)
 		if p.Fix.Note != "" {
@@ -110,9 +118,6 @@ func printCheck(w io.Writer, d *libvirtdom.Domain, problems []libvirtdom.Problem
 		if p.Fix.XML != "" {
 			fmt.Fprintln(w, indent(p.Fix.XML, "      "))
 		}
-	}
-	if len(libvirtdom.Blocking(problems)) == 0 {
-		fmt.Fprintln(w, "\nready to protect (warnings only)")
 	}
 }
 

@@ -12,38 +12,30 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/remus-kvm/remus/internal/agent"
+	"github.com/remus-kvm/remus/internal/daemon"
 )
 
-// controlFlag names the primary remusd's control socket.
-var controlFlag = &cli.StringFlag{Name: "control", Usage: "control socket of the primary remusd (remusd primary --control; default STATE-DIR/remusd.sock)", Required: true}
-
-// statusControlFlag names either remusd's control socket.
-var statusControlFlag = &cli.StringFlag{Name: "control", Usage: "control socket of the primary or backup remusd (remusd primary|backup --control; default STATE-DIR/remusd.sock)", Required: true}
+// controlFlag names one agent's control socket: the commands then talk to
+// that agent instead of the host's daemon.
+var controlFlag = &cli.StringFlag{Name: "control", Usage: "instead of the daemon: the control socket of one remusd primary or backup (its --control; default STATE-DIR/remusd.sock)"}
 
 func controlCommands() []*cli.Command {
 	return []*cli.Command{
 		{
-			Name:  "status",
-			Usage: "show what a remusd is doing, and why: the primary syncing (with progress), protecting, unprotected or stopped; the backup waiting, standby, failing over or failed over",
-			Flags: []cli.Flag{statusControlFlag, &cli.BoolFlag{Name: "json", Usage: "print the status as JSON, as remusd answered it"},
-				&cli.DurationFlag{Name: "watch", Usage: "print it again every `INTERVAL` (1s, ...) until interrupted or remusd exits"}},
+			Name:      "status",
+			Usage:     "show what remusd does for each VM of this host, or for one: role, state and why, the sync's progress, epochs, pauses, bytes, held output, witness",
+			ArgsUsage: "[VM]",
+			Description: "Asks this host's remusd daemon (--daemon) about every VM it protects or stands by for, or about VM.\n" +
+				"States: on the primary host syncing (the first copy of guest RAM, with its progress), protected,\n" +
+				"unprotected (why), stopped (no witness lease and no backup); on the backup host waiting, standby\n" +
+				"(resumable), failing-over, failed-over (the guest runs here); either: ended (why), failed.\n" +
+				"With --control, asks one agent (remusd primary or backup) instead.",
+			Flags: []cli.Flag{daemonFlag, controlFlag, &cli.BoolFlag{Name: "json", Usage: "print the status as JSON"},
+				&cli.DurationFlag{Name: "watch", Usage: "print it again every `INTERVAL` (1s, ...) until interrupted"}},
 			Action: func(c *cli.Context) error {
 				for {
-					var answer []byte
-					if err := agent.CallControl(c.Context, c.String("control"), http.MethodGet, agent.ControlStatusPath, 5*time.Second, &answer); err != nil {
+					if err := printStatusOnce(c); err != nil {
 						return err
-					}
-					if c.Bool("json") {
-						var b bytes.Buffer
-						if err := json.Indent(&b, bytes.TrimSpace(answer), "", "  "); err != nil {
-							return fmt.Errorf("status answer from %s: %w", c.String("control"), err)
-						}
-						b.WriteByte('\n')
-						if _, err := b.WriteTo(os.Stdout); err != nil {
-							return err
-						}
-					} else if err := printAnswer(os.Stdout, answer, time.Now()); err != nil {
-						return fmt.Errorf("status answer from %s: %w", c.String("control"), err)
 					}
 					every := c.Duration("watch")
 					if every <= 0 {
@@ -59,45 +51,119 @@ func controlCommands() []*cli.Command {
 			},
 		},
 		{
-			Name:  "switchover",
-			Usage: "move the guest to the backup with nothing lost (planned maintenance of the primary host)",
-			Description: "The primary remusd takes a final epoch with the guest paused, waits until the backup acknowledged it,\n" +
+			Name:      "switchover",
+			Usage:     "move a protected VM to its backup host with nothing lost (planned maintenance of this host)",
+			ArgsUsage: "VM",
+			Description: "The primary agent takes a final epoch with the guest paused, waits until the backup acknowledged it,\n" +
 				"stops its QEMU and tells the backup to resume that epoch; with a witness it hands its lease over.\n" +
-				"The guest's pause is one epoch's checkpoint plus the backup's restore; its TCP connections go on.\n" +
-				"Refused when the guest is not protected; abandoned (the guest runs on here) when the backup does not\n" +
-				"acknowledge the final epoch in time.",
-			Flags: []cli.Flag{controlFlag},
+				"The guest's pause is one epoch's checkpoint plus the backup's restore; its TCP connections go on, and\n" +
+				"the standby domain runs it under the backup host's libvirt. Refused when the guest is not protected;\n" +
+				"abandoned (the guest runs on here) when the backup does not acknowledge the final epoch in time.",
+			Flags: []cli.Flag{daemonFlag, controlFlag},
 			Action: func(c *cli.Context) error {
-				var r agent.SwitchoverResult
-				if err := agent.CallControl(c.Context, c.String("control"), http.MethodPost, agent.ControlSwitchoverPath, time.Minute, &r); err != nil {
-					return fmt.Errorf("switchover: %w", err)
+				if c.IsSet("control") {
+					var r agent.SwitchoverResult
+					if err := agent.CallControl(c.Context, c.String("control"), http.MethodPost, agent.ControlSwitchoverPath, time.Minute, &r); err != nil {
+						return fmt.Errorf("switchover: %w", err)
+					}
+					fmt.Printf("%s (%.0f ms)\n", r.Result, r.TookMS)
+					return nil
+				}
+				name, err := oneArg(c, "VM")
+				if err != nil {
+					return err
+				}
+				r, err := daemon.NewClient(c.String("daemon")).Switchover(c.Context, name)
+				if err != nil {
+					return fmt.Errorf("switchover %s: %w", name, err)
 				}
 				fmt.Printf("%s (%.0f ms)\n", r.Result, r.TookMS)
 				return nil
 			},
 		},
 		{
-			Name:  "unprotect",
-			Usage: "end protection: the guest runs on here, unprotected, and the primary remusd exits",
-			Description: "As SIGTERM to the primary remusd: its session says goodbye and waits for the backup's confirmation that\n" +
-				"it will not resume the guest, the disk mirror job and its node are removed, the migration capabilities\n" +
-				"remusd changed are restored, and the guest's held output is let go. When the backup does not confirm\n" +
-				"(unreachable), it may resume the guest: the primary's deadman then stops the guest here. The backup\n" +
-				"remusd and its standby go on until stopped (a standby domain: virsh destroy and undefine it there).",
-			Flags: []cli.Flag{controlFlag},
+			Name:      "unprotect",
+			Usage:     "end a VM's protection on both hosts: the guest runs on here, unprotected",
+			ArgsUsage: "VM",
+			Description: "The primary agent's session says goodbye and waits for the backup's confirmation that it will not\n" +
+				"resume the guest; the disk mirror job and its node are removed, the migration capabilities remusd\n" +
+				"changed are restored, the guest's held output is let go, and the agent exits. Then the backup host's\n" +
+				"daemon stops its agent and removes the standby domain. When the backup does not confirm (unreachable),\n" +
+				"it may resume the guest: the primary's deadman then stops the guest here, and remusctl exits 1.\n" +
+				"On the backup host (its primary gone), unprotect removes the standby, unless it runs the guest.\n" +
+				"With --control, only that primary agent ends its session (the backup and its standby go on).",
+			Flags: []cli.Flag{daemonFlag, controlFlag},
 			Action: func(c *cli.Context) error {
-				var r agent.UnprotectResult
-				if err := agent.CallControl(c.Context, c.String("control"), http.MethodPost, agent.ControlUnprotectPath, time.Minute, &r); err != nil {
-					return fmt.Errorf("unprotect: %w", err)
+				if c.IsSet("control") {
+					var r agent.UnprotectResult
+					if err := agent.CallControl(c.Context, c.String("control"), http.MethodPost, agent.ControlUnprotectPath, time.Minute, &r); err != nil {
+						return fmt.Errorf("unprotect: %w", err)
+					}
+					fmt.Println(r.Result)
+					if !r.Confirmed {
+						return cli.Exit("", 1)
+					}
+					return nil
+				}
+				name, err := oneArg(c, "VM")
+				if err != nil {
+					return err
+				}
+				r, err := daemon.NewClient(c.String("daemon")).Unprotect(c.Context, name)
+				if err != nil {
+					return fmt.Errorf("unprotect %s: %w", name, err)
 				}
 				fmt.Println(r.Result)
-				if !r.Confirmed {
+				if !r.Complete {
 					return cli.Exit("", 1)
 				}
 				return nil
 			},
 		},
 	}
+}
+
+// printStatusOnce prints the status once: one agent's (--control), one
+// VM's or every VM's (the daemon).
+func printStatusOnce(c *cli.Context) error {
+	var v any
+	switch {
+	case c.IsSet("control"):
+		var answer []byte
+		if err := agent.CallControl(c.Context, c.String("control"), http.MethodGet, agent.ControlStatusPath, 5*time.Second, &answer); err != nil {
+			return err
+		}
+		if !c.Bool("json") {
+			if err := printAnswer(os.Stdout, answer, time.Now()); err != nil {
+				return fmt.Errorf("status answer from %s: %w", c.String("control"), err)
+			}
+			return nil
+		}
+		v = json.RawMessage(bytes.TrimSpace(answer))
+	case c.NArg() > 0:
+		st, err := daemon.NewClient(c.String("daemon")).Status(c.Context, c.Args().First())
+		if err != nil {
+			return err
+		}
+		if !c.Bool("json") {
+			printVM(os.Stdout, st, time.Now())
+			return nil
+		}
+		v = st
+	default:
+		vms, err := daemon.NewClient(c.String("daemon")).List(c.Context)
+		if err != nil {
+			return err
+		}
+		if !c.Bool("json") {
+			printVMs(os.Stdout, vms)
+			return nil
+		}
+		v = vms
+	}
+	enc := json.NewEncoder(os.Stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
 }
 
 // printAnswer prints a GET /status answer: a primary's or a backup's

@@ -1,8 +1,9 @@
-// Command remusctl drives remus-kvm from the operator's side: check tells
-// whether a libvirt domain can be protected and prints the XML that fixes
-// what cannot; standby-xml makes its standby domain for the backup host;
-// status and switchover talk to a primary remusd on its control socket;
-// bench boots
+// Command remusctl drives remus-kvm from the operator's side: protect,
+// status, unprotect and switchover talk to this host's remusd daemon (or,
+// with --control, to one agent); check tells whether a libvirt domain can
+// be protected and prints the XML that fixes what cannot; standby-xml
+// makes its standby domain for the backup host; hook is what libvirt's
+// qemu hook runs; bench boots
 // the test guest with a chosen workload on this machine, protects it with a
 // primary and a backup remusd over loopback for a fixed time, and prints
 // what protection costs and achieves as one table (and as JSON for
@@ -34,7 +35,7 @@ func app() *cli.App {
 	return &cli.App{
 		Name:  "remusctl",
 		Usage: "operate remus-kvm protection",
-		Commands: append(controlCommands(), checkCommand(), standbyCommand(), &cli.Command{
+		Commands: append(append([]*cli.Command{protectCommand()}, controlCommands()...), checkCommand(), standbyCommand(), hookCommand(), &cli.Command{
 			Name:  "bench",
 			Usage: "measure protection of the test guest under a workload (needs root, QEMU and the guest kernel: make setup)",
 			Description: "Boots the 256 MiB test guest with the workload, measures the counter service unprotected, protects the guest\n" +

@@ -58,6 +58,7 @@ func app() *cli.App {
 		Name:  "remusd",
 		Usage: "Remus-style high availability agent for a KVM/QEMU virtual machine",
 		Commands: []*cli.Command{
+			daemonCommand(),
 			{
 				Name:  "primary",
 				Usage: "checkpoint a running VM to its backup every epoch",
@@ -112,6 +113,24 @@ func app() *cli.App {
 					&cli.StringFlag{Name: "control", Usage: "`PATH` of the control socket for remusctl status and GET /metrics (default STATE-DIR/remusd.sock)"},
 				}, common...),
 				Action: runBackup,
+			},
+			{
+				Name:  "relay",
+				Usage: "relay an unprotected guest's NIC (a -netdev stream socket) to its tap, nothing held (run by remusd daemon after unprotect)",
+				Flags: []cli.Flag{
+					&cli.StringFlag{Name: "vm", Usage: "name of the VM", Required: true},
+					&cli.StringFlag{Name: "net-guest", Usage: "`PATH` of the unix socket of the guest NIC", Required: true},
+					&cli.StringFlag{Name: "net-tap", Usage: "tap device towards the network", Required: true},
+					&cli.StringFlag{Name: "net-netns", Usage: "network namespace of --net-tap, as a path"},
+					&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
+				},
+				Action: func(c *cli.Context) error {
+					log, err := logger(c)
+					if err != nil {
+						return err
+					}
+					return agent.RunRelay(c.Context, netConfig(c), log.With("vm", c.String("vm"), "role", "relay"))
+				},
 			},
 			{
 				Name:   agent.DeadmanCommand,

@@ -118,3 +118,26 @@ func (o plugOutput) PassThrough() {
 		o.log.Error("let the guest's output through: its network may be stuck", "err", err)
 	}
 }
+
+// RunRelay relays a guest's NIC to its tap with nothing held, until ctx
+// ends or a side fails: the network of a guest that runs unprotected
+// (after remusctl unprotect) whose NIC is a -netdev stream socket, which
+// has no other way to the network.
+func RunRelay(ctx context.Context, cfg NetConfig, log *slog.Logger) error {
+	if err := cfg.Validate(); err != nil {
+		return fmt.Errorf("relay: %w", err)
+	}
+	if !cfg.Enabled() {
+		return errors.New("relay: no guest NIC socket (--net-guest)")
+	}
+	n, err := startNetwork(ctx, cfg, 30*time.Second, log)
+	if err != nil {
+		return fmt.Errorf("relay: %w", err)
+	}
+	log.Info("relaying the guest's NIC, nothing held: the guest is not protected", "guest", cfg.Guest, "tap", cfg.Tap)
+	err = <-n.done
+	if ctx.Err() != nil {
+		return nil
+	}
+	return fmt.Errorf("relay: %w", err)
+}

@@ -1,0 +1,375 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/digitalocean/go-libvirt"
+
+	"github.com/remus-kvm/remus/internal/daemon"
+	"github.com/remus-kvm/remus/internal/lab"
+	"github.com/remus-kvm/remus/internal/libvirttest"
+)
+
+// hostDaemon is one test "host": a remusd daemon with its own control
+// socket, peer API address, state and run directories. Both hosts share
+// this machine's libvirtd, so the backup names its standby domains
+// NAME-standby.
+type hostDaemon struct {
+	t       *testing.T
+	l       *lab.Lab
+	name    string
+	control string
+	listen  string
+	runDir  string
+	args    []string
+	proc    *lab.Proc
+	cl      *daemon.Client
+}
+
+// startHosts starts the daemons of host a (where domains run) and host b
+// (their backup).
+func startHosts(t *testing.T, l *lab.Lab) (a, b *hostDaemon) {
+	t.Helper()
+	key := filepath.Join(l.Dir, "remus.key")
+	if err := os.WriteFile(key, []byte("0123456789abcdef0123456789abcdef"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	mk := func(name, ports, standbyName string) *hostDaemon {
+		listen, err := lab.FreePort()
+		if err != nil {
+			t.Fatal(err)
+		}
+		h := &hostDaemon{t: t, l: l, name: name, control: filepath.Join(l.Dir, name+".sock"), listen: listen,
+			runDir: fmt.Sprintf("/run/remus-test-%d-%s", os.Getpid(), name)}
+		t.Cleanup(func() { os.RemoveAll(h.runDir) })
+		// A config file holds what a host's configuration would; the
+		// test's own paths go on the command line.
+		conf := filepath.Join(l.Dir, name+".toml")
+		if err := os.WriteFile(conf, []byte(fmt.Sprintf("key-file = %q\nassume-fail-stop = true\nheartbeat-timeout = \"3s\"\nagent-ports = %q\nstandby-name = %q\nhost = %q\n",
+			key, ports, standbyName, name)), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		h.args = []string{"daemon", "--config", conf, "--control", h.control, "--listen", listen,
+			"--state-dir", filepath.Join(l.Dir, name+"-state"), "--run-dir", h.runDir}
+		h.cl = daemon.NewClient(h.control)
+		h.start()
+		return h
+	}
+	a = mk("host-a", "17800-17819", "{name}")
+	b = mk("host-b", "17820-17839", "{name}-standby")
+	t.Cleanup(func() {
+		if t.Failed() {
+			for _, h := range []*hostDaemon{a, b} {
+				t.Logf("%s daemon:\n%s", h.name, h.proc.Output())
+				logs, _ := filepath.Glob(filepath.Join(l.Dir, h.name+"-state", "vms", "*.log"))
+				for _, f := range logs {
+					out, _ := os.ReadFile(f)
+					t.Logf("%s agent log %s:\n%s", h.name, filepath.Base(f), out)
+				}
+			}
+		}
+	})
+	return a, b
+}
+
+func (h *hostDaemon) start() {
+	h.t.Helper()
+	p, err := h.l.Start(h.l.Remusd, nil, h.args...)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	h.proc = p
+	deadline := time.Now().Add(time.Minute)
+	for {
+		if _, err := h.cl.List(context.Background()); err == nil {
+			return
+		} else if time.Now().After(deadline) {
+			h.t.Fatalf("%s daemon does not answer: %v\n%s", h.name, err, p.Output())
+		}
+		select {
+		case <-p.Done():
+			h.t.Fatalf("%s daemon exited:\n%s", h.name, p.Output())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// status runs remusctl status --json for vm on this host.
+func (h *hostDaemon) status(run func(...string) (string, int), vm string) daemon.VMStatus {
+	h.t.Helper()
+	out, code := run("status", "--daemon", h.control, "--json", vm)
+	if code != 0 {
+		h.t.Fatalf("remusctl status on %s exited %d:\n%s", h.name, code, out)
+	}
+	var st daemon.VMStatus
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		h.t.Fatalf("remusctl status --json on %s: %v:\n%s", h.name, err, out)
+	}
+	return st
+}
+
+// waitState waits until vm is in state on this host.
+func (h *hostDaemon) waitState(ctx context.Context, run func(...string) (string, int), vm, state string) daemon.VMStatus {
+	h.t.Helper()
+	for {
+		st := h.status(run, vm)
+		if st.State == state {
+			return st
+		}
+		select {
+		case <-ctx.Done():
+			h.t.Fatalf("%s on %s: state %s (%s), want %s: %v", vm, h.name, st.State, st.Why, state, ctx.Err())
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// committed is the last committed epoch a VM's agent reports.
+func committed(t *testing.T, st daemon.VMStatus) uint64 {
+	t.Helper()
+	var a struct {
+		CommittedEpoch uint64 `json:"committed_epoch"`
+	}
+	if err := json.Unmarshal(st.Agent, &a); err != nil {
+		t.Fatalf("agent status of %s: %v: %s", st.Name, err, st.Agent)
+	}
+	return a.CommittedEpoch
+}
+
+// metrics reads GET /metrics on a daemon's control socket.
+func (h *hostDaemon) metrics() string {
+	h.t.Helper()
+	cl := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", h.control)
+	}}}
+	resp, err := cl.Get("http://remusd/metrics")
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		h.t.Fatalf("GET /metrics on %s: %s\n%s", h.name, resp.Status, b)
+	}
+	return string(b)
+}
+
+// killAgents kills, at the end of a test, the agents the daemons started
+// (each in a session of its own, they outlive their daemon).
+func killAgents(t *testing.T, hosts ...*hostDaemon) {
+	t.Cleanup(func() {
+		for _, h := range hosts {
+			recs, _ := filepath.Glob(filepath.Join(h.l.Dir, h.name+"-state", "vms", "*.json"))
+			for _, f := range recs {
+				var r struct {
+					PID int `json:"pid"`
+				}
+				b, _ := os.ReadFile(f)
+				if json.Unmarshal(b, &r) == nil && r.PID > 0 {
+					if cmd, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", r.PID)); err == nil && strings.Contains(string(cmd), "remusd") {
+						syscall.Kill(r.PID, syscall.SIGKILL)
+					}
+				}
+			}
+		}
+	})
+}
+
+// removeDomain destroys and undefines a domain at the end of a test, if
+// it exists then.
+func removeDomain(t *testing.T, lv *libvirt.Libvirt, name string) {
+	t.Cleanup(func() {
+		d, err := lv.DomainLookupByName(name)
+		if err != nil {
+			return
+		}
+		lv.DomainDestroy(d)
+		lv.DomainUndefine(d)
+	})
+}
+
+// daemonGuest defines and starts a prepared domain running the test
+// guest, its NIC a -netdev stream socket, its console a pty.
+func daemonGuest(t *testing.T, lv *libvirt.Libvirt, l *lab.Lab, name, meta string) (libvirt.Domain, string) {
+	t.Helper()
+	dir := "/run/remus/" + name
+	qemuDir(t, dir)
+	copyFile(t, l.Image.Kernel.Image, dir+"/vmlinuz")
+	copyFile(t, l.Image.Initrd, dir+"/initrd")
+	xml := libvirtGuest(name, newUUID(t), dir, l.GuestConfig("primary", 4000).Cmdline())
+	xml = strings.Replace(xml, "<serial type='file'><source path='"+dir+"/console.log'/><target port='0'/></serial>", "<serial type='pty'/>", 1)
+	if meta != "" {
+		xml = strings.Replace(xml, "<on_poweroff>", "<metadata>"+meta+"</metadata>\n  <on_poweroff>", 1)
+	}
+	d := libvirttest.Define(t, lv, xml)
+	return d, dir
+}
+
+// TestDaemonProtectsALibvirtDomain is the administrator's path with two
+// remusd daemons (two "hosts" on this machine, one libvirtd): a domain
+// that lacks shared RAM and an agent socket is refused with the XML that
+// fixes it, untouched; remusctl protect --wait protects a prepared
+// running domain (its standby domain defined and started by the peer's
+// daemon); remusctl status --json says protected on one host and standby
+// on the other; both daemons restart, one killed, without a failover
+// (the agents are adopted, epochs go on); /metrics has the agents'
+// metrics; remusctl unprotect ends protection on both hosts and the guest
+// runs on; protected again, host a dies (its daemon, agent and QEMU, -9)
+// and the domain runs under libvirt on host b, the same boot, its client
+// served.
+func TestDaemonProtectsALibvirtDomain(t *testing.T) {
+	lv := libvirttest.Require(t)
+	l := newLab(t)
+	run := remusctl(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	defer cancel()
+	a, b := startHosts(t, l)
+	killAgents(t, a, b)
+	peer := b.listen
+	ns := l.Net.NS.Path()
+	protectArgs := []string{"protect", "--daemon", a.control, "--peer", peer, "--tap", l.Net.TapPrimary, "--peer-tap", l.Net.TapBackup,
+		"--netns", ns, "--peer-netns", ns}
+
+	// An unprepared domain is refused with the fixes and left untouched.
+	raw := fmt.Sprintf("remus-raw-%d", os.Getpid())
+	rd := libvirttest.Define(t, lv, libvirtDomain(raw, newUUID(t), false))
+	before, _ := lv.DomainGetXMLDesc(rd, libvirt.DomainXMLInactive)
+	out, code := run(append(protectArgs, raw)...)
+	if code != 1 || !strings.Contains(out, "<memoryBacking>") || !strings.Contains(out, "qemu:commandline") {
+		t.Fatalf("remusctl protect of an unprepared domain exited %d, want 1 with the memoryBacking and qemu:commandline fixes:\n%s", code, out)
+	}
+	if after, _ := lv.DomainGetXMLDesc(rd, libvirt.DomainXMLInactive); after != before {
+		t.Fatalf("the refused domain's XML changed:\n%s\nwas:\n%s", after, before)
+	}
+	if out, code := run(append(protectArgs, "no-such-domain")...); code == 0 || !strings.Contains(out, "no such domain") {
+		t.Fatalf("remusctl protect of a missing domain exited %d:\n%s", code, out)
+	}
+
+	name := fmt.Sprintf("remus-dm-%d", os.Getpid())
+	d, _ := daemonGuest(t, lv, l, name, "")
+	standby := name + "-standby"
+	removeDomain(t, lv, standby)
+	if err := lv.DomainCreate(d); err != nil {
+		t.Fatalf("start the domain: %v", err)
+	}
+	out, code = run(append(append(protectArgs, "--wait", "--timeout", "3m"), name)...)
+	if code != 0 || !strings.Contains(out, name+": protected") {
+		t.Fatalf("remusctl protect --wait exited %d:\n%s", code, out)
+	}
+	t.Logf("remusctl protect --wait:\n%s", out)
+	pst := a.status(run, name)
+	if pst.Role != daemon.RolePrimary || pst.State != daemon.StateProtected || pst.AgentPID == 0 {
+		t.Fatalf("status on host a: %+v", pst)
+	}
+	bst := b.waitState(ctx, run, name, daemon.StateStandby)
+	if bst.Role != daemon.RoleBackup || bst.Domain != standby {
+		t.Fatalf("status on host b: %+v", bst)
+	}
+	if st, _, err := lv.DomainGetState(mustLookup(t, lv, standby), 0); err != nil || libvirt.DomainState(st) != libvirt.DomainPaused {
+		t.Fatalf("standby domain: state %d (%v), want paused", st, err)
+	}
+	if out, _ := run("status", "--daemon", a.control); !strings.Contains(out, name) || !strings.Contains(out, "protected") {
+		t.Fatalf("remusctl status (all VMs) on host a:\n%s", out)
+	}
+
+	c := newConsecutiveClient(t, ctx, l)
+	c.incFor(time.Second)
+	boot := c.last.BootID
+
+	// Both daemons restart, host a's killed: the agents go on, adopted.
+	epoch := committed(t, pst)
+	a.proc.Kill()
+	<-a.proc.Done()
+	if err := b.proc.Stop(10 * time.Second); err != nil {
+		t.Fatalf("host b's daemon on SIGTERM: %v", err)
+	}
+	c.incFor(time.Second)
+	a.start()
+	b.start()
+	c.incFor(time.Second)
+	pst2 := a.waitState(ctx, run, name, daemon.StateProtected)
+	if pst2.AgentPID != pst.AgentPID || committed(t, pst2) <= epoch {
+		t.Fatalf("after the daemons restarted: agent pid %d (was %d), committed epoch %d (was %d)", pst2.AgentPID, pst.AgentPID, committed(t, pst2), epoch)
+	}
+	if bst2 := b.status(run, name); bst2.State != daemon.StateStandby || bst2.AgentPID != bst.AgentPID {
+		t.Fatalf("host b after the restart: %+v (agent was pid %d)", bst2, bst.AgentPID)
+	}
+	if m := a.metrics(); !strings.Contains(m, `remus_epochs_committed_total{vm="`+name+`"}`) || !strings.Contains(m, `remus_daemon_agent_up{role="primary",vm="`+name+`"} 1`) {
+		t.Fatalf("host a's /metrics lacks the agent's or the daemon's metrics:\n%s", m)
+	}
+	if m := b.metrics(); !strings.Contains(m, `remus_backup_epochs_applied_total{vm="`+name+`"}`) {
+		t.Fatalf("host b's /metrics lacks the backup agent's metrics:\n%s", m)
+	}
+
+	// Unprotect: both hosts end it; the guest runs on here.
+	out, code = run("unprotect", "--daemon", a.control, name)
+	if code != 0 {
+		t.Fatalf("remusctl unprotect exited %d:\n%s", code, out)
+	}
+	t.Logf("remusctl unprotect: %s", out)
+	if _, err := lv.DomainLookupByName(standby); err == nil {
+		t.Fatal("the standby domain is still defined after unprotect")
+	}
+	if out, code := run("status", "--daemon", b.control, "--json", name); code == 0 {
+		t.Fatalf("host b still knows %s after unprotect:\n%s", name, out)
+	}
+	if st := a.status(run, name); st.State != daemon.StateUnprotected || st.AgentPID == 0 {
+		t.Fatalf("host a after unprotect: %+v, want unprotected, its NIC relayed", st)
+	}
+	if syscall.Kill(pst.AgentPID, 0) == nil {
+		t.Fatalf("the primary agent (pid %d) runs after unprotect", pst.AgentPID)
+	}
+	c.incFor(time.Second)
+
+	// Protected again; then host a dies.
+	out, code = run(append(append(protectArgs, "--wait", "--timeout", "3m"), name)...)
+	if code != 0 {
+		t.Fatalf("remusctl protect --wait (again) exited %d:\n%s", code, out)
+	}
+	b.waitState(ctx, run, name, daemon.StateStandby)
+	c.incFor(time.Second)
+	pst = a.status(run, name)
+	pidText, err := os.ReadFile("/run/libvirt/qemu/" + name + ".pid")
+	if err != nil {
+		t.Fatal(err)
+	}
+	qpid, err := strconv.Atoi(strings.TrimSpace(string(pidText)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.proc.Kill()
+	syscall.Kill(pst.AgentPID, syscall.SIGKILL)
+	syscall.Kill(qpid, syscall.SIGKILL)
+	fo := b.waitState(ctx, run, name, daemon.StateFailedOver)
+	c.incFor(time.Second)
+	if c.last.BootID != boot {
+		t.Fatalf("boot %s after the failover, want %s", c.last.BootID, boot)
+	}
+	checkGuestMemory(t, c.cl)
+	if st, _, err := lv.DomainGetState(mustLookup(t, lv, standby), 0); err != nil || libvirt.DomainState(st) != libvirt.DomainRunning {
+		t.Fatalf("standby domain after the failover: state %d (%v), want running", st, err)
+	}
+	t.Logf("failed over: %s; %d consecutive replies, one boot", fo.Agent, c.n)
+}
+
+func mustLookup(t *testing.T, lv *libvirt.Libvirt, name string) libvirt.Domain {
+	t.Helper()
+	d, err := lv.DomainLookupByName(name)
+	if err != nil {
+		t.Fatalf("domain %s: %v", name, err)
+	}
+	return d
+}
