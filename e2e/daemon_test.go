@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -124,13 +125,16 @@ func (h *hostDaemon) status(run func(...string) (string, int), vm string) daemon
 func (h *hostDaemon) waitState(ctx context.Context, run func(...string) (string, int), vm, state string) daemon.VMStatus {
 	h.t.Helper()
 	for {
-		st := h.status(run, vm)
-		if st.State == state {
-			return st
+		// The VM may not be known yet (the hook protects it in the
+		// background): the daemon's answer is checked with remusctl once
+		// it is.
+		st, err := h.cl.Status(ctx, vm)
+		if err == nil && st.State == state {
+			return h.status(run, vm)
 		}
 		select {
 		case <-ctx.Done():
-			h.t.Fatalf("%s on %s: state %s (%s), want %s: %v", vm, h.name, st.State, st.Why, state, ctx.Err())
+			h.t.Fatalf("%s on %s: state %s (%s; %v), want %s: %v", vm, h.name, st.State, st.Why, err, state, ctx.Err())
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
@@ -201,21 +205,28 @@ func removeDomain(t *testing.T, lv *libvirt.Libvirt, name string) {
 	})
 }
 
-// daemonGuest defines and starts a prepared domain running the test
-// guest, its NIC a -netdev stream socket, its console a pty.
-func daemonGuest(t *testing.T, lv *libvirt.Libvirt, l *lab.Lab, name, meta string) (libvirt.Domain, string) {
+// daemonGuest defines a prepared domain running the test guest, its NIC
+// a -netdev stream socket, its console a pty, with meta in its
+// <metadata>. Its sockets go to /run/remus/NAME, made here unless the
+// hook is to make it (hook).
+func daemonGuest(t *testing.T, lv *libvirt.Libvirt, l *lab.Lab, name, meta string, hook bool) libvirt.Domain {
 	t.Helper()
-	dir := "/run/remus/" + name
-	qemuDir(t, dir)
-	copyFile(t, l.Image.Kernel.Image, dir+"/vmlinuz")
-	copyFile(t, l.Image.Initrd, dir+"/initrd")
+	dir, img := "/run/remus/"+name, "/run/remus-img-"+name
+	qemuDir(t, img)
+	if hook {
+		t.Cleanup(func() { os.RemoveAll(dir) })
+	} else {
+		qemuDir(t, dir)
+	}
+	copyFile(t, l.Image.Kernel.Image, img+"/vmlinuz")
+	copyFile(t, l.Image.Initrd, img+"/initrd")
 	xml := libvirtGuest(name, newUUID(t), dir, l.GuestConfig("primary", 4000).Cmdline())
 	xml = strings.Replace(xml, "<serial type='file'><source path='"+dir+"/console.log'/><target port='0'/></serial>", "<serial type='pty'/>", 1)
+	xml = strings.NewReplacer(dir+"/vmlinuz", img+"/vmlinuz", dir+"/initrd", img+"/initrd").Replace(xml)
 	if meta != "" {
 		xml = strings.Replace(xml, "<on_poweroff>", "<metadata>"+meta+"</metadata>\n  <on_poweroff>", 1)
 	}
-	d := libvirttest.Define(t, lv, xml)
-	return d, dir
+	return libvirttest.Define(t, lv, xml)
 }
 
 // TestDaemonProtectsALibvirtDomain is the administrator's path with two
@@ -259,7 +270,7 @@ func TestDaemonProtectsALibvirtDomain(t *testing.T) {
 	}
 
 	name := fmt.Sprintf("remus-dm-%d", os.Getpid())
-	d, _ := daemonGuest(t, lv, l, name, "")
+	d := daemonGuest(t, lv, l, name, "", false)
 	standby := name + "-standby"
 	removeDomain(t, lv, standby)
 	if err := lv.DomainCreate(d); err != nil {
@@ -372,4 +383,97 @@ func mustLookup(t *testing.T, lv *libvirt.Libvirt, name string) libvirt.Domain {
 		t.Fatalf("domain %s: %v", name, err)
 	}
 	return d
+}
+
+// TestDaemonHookProtectsAMarkedDomain installs a libvirt hook that runs
+// remusctl hook, as make install does, and starts a domain marked with
+// remus metadata (peer, role primary, the taps): the hook makes its
+// socket directory as libvirt prepares it, and hands its start to the
+// daemon, which protects it once it runs. Unprotected, then destroyed,
+// its relay is not started again.
+func TestDaemonHookProtectsAMarkedDomain(t *testing.T) {
+	lv := libvirttest.Require(t)
+	l := newLab(t)
+	bin := remusctlBinary(t)
+	run := remusctl(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
+	defer cancel()
+	a, b := startHosts(t, l)
+	killAgents(t, a, b)
+	installHook(t, "#!/bin/sh\nexec "+bin+" hook --daemon "+a.control+" \"$@\"\n")
+
+	name := fmt.Sprintf("remus-hook-%d", os.Getpid())
+	ns := l.Net.NS.Path()
+	meta := fmt.Sprintf(`<remus:protect xmlns:remus="https://remus-kvm.org/xmlns/domain/1.0" peer="%s" role="primary" tap="%s" peer-tap="%s" netns="%s" peer-netns="%s"/>`,
+		b.listen, l.Net.TapPrimary, l.Net.TapBackup, ns, ns)
+	d := daemonGuest(t, lv, l, name, meta, true)
+	removeDomain(t, lv, name+"-standby")
+	if err := lv.DomainCreate(d); err != nil {
+		t.Fatalf("virsh start of the marked domain: %v", err)
+	}
+	a.waitState(ctx, run, name, daemon.StateProtected)
+	b.waitState(ctx, run, name, daemon.StateStandby)
+	c := newConsecutiveClient(t, ctx, l)
+	c.incFor(time.Second)
+
+	if out, code := run("unprotect", "--daemon", a.control, name); code != 0 {
+		t.Fatalf("remusctl unprotect exited %d:\n%s", code, out)
+	}
+	c.incFor(time.Second)
+	if err := lv.DomainDestroy(d); err != nil {
+		t.Fatal(err)
+	}
+	st := a.waitState(ctx, run, name, daemon.StateEnded)
+	if st.AgentPID != 0 {
+		t.Fatalf("after the domain stopped: %+v, want its relay ended", st)
+	}
+	t.Logf("after virsh destroy: %s (%s)", st.State, st.Why)
+}
+
+// installHook installs script as a libvirt qemu hook
+// (/etc/libvirt/hooks/qemu.d) for the test and has libvirtd reload its
+// hooks (SIGHUP); both undone at the end.
+func installHook(t *testing.T, script string) {
+	t.Helper()
+	dir := "/etc/libvirt/hooks/qemu.d"
+	if _, err := os.Stat(dir); os.IsNotExist(err) {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.Remove(dir) })
+	}
+	path := filepath.Join(dir, fmt.Sprintf("remus-test-%d", os.Getpid()))
+	if err := os.WriteFile(path, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	reloadLibvirtd(t)
+	t.Cleanup(func() {
+		os.Remove(path)
+		reloadLibvirtd(t)
+	})
+}
+
+// reloadLibvirtd sends libvirtd SIGHUP (it reloads its hooks) and waits
+// until it answers again.
+func reloadLibvirtd(t *testing.T) {
+	t.Helper()
+	b, err := os.ReadFile("/run/libvirtd.pid")
+	if err != nil {
+		out, perr := exec.Command("pidof", "libvirtd").Output()
+		if perr != nil {
+			t.Fatalf("libvirtd's pid: %v, %v", err, perr)
+		}
+		b = out
+	}
+	pid, err := strconv.Atoi(strings.Fields(string(b))[0])
+	if err != nil {
+		t.Fatalf("libvirtd's pid %q: %v", b, err)
+	}
+	if err := syscall.Kill(pid, syscall.SIGHUP); err != nil {
+		t.Fatalf("SIGHUP libvirtd: %v", err)
+	}
+	time.Sleep(time.Second)
+	if err := libvirttest.Start(time.Minute); err != nil {
+		t.Fatal(err)
+	}
 }

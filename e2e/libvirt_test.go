@@ -67,9 +67,8 @@ func newUUID(t *testing.T) string {
 	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:16])
 }
 
-// remusctl builds cmd/remusctl for the test and returns a runner that
-// gives its output and exit code.
-func remusctl(t *testing.T) func(args ...string) (string, int) {
+// remusctlBinary builds cmd/remusctl for the test.
+func remusctlBinary(t *testing.T) string {
 	t.Helper()
 	bin := filepath.Join(t.TempDir(), "remusctl")
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
@@ -77,6 +76,14 @@ func remusctl(t *testing.T) func(args ...string) (string, int) {
 	if err := lab.BuildCommand(ctx, "remusctl", bin); err != nil {
 		t.Fatal(err)
 	}
+	return bin
+}
+
+// remusctl builds cmd/remusctl for the test and returns a runner that
+// gives its output and exit code.
+func remusctl(t *testing.T) func(args ...string) (string, int) {
+	t.Helper()
+	bin := remusctlBinary(t)
 	return func(args ...string) (string, int) {
 		out, err := exec.Command(bin, args...).CombinedOutput()
 		var ee *exec.ExitError
