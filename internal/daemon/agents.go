@@ -224,7 +224,7 @@ func sameCommand(pid int, args []string) bool {
 		return false
 	}
 	parts := bytes.Split(bytes.TrimSuffix(b, []byte{0}), []byte{0})
-	if len(parts) != len(args)+1 {
+	if len(args) == 0 || len(b) == 0 || len(parts) != len(args)+1 {
 		return false
 	}
 	for i, a := range args {

@@ -102,12 +102,18 @@ func splitPeer(addr string) (string, int, error) {
 	if addr == "" {
 		return "", 0, errors.New("empty")
 	}
+	if ip := net.ParseIP(strings.Trim(addr, "[]")); ip != nil && strings.Contains(addr, ":") && !strings.Contains(addr, "]:") {
+		return ip.String(), DefaultPeerPort, nil // a bare IPv6 address
+	}
 	host, p, err := net.SplitHostPort(addr)
 	if err != nil {
 		if strings.Contains(err.Error(), "missing port") {
 			return strings.Trim(addr, "[]"), DefaultPeerPort, nil
 		}
 		return "", 0, err
+	}
+	if host == "" {
+		return "", 0, errors.New("no host")
 	}
 	port, err := strconv.Atoi(p)
 	if err != nil || port <= 0 || port > 65535 {

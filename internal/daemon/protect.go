@@ -133,6 +133,9 @@ func (d *Daemon) protect(ctx context.Context, name, domain string, req ProtectRe
 	if err := peer.call(ctx, http.MethodGet, pathHello, nil, &theirs); err != nil {
 		return VMStatus{}, errorf(http.StatusBadGateway, "backup host unreachable: %v", err)
 	}
+	if theirs.Host == d.cfg.Host {
+		return VMStatus{}, errorf(http.StatusBadRequest, "peer %s is this host (%s): name the backup host", req.Peer, d.cfg.Host)
+	}
 	if theirs.API != APIVersion {
 		return VMStatus{}, errorf(http.StatusConflict, "remusd on %s speaks peer API %d, this one %d: run the same remus-kvm on both hosts", theirs.Host, theirs.API, APIVersion)
 	}

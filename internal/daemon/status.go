@@ -46,6 +46,8 @@ func agentState(raw []byte) (string, string) {
 		return StateStarting, "the agent's status is unreadable: " + err.Error()
 	}
 	switch a.State {
+	case "":
+		return StateStarting, "the agent's status says no state"
 	case "protecting":
 		return StateProtected, a.Why
 	case "failover-failed":
