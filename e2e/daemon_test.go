@@ -389,8 +389,9 @@ func mustLookup(t *testing.T, lv *libvirt.Libvirt, name string) libvirt.Domain {
 // remusctl hook, as make install does, and starts a domain marked with
 // remus metadata (peer, role primary, the taps): the hook makes its
 // socket directory as libvirt prepares it, and hands its start to the
-// daemon, which protects it once it runs. Unprotected, then destroyed,
-// its relay is not started again.
+// daemon, which protects it once it runs. virsh destroy then ends
+// protection on both hosts: the guest was stopped on purpose, and the
+// backup does not resume it.
 func TestDaemonHookProtectsAMarkedDomain(t *testing.T) {
 	lv := libvirttest.Require(t)
 	l := newLab(t)
@@ -416,16 +417,32 @@ func TestDaemonHookProtectsAMarkedDomain(t *testing.T) {
 	c := newConsecutiveClient(t, ctx, l)
 	c.incFor(time.Second)
 
-	if out, code := run("unprotect", "--daemon", a.control, name); code != 0 {
-		t.Fatalf("remusctl unprotect exited %d:\n%s", code, out)
-	}
-	c.incFor(time.Second)
+	// virsh destroy: QEMU shuts down on SIGTERM (a deliberate shutdown,
+	// as virsh shutdown's): the backup must not resume the guest, and
+	// protection ends on both hosts.
 	if err := lv.DomainDestroy(d); err != nil {
 		t.Fatal(err)
 	}
-	st := a.waitState(ctx, run, name, daemon.StateEnded)
-	if st.AgentPID != 0 {
-		t.Fatalf("after the domain stopped: %+v, want its relay ended", st)
+	for {
+		st, err := b.cl.Status(ctx, name)
+		if err != nil && strings.Contains(err.Error(), "not protected") {
+			break
+		}
+		if st.State == daemon.StateFailingOver || st.State == daemon.StateFailedOver {
+			t.Fatalf("the backup resumes a guest that was destroyed on purpose: %+v", st)
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("host b still stands by after the domain was destroyed: %+v %v", st, err)
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+	if _, err := lv.DomainLookupByName(name + "-standby"); err == nil {
+		t.Fatal("the standby domain is still defined after the protected domain was destroyed")
+	}
+	st := a.status(run, name)
+	if st.State != daemon.StateEnded || !strings.Contains(st.Why, "shut down") {
+		t.Fatalf("host a after virsh destroy: %+v, want ended, shut down", st)
 	}
 	t.Logf("after virsh destroy: %s (%s)", st.State, st.Why)
 }

@@ -305,6 +305,8 @@ func RunPrimary(ctx context.Context, cfg PrimaryConfig, log *slog.Logger) error 
 	runCtx, cancelRun := context.WithCancel(ctx)
 	defer cancelRun()
 	s.unprotect, s.looped = cancelRun, make(chan struct{})
+	s.shutdown = watchShutdown(runCtx, q.Mon, log, func(string) { cancelRun() })
+	defer s.shutdown.close()
 	guardErr := make(chan error, 1)
 	loopDone := make(chan struct{})
 	if w != nil {
@@ -595,6 +597,9 @@ type primarySession struct {
 	mu      sync.Mutex
 	lastEnd error // how the last session ended
 
+	// shutdown follows QEMU's SHUTDOWN events: a guest shut down on
+	// purpose ends protection (shutdown.go).
+	shutdown *shutdownWatch
 	// unprotect ends protection as SIGTERM does (POST /unprotect);
 	// looped is closed once the protection loop has returned.
 	unprotect func()
@@ -784,7 +789,9 @@ func (s *primarySession) run(ctx context.Context) error {
 		CommandTimeout:  cfg.CommandTimeout, KillGuest: s.killGuest, Output: out,
 		// QEMU's monitor closes as it dies, a moment before the process
 		// shows as gone: give it that moment.
-		GuestGone: func() bool { return s.waitGone(300 * time.Millisecond) },
+		// A guest shut down on purpose is not stuck: the session ends
+		// with a goodbye, not by handing the guest to the backup.
+		GuestGone: func() bool { return s.waitGone(300*time.Millisecond) && s.shutdown.Reason() == "" },
 		OnEpoch: func(st checkpoint.EpochStats) {
 			s.protected.Store(true)
 			s.lastCommit.Store(&st)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/url"
 	"path/filepath"
 	"time"
 
@@ -59,10 +60,58 @@ func (d *Daemon) Hook(ev HookEvent) string {
 			v.rec.Wanted = false
 			v.mu.Unlock()
 			d.save(v)
+			if !v.snapshot().Relay {
+				go d.afterStop(v)
+			}
 			return "domain " + ev.Domain + ": stopped; its agent is not started again"
 		}
 	}
 	return "nothing to do for " + ev.Op + " " + ev.SubOp
+}
+
+// afterStop ends the protection of a primary domain that stopped, once
+// its agent exited: when the backup holds nothing it would resume (the
+// guest was shut down on purpose, and the agent's goodbye confirmed), its
+// standby is released. A backup that holds a committed epoch (the primary
+// crashed) is left to fail over, as it should.
+func (d *Daemon) afterStop(v *vm) {
+	r := v.snapshot()
+	log := d.log.With("vm", r.Name)
+	v.mu.Lock()
+	exited := v.exited
+	v.mu.Unlock()
+	if exited != nil {
+		select {
+		case <-exited:
+		case <-time.After(time.Minute):
+			log.Warn("the domain stopped but its agent runs on: the backup is left as it is")
+			return
+		}
+	}
+	ctx, cancel := context.WithTimeout(d.ctx, 2*time.Minute)
+	defer cancel()
+	p, err := d.peer(r.Peer)
+	if err != nil {
+		return
+	}
+	var st VMStatus
+	if err := p.call(ctx, http.MethodGet, pathPeerVMs+"/"+url.PathEscape(r.Name), nil, &st); err != nil {
+		log.Warn("the domain stopped; the backup's state is unknown: left as it is", "err", err)
+		return
+	}
+	if st.State != StateWaiting {
+		log.Warn("the domain stopped without ending protection (a crash?): the backup may resume the guest", "backup_state", st.State)
+		return
+	}
+	d.ops.Lock()
+	defer d.ops.Unlock()
+	var res Result
+	if err := p.call(ctx, http.MethodPost, pathRelease, ReleaseRequest{VM: r.Name}, &res); err != nil {
+		log.Warn("the domain stopped; releasing its standby failed", "err", err)
+		return
+	}
+	log.Info("the domain was shut down: protection ended on both hosts", "backup", res.Result)
+	d.ended(v, "the domain was shut down: protection ended on both hosts ("+res.Result+")", StateEnded)
 }
 
 func attr(m *libvirtdom.Metadata, name string) string {
