@@ -34,9 +34,11 @@ type hostDaemon struct {
 	control string
 	listen  string
 	runDir  string
-	args    []string
-	proc    *lab.Proc
-	cl      *daemon.Client
+	// metricsAddr serves /metrics over TCP (--metrics).
+	metricsAddr string
+	args        []string
+	proc        *lab.Proc
+	cl          *daemon.Client
 }
 
 // startHosts starts the daemons of host a (where domains run) and host b
@@ -62,8 +64,14 @@ func startHosts(t *testing.T, l *lab.Lab) (a, b *hostDaemon) {
 			key, ports, standbyName, name)), 0o644); err != nil {
 			t.Fatal(err)
 		}
+		metrics, err := lab.FreePort()
+		if err != nil {
+			t.Fatal(err)
+		}
+		h.metricsAddr = metrics
 		h.args = []string{"daemon", "--config", conf, "--control", h.control, "--listen", listen,
-			"--state-dir", filepath.Join(l.Dir, name+"-state"), "--run-dir", h.runDir}
+			"--state-dir", filepath.Join(l.Dir, name+"-state"), "--run-dir", h.runDir, "--metrics", metrics,
+			"--images-dir", filepath.Join(h.runDir, "images")}
 		h.cl = daemon.NewClient(h.control)
 		h.start()
 		return h
@@ -208,8 +216,9 @@ func removeDomain(t *testing.T, lv *libvirt.Libvirt, name string) {
 // daemonGuest defines a prepared domain running the test guest, its NIC
 // a -netdev stream socket, its console a pty, with meta in its
 // <metadata>. Its sockets go to /run/remus/NAME, made here unless the
-// hook is to make it (hook).
-func daemonGuest(t *testing.T, lv *libvirt.Libvirt, l *lab.Lab, name, meta string, hook bool) libvirt.Domain {
+// hook is to make it (hook). With diskMiB, it has a raw disk of that size
+// (vda), where the guest records each increment; its path is returned.
+func daemonGuest(t *testing.T, lv *libvirt.Libvirt, l *lab.Lab, name, meta string, hook bool, diskMiB int) (libvirt.Domain, string) {
 	t.Helper()
 	dir, img := "/run/remus/"+name, "/run/remus-img-"+name
 	qemuDir(t, img)
@@ -220,13 +229,30 @@ func daemonGuest(t *testing.T, lv *libvirt.Libvirt, l *lab.Lab, name, meta strin
 	}
 	copyFile(t, l.Image.Kernel.Image, img+"/vmlinuz")
 	copyFile(t, l.Image.Initrd, img+"/initrd")
-	xml := libvirtGuest(name, newUUID(t), dir, l.GuestConfig("primary", 4000).Cmdline())
+	gc := l.GuestConfig("primary", 4000)
+	var disk string
+	if diskMiB > 0 {
+		disk = img + "/disk.img"
+		f, err := os.Create(disk)
+		if err == nil {
+			err = f.Truncate(int64(diskMiB) << 20)
+			f.Close()
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		gc.Disk = disk
+	}
+	xml := libvirtGuest(name, newUUID(t), dir, gc.Cmdline())
+	if disk != "" {
+		xml = strings.Replace(xml, "  </devices>", "    <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='"+disk+"'/><target dev='vda' bus='virtio'/></disk>\n  </devices>", 1)
+	}
 	xml = strings.Replace(xml, "<serial type='file'><source path='"+dir+"/console.log'/><target port='0'/></serial>", "<serial type='pty'/>", 1)
 	xml = strings.NewReplacer(dir+"/vmlinuz", img+"/vmlinuz", dir+"/initrd", img+"/initrd").Replace(xml)
 	if meta != "" {
 		xml = strings.Replace(xml, "<on_poweroff>", "<metadata>"+meta+"</metadata>\n  <on_poweroff>", 1)
 	}
-	return libvirttest.Define(t, lv, xml)
+	return libvirttest.Define(t, lv, xml), disk
 }
 
 // TestDaemonProtectsALibvirtDomain is the administrator's path with two
@@ -240,7 +266,8 @@ func daemonGuest(t *testing.T, lv *libvirt.Libvirt, l *lab.Lab, name, meta strin
 // metrics; remusctl unprotect ends protection on both hosts and the guest
 // runs on; protected again, host a dies (its daemon, agent and QEMU, -9)
 // and the domain runs under libvirt on host b, the same boot, its client
-// served.
+// served, on the backup's copy of its disk, which holds every
+// acknowledged write.
 func TestDaemonProtectsALibvirtDomain(t *testing.T) {
 	lv := libvirttest.Require(t)
 	l := newLab(t)
@@ -270,7 +297,7 @@ func TestDaemonProtectsALibvirtDomain(t *testing.T) {
 	}
 
 	name := fmt.Sprintf("remus-dm-%d", os.Getpid())
-	d := daemonGuest(t, lv, l, name, "", false)
+	d, _ := daemonGuest(t, lv, l, name, "", false, 64)
 	standby := name + "-standby"
 	removeDomain(t, lv, standby)
 	if err := lv.DomainCreate(d); err != nil {
@@ -324,6 +351,15 @@ func TestDaemonProtectsALibvirtDomain(t *testing.T) {
 	if m := b.metrics(); !strings.Contains(m, `remus_backup_epochs_applied_total{vm="`+name+`"}`) {
 		t.Fatalf("host b's /metrics lacks the backup agent's metrics:\n%s", m)
 	}
+	resp, err := http.Get("http://" + b.metricsAddr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !strings.Contains(string(m), `remus_daemon_agent_up{role="backup",vm="`+name+`"} 1`) {
+		t.Fatalf("host b's --metrics address lacks the daemon's metrics:\n%s", m)
+	}
 
 	// Unprotect: both hosts end it; the guest runs on here.
 	out, code = run("unprotect", "--daemon", a.control, name)
@@ -373,6 +409,14 @@ func TestDaemonProtectsALibvirtDomain(t *testing.T) {
 	if st, _, err := lv.DomainGetState(mustLookup(t, lv, standby), 0); err != nil || libvirt.DomainState(st) != libvirt.DomainRunning {
 		t.Fatalf("standby domain after the failover: state %d (%v), want running", st, err)
 	}
+	// The guest runs on the backup's copy of its disk, which holds every
+	// increment acknowledged, each once, of this one boot.
+	img := filepath.Join(b.runDir, "images", name+"-vda.img")
+	if n, err := checkRecords(img, c.last.Value, boot); err != nil {
+		t.Fatalf("the disk the guest runs on after the failover: %v", err)
+	} else {
+		t.Logf("the backup's disk holds %d records, the last acknowledged %d", n, c.last.Value)
+	}
 	t.Logf("failed over: %s; %d consecutive replies, one boot", fo.Agent, c.n)
 }
 
@@ -407,7 +451,7 @@ func TestDaemonHookProtectsAMarkedDomain(t *testing.T) {
 	ns := l.Net.NS.Path()
 	meta := fmt.Sprintf(`<remus:protect xmlns:remus="https://remus-kvm.org/xmlns/domain/1.0" peer="%s" role="primary" tap="%s" peer-tap="%s" netns="%s" peer-netns="%s"/>`,
 		b.listen, l.Net.TapPrimary, l.Net.TapBackup, ns, ns)
-	d := daemonGuest(t, lv, l, name, meta, true)
+	d, _ := daemonGuest(t, lv, l, name, meta, true, 0)
 	removeDomain(t, lv, name+"-standby")
 	if err := lv.DomainCreate(d); err != nil {
 		t.Fatalf("virsh start of the marked domain: %v", err)

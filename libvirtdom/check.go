@@ -84,8 +84,8 @@ type Disk struct {
 	Cache     string
 }
 
-// writable says whether remusd must mirror the disk.
-func (d Disk) writable() bool {
+// Writable says whether remusd must mirror the disk.
+func (d Disk) Writable() bool {
 	return (d.Device == "disk" || d.Device == "lun") && !d.ReadOnly && d.Source != ""
 }
 
@@ -742,7 +742,7 @@ func (c *checker) checkDisks() {
 				Message: "an NVMe disk driven by QEMU through VFIO: the device writes guest RAM by DMA behind QEMU's page tables",
 				Fix:     c.removeFix(&disk, "disk", "")})
 		}
-		if dd.writable() {
+		if dd.Writable() {
 			writable = append(writable, el)
 			if dd.Shareable {
 				want := disk

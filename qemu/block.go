@@ -38,25 +38,61 @@ func NodeSize(ctx context.Context, mon Monitor, node string) (uint64, error) {
 	return 0, fmt.Errorf("QEMU has no block node %q (it has %v)", node, names)
 }
 
-// NBDNode is an NBD client block node on a unix socket.
+// DiskNode returns the block node a guest device has on top of the image
+// file (or block device) path: the node to mirror (query-block). libvirt
+// names its nodes itself (libvirt-1-format, ...); its XML names the file.
+func DiskNode(ctx context.Context, mon Monitor, path string) (string, error) {
+	type device struct {
+		Device   string `json:"device"`
+		QDev     string `json:"qdev"`
+		Inserted *struct {
+			NodeName string `json:"node-name"`
+			File     string `json:"file"`
+		} `json:"inserted"`
+	}
+	devs, err := run[[]device](ctx, mon, "query-block", nil)
+	if err != nil {
+		return "", fmt.Errorf("query-block: %w", err)
+	}
+	var files []string
+	for _, d := range devs {
+		if d.Inserted == nil {
+			continue
+		}
+		if d.Inserted.File == path {
+			return d.Inserted.NodeName, nil
+		}
+		files = append(files, d.Inserted.File)
+	}
+	return "", fmt.Errorf("no guest device uses %s (the devices use %v)", path, files)
+}
+
+// NBDNode is an NBD client block node, connected through a unix socket
+// or a descriptor QEMU was given (getfd: PassFile).
 type NBDNode struct {
 	NodeName string // the new node's name
 	Export   string // the export to open
-	Socket   string // the NBD server's unix socket
+	Socket   string // the NBD server's unix socket, or
+	FD       string // the name of the connected descriptor QEMU was given
 }
 
 // AddNBDNode attaches an NBD export as a block node (blockdev-add).
 func AddNBDNode(ctx context.Context, mon Monitor, n NBDNode) error {
 	type server struct {
 		Type string `json:"type"`
-		Path string `json:"path"`
+		Path string `json:"path,omitempty"`
+		Str  string `json:"str,omitempty"`
+	}
+	srv := server{Type: "unix", Path: n.Socket}
+	if n.FD != "" {
+		srv = server{Type: "fd", Str: n.FD}
 	}
 	args := struct {
 		Driver   string `json:"driver"`
 		NodeName string `json:"node-name"`
 		Export   string `json:"export"`
 		Server   server `json:"server"`
-	}{"nbd", n.NodeName, n.Export, server{"unix", n.Socket}}
+	}{"nbd", n.NodeName, n.Export, srv}
 	return mon.Execute(ctx, "blockdev-add", args, nil)
 }
 

@@ -222,6 +222,7 @@ func TestBlockCommands(t *testing.T) {
 		t.Errorf("NodeSize of a missing node = %v, want the nodes there are", err)
 	}
 	AddNBDNode(ctx, mon, NBDNode{NodeName: "t", Export: "e", Socket: "/s"})
+	AddNBDNode(ctx, mon, NBDNode{NodeName: "t", Export: "e", FD: "remus-nbd"})
 	StartMirror(ctx, mon, Mirror{JobID: "m", Device: "disk0", Target: "t", Sync: "full", CopyMode: "write-blocking"})
 	CancelBlockJob(ctx, mon, "m", true)
 	DelNode(ctx, mon, "t")
@@ -229,6 +230,7 @@ func TestBlockCommands(t *testing.T) {
 		`query-named-block-nodes {"flat":true}`,
 		`query-named-block-nodes {"flat":true}`,
 		`blockdev-add {"driver":"nbd","node-name":"t","export":"e","server":{"type":"unix","path":"/s"}}`,
+		`blockdev-add {"driver":"nbd","node-name":"t","export":"e","server":{"type":"fd","str":"remus-nbd"}}`,
 		`blockdev-mirror {"job-id":"m","device":"disk0","target":"t","sync":"full","copy-mode":"write-blocking"}`,
 		`block-job-cancel {"device":"m","force":true}`,
 		`blockdev-del {"node-name":"t"}`,

@@ -30,6 +30,7 @@ func daemonCommand() *cli.Command {
 		altsrc.NewStringFlag(&cli.StringFlag{Name: "group", Usage: "group that may use the control socket besides root (e.g. remus)"}),
 		altsrc.NewStringFlag(&cli.StringFlag{Name: "listen", Value: ":" + strconv.Itoa(daemon.DefaultPeerPort), Usage: "address of the peer API, for the other host's remusd"}),
 		altsrc.NewStringFlag(&cli.StringFlag{Name: "state-dir", Value: daemon.DefaultStateDir, Usage: "where the daemon keeps its VM records and the agents' logs (NAME.log)"}),
+		altsrc.NewStringFlag(&cli.StringFlag{Name: "images-dir", Usage: "where a backup keeps its copies of the guests' disks (raw, sparse, the disk's size; default STATE-DIR/images): a filesystem with room for them"}),
 		altsrc.NewStringFlag(&cli.StringFlag{Name: "run-dir", Value: daemon.DefaultRunDir, Usage: "tmpfs directory for the agents' state and the standby domains' sockets (RUN-DIR/NAME)"}),
 		altsrc.NewStringFlag(&cli.StringFlag{Name: "connect", Value: "qemu:///system", Usage: "libvirt `URI` of this host's libvirtd"}),
 		altsrc.NewStringFlag(&cli.StringFlag{Name: "key-file", Usage: "pre-shared key (at least 16 bytes; the same file on both hosts) authenticating the peer API and the agents' link (required)"}),
@@ -47,6 +48,7 @@ func daemonCommand() *cli.Command {
 		altsrc.NewStringFlag(&cli.StringFlag{Name: "fence-command", Usage: "the backup agents' --fence-command"}),
 		altsrc.NewDurationFlag(&cli.DurationFlag{Name: "heartbeat-interval", Value: failover.DefaultHeartbeatInterval, Usage: "the agents' heartbeat interval"}),
 		altsrc.NewDurationFlag(&cli.DurationFlag{Name: "heartbeat-timeout", Value: failover.DefaultHeartbeatTimeout, Usage: "the agents' heartbeat timeout"}),
+		altsrc.NewStringFlag(&cli.StringFlag{Name: "metrics", Usage: "also serve the metrics (the daemon's and every agent's) over HTTP at `ADDR` (host:port; path /metrics), for Prometheus"}),
 		altsrc.NewStringFlag(&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error (the daemon's and the agents')"}),
 		&cli.StringFlag{Name: "remusd", Usage: "remusd binary the agents run (default: this one)", Hidden: true},
 	}
@@ -128,9 +130,9 @@ func runDaemon(c *cli.Context) error {
 		backupArgs = append(backupArgs, "--fence-command", f)
 	}
 	d, err := daemon.New(daemon.Config{Control: c.String("control"), Group: c.String("group"), Listen: c.String("listen"),
-		StateDir: c.String("state-dir"), RunDir: c.String("run-dir"), Connect: c.String("connect"), Key: k, KeyFile: c.String("key-file"),
+		StateDir: c.String("state-dir"), RunDir: c.String("run-dir"), ImagesDir: c.String("images-dir"), Connect: c.String("connect"), Key: k, KeyFile: c.String("key-file"),
 		AgentPorts: ports, StandbyName: c.String("standby-name"), QEMUUser: c.String("qemu-user"), Remusd: self,
-		AgentArgs: agentArgs, BackupArgs: backupArgs, Host: c.String("host"), Clock: time.Now}, log.With("role", "daemon"))
+		AgentArgs: agentArgs, BackupArgs: backupArgs, Host: c.String("host"), Metrics: c.String("metrics"), Clock: time.Now}, log.With("role", "daemon"))
 	if err != nil {
 		return err
 	}

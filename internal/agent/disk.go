@@ -7,8 +7,9 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"path/filepath"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/remus-kvm/remus/checkpoint"
 	"github.com/remus-kvm/remus/diskmirror"
@@ -26,13 +27,13 @@ const (
 // primaryDisk is the primary's side of disk replication: an NBD server that
 // QEMU mirrors the guest's disk to, and the recorder behind it.
 type primaryDisk struct {
-	node   string // the guest disk's block node
-	socket string
-	size   uint64
-	rec    *diskmirror.Recorder
-	srv    *diskmirror.Server
-	mon    *qmp.Client
-	log    *slog.Logger
+	ctx  context.Context // the NBD connections are served until it ends
+	node string          // the guest disk's block node
+	size uint64
+	rec  *diskmirror.Recorder
+	srv  *diskmirror.Server
+	mon  *qmp.Client
+	log  *slog.Logger
 	// events of the session's mirror job, from before it starts: a job
 	// that ends or fails stops copying the guest's writes.
 	events *qmp.Subscription
@@ -97,23 +98,46 @@ func mirrorEnded(ev qmp.Event) error {
 	return nil
 }
 
-// startPrimaryDisk finds the size of the block node, and serves an NBD
-// export of that size on a unix socket in stateDir until ctx ends.
-func startPrimaryDisk(ctx context.Context, q *QEMU, node, stateDir string, log *slog.Logger) (*primaryDisk, error) {
+// startPrimaryDisk finds the size of the block node and readies the NBD
+// export of that size that QEMU mirrors it to, served until ctx ends.
+func startPrimaryDisk(ctx context.Context, q *QEMU, node string, log *slog.Logger) (*primaryDisk, error) {
 	size, err := qemu.NodeSize(ctx, q.Mon, node)
 	if err != nil {
 		return nil, err
 	}
-	d := &primaryDisk{node: node, socket: filepath.Join(stateDir, "nbd.sock"), size: size, rec: diskmirror.NewRecorder(), mon: q.Mon,
-		log: log.With("part", "diskmirror")}
+	d := &primaryDisk{ctx: ctx, node: node, size: size, rec: diskmirror.NewRecorder(), mon: q.Mon, log: log.With("part", "diskmirror")}
 	d.srv = &diskmirror.Server{Size: size, Sink: d.rec, Log: d.log}
-	os.Remove(d.socket)
-	ln, err := net.Listen("unix", d.socket)
-	if err != nil {
-		return nil, fmt.Errorf("NBD socket: %w", err)
-	}
-	go d.srv.Serve(ctx, ln)
 	return d, nil
+}
+
+// nbdFD is the name under which QEMU gets its end of the NBD connection.
+const nbdFD = "remus-nbd"
+
+// connect hands QEMU one end of a new socket pair (getfd) and serves the
+// NBD export on the other: QEMU, another user in a sandbox under libvirt,
+// need not reach a socket of remusd's, and nothing else can connect.
+func (d *primaryDisk) connect(ctx context.Context) error {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("NBD socket pair: %w", err)
+	}
+	ours, theirs := os.NewFile(uintptr(fds[0]), "nbd-remusd"), os.NewFile(uintptr(fds[1]), "nbd-qemu")
+	defer theirs.Close()
+	c, err := net.FileConn(ours)
+	ours.Close()
+	if err != nil {
+		return fmt.Errorf("NBD socket pair: %w", err)
+	}
+	if err := qemu.PassFile(ctx, d.mon, nbdFD, theirs); err != nil {
+		c.Close()
+		return err
+	}
+	go func() {
+		if err := d.srv.ServeConn(d.ctx, c); err != nil && d.ctx.Err() == nil {
+			d.log.Warn("NBD client session ended", "err", err)
+		}
+	}()
+	return nil
 }
 
 // prepare is the session's Prepare: the initial copy of the whole disk,
@@ -128,7 +152,10 @@ func (d *primaryDisk) prepare(ctx context.Context, link checkpoint.Link) error {
 		}
 		return link.Send(ctx, f)
 	})
-	add := qemu.NBDNode{NodeName: mirrorTarget, Export: diskmirror.ExportName, Socket: d.socket}
+	if err := d.connect(ctx); err != nil {
+		return fmt.Errorf("disk: connect the mirror target: %w", err)
+	}
+	add := qemu.NBDNode{NodeName: mirrorTarget, Export: diskmirror.ExportName, FD: nbdFD}
 	if err := qemu.AddNBDNode(ctx, d.mon, add); err != nil {
 		return fmt.Errorf("disk: attach the mirror target: %w", err)
 	}

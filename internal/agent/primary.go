@@ -67,8 +67,10 @@ type PrimaryConfig struct {
 	// Net, when enabled, relays the guest's network with output commit.
 	Net NetConfig
 	// Disk, when set, is the block node of the guest's disk (as in
-	// -blockdev ...,node-name=NODE): QEMU mirrors it to remusd, which
-	// ships its writes with the epochs.
+	// -blockdev ...,node-name=NODE), or the absolute path of its image
+	// (the node a guest device has on top of it: a libvirt domain's
+	// <source file>): QEMU mirrors it to remusd, which ships its writes
+	// with the epochs.
 	Disk string
 	// Trace, when set, records the dirty pages of the session's first
 	// TraceEpochs epochs (the first is all of RAM) to this file
@@ -468,7 +470,14 @@ func (s *primarySession) protect(ctx context.Context) error {
 	var disk *primaryDisk
 	if cfg.Disk != "" {
 		if err := step(ctx, log, "serve the disk mirror target for "+cfg.Disk, func() (err error) {
-			disk, err = startPrimaryDisk(ctx, q, cfg.Disk, cfg.StateDir, log)
+			node := cfg.Disk
+			if strings.HasPrefix(node, "/") {
+				if node, err = qemu.DiskNode(ctx, q.Mon, node); err != nil {
+					return err
+				}
+				log.Info("the guest's disk", "image", cfg.Disk, "node", node)
+			}
+			disk, err = startPrimaryDisk(ctx, q, node, log)
 			return err
 		}); err != nil {
 			return err

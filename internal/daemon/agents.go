@@ -40,6 +40,8 @@ type record struct {
 	// Relay: the agent is remusd relay, the NIC of a guest that runs
 	// here unprotected.
 	Relay bool `json:"relay,omitempty"`
+	// DiskImage is a backup's copy of the guest's disk.
+	DiskImage string `json:"disk_image,omitempty"`
 	// AgentPort is a backup agent's TCP port.
 	AgentPort int       `json:"agent_port,omitempty"`
 	PID       int       `json:"pid,omitempty"`

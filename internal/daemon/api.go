@@ -157,6 +157,15 @@ type StandbyRequest struct {
 	DeviceStateXen bool   `json:"device_state_xen"`
 	Tap            string `json:"tap,omitempty"`
 	Netns          string `json:"netns,omitempty"`
+	// Disk is the guest's writable disk, mirrored: the backup keeps a raw
+	// image of it for the standby domain.
+	Disk *StandbyDisk `json:"disk,omitempty"`
+}
+
+// StandbyDisk is the disk the primary mirrors.
+type StandbyDisk struct {
+	Target   string `json:"target"`   // its target in the domain (vda)
+	Capacity uint64 `json:"capacity"` // its size as the guest sees it, bytes
 }
 
 // StandbyReply says where the backup agent listens.

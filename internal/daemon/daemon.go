@@ -58,8 +58,9 @@ type Config struct {
 	// Listen is the peer API's address (host:port).
 	Listen string
 	// StateDir keeps the VM records and agents' logs; RunDir (a tmpfs)
-	// the agents' state and the domains' socket directories.
-	StateDir, RunDir string
+	// the agents' state and the domains' socket directories; ImagesDir
+	// (default STATE-DIR/images) a backup's copies of the guests' disks.
+	StateDir, RunDir, ImagesDir string
 	// Connect is the libvirt URI of this host's libvirtd.
 	Connect string
 	// Key authenticates the peer API (the agents' link key, from KeyFile,
@@ -83,6 +84,9 @@ type Config struct {
 	// Host is this host's name as the peer knows it (default: the host
 	// name).
 	Host string
+	// Metrics, when set, is a TCP address serving GET /metrics only (for
+	// Prometheus; the control socket serves it too).
+	Metrics string
 	// Clock is the time (default time.Now).
 	Clock func() time.Time
 }
@@ -122,6 +126,9 @@ func New(cfg Config, log *slog.Logger) (*Daemon, error) {
 	if cfg.Clock == nil {
 		cfg.Clock = time.Now
 	}
+	if cfg.ImagesDir == "" {
+		cfg.ImagesDir = filepath.Join(cfg.StateDir, "images")
+	}
 	if cfg.Host == "" {
 		cfg.Host, _ = os.Hostname()
 	}
@@ -138,6 +145,11 @@ func (d *Daemon) Run(ctx context.Context) error {
 	// which libvirt's QEMU reaches: 0755; what else the daemon keeps is
 	// root's.
 	if err := os.MkdirAll(d.cfg.RunDir, 0o755); err != nil {
+		return fmt.Errorf("daemon: %w", err)
+	}
+	// The state directory holds the backups' disk images (ImagesDir),
+	// which QEMU opens: it must be able to pass through.
+	if err := os.MkdirAll(d.cfg.StateDir, 0o711); err != nil {
 		return fmt.Errorf("daemon: %w", err)
 	}
 	for _, dir := range []string{filepath.Join(d.cfg.StateDir, "vms"), filepath.Join(d.cfg.RunDir, ".agents")} {
@@ -179,9 +191,22 @@ func (d *Daemon) Run(ctx context.Context) error {
 		return fmt.Errorf("daemon: peer API: %w", err)
 	}
 	srvs := []*http.Server{d.server(d.controlMux()), d.server(d.peerMux())}
-	errs := make(chan error, 2)
-	go func() { errs <- srvs[0].Serve(ctl) }()
-	go func() { errs <- srvs[1].Serve(peer) }()
+	lns := []net.Listener{ctl, peer}
+	if d.cfg.Metrics != "" {
+		ml, err := lc.Listen(ctx, "tcp", d.cfg.Metrics)
+		if err != nil {
+			ctl.Close()
+			peer.Close()
+			return fmt.Errorf("daemon: metrics: %w", err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("GET "+pathMetrics, d.metricsHandler())
+		srvs, lns = append(srvs, d.server(mux)), append(lns, ml)
+	}
+	errs := make(chan error, len(srvs))
+	for i, s := range srvs {
+		go func() { errs <- s.Serve(lns[i]) }()
+	}
 	d.log.Info("remusd daemon running", "control", d.cfg.Control, "peer_api", peer.Addr().String(), "libvirt", d.cfg.Connect, "vms", len(recs))
 	select {
 	case <-ctx.Done():

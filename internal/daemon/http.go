@@ -68,8 +68,13 @@ func (d *Daemon) controlMux() http.Handler {
 		msg := d.Hook(ev)
 		writeJSON(w, http.StatusAccepted, Result{Result: msg})
 	})
-	mux.Handle("GET "+pathMetrics, promhttp.HandlerFor(d.gatherer(), promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError}))
+	mux.Handle("GET "+pathMetrics, d.metricsHandler())
 	return mux
+}
+
+// metricsHandler serves the daemon's and its agents' metrics.
+func (d *Daemon) metricsHandler() http.Handler {
+	return promhttp.HandlerFor(d.gatherer(), promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError})
 }
 
 // peerMux serves the peer daemon's API, every request authenticated.

@@ -82,6 +82,23 @@ func (h hypervisor) domainState(ctx context.Context, name string) (libvirt.Domai
 	return st, err
 }
 
+// diskCapacity returns the size of a domain's disk as the guest sees it.
+func (h hypervisor) diskCapacity(ctx context.Context, name, target string) (uint64, error) {
+	var capacity uint64
+	err := h.do(ctx, func(l *libvirt.Libvirt) error {
+		d, err := h.lookup(l, name)
+		if err != nil {
+			return err
+		}
+		_, capacity, _, err = l.DomainGetBlockInfo(d, target, 0)
+		if err != nil {
+			return fmt.Errorf("domain %s: disk %s: %w", name, target, err)
+		}
+		return nil
+	})
+	return capacity, err
+}
+
 // versions returns libvirt's QEMU version and its own.
 func (h hypervisor) versions(ctx context.Context) (hv, lib uint64, err error) {
 	err = h.do(ctx, func(l *libvirt.Libvirt) error {

@@ -197,6 +197,16 @@ func TestPeerAPIWithoutLibvirt(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), `VM name "a/b"`) {
 		t.Errorf("standby of a VM named a/b: %v", err)
 	}
+	// A primary whose agent ended may become the backup (its guest runs
+	// on the other host now: libvirt, unreachable here, is asked next);
+	// one whose agent runs may not.
+	err = p.call(ctx, http.MethodPost, pathStandby, StandbyRequest{VM: "web"}, &StandbyReply{})
+	if err == nil || !strings.Contains(err.Error(), "libvirt on hosta") {
+		t.Errorf("standby for a VM whose primary agent ended here: %v", err)
+	}
+	d.mu.Lock()
+	d.vms["web"] = &vm{rec: record{Name: "web", Role: RolePrimary, Domain: "web"}, exited: make(chan struct{})}
+	d.mu.Unlock()
 	err = p.call(ctx, http.MethodPost, pathStandby, StandbyRequest{VM: "web"}, &StandbyReply{})
 	if err == nil || !strings.Contains(err.Error(), "web runs on hosta as primary") {
 		t.Errorf("standby for a VM that is primary here: %v", err)

@@ -113,12 +113,20 @@ func (d *Daemon) protect(ctx context.Context, name, domain string, req ProtectRe
 	if err != nil {
 		return VMStatus{}, err
 	}
-	if len(dom.Disks) > 0 {
-		for _, disk := range dom.Disks {
-			if disk.Device == "disk" && !disk.ReadOnly && disk.Source != "" {
-				return VMStatus{}, errorf(http.StatusConflict, "domain %s: disk %s: remusd daemon does not mirror libvirt disks yet: run remusd primary --disk NODE and remusd backup --disk-image for it, or detach it", name, disk.Target)
-			}
+	var disk *StandbyDisk
+	for _, dk := range dom.Disks {
+		if !dk.Writable() {
+			continue
 		}
+		if !strings.HasPrefix(dk.Source, "/") {
+			return VMStatus{}, errorf(http.StatusConflict, "domain %s: disk %s is %s (a %s disk): remusd mirrors a disk with a file or block device as its source", domain, dk.Target, dk.Source, dk.Type)
+		}
+		capacity, err := d.hv.diskCapacity(ctx, domain, dk.Target)
+		if err != nil {
+			return VMStatus{}, errorf(http.StatusServiceUnavailable, "%v", err)
+		}
+		disk = &StandbyDisk{Target: dk.Target, Capacity: capacity}
+		plug = append(plug, "--disk", dk.Source) // Check allows one writable disk
 	}
 	inactive, err := d.hv.domainXML(ctx, domain, true)
 	if err != nil {
@@ -145,7 +153,7 @@ func (d *Daemon) protect(ctx context.Context, name, domain string, req ProtectRe
 	}
 	var rep StandbyReply
 	if err := peer.call(ctx, http.MethodPost, pathStandby, StandbyRequest{VM: name, XML: inactive, Primary: d.cfg.Host,
-		HypervisorVersion: hello.HypervisorVersion, DeviceStateXen: true, Tap: req.PeerTap, Netns: req.PeerNetns}, &rep); err != nil {
+		HypervisorVersion: hello.HypervisorVersion, DeviceStateXen: true, Tap: req.PeerTap, Netns: req.PeerNetns, Disk: disk}, &rep); err != nil {
 		return VMStatus{}, errorf(http.StatusBadGateway, "standby on %s: %v", theirs.Host, err)
 	}
 	host, _, _ := splitPeer(req.Peer)
@@ -263,17 +271,23 @@ func (d *Daemon) Standby(ctx context.Context, req StandbyRequest) (StandbyReply,
 	sname := strings.ReplaceAll(d.cfg.StandbyName, "{name}", req.VM)
 	if v := d.get(req.VM); v != nil {
 		r := v.snapshot()
-		if r.Role != RoleBackup {
+		if r.Role != RoleBackup && (v.alive() || d.runs(ctx, r.Domain)) {
 			return StandbyReply{}, errorf(http.StatusConflict, "%s runs on %s as primary", req.VM, d.cfg.Host)
 		}
-		if st, err := d.hv.domainState(ctx, r.Domain); v.alive() && err == nil && st == libvirt.DomainPaused {
+		if r.Role != RoleBackup {
+			// Its guest ran here and runs no more (the other host took
+			// it over): this host becomes its backup.
+			d.log.Info("the VM's guest runs elsewhere now: standing by for it", "vm", req.VM, "was", r.Ended)
+			d.forget(req.VM)
+		} else if st, err := d.hv.domainState(ctx, r.Domain); v.alive() && err == nil && st == libvirt.DomainPaused {
 			return StandbyReply{AgentPort: r.AgentPort, Domain: r.Domain}, nil // standing by already
 		} else if err == nil && st == libvirt.DomainRunning {
 			return StandbyReply{}, errorf(http.StatusConflict, "%s runs on %s (domain %s, failed over): it cannot stand by for another copy", req.VM, d.cfg.Host, r.Domain)
+		} else {
+			d.stopAgent(v)
+			d.forget(req.VM)
+			d.freePort(r.AgentPort)
 		}
-		d.stopAgent(v)
-		d.forget(req.VM)
-		d.freePort(r.AgentPort)
 	}
 	hv, _, err := d.hv.versions(ctx)
 	if err != nil {
@@ -282,12 +296,12 @@ func (d *Daemon) Standby(ctx context.Context, req StandbyRequest) (StandbyReply,
 	if hv != req.HypervisorVersion {
 		return StandbyReply{}, errorf(http.StatusConflict, "QEMU versions differ: %s on %s, %s on the primary", versionString(hv), d.cfg.Host, versionString(req.HypervisorVersion))
 	}
-	if err := d.clearStandby(ctx, sname); err != nil {
-		return StandbyReply{}, err
-	}
 	dom, problems, err := libvirtdom.Check(req.XML, libvirtdom.CheckOptions{})
 	if err != nil {
 		return StandbyReply{}, errorf(http.StatusBadRequest, "%v", err)
+	}
+	if err := d.clearStandby(ctx, sname, dom.UUID); err != nil {
+		return StandbyReply{}, err
 	}
 	if bad := libvirtdom.Blocking(problems); len(bad) > 0 {
 		return StandbyReply{}, errorf(http.StatusConflict, "domain %s: %s", req.VM, bad[0].Message)
@@ -307,25 +321,34 @@ func (d *Daemon) Standby(ctx context.Context, req StandbyRequest) (StandbyReply,
 	}
 	opts := libvirtdom.StandbyOptions{AgentQMP: filepath.Join(qdir, filepath.Base(dom.AgentQMP)), Peer: req.Primary,
 		DeviceStateXen: req.DeviceStateXen, ArgPaths: paths}
+	var image string
+	if req.Disk != nil {
+		if image, err = d.diskImage(req.VM, *req.Disk); err != nil {
+			return StandbyReply{}, err
+		}
+		opts.DiskPaths = map[string]string{req.Disk.Target: image}
+	}
 	if sname != req.VM {
 		opts.Name, opts.UUID = sname, uuid.NewString()
 	}
 	sxml, err := libvirtdom.Standby(req.XML, opts)
 	if err != nil {
+		removeImage(image)
 		return StandbyReply{}, errorf(http.StatusConflict, "%v", err)
 	}
 	port, err := d.allocPort()
 	if err != nil {
+		removeImage(image)
 		return StandbyReply{}, err
-	}
-	if err := d.hv.defineAndStart(ctx, sxml); err != nil {
-		d.freePort(port)
-		return StandbyReply{}, errorf(http.StatusConflict, "standby domain %s on %s: %v", sname, d.cfg.Host, err)
 	}
 	fail := func(err error) (StandbyReply, error) {
 		d.freePort(port)
 		d.hv.remove(context.WithoutCancel(ctx), sname)
+		removeImage(image)
 		return StandbyReply{}, err
+	}
+	if err := d.hv.defineAndStart(ctx, sxml); err != nil {
+		return fail(errorf(http.StatusConflict, "standby domain %s on %s: %v", sname, d.cfg.Host, err))
 	}
 	wctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
@@ -346,8 +369,11 @@ func (d *Daemon) Standby(ctx context.Context, req StandbyRequest) (StandbyReply,
 		}
 		nic = netArgs(rewrite(dom.NetSocket, paths), req.Tap, req.Netns)
 	}
+	if image != "" {
+		args = append(args, "--disk-image", image)
+	}
 	args = append(append(append(args, nic...), d.cfg.AgentArgs...), d.cfg.BackupArgs...)
-	v := &vm{rec: record{Name: req.VM, Role: RoleBackup, Domain: sname, Peer: req.Primary, Args: args, AgentPort: port, NetArgs: nic,
+	v := &vm{rec: record{Name: req.VM, Role: RoleBackup, Domain: sname, Peer: req.Primary, Args: args, AgentPort: port, NetArgs: nic, DiskImage: image,
 		Control: agent.DefaultControlSocket(sdir), StateDir: sdir, Wanted: true}}
 	d.mu.Lock()
 	d.vms[req.VM] = v
@@ -365,8 +391,10 @@ func (d *Daemon) Standby(ctx context.Context, req StandbyRequest) (StandbyReply,
 
 // clearStandby makes room for a standby domain named sname: an earlier
 // standby of that name (remus metadata, role standby) that does not run
-// the guest is removed; any other domain of that name is a conflict.
-func (d *Daemon) clearStandby(ctx context.Context, sname string) error {
+// the guest, or the guest's own domain (uuid) that no longer runs here
+// (after a failover to the other host), is removed; any other domain of
+// that name is a conflict.
+func (d *Daemon) clearStandby(ctx context.Context, sname, uuid string) error {
 	xml, err := d.hv.domainXML(ctx, sname, false)
 	if errors.Is(err, errNoDomain) {
 		return nil
@@ -378,11 +406,22 @@ func (d *Daemon) clearStandby(ctx context.Context, sname string) error {
 	if err != nil {
 		return errorf(http.StatusServiceUnavailable, "%v", err)
 	}
-	if !ok || m.Role != libvirtdom.RoleStandby || st == libvirt.DomainRunning {
+	standby := ok && m.Role == libvirtdom.RoleStandby && st != libvirt.DomainRunning
+	stale := !active(st) && strings.EqualFold(domainUUID(xml), uuid)
+	if !standby && !stale {
 		return errorf(http.StatusConflict, "a domain %s (%s) exists on %s and is not a waiting standby: remove it or choose another standby-name", sname, stateName(st), d.cfg.Host)
 	}
-	d.log.Info("removing an earlier standby domain", "domain", sname, "state", stateName(st))
+	d.log.Info("removing an earlier standby domain, or the guest's own that no longer runs here", "domain", sname, "state", stateName(st))
 	return d.hv.remove(ctx, sname)
+}
+
+// domainUUID is the UUID of a domain's XML, "" when it has none.
+func domainUUID(xml string) string {
+	dom, _, err := libvirtdom.Check(xml, libvirtdom.CheckOptions{})
+	if err != nil {
+		return ""
+	}
+	return dom.UUID
 }
 
 // Release ends standing by for a VM: its backup agent is stopped and its
@@ -414,6 +453,7 @@ func (d *Daemon) release(ctx context.Context, name string) (Result, error) {
 	d.forget(name)
 	d.freePort(r.AgentPort)
 	os.RemoveAll(r.StateDir)
+	removeImage(r.DiskImage)
 	d.log.Info("no longer standing by", "vm", name, "standby_domain", r.Domain)
 	return Result{Result: fmt.Sprintf("%s: the backup agent on %s stopped and the standby domain %s removed", name, d.cfg.Host, r.Domain),
 		Complete: true, TookMS: ms(d.clock().Sub(start))}, nil
@@ -582,6 +622,40 @@ func (d *Daemon) freePort(p int) {
 	d.mu.Lock()
 	delete(d.ports, p)
 	d.mu.Unlock()
+}
+
+// diskImage makes the backup's copy of a guest's disk: a new sparse raw
+// image of its capacity (all zeroes: the primary's first copy skips what
+// reads as zeroes), in ImagesDir, which libvirt's QEMU can reach.
+func (d *Daemon) diskImage(vm string, disk StandbyDisk) (string, error) {
+	if disk.Target == "" || strings.ContainsAny(disk.Target, "/\x00") || disk.Capacity == 0 {
+		return "", errorf(http.StatusBadRequest, "disk %q of %d bytes", disk.Target, disk.Capacity)
+	}
+	if err := os.MkdirAll(d.cfg.ImagesDir, 0o711); err != nil {
+		return "", fmt.Errorf("disk image: %w", err)
+	}
+	img := filepath.Join(d.cfg.ImagesDir, vm+"-"+disk.Target+".img")
+	os.Remove(img)
+	f, err := os.OpenFile(img, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return "", fmt.Errorf("disk image: %w", err)
+	}
+	err = f.Truncate(int64(disk.Capacity))
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(img)
+		return "", fmt.Errorf("disk image %s: %w", img, err)
+	}
+	return img, nil
+}
+
+// removeImage removes a backup's disk image that no guest runs on.
+func removeImage(path string) {
+	if path != "" {
+		os.Remove(path)
+	}
 }
 
 // waitFile waits for path to exist.
