@@ -42,7 +42,7 @@ type hostDaemon struct {
 }
 
 // startHosts starts the daemons of host a (where domains run) and host b
-// (their backup).
+// (their backup). Standby domains are NAME-standby on b, NAME-back on a.
 func startHosts(t *testing.T, l *lab.Lab) (a, b *hostDaemon) {
 	t.Helper()
 	key := filepath.Join(l.Dir, "remus.key")
@@ -76,7 +76,7 @@ func startHosts(t *testing.T, l *lab.Lab) (a, b *hostDaemon) {
 		h.start()
 		return h
 	}
-	a = mk("host-a", "17800-17819", "{name}")
+	a = mk("host-a", "17800-17819", "{name}-back")
 	b = mk("host-b", "17820-17839", "{name}-standby")
 	t.Cleanup(func() {
 		if t.Failed() {
@@ -267,7 +267,8 @@ func daemonGuest(t *testing.T, lv *libvirt.Libvirt, l *lab.Lab, name, meta strin
 // runs on; protected again, host a dies (its daemon, agent and QEMU, -9)
 // and the domain runs under libvirt on host b, the same boot, its client
 // served, on the backup's copy of its disk, which holds every
-// acknowledged write.
+// acknowledged write. Host a back, the guest is protected again from host
+// b and switched over to host a.
 func TestDaemonProtectsALibvirtDomain(t *testing.T) {
 	lv := libvirttest.Require(t)
 	l := newLab(t)
@@ -418,6 +419,42 @@ func TestDaemonProtectsALibvirtDomain(t *testing.T) {
 		t.Logf("the backup's disk holds %d records, the last acknowledged %d", n, c.last.Value)
 	}
 	t.Logf("failed over: %s; %d consecutive replies, one boot", fo.Agent, c.n)
+
+	// Host a is back: the guest is protected again from host b, host a
+	// its backup now, and moved back there by a planned switchover.
+	a.start()
+	back := name + "-back"
+	removeDomain(t, lv, back)
+	out, code = run("protect", "--daemon", b.control, "--peer", a.listen, "--tap", l.Net.TapBackup, "--peer-tap", l.Net.TapPrimary,
+		"--netns", ns, "--peer-netns", ns, "--wait", "--timeout", "3m", name)
+	if code != 0 {
+		t.Fatalf("remusctl protect on host b after the failover exited %d:\n%s", code, out)
+	}
+	if st := a.waitState(ctx, run, name, daemon.StateStandby); st.Domain != back {
+		t.Fatalf("host a stands by with domain %s, want %s", st.Domain, back)
+	}
+	c.incFor(time.Second)
+	out, code = run("switchover", "--daemon", b.control, name)
+	if code != 0 {
+		t.Fatalf("remusctl switchover exited %d:\n%s", code, out)
+	}
+	t.Logf("remusctl switchover: %s", out)
+	a.waitState(ctx, run, name, daemon.StateFailedOver)
+	if st := b.status(run, name); st.State != daemon.StateSwitchedOver {
+		t.Fatalf("host b after the switchover: %+v", st)
+	}
+	c.incFor(time.Second)
+	if c.last.BootID != boot {
+		t.Fatalf("boot %s after the switchover, want %s", c.last.BootID, boot)
+	}
+	if st, _, err := lv.DomainGetState(mustLookup(t, lv, back), 0); err != nil || libvirt.DomainState(st) != libvirt.DomainRunning {
+		t.Fatalf("host a's standby domain after the switchover: state %d (%v), want running", st, err)
+	}
+	if n, err := checkRecords(filepath.Join(a.runDir, "images", name+"-vda.img"), c.last.Value, boot); err != nil {
+		t.Fatalf("host a's copy of the disk after the switchover: %v", err)
+	} else {
+		t.Logf("switched back to host a: %d records on its disk, %d consecutive replies, one boot", n, c.n)
+	}
 }
 
 func mustLookup(t *testing.T, lv *libvirt.Libvirt, name string) libvirt.Domain {

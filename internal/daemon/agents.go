@@ -295,7 +295,9 @@ func (d *Daemon) agentExited(v *vm, pid int, how string) {
 
 func (d *Daemon) ended(v *vm, why, state string) {
 	v.mu.Lock()
-	v.rec.Ended, v.rec.EndState = why, state
+	if v.rec.EndState != StateSwitchedOver { // the agent's exit after a switchover says less
+		v.rec.Ended, v.rec.EndState = why, state
+	}
 	v.mu.Unlock()
 	d.save(v)
 }

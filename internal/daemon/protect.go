@@ -568,14 +568,19 @@ func (d *Daemon) Switchover(ctx context.Context, name string) (Result, error) {
 	if !v.alive() {
 		return Result{}, errorf(http.StatusConflict, "%s: its agent does not run (%s)", name, r.Ended)
 	}
-	var sr agent.SwitchoverResult
-	if err := agent.CallControl(ctx, r.Control, http.MethodPost, agent.ControlSwitchoverPath, time.Minute, &sr); err != nil {
-		return Result{}, errorf(http.StatusConflict, "%s: %v", name, err)
-	}
+	// Marked before the agent is asked: it exits as soon as it answered.
 	v.mu.Lock()
 	v.rec.Wanted, v.rec.EndState, v.rec.Ended = false, StateSwitchedOver, "switched over to "+r.Peer
 	v.mu.Unlock()
 	d.save(v)
+	var sr agent.SwitchoverResult
+	if err := agent.CallControl(ctx, r.Control, http.MethodPost, agent.ControlSwitchoverPath, time.Minute, &sr); err != nil {
+		v.mu.Lock()
+		v.rec.Wanted, v.rec.EndState, v.rec.Ended = true, "", ""
+		v.mu.Unlock()
+		d.save(v)
+		return Result{}, errorf(http.StatusConflict, "%s: %v", name, err)
+	}
 	return Result{Result: sr.Result, Complete: true, TookMS: sr.TookMS}, nil
 }
 
