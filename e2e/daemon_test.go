@@ -328,6 +328,22 @@ func TestDaemonProtectsALibvirtDomain(t *testing.T) {
 	c.incFor(time.Second)
 	boot := c.last.BootID
 
+	// A snapshot with the guest's memory is a migration remusd did not
+	// start: refused, and the guest runs on, protected.
+	snap := `<domainsnapshot><name>remus-test</name><memory snapshot='external' file='` + filepath.Join(l.Dir, "snap.mem") +
+		`'/><disks><disk name='vda' snapshot='no'/></disks></domainsnapshot>`
+	if _, err := lv.DomainSnapshotCreateXML(d, snap, uint32(libvirt.DomainSnapshotCreateNoMetadata)); err == nil {
+		t.Fatal("a snapshot with memory of the protected domain succeeded")
+	} else if !strings.Contains(err.Error(), "cancel") {
+		t.Fatalf("the snapshot with memory failed, but not because remusd cancelled it: %v", err)
+	} else {
+		t.Logf("snapshot with memory refused: %v", err)
+	}
+	c.incFor(time.Second)
+	if st := a.status(run, name); st.State != daemon.StateProtected {
+		t.Fatalf("after the refused snapshot: %+v", st)
+	}
+
 	// Both daemons restart, host a's killed: the agents go on, adopted.
 	epoch := committed(t, pst)
 	a.proc.Kill()
