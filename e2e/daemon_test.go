@@ -43,6 +43,7 @@ type hostDaemon struct {
 
 // startHosts starts the daemons of host a (where domains run) and host b
 // (their backup). Standby domains are NAME-standby on b, NAME-back on a.
+// The agents they start are killed at the end of the test.
 func startHosts(t *testing.T, l *lab.Lab) (a, b *hostDaemon) {
 	t.Helper()
 	key := filepath.Join(l.Dir, "remus.key")
@@ -78,6 +79,7 @@ func startHosts(t *testing.T, l *lab.Lab) (a, b *hostDaemon) {
 	}
 	a = mk("host-a", "17800-17819", "{name}-back")
 	b = mk("host-b", "17820-17839", "{name}-standby")
+	killAgents(t, a, b)
 	t.Cleanup(func() {
 		if t.Failed() {
 			for _, h := range []*hostDaemon{a, b} {
@@ -276,7 +278,6 @@ func TestDaemonProtectsALibvirtDomain(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
 	a, b := startHosts(t, l)
-	killAgents(t, a, b)
 	peer := b.listen
 	ns := l.Net.NS.Path()
 	protectArgs := []string{"protect", "--daemon", a.control, "--peer", peer, "--tap", l.Net.TapPrimary, "--peer-tap", l.Net.TapBackup,
@@ -493,11 +494,10 @@ func TestDaemonHookProtectsAMarkedDomain(t *testing.T) {
 	lv := libvirttest.Require(t)
 	l := newLab(t)
 	bin := remusctlBinary(t)
-	run := remusctl(t)
+	run := remusctlRunner(t, bin)
 	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 	defer cancel()
 	a, b := startHosts(t, l)
-	killAgents(t, a, b)
 	installHook(t, "#!/bin/sh\nexec "+bin+" hook --daemon "+a.control+" \"$@\"\n")
 
 	name := fmt.Sprintf("remus-hook-%d", os.Getpid())

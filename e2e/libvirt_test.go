@@ -83,7 +83,11 @@ func remusctlBinary(t *testing.T) string {
 // gives its output and exit code.
 func remusctl(t *testing.T) func(args ...string) (string, int) {
 	t.Helper()
-	bin := remusctlBinary(t)
+	return remusctlRunner(t, remusctlBinary(t))
+}
+
+// remusctlRunner runs the remusctl binary bin.
+func remusctlRunner(t *testing.T, bin string) func(args ...string) (string, int) {
 	return func(args ...string) (string, int) {
 		out, err := exec.Command(bin, args...).CombinedOutput()
 		var ee *exec.ExitError

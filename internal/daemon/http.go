@@ -30,35 +30,15 @@ func (d *Daemon) controlMux() http.Handler {
 		}
 		writeJSON(w, http.StatusOK, d.status(r.Context(), v))
 	})
-	mux.HandleFunc("POST "+pathVMs+"/{name}/protect", func(w http.ResponseWriter, r *http.Request) {
-		var req ProtectRequest
-		if err := readJSON(r.Body, &req); err != nil {
-			writeError(w, err)
-			return
-		}
-		st, err := d.Protect(r.Context(), r.PathValue("name"), req)
-		if err != nil {
-			writeError(w, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, st)
-	})
-	mux.HandleFunc("POST "+pathVMs+"/{name}/unprotect", func(w http.ResponseWriter, r *http.Request) {
-		res, err := d.Unprotect(r.Context(), r.PathValue("name"))
-		if err != nil {
-			writeError(w, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, res)
-	})
-	mux.HandleFunc("POST "+pathVMs+"/{name}/switchover", func(w http.ResponseWriter, r *http.Request) {
-		res, err := d.Switchover(r.Context(), r.PathValue("name"))
-		if err != nil {
-			writeError(w, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, res)
-	})
+	mux.HandleFunc("POST "+pathVMs+"/{name}/protect", handle(func(r *http.Request, req ProtectRequest) (any, error) {
+		return d.Protect(r.Context(), r.PathValue("name"), req)
+	}))
+	mux.HandleFunc("POST "+pathVMs+"/{name}/unprotect", handle(func(r *http.Request, _ struct{}) (any, error) {
+		return d.Unprotect(r.Context(), r.PathValue("name"))
+	}))
+	mux.HandleFunc("POST "+pathVMs+"/{name}/switchover", handle(func(r *http.Request, _ struct{}) (any, error) {
+		return d.Switchover(r.Context(), r.PathValue("name"))
+	}))
 	mux.HandleFunc("POST "+pathHook, func(w http.ResponseWriter, r *http.Request) {
 		var ev HookEvent
 		if err := readJSON(r.Body, &ev); err != nil {
@@ -88,32 +68,12 @@ func (d *Daemon) peerMux() http.Handler {
 		}
 		writeJSON(w, http.StatusOK, h)
 	})
-	mux.HandleFunc("POST "+pathStandby, func(w http.ResponseWriter, r *http.Request) {
-		var req StandbyRequest
-		if err := readJSON(r.Body, &req); err != nil {
-			writeError(w, err)
-			return
-		}
-		rep, err := d.Standby(r.Context(), req)
-		if err != nil {
-			writeError(w, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, rep)
-	})
-	mux.HandleFunc("POST "+pathRelease, func(w http.ResponseWriter, r *http.Request) {
-		var req ReleaseRequest
-		if err := readJSON(r.Body, &req); err != nil {
-			writeError(w, err)
-			return
-		}
-		res, err := d.Release(r.Context(), req.VM)
-		if err != nil {
-			writeError(w, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, res)
-	})
+	mux.HandleFunc("POST "+pathStandby, handle(func(r *http.Request, req StandbyRequest) (any, error) {
+		return d.Standby(r.Context(), req)
+	}))
+	mux.HandleFunc("POST "+pathRelease, handle(func(r *http.Request, req ReleaseRequest) (any, error) {
+		return d.Release(r.Context(), req.VM)
+	}))
 	mux.HandleFunc("GET "+pathPeerVMs+"/{name}", func(w http.ResponseWriter, r *http.Request) {
 		v := d.get(r.PathValue("name"))
 		if v == nil {
@@ -123,6 +83,26 @@ func (d *Daemon) peerMux() http.Handler {
 		writeJSON(w, http.StatusOK, d.status(r.Context(), v))
 	})
 	return d.authenticate(mux)
+}
+
+// handle serves a POST whose JSON body is a Req with f's answer (200) or
+// error.
+func handle[Req any](f func(*http.Request, Req) (any, error)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		var req Req
+		if r.ContentLength != 0 {
+			if err := readJSON(r.Body, &req); err != nil {
+				writeError(w, err)
+				return
+			}
+		}
+		out, err := f(r, req)
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, out)
+	}
 }
 
 // authenticate refuses peer requests without a valid AuthHeader.
