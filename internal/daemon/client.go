@@ -122,7 +122,13 @@ func splitPeer(addr string) (string, int, error) {
 	return host, port, nil
 }
 
+// peerCallTimeout bounds one call on the peer API (a standby's start
+// included).
+const peerCallTimeout = 2 * time.Minute
+
 func (p *peerClient) call(ctx context.Context, method, path string, in, out any) error {
+	ctx, cancel := context.WithTimeout(ctx, peerCallTimeout)
+	defer cancel()
 	err := do(ctx, p.hc, "http://"+p.addr, method, path, in, out, func(r *http.Request, body []byte) {
 		r.Header.Set(AuthHeader, SignRequest(p.key, method, path, p.clock(), body))
 	})

@@ -446,6 +446,9 @@ func (d *Daemon) release(ctx context.Context, name string) (Result, error) {
 	if err == nil && st == libvirt.DomainRunning {
 		return Result{}, errorf(http.StatusConflict, "%s: its standby domain %s on %s runs the guest (failed over): left as it is", name, r.Domain, d.cfg.Host)
 	}
+	if vs := d.status(ctx, v); vs.State == StateFailingOver || vs.State == StateFailedOver {
+		return Result{}, errorf(http.StatusConflict, "%s: the backup agent on %s is %s: left as it is", name, d.cfg.Host, vs.State)
+	}
 	d.stopAgent(v)
 	if err := d.hv.remove(ctx, r.Domain); err != nil {
 		return Result{}, errorf(http.StatusServiceUnavailable, "%s: remove standby domain %s: %v", name, r.Domain, err)
