@@ -265,7 +265,8 @@ func daemonGuest(t *testing.T, lv *libvirt.Libvirt, l *lab.Lab, name, meta strin
 // daemon); remusctl status --json says protected on one host and standby
 // on the other; both daemons restart, one killed, without a failover
 // (the agents are adopted, epochs go on); /metrics has the agents'
-// metrics; remusctl unprotect ends protection on both hosts and the guest
+// metrics; host b restarts (daemon, agent and standby gone) and protect,
+// given again, makes it stand by anew for the same primary agent; remusctl unprotect ends protection on both hosts and the guest
 // runs on; protected again, host a dies (its daemon, agent and QEMU, -9)
 // and the domain runs under libvirt on host b, the same boot, its client
 // served, on the backup's copy of its disk, which holds every
@@ -378,6 +379,29 @@ func TestDaemonProtectsALibvirtDomain(t *testing.T) {
 	if !strings.Contains(string(m), `remus_daemon_agent_up{role="backup",vm="`+name+`"} 1`) {
 		t.Fatalf("host b's --metrics address lacks the daemon's metrics:\n%s", m)
 	}
+
+	// Host b restarts (its daemon and agent killed, its standby domain
+	// gone with it): host a's guest runs on unprotected, and remusctl
+	// protect, given again, has host b stand by anew where host a's agent
+	// keeps dialing.
+	bst = b.status(run, name)
+	b.proc.Kill()
+	syscall.Kill(bst.AgentPID, syscall.SIGKILL)
+	if err := lv.DomainDestroy(mustLookup(t, lv, standby)); err != nil {
+		t.Fatal(err)
+	}
+	a.waitState(ctx, run, name, daemon.StateUnprotected)
+	c.incFor(time.Second)
+	b.start()
+	out, code = run(append(append(protectArgs, "--wait", "--timeout", "3m"), name)...)
+	if code != 0 {
+		t.Fatalf("remusctl protect after host b restarted exited %d:\n%s", code, out)
+	}
+	if st := a.status(run, name); st.AgentPID != pst.AgentPID {
+		t.Fatalf("after host b restarted: primary agent pid %d, was %d (it should have found the new backup itself)", st.AgentPID, pst.AgentPID)
+	}
+	b.waitState(ctx, run, name, daemon.StateStandby)
+	c.incFor(time.Second)
 
 	// Unprotect: both hosts end it; the guest runs on here.
 	out, code = run("unprotect", "--daemon", a.control, name)

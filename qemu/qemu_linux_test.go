@@ -40,7 +40,13 @@ func startQEMU(t *testing.T, ctx context.Context, extra ...string) *qmp.Client {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+		if t.Failed() {
+			t.Logf("QEMU (%s %v): %s\n%s", bin, extra, cmd.ProcessState, &out)
+		}
+	})
 	for {
 		c, err := qmp.Dial(ctx, sock)
 		if err == nil {

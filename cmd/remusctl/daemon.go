@@ -32,7 +32,7 @@ func protectCommand() *cli.Command {
 			"guest runs, then checkpoints it every epoch. With --wait, remusctl shows that copy's progress and returns\n" +
 			"once the first epoch is committed on the backup.",
 		Flags: []cli.Flag{daemonFlag,
-			&cli.StringFlag{Name: "peer", Required: true, Usage: "the backup host's remusd, `HOST` or HOST:PORT (port 7790 by default)"},
+			&cli.StringFlag{Name: "peer", Usage: "the backup host's remusd, `HOST` or HOST:PORT (port 7790 by default); required the first time (a VM protected before, whose backup went, keeps its flags)"},
 			&cli.StringFlag{Name: "tap", Usage: "for a NIC that is a -netdev stream socket: this host's tap device its frames are relayed to"},
 			&cli.StringFlag{Name: "peer-tap", Usage: "the same on the backup host, for after a failover"},
 			&cli.StringFlag{Name: "netns", Usage: "network namespace of --tap, as a path (/run/netns/NAME)"},

@@ -34,8 +34,14 @@ func TestShutdownWatch(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			// QEMU exits: its monitor closes right after the event.
+			// QEMU exits: its monitor closes right after the event, and
+			// the client sees it closed only after the events before.
 			srv.Close()
+			select {
+			case <-mon.Done():
+			case <-time.After(5 * time.Second):
+				t.Fatal("the client did not see the monitor close")
+			}
 			if got := w.Reason(); got != tc.want {
 				t.Fatalf("Reason() = %q, want %q", got, tc.want)
 			}

@@ -29,6 +29,8 @@ type record struct {
 	Role   string `json:"role"`
 	Domain string `json:"domain"`
 	Peer   string `json:"peer"`
+	// Request is what a primary was protected with.
+	Request ProtectRequest `json:"request,omitzero"`
 	// Args are the agent's arguments after the remusd binary.
 	Args     []string `json:"args"`
 	Control  string   `json:"control"`

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/user"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -51,14 +52,21 @@ func (d *Daemon) Protect(ctx context.Context, name string, req ProtectRequest) (
 			d.freePort(r.AgentPort)
 			domain, relayed = r.Domain, &r
 		case v.alive() && r.Role == RolePrimary:
-			return d.status(ctx, v), nil // protected already: nothing to do
+			st := d.status(ctx, v)
+			if st.State != StateUnprotected {
+				return st, nil // protected already, or on its way: nothing to do
+			}
+			// Its backup is gone (that host restarted, its standby
+			// ended): the peer stands by again, and the agent, which
+			// keeps dialing its backup, finds the new one.
+			return d.protect(ctx, name, r.Domain, mergeRequest(req, r.Request), v)
 		case v.alive():
 			return VMStatus{}, errorf(http.StatusConflict, "%s: this host is its backup (domain %s): protect it from its primary host", name, r.Domain)
 		default:
 			d.forget(name)
 		}
 	}
-	st, err := d.protect(ctx, name, domain, req)
+	st, err := d.protect(ctx, name, domain, req, nil)
 	if err != nil && relayed != nil && len(relayed.NetArgs) > 0 {
 		if rerr := d.startRelay(name, domain, relayed.Peer, relayed.NetArgs, "protecting it again failed"); rerr != nil {
 			d.log.Error("the guest's NIC is not relayed", "vm", name, "err", rerr)
@@ -73,7 +81,27 @@ func (d *Daemon) runs(ctx context.Context, domain string) bool {
 	return err == nil && st == libvirt.DomainRunning
 }
 
-func (d *Daemon) protect(ctx context.Context, name, domain string, req ProtectRequest) (VMStatus, error) {
+// mergeRequest fills what req leaves out from an earlier request.
+func mergeRequest(req, earlier ProtectRequest) ProtectRequest {
+	if req.Peer == "" {
+		req.Peer = earlier.Peer
+	}
+	if req.Epoch == 0 {
+		req.Epoch = earlier.Epoch
+	}
+	for _, f := range []struct{ to, from *string }{{&req.Tap, &earlier.Tap}, {&req.PeerTap, &earlier.PeerTap},
+		{&req.Netns, &earlier.Netns}, {&req.PeerNetns, &earlier.PeerNetns}} {
+		if *f.to == "" {
+			*f.to = *f.from
+		}
+	}
+	return req
+}
+
+// protect protects domain (the VM name's domain here). existing, when
+// set, is the VM's primary agent, running but without a backup: it is
+// kept when the peer's new backup agent listens where it dials.
+func (d *Daemon) protect(ctx context.Context, name, domain string, req ProtectRequest, existing *vm) (VMStatus, error) {
 	if req.Peer == "" {
 		return VMStatus{}, errorf(http.StatusBadRequest, "%s: no peer: name the backup host's remusd (HOST or HOST:PORT)", name)
 	}
@@ -157,15 +185,25 @@ func (d *Daemon) protect(ctx context.Context, name, domain string, req ProtectRe
 		return VMStatus{}, errorf(http.StatusBadGateway, "standby on %s: %v", theirs.Host, err)
 	}
 	host, _, _ := splitPeer(req.Peer)
+	backup := net.JoinHostPort(host, strconv.Itoa(rep.AgentPort))
+	if existing != nil {
+		if slices.Contains(existing.snapshot().Args, backup) {
+			d.log.Info("standing by again for an agent that lost its backup", "vm", name, "peer", req.Peer, "backup_agent", backup)
+			return d.status(ctx, existing), nil
+		}
+		// The new backup listens elsewhere: a new agent dials it.
+		d.stopAgent(existing)
+		d.forget(name)
+	}
 	sdir := d.agentStateDir(name)
 	os.RemoveAll(sdir)
-	args := append([]string{"primary", "--vm", name, "--qmp", dom.AgentQMP, "--peer", net.JoinHostPort(host, strconv.Itoa(rep.AgentPort)),
+	args := append([]string{"primary", "--vm", name, "--qmp", dom.AgentQMP, "--peer", backup,
 		"--state-dir", sdir, "--control", agent.DefaultControlSocket(sdir), "--device-state", "xen"}, append(netArgs, plug...)...)
 	if req.Epoch > 0 {
 		args = append(args, "--epoch", req.Epoch.String())
 	}
 	args = append(args, d.cfg.AgentArgs...)
-	v := &vm{rec: record{Name: name, Role: RolePrimary, Domain: domain, Peer: req.Peer, Args: args, NetArgs: netArgs,
+	v := &vm{rec: record{Name: name, Role: RolePrimary, Domain: domain, Peer: req.Peer, Request: req, Args: args, NetArgs: netArgs,
 		Control: agent.DefaultControlSocket(sdir), StateDir: sdir, Wanted: true}}
 	d.mu.Lock()
 	d.vms[name] = v
@@ -269,6 +307,7 @@ func (d *Daemon) Standby(ctx context.Context, req StandbyRequest) (StandbyReply,
 		return StandbyReply{}, errorf(http.StatusBadRequest, "VM name %q", req.VM)
 	}
 	sname := strings.ReplaceAll(d.cfg.StandbyName, "{name}", req.VM)
+	prefer := 0
 	if v := d.get(req.VM); v != nil {
 		r := v.snapshot()
 		if r.Role != RoleBackup && (v.alive() || d.runs(ctx, r.Domain)) {
@@ -287,6 +326,7 @@ func (d *Daemon) Standby(ctx context.Context, req StandbyRequest) (StandbyReply,
 			d.stopAgent(v)
 			d.forget(req.VM)
 			d.freePort(r.AgentPort)
+			prefer = r.AgentPort // where the primary agent may still dial
 		}
 	}
 	hv, _, err := d.hv.versions(ctx)
@@ -336,7 +376,7 @@ func (d *Daemon) Standby(ctx context.Context, req StandbyRequest) (StandbyReply,
 		removeImage(image)
 		return StandbyReply{}, errorf(http.StatusConflict, "%v", err)
 	}
-	port, err := d.allocPort()
+	port, err := d.allocPort(prefer)
 	if err != nil {
 		removeImage(image)
 		return StandbyReply{}, err
@@ -607,11 +647,18 @@ func (d *Daemon) qemuDir(dir string) error {
 	return nil
 }
 
-// allocPort returns a free port of the agent range.
-func (d *Daemon) allocPort() (int, error) {
+// allocPort returns a free port of the agent range, prefer if it is one.
+func (d *Daemon) allocPort(prefer int) (int, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	ports := []int{}
+	if prefer >= d.cfg.AgentPorts[0] && prefer <= d.cfg.AgentPorts[1] {
+		ports = append(ports, prefer)
+	}
 	for p := d.cfg.AgentPorts[0]; p <= d.cfg.AgentPorts[1]; p++ {
+		ports = append(ports, p)
+	}
+	for _, p := range ports {
 		if d.ports[p] {
 			continue
 		}
