@@ -42,9 +42,10 @@ type hostDaemon struct {
 }
 
 // startHosts starts the daemons of host a (where domains run) and host b
-// (their backup). Standby domains are NAME-standby on b, NAME-back on a.
+// (their backup), with witnessURL's etcd as their witness, or assuming
+// fail-stop hosts without one. Standby domains are NAME-standby on b, NAME-back on a.
 // The agents they start are killed at the end of the test.
-func startHosts(t *testing.T, l *lab.Lab) (a, b *hostDaemon) {
+func startHosts(t *testing.T, l *lab.Lab, witnessURL string) (a, b *hostDaemon) {
 	t.Helper()
 	key := filepath.Join(l.Dir, "remus.key")
 	if err := os.WriteFile(key, []byte("0123456789abcdef0123456789abcdef"), 0o600); err != nil {
@@ -61,8 +62,12 @@ func startHosts(t *testing.T, l *lab.Lab) (a, b *hostDaemon) {
 		// A config file holds what a host's configuration would; the
 		// test's own paths go on the command line.
 		conf := filepath.Join(l.Dir, name+".toml")
-		if err := os.WriteFile(conf, []byte(fmt.Sprintf("key-file = %q\nassume-fail-stop = true\nheartbeat-timeout = \"3s\"\nagent-ports = %q\nstandby-name = %q\nhost = %q\n",
-			key, ports, standbyName, name)), 0o644); err != nil {
+		safety := "assume-fail-stop = true\n"
+		if witnessURL != "" {
+			safety = fmt.Sprintf("witness = [%q]\nwitness-id = %q\n", witnessURL, name)
+		}
+		if err := os.WriteFile(conf, []byte(fmt.Sprintf("key-file = %q\n%sheartbeat-timeout = \"3s\"\nagent-ports = %q\nstandby-name = %q\nhost = %q\n",
+			key, safety, ports, standbyName, name)), 0o644); err != nil {
 			t.Fatal(err)
 		}
 		metrics, err := lab.FreePort()
@@ -278,7 +283,7 @@ func TestDaemonProtectsALibvirtDomain(t *testing.T) {
 	run := remusctl(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
-	a, b := startHosts(t, l)
+	a, b := startHosts(t, l, "")
 	peer := b.listen
 	ns := l.Net.NS.Path()
 	protectArgs := []string{"protect", "--daemon", a.control, "--peer", peer, "--tap", l.Net.TapPrimary, "--peer-tap", l.Net.TapBackup,
@@ -509,7 +514,8 @@ func mustLookup(t *testing.T, lv *libvirt.Libvirt, name string) libvirt.Domain {
 
 // TestDaemonHookProtectsAMarkedDomain installs a libvirt hook that runs
 // remusctl hook, as make install does, and starts a domain marked with
-// remus metadata (peer, role primary, the taps): the hook makes its
+// remus metadata (peer, role primary, the taps), the daemons using an etcd
+// witness: the hook makes its
 // socket directory as libvirt prepares it, and hands its start to the
 // daemon, which protects it once it runs. virsh destroy then ends
 // protection on both hosts: the guest was stopped on purpose, and the
@@ -521,7 +527,11 @@ func TestDaemonHookProtectsAMarkedDomain(t *testing.T) {
 	run := remusctlRunner(t, bin)
 	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 	defer cancel()
-	a, b := startHosts(t, l)
+	w, err := l.StartWitness(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, b := startHosts(t, l, w.Endpoint)
 	installHook(t, "#!/bin/sh\nexec "+bin+" hook --daemon "+a.control+" \"$@\"\n")
 
 	name := fmt.Sprintf("remus-hook-%d", os.Getpid())
@@ -533,8 +543,15 @@ func TestDaemonHookProtectsAMarkedDomain(t *testing.T) {
 	if err := lv.DomainCreate(d); err != nil {
 		t.Fatalf("virsh start of the marked domain: %v", err)
 	}
-	a.waitState(ctx, run, name, daemon.StateProtected)
+	st := a.waitState(ctx, run, name, daemon.StateProtected)
 	b.waitState(ctx, run, name, daemon.StateStandby)
+	var ps struct {
+		Witness string `json:"witness_id"`
+		Owner   string `json:"witness_owner"`
+	}
+	if err := json.Unmarshal(st.Agent, &ps); err != nil || ps.Witness != "host-a" || ps.Owner != "host-a" {
+		t.Fatalf("the primary agent's witness: %+v (%v), want host-a holding the guest: %s", ps, err, st.Agent)
+	}
 	c := newConsecutiveClient(t, ctx, l)
 	c.incFor(time.Second)
 
@@ -561,7 +578,7 @@ func TestDaemonHookProtectsAMarkedDomain(t *testing.T) {
 	if _, err := lv.DomainLookupByName(name + "-standby"); err == nil {
 		t.Fatal("the standby domain is still defined after the protected domain was destroyed")
 	}
-	st := a.status(run, name)
+	st = a.status(run, name)
 	if st.State != daemon.StateEnded || !strings.Contains(st.Why, "shut down") {
 		t.Fatalf("host a after virsh destroy: %+v, want ended, shut down", st)
 	}
