@@ -66,7 +66,7 @@ func startHosts(t *testing.T, l *lab.Lab, witnessURL string) (a, b *hostDaemon) 
 		if witnessURL != "" {
 			safety = fmt.Sprintf("witness = [%q]\nwitness-id = %q\n", witnessURL, name)
 		}
-		if err := os.WriteFile(conf, []byte(fmt.Sprintf("key-file = %q\n%sheartbeat-timeout = \"3s\"\nagent-ports = %q\nstandby-name = %q\nhost = %q\n",
+		if err := os.WriteFile(conf, []byte(fmt.Sprintf("key-file = %q\n%sheartbeat-timeout = \"3s\"\nheal = \"2s\"\nagent-ports = %q\nstandby-name = %q\nhost = %q\n",
 			key, safety, ports, standbyName, name)), 0o644); err != nil {
 			t.Fatal(err)
 		}
@@ -270,8 +270,8 @@ func daemonGuest(t *testing.T, lv *libvirt.Libvirt, l *lab.Lab, name, meta strin
 // daemon); remusctl status --json says protected on one host and standby
 // on the other; both daemons restart, one killed, without a failover
 // (the agents are adopted, epochs go on); /metrics has the agents'
-// metrics; host b restarts (daemon, agent and standby gone) and protect,
-// given again, makes it stand by anew for the same primary agent; remusctl unprotect ends protection on both hosts and the guest
+// metrics; host b restarts (daemon, agent and standby gone) and host a's
+// daemon has it stand by anew for the same primary agent; remusctl unprotect ends protection on both hosts and the guest
 // runs on; protected again, host a dies (its daemon, agent and QEMU, -9)
 // and the domain runs under libvirt on host b, the same boot, its client
 // served, on the backup's copy of its disk, which holds every
@@ -386,9 +386,9 @@ func TestDaemonProtectsALibvirtDomain(t *testing.T) {
 	}
 
 	// Host b restarts (its daemon and agent killed, its standby domain
-	// gone with it): host a's guest runs on unprotected, and remusctl
-	// protect, given again, has host b stand by anew where host a's agent
-	// keeps dialing.
+	// gone with it): host a's guest runs on unprotected, and once host b's
+	// daemon is back, host a's has it stand by anew (--heal) where host
+	// a's agent keeps dialing.
 	bst = b.status(run, name)
 	b.proc.Kill()
 	syscall.Kill(bst.AgentPID, syscall.SIGKILL)
@@ -398,9 +398,11 @@ func TestDaemonProtectsALibvirtDomain(t *testing.T) {
 	a.waitState(ctx, run, name, daemon.StateUnprotected)
 	c.incFor(time.Second)
 	b.start()
-	out, code = run(append(append(protectArgs, "--wait", "--timeout", "3m"), name)...)
-	if code != 0 {
-		t.Fatalf("remusctl protect after host b restarted exited %d:\n%s", code, out)
+	a.waitState(ctx, run, name, daemon.StateProtected)
+	// protect given again, without its flags, finds it protected.
+	out, code = run("protect", "--daemon", a.control, "--wait", name)
+	if code != 0 || !strings.Contains(out, name+": protected") {
+		t.Fatalf("remusctl protect of a protected VM exited %d:\n%s", code, out)
 	}
 	if st := a.status(run, name); st.AgentPID != pst.AgentPID {
 		t.Fatalf("after host b restarted: primary agent pid %d, was %d (it should have found the new backup itself)", st.AgentPID, pst.AgentPID)

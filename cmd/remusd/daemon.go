@@ -48,6 +48,7 @@ func daemonCommand() *cli.Command {
 		altsrc.NewStringFlag(&cli.StringFlag{Name: "fence-command", Usage: "the backup agents' --fence-command"}),
 		altsrc.NewDurationFlag(&cli.DurationFlag{Name: "heartbeat-interval", Value: failover.DefaultHeartbeatInterval, Usage: "the agents' heartbeat interval"}),
 		altsrc.NewDurationFlag(&cli.DurationFlag{Name: "heartbeat-timeout", Value: failover.DefaultHeartbeatTimeout, Usage: "the agents' heartbeat timeout"}),
+		altsrc.NewDurationFlag(&cli.DurationFlag{Name: "heal", Value: daemon.DefaultHeal, Usage: "how often to look for protected VMs left without a backup (the backup host restarted) and have the peer stand by again (0: never)"}),
 		altsrc.NewStringFlag(&cli.StringFlag{Name: "metrics", Usage: "also serve the metrics (the daemon's and every agent's) over HTTP at `ADDR` (host:port; path /metrics), for Prometheus"}),
 		altsrc.NewStringFlag(&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error (the daemon's and the agents')"}),
 		&cli.StringFlag{Name: "remusd", Usage: "remusd binary the agents run (default: this one)", Hidden: true},
@@ -132,9 +133,17 @@ func runDaemon(c *cli.Context) error {
 	d, err := daemon.New(daemon.Config{Control: c.String("control"), Group: c.String("group"), Listen: c.String("listen"),
 		StateDir: c.String("state-dir"), RunDir: c.String("run-dir"), ImagesDir: c.String("images-dir"), Connect: c.String("connect"), Key: k, KeyFile: c.String("key-file"),
 		AgentPorts: ports, StandbyName: c.String("standby-name"), QEMUUser: c.String("qemu-user"), Remusd: self,
-		AgentArgs: agentArgs, BackupArgs: backupArgs, Host: c.String("host"), Metrics: c.String("metrics"), Clock: time.Now}, log.With("role", "daemon"))
+		AgentArgs: agentArgs, BackupArgs: backupArgs, Host: c.String("host"), Metrics: c.String("metrics"), Heal: heal(c.Duration("heal")), Clock: time.Now}, log.With("role", "daemon"))
 	if err != nil {
 		return err
 	}
 	return d.Run(c.Context)
+}
+
+// heal maps --heal 0 (never) to daemon.Config.Heal's "never".
+func heal(d time.Duration) time.Duration {
+	if d == 0 {
+		return -1
+	}
+	return d
 }

@@ -40,6 +40,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
+// DefaultHeal is Config.Heal's default.
+const DefaultHeal = 30 * time.Second
+
 // DefaultPeerPort is the peer API's TCP port.
 const DefaultPeerPort = 7790
 
@@ -87,6 +90,10 @@ type Config struct {
 	// Metrics, when set, is a TCP address serving GET /metrics only (for
 	// Prometheus; the control socket serves it too).
 	Metrics string
+	// Heal is how often the daemon looks for primaries left without a
+	// backup (the backup host restarted) and has the peer stand by again
+	// (default DefaultHeal; negative: never).
+	Heal time.Duration
 	// Clock is the time (default time.Now).
 	Clock func() time.Time
 }
@@ -125,6 +132,9 @@ func New(cfg Config, log *slog.Logger) (*Daemon, error) {
 	}
 	if cfg.Clock == nil {
 		cfg.Clock = time.Now
+	}
+	if cfg.Heal == 0 {
+		cfg.Heal = DefaultHeal
 	}
 	if cfg.ImagesDir == "" {
 		cfg.ImagesDir = filepath.Join(cfg.StateDir, "images")
@@ -206,6 +216,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 	errs := make(chan error, len(srvs))
 	for i, s := range srvs {
 		go func() { errs <- s.Serve(lns[i]) }()
+	}
+	if d.cfg.Heal > 0 {
+		go d.heal(ctx)
 	}
 	d.log.Info("remusd daemon running", "control", d.cfg.Control, "peer_api", peer.Addr().String(), "libvirt", d.cfg.Connect, "vms", len(recs))
 	select {

@@ -59,7 +59,11 @@ func (d *Daemon) Protect(ctx context.Context, name string, req ProtectRequest) (
 			// Its backup is gone (that host restarted, its standby
 			// ended): the peer stands by again, and the agent, which
 			// keeps dialing its backup, finds the new one.
-			return d.protect(ctx, name, r.Domain, mergeRequest(req, r.Request), v)
+			req = mergeRequest(req, r.Request)
+			if req.Peer == "" {
+				req.Peer = r.Peer
+			}
+			return d.protect(ctx, name, r.Domain, req, v)
 		case v.alive():
 			return VMStatus{}, errorf(http.StatusConflict, "%s: this host is its backup (domain %s): protect it from its primary host", name, r.Domain)
 		default:
@@ -79,6 +83,36 @@ func (d *Daemon) Protect(ctx context.Context, name string, req ProtectRequest) (
 func (d *Daemon) runs(ctx context.Context, domain string) bool {
 	st, err := d.hv.domainState(ctx, domain)
 	return err == nil && st == libvirt.DomainRunning
+}
+
+// heal protects again, every Config.Heal, each primary whose agent runs
+// without a backup (its host restarted, its standby ended): the peer is
+// asked to stand by again, as remusctl protect does. A peer that cannot
+// (unreachable, or running the guest itself) is asked again next time.
+func (d *Daemon) heal(ctx context.Context) {
+	t := time.NewTicker(d.cfg.Heal)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		for _, v := range d.list() {
+			r := v.snapshot()
+			if r.Role != RolePrimary || r.Relay || !r.Wanted || !v.alive() {
+				continue
+			}
+			if st := d.status(ctx, v); st.State != StateUnprotected {
+				continue
+			}
+			if _, err := d.Protect(ctx, r.Name, ProtectRequest{}); err != nil {
+				d.log.Info("a primary without a backup: its peer cannot stand by yet", "vm", r.Name, "peer", r.Peer, "err", err)
+			} else {
+				d.log.Info("a primary without a backup: its peer stands by again", "vm", r.Name, "peer", r.Peer)
+			}
+		}
+	}
 }
 
 // mergeRequest fills what req leaves out from an earlier request.
