@@ -324,6 +324,9 @@ func TestDaemonProtectsALibvirtDomain(t *testing.T) {
 	if bst.Role != daemon.RoleBackup || bst.Domain != standby {
 		t.Fatalf("status on host b: %+v", bst)
 	}
+	if pv := a.status(run, name).PeerView; pv == nil || pv.Role != daemon.RoleBackup || pv.State != daemon.StateStandby || pv.Domain != standby {
+		t.Fatalf("host a's view of host b: %+v", pv)
+	}
 	if st, _, err := lv.DomainGetState(mustLookup(t, lv, standby), 0); err != nil || libvirt.DomainState(st) != libvirt.DomainPaused {
 		t.Fatalf("standby domain: state %d (%v), want paused", st, err)
 	}

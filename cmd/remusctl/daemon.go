@@ -197,6 +197,17 @@ func printVM(w io.Writer, v daemon.VMStatus, now time.Time) {
 		}
 		fmt.Fprintln(w)
 	}
+	switch {
+	case v.PeerView != nil:
+		pv := v.PeerView
+		fmt.Fprintf(w, "peer        %s on %s (domain %s)", pv.State, v.Peer, pv.Domain)
+		if d := vmDetail(*pv); d != "" {
+			fmt.Fprintf(w, ": %s", d)
+		}
+		fmt.Fprintln(w)
+	case v.PeerError != "":
+		fmt.Fprintf(w, "peer        %s: %s\n", v.Peer, v.PeerError)
+	}
 	if len(v.Agent) > 0 {
 		fmt.Fprintln(w, "--- agent")
 		if err := printAnswer(w, v.Agent, now); err != nil {

@@ -53,6 +53,20 @@ func TestPrintVMs(t *testing.T) {
 	b.Reset()
 	v := vms[0]
 	v.Domain, v.AgentPID, v.Since, v.Restarts = "db1", 4711, now.Add(-time.Hour), 2
+	v.PeerView = &vms[2]
+	v.PeerView.Domain = "mail-standby"
+	printVM(&b, v, now)
+	if want := "peer        standby on hostb (domain mail-standby): epoch 77\n"; !strings.Contains(b.String(), want) {
+		t.Errorf("one VM lacks %q:\n%s", want, b.String())
+	}
+	b.Reset()
+	v.PeerView, v.PeerError = nil, "peer remusd at hostb:7790: connection refused"
+	printVM(&b, v, now)
+	if want := "peer        hostb: peer remusd at hostb:7790: connection refused\n"; !strings.Contains(b.String(), want) {
+		t.Errorf("one VM lacks %q:\n%s", want, b.String())
+	}
+	b.Reset()
+	v.PeerError = ""
 	printVM(&b, v, now)
 	for _, want := range []string{"vm          db1\n", "role        primary (domain db1, peer hostb)\n", "state       protected\n",
 		"agent       pid 4711 since 2026-12-01T11:00:00Z, started again 2 times\n", "--- agent\n", "state       protecting\n"} {

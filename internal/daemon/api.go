@@ -81,6 +81,10 @@ type VMStatus struct {
 	// Agent is what the agent answered on its control socket
 	// (agent.PrimaryStatus or agent.BackupStatus), absent when it did not.
 	Agent json.RawMessage `json:"agent,omitempty"`
+	// PeerView is the VM as the peer's daemon sees it (GET /v1/vms/NAME
+	// only), or PeerError why it could not be asked.
+	PeerView  *VMStatus `json:"peer_view,omitempty"`
+	PeerError string    `json:"peer_error,omitempty"`
 }
 
 // ProtectRequest asks the primary host's daemon to protect a running

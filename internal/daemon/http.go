@@ -5,6 +5,7 @@ import (
 	"context"
 	"io"
 	"net/http"
+	"net/url"
 	"slices"
 	"strings"
 	"time"
@@ -28,7 +29,9 @@ func (d *Daemon) controlMux() http.Handler {
 			writeError(w, errorf(http.StatusNotFound, "%s: not protected by this host's remusd (neither primary nor backup here)", r.PathValue("name")))
 			return
 		}
-		writeJSON(w, http.StatusOK, d.status(r.Context(), v))
+		st := d.status(r.Context(), v)
+		d.peerView(r.Context(), &st)
+		writeJSON(w, http.StatusOK, st)
 	})
 	mux.HandleFunc("POST "+pathVMs+"/{name}/protect", handle(func(r *http.Request, req ProtectRequest) (any, error) {
 		return d.Protect(r.Context(), r.PathValue("name"), req)
@@ -83,6 +86,24 @@ func (d *Daemon) peerMux() http.Handler {
 		writeJSON(w, http.StatusOK, d.status(r.Context(), v))
 	})
 	return d.authenticate(mux)
+}
+
+// peerView adds the peer daemon's view of the VM to st.
+func (d *Daemon) peerView(ctx context.Context, st *VMStatus) {
+	if st.Peer == "" {
+		return
+	}
+	p, err := d.peer(st.Peer)
+	if err == nil {
+		ctx, cancel := context.WithTimeout(ctx, agentTimeout)
+		defer cancel()
+		var pv VMStatus
+		if err = p.call(ctx, http.MethodGet, pathPeerVMs+"/"+url.PathEscape(st.Name), nil, &pv); err == nil {
+			st.PeerView = &pv
+			return
+		}
+	}
+	st.PeerError = err.Error()
 }
 
 // handle serves a POST whose JSON body is a Req with f's answer (200) or
