@@ -131,7 +131,7 @@ func runDaemon(c *cli.Context) error {
 		backupArgs = append(backupArgs, "--fence-command", f)
 	}
 	d, err := daemon.New(daemon.Config{Control: c.String("control"), Group: c.String("group"), Listen: c.String("listen"),
-		StateDir: c.String("state-dir"), RunDir: c.String("run-dir"), ImagesDir: c.String("images-dir"), Connect: c.String("connect"), Key: k, KeyFile: c.String("key-file"),
+		StateDir: c.String("state-dir"), RunDir: c.String("run-dir"), ImagesDir: c.String("images-dir"), Connect: c.String("connect"), Key: k,
 		AgentPorts: ports, StandbyName: c.String("standby-name"), QEMUUser: c.String("qemu-user"), Remusd: self,
 		AgentArgs: agentArgs, BackupArgs: backupArgs, Host: c.String("host"), Metrics: c.String("metrics"), Heal: heal(c.Duration("heal")), Clock: time.Now}, log.With("role", "daemon"))
 	if err != nil {

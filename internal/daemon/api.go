@@ -102,8 +102,6 @@ type ProtectRequest struct {
 	PeerTap   string `json:"peer_tap,omitempty"`
 	Netns     string `json:"netns,omitempty"`
 	PeerNetns string `json:"peer_netns,omitempty"`
-	// MonitorPassthrough accepts a domain without an agent QMP socket.
-	MonitorPassthrough bool `json:"monitor_passthrough,omitempty"`
 }
 
 // Refusal is the answer (409) to a protect request the domain cannot

@@ -66,10 +66,9 @@ type Config struct {
 	StateDir, RunDir, ImagesDir string
 	// Connect is the libvirt URI of this host's libvirtd.
 	Connect string
-	// Key authenticates the peer API (the agents' link key, from KeyFile,
-	// which the agents get).
-	Key     []byte
-	KeyFile string
+	// Key authenticates the peer API (the key file the agents get in
+	// AgentArgs, which authenticates their link).
+	Key []byte
 	// AgentPorts is the range the backup agents' TCP ports come from.
 	AgentPorts [2]int
 	// StandbyName names a standby domain after its VM: "{name}" in it is
