@@ -622,11 +622,7 @@ func reloadLibvirtd(t *testing.T) {
 	if err != nil {
 		b, _ = exec.Command("pidof", "libvirtd").Output()
 	}
-	if f := strings.Fields(string(b)); len(f) > 0 {
-		pid, err := strconv.Atoi(f[0])
-		if err != nil {
-			t.Fatalf("libvirtd's pid %q: %v", b, err)
-		}
+	if pid := libvirtdPID(b); pid > 0 {
 		if err := syscall.Kill(pid, syscall.SIGHUP); err != nil && err != syscall.ESRCH {
 			t.Fatalf("SIGHUP libvirtd: %v", err)
 		}
@@ -635,4 +631,21 @@ func reloadLibvirtd(t *testing.T) {
 	if err := libvirttest.Start(time.Minute); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// libvirtdPID reads a pid (pid file or pidof) that is libvirtd's, 0 when
+// it is none (a stale pid file, no libvirtd).
+func libvirtdPID(b []byte) int {
+	f := strings.Fields(string(b))
+	if len(f) == 0 {
+		return 0
+	}
+	pid, err := strconv.Atoi(f[0])
+	if err != nil {
+		return 0
+	}
+	if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); strings.TrimSpace(string(comm)) != "libvirtd" {
+		return 0
+	}
+	return pid
 }
