@@ -118,7 +118,7 @@ func oneArg(c *cli.Context, what string) (string, error) {
 func hookCommand() *cli.Command {
 	return &cli.Command{
 		Name:      "hook",
-		Usage:     "run by libvirt's qemu hook (/etc/libvirt/hooks/qemu): hands a marked domain's events to remusd",
+		Usage:     "run by libvirt's qemu hook (make install: /etc/libvirt/hooks/qemu.d/remus): hands a marked domain's events to remusd",
 		ArgsUsage: "DOMAIN OPERATION SUB-OPERATION EXTRA < DOMAIN-XML",
 		Description: "libvirt runs its qemu hook with the domain's name, the operation and sub-operation, and the domain's XML\n" +
 			"on standard input. For a domain with remus metadata (<remus:protect peer=... role=primary/> in <metadata>)\n" +

@@ -14,7 +14,7 @@ import (
 	"github.com/remus-kvm/remus/libvirtdom"
 )
 
-// Hook handles an event of libvirt's qemu hook (/etc/libvirt/hooks/qemu,
+// Hook handles an event of libvirt's qemu hook (/etc/libvirt/hooks/qemu.d/remus,
 // which runs remusctl hook) for a domain marked with remus metadata. It
 // answers at once and never calls into libvirt before answering: libvirt
 // waits for its hooks with the domain locked.
