@@ -139,5 +139,9 @@ func RunRelay(ctx context.Context, cfg NetConfig, log *slog.Logger) error {
 	if ctx.Err() != nil {
 		return nil
 	}
+	if errors.Is(err, netbuffer.ErrGuestDisconnected) {
+		log.Info("the guest's NIC closed (its QEMU exited): relay ends")
+		return nil
+	}
 	return fmt.Errorf("relay: %w", err)
 }
