@@ -7,9 +7,11 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -227,6 +229,12 @@ func removeDomain(t *testing.T, lv *libvirt.Libvirt, name string) {
 // (vda), where the guest records each increment; its path is returned.
 func daemonGuest(t *testing.T, lv *libvirt.Libvirt, l *lab.Lab, name, meta string, hook bool, diskMiB int) (libvirt.Domain, string) {
 	t.Helper()
+	return daemonGuestNIC(t, lv, l, name, meta, hook, diskMiB, true)
+}
+
+// daemonGuestNIC is daemonGuest, the guest without a NIC unless nic.
+func daemonGuestNIC(t *testing.T, lv *libvirt.Libvirt, l *lab.Lab, name, meta string, hook bool, diskMiB int, nic bool) (libvirt.Domain, string) {
+	t.Helper()
 	dir, img := "/run/remus/"+name, "/run/remus-img-"+name
 	qemuDir(t, img)
 	if hook {
@@ -250,7 +258,16 @@ func daemonGuest(t *testing.T, lv *libvirt.Libvirt, l *lab.Lab, name, meta strin
 		}
 		gc.Disk = disk
 	}
+	if !nic {
+		gc.Guest.IP = netip.Prefix{}
+	}
 	xml := libvirtGuest(name, newUUID(t), dir, gc.Cmdline())
+	if !nic {
+		xml = regexp.MustCompile(`(?s)\s*<qemu:arg value='-netdev'/>.*?<qemu:arg value='virtio-net-pci[^']*'/>`).ReplaceAllString(xml, "")
+		if strings.Contains(xml, "netdev") {
+			t.Fatalf("the guest without a NIC has one:\n%s", xml)
+		}
+	}
 	if disk != "" {
 		xml = strings.Replace(xml, "  </devices>", "    <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='"+disk+"'/><target dev='vda' bus='virtio'/></disk>\n  </devices>", 1)
 	}
@@ -267,7 +284,7 @@ func daemonGuest(t *testing.T, lv *libvirt.Libvirt, l *lab.Lab, name, meta strin
 // that lacks shared RAM and an agent socket is refused with the XML that
 // fixes it, untouched; remusctl protect --wait protects a prepared
 // running domain (its standby domain defined and started by the peer's
-// daemon); remusctl status --json says protected on one host and standby
+// daemon), and a second one beside it; remusctl status --json says protected on one host and standby
 // on the other; both daemons restart, one killed, without a failover
 // (the agents are adopted, epochs go on); /metrics has the agents'
 // metrics; host b restarts (daemon, agent and standby gone) and host a's
@@ -338,6 +355,26 @@ func TestDaemonProtectsALibvirtDomain(t *testing.T) {
 	c.incFor(time.Second)
 	boot := c.last.BootID
 
+	// A second domain (no NIC, no disk) protected beside the first: each
+	// has its agents, the backup's on ports of their own.
+	name2 := name + "-2"
+	d2, _ := daemonGuestNIC(t, lv, l, name2, "", false, 0, false)
+	removeDomain(t, lv, name2+"-standby")
+	if err := lv.DomainCreate(d2); err != nil {
+		t.Fatalf("start the second domain: %v", err)
+	}
+	if out, code := run("protect", "--daemon", a.control, "--peer", peer, "--wait", "--timeout", "3m", name2); code != 0 {
+		t.Fatalf("remusctl protect of a second domain exited %d:\n%s", code, out)
+	}
+	b.waitState(ctx, run, name2, daemon.StateStandby)
+	out, code = run("status", "--daemon", a.control, "--json")
+	var all []daemon.VMStatus
+	if err := json.Unmarshal([]byte(out), &all); code != 0 || err != nil || len(all) != 2 ||
+		all[0].State != daemon.StateProtected || all[1].State != daemon.StateProtected || all[0].AgentPID == all[1].AgentPID {
+		t.Fatalf("host a's VMs (%v): %s", err, out)
+	}
+	c.incFor(time.Second)
+
 	// A snapshot with the guest's memory is a migration remusd did not
 	// start: refused, and the guest runs on, protected.
 	snap := `<domainsnapshot><name>remus-test</name><memory snapshot='external' file='` + filepath.Join(l.Dir, "snap.mem") +
@@ -386,6 +423,16 @@ func TestDaemonProtectsALibvirtDomain(t *testing.T) {
 	resp.Body.Close()
 	if !strings.Contains(string(m), `remus_daemon_agent_up{role="backup",vm="`+name+`"} 1`) {
 		t.Fatalf("host b's --metrics address lacks the daemon's metrics:\n%s", m)
+	}
+
+	// The daemons adopted the second domain's agents too; its protection
+	// ends.
+	a.waitState(ctx, run, name2, daemon.StateProtected)
+	if out, code := run("unprotect", "--daemon", a.control, name2); code != 0 {
+		t.Fatalf("remusctl unprotect of the second domain exited %d:\n%s", code, out)
+	}
+	if _, err := lv.DomainLookupByName(name2 + "-standby"); err == nil {
+		t.Fatal("the second domain's standby is still defined after unprotect")
 	}
 
 	// Host b restarts (its daemon and agent killed, its standby domain
