@@ -284,7 +284,8 @@ func daemonGuestNIC(t *testing.T, lv *libvirt.Libvirt, l *lab.Lab, name, meta st
 // that lacks shared RAM and an agent socket is refused with the XML that
 // fixes it, untouched; remusctl protect --wait protects a prepared
 // running domain (its standby domain defined and started by the peer's
-// daemon), and a second one beside it; remusctl status --json says protected on one host and standby
+// daemon), and a second one beside it, later destroyed (its backup does
+// not resume it); remusctl status --json says protected on one host and standby
 // on the other; both daemons restart, one killed, without a failover
 // (the agents are adopted, epochs go on); /metrics has the agents'
 // metrics; host b restarts (daemon, agent and standby gone) and host a's
@@ -425,14 +426,32 @@ func TestDaemonProtectsALibvirtDomain(t *testing.T) {
 		t.Fatalf("host b's --metrics address lacks the daemon's metrics:\n%s", m)
 	}
 
-	// The daemons adopted the second domain's agents too; its protection
-	// ends.
+	// The daemons adopted the second domain's agents too. It is
+	// destroyed (not marked for the hook, which is not installed here):
+	// its backup does not resume it, and protection ends on both hosts.
 	a.waitState(ctx, run, name2, daemon.StateProtected)
-	if out, code := run("unprotect", "--daemon", a.control, name2); code != 0 {
-		t.Fatalf("remusctl unprotect of the second domain exited %d:\n%s", code, out)
+	if err := lv.DomainDestroy(d2); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		st, err := b.cl.Status(ctx, name2)
+		if err != nil && strings.Contains(err.Error(), "not protected") {
+			break
+		}
+		if st.State == daemon.StateFailingOver || st.State == daemon.StateFailedOver {
+			t.Fatalf("the backup resumes a domain destroyed on purpose: %+v", st)
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("host b still stands by for the destroyed second domain: %+v %v", st, err)
+		case <-time.After(200 * time.Millisecond):
+		}
 	}
 	if _, err := lv.DomainLookupByName(name2 + "-standby"); err == nil {
-		t.Fatal("the second domain's standby is still defined after unprotect")
+		t.Fatal("the second domain's standby is still defined after it was destroyed")
+	}
+	if st := a.status(run, name2); st.State != daemon.StateEnded || !strings.Contains(st.Why, "shut down") {
+		t.Fatalf("host a after the second domain was destroyed: %+v", st)
 	}
 
 	// Host b restarts (its daemon and agent killed, its standby domain

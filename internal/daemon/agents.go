@@ -268,6 +268,11 @@ func (d *Daemon) agentExited(v *vm, pid int, how string) {
 	restart, why, state := d.shouldRestart(ctx, v)
 	if !restart {
 		d.ended(v, how+"; "+why, state)
+		if r := v.snapshot(); r.Role == RolePrimary && !r.Relay && state == StateEnded {
+			// The guest stopped (shut down, or crashed): its backup is
+			// released if it holds nothing to resume.
+			go d.afterStop(v)
+		}
 		return
 	}
 	v.mu.Lock()

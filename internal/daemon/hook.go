@@ -69,8 +69,9 @@ func (d *Daemon) Hook(ev HookEvent) string {
 	return "nothing to do for " + ev.Op + " " + ev.SubOp
 }
 
-// afterStop ends the protection of a primary domain that stopped, once
-// its agent exited: when the backup holds nothing it would resume (the
+// afterStop ends the protection of a primary domain that stopped (the
+// hook said so, or its agent exited with the domain no longer running),
+// once its agent exited: when the backup holds nothing it would resume (the
 // guest was shut down on purpose, and the agent's goodbye confirmed), its
 // standby is released. A backup that holds a committed epoch (the primary
 // crashed) is left to fail over, as it should.
