@@ -29,8 +29,10 @@ type record struct {
 	Role   string `json:"role"`
 	Domain string `json:"domain"`
 	Peer   string `json:"peer"`
-	// Request is what a primary was protected with.
-	Request ProtectRequest `json:"request,omitzero"`
+	// Request is what a primary was protected with, QEMUVersion the
+	// version of the QEMU that runs its guest.
+	Request     ProtectRequest `json:"request,omitzero"`
+	QEMUVersion string         `json:"qemu_version,omitempty"`
 	// Args are the agent's arguments after the remusd binary.
 	Args     []string `json:"args"`
 	Control  string   `json:"control"`

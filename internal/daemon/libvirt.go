@@ -195,8 +195,3 @@ func stateName(st libvirt.DomainState) string {
 	}
 	return fmt.Sprintf("state %d", st)
 }
-
-// versionString writes libvirt's version number as MAJOR.MINOR.MICRO.
-func versionString(v uint64) string {
-	return fmt.Sprintf("%d.%d.%d", v/1_000_000, v/1000%1000, v%1000)
-}

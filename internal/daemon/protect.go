@@ -20,6 +20,7 @@ import (
 
 	"github.com/remus-kvm/remus/internal/agent"
 	"github.com/remus-kvm/remus/libvirtdom"
+	"github.com/remus-kvm/remus/qmp"
 )
 
 // agentStateDir is a VM's agent's state directory (on the run
@@ -86,24 +87,33 @@ func (d *Daemon) runs(ctx context.Context, domain string) bool {
 }
 
 // heal protects again, every Config.Heal, each primary whose agent runs
-// without a backup (its host restarted, its standby ended): the peer is
+// without a backup (its host restarted, its standby ended), seen so twice
+// in a row: the peer is
 // asked to stand by again, as remusctl protect does. A peer that cannot
 // (unreachable, or running the guest itself) is asked again next time.
 func (d *Daemon) heal(ctx context.Context) {
 	t := time.NewTicker(d.cfg.Heal)
 	defer t.Stop()
+	// A primary is healed when it was seen unprotected twice in a row:
+	// a session that is starting says unprotected for a moment.
+	seen := map[string]bool{}
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
+		was := seen
+		seen = map[string]bool{}
 		for _, v := range d.list() {
 			r := v.snapshot()
 			if r.Role != RolePrimary || r.Relay || !r.Wanted || !v.alive() {
 				continue
 			}
 			if st := d.status(ctx, v); st.State != StateUnprotected {
+				continue
+			}
+			if seen[r.Name] = true; !was[r.Name] {
 				continue
 			}
 			if _, err := d.Protect(ctx, r.Name, ProtectRequest{}); err != nil {
@@ -209,13 +219,15 @@ func (d *Daemon) protect(ctx context.Context, name, domain string, req ProtectRe
 	if theirs.API != APIVersion {
 		return VMStatus{}, errorf(http.StatusConflict, "remusd on %s speaks peer API %d, this one %d: run the same remus-kvm on both hosts", theirs.Host, theirs.API, APIVersion)
 	}
-	if theirs.HypervisorVersion != hello.HypervisorVersion {
-		return VMStatus{}, errorf(http.StatusConflict, "QEMU versions differ: %s here, %s on %s: the standby must run the primary's QEMU (its device state format)",
-			versionString(hello.HypervisorVersion), versionString(theirs.HypervisorVersion), theirs.Host)
+	var qv string
+	if existing != nil {
+		qv = existing.snapshot().QEMUVersion // its agent holds the socket
+	} else if qv, err = qemuVersion(ctx, dom.AgentQMP); err != nil {
+		return VMStatus{}, errorf(http.StatusConflict, "domain %s: %v", domain, err)
 	}
 	var rep StandbyReply
 	if err := peer.call(ctx, http.MethodPost, pathStandby, StandbyRequest{VM: name, XML: inactive, Primary: d.cfg.Host,
-		HypervisorVersion: hello.HypervisorVersion, DeviceStateXen: true, Tap: req.PeerTap, Netns: req.PeerNetns, Disk: disk}, &rep); err != nil {
+		HypervisorVersion: hello.HypervisorVersion, QEMUVersion: qv, DeviceStateXen: true, Tap: req.PeerTap, Netns: req.PeerNetns, Disk: disk}, &rep); err != nil {
 		return VMStatus{}, errorf(http.StatusBadGateway, "standby on %s: %v", theirs.Host, err)
 	}
 	host, _, _ := splitPeer(req.Peer)
@@ -237,7 +249,7 @@ func (d *Daemon) protect(ctx context.Context, name, domain string, req ProtectRe
 		args = append(args, "--epoch", req.Epoch.String())
 	}
 	args = append(args, d.cfg.AgentArgs...)
-	v := &vm{rec: record{Name: name, Role: RolePrimary, Domain: domain, Peer: req.Peer, Request: req, Args: args, NetArgs: netArgs,
+	v := &vm{rec: record{Name: name, Role: RolePrimary, Domain: domain, Peer: req.Peer, Request: req, QEMUVersion: qv, Args: args, NetArgs: netArgs,
 		Control: agent.DefaultControlSocket(sdir), StateDir: sdir, Wanted: true}}
 	d.mu.Lock()
 	d.vms[name] = v
@@ -363,12 +375,8 @@ func (d *Daemon) Standby(ctx context.Context, req StandbyRequest) (StandbyReply,
 			prefer = r.AgentPort // where the primary agent may still dial
 		}
 	}
-	hv, _, err := d.hv.versions(ctx)
-	if err != nil {
+	if _, _, err := d.hv.versions(ctx); err != nil {
 		return StandbyReply{}, errorf(http.StatusServiceUnavailable, "libvirt on %s: %v", d.cfg.Host, err)
-	}
-	if hv != req.HypervisorVersion {
-		return StandbyReply{}, errorf(http.StatusConflict, "QEMU versions differ: %s on %s, %s on the primary", versionString(hv), d.cfg.Host, versionString(req.HypervisorVersion))
 	}
 	dom, problems, err := libvirtdom.Check(req.XML, libvirtdom.CheckOptions{})
 	if err != nil {
@@ -431,6 +439,15 @@ func (d *Daemon) Standby(ctx context.Context, req StandbyRequest) (StandbyReply,
 	}
 	if err := waitFile(wctx, opts.AgentQMP); err != nil {
 		return fail(errorf(http.StatusConflict, "standby domain %s: no agent socket %s: %v", sname, opts.AgentQMP, err))
+	}
+	// The standby loads the primary's device state: the same QEMU.
+	sv, err := qemuVersion(wctx, opts.AgentQMP)
+	if err != nil {
+		return fail(errorf(http.StatusConflict, "standby domain %s: %v", sname, err))
+	}
+	if req.QEMUVersion != "" && sv != req.QEMUVersion {
+		return fail(errorf(http.StatusConflict, "QEMU versions differ: %s runs the guest on the primary, %s the standby domain %s on %s: the standby must run the primary's QEMU (its device state format)",
+			req.QEMUVersion, sv, sname, d.cfg.Host))
 	}
 	sdir := d.agentStateDir(req.VM)
 	os.RemoveAll(sdir)
@@ -745,6 +762,23 @@ func removeImage(path string) {
 	if path != "" {
 		os.Remove(path)
 	}
+}
+
+// qemuVersion asks the QEMU behind an agent QMP socket for its version
+// (MAJOR.MINOR.MICRO), before the agent connects: the socket takes one
+// client at a time.
+func qemuVersion(ctx context.Context, socket string) (string, error) {
+	// A socket that has a client already (an agent) accepts and says
+	// nothing: bounded.
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	mon, err := qmp.Dial(ctx, socket)
+	if err != nil {
+		return "", fmt.Errorf("QEMU's version: %w", err)
+	}
+	defer mon.Close()
+	v := mon.Version()
+	return fmt.Sprintf("%d.%d.%d", v.Major, v.Minor, v.Micro), nil
 }
 
 // waitFile waits for path to exist.
