@@ -157,6 +157,27 @@ func (h *hostDaemon) waitState(ctx context.Context, run func(...string) (string,
 	}
 }
 
+// waitShutDown waits, on the backup host, until it no longer stands by
+// for vm, whose primary domain was shut down on purpose: never resuming
+// it (failing over) meanwhile.
+func (h *hostDaemon) waitShutDown(ctx context.Context, vm string) {
+	h.t.Helper()
+	for {
+		st, err := h.cl.Status(ctx, vm)
+		if err != nil && strings.Contains(err.Error(), "not protected") {
+			return
+		}
+		if st.State == daemon.StateFailingOver || st.State == daemon.StateFailedOver {
+			h.t.Fatalf("%s resumes %s, which was shut down on purpose: %+v", h.name, vm, st)
+		}
+		select {
+		case <-ctx.Done():
+			h.t.Fatalf("%s still stands by for %s after it was shut down: %+v %v", h.name, vm, st, err)
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
 // committed is the last committed epoch a VM's agent reports.
 func committed(t *testing.T, st daemon.VMStatus) uint64 {
 	t.Helper()
@@ -433,20 +454,7 @@ func TestDaemonProtectsALibvirtDomain(t *testing.T) {
 	if err := lv.DomainDestroy(d2); err != nil {
 		t.Fatal(err)
 	}
-	for {
-		st, err := b.cl.Status(ctx, name2)
-		if err != nil && strings.Contains(err.Error(), "not protected") {
-			break
-		}
-		if st.State == daemon.StateFailingOver || st.State == daemon.StateFailedOver {
-			t.Fatalf("the backup resumes a domain destroyed on purpose: %+v", st)
-		}
-		select {
-		case <-ctx.Done():
-			t.Fatalf("host b still stands by for the destroyed second domain: %+v %v", st, err)
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
+	b.waitShutDown(ctx, name2)
 	if _, err := lv.DomainLookupByName(name2 + "-standby"); err == nil {
 		t.Fatal("the second domain's standby is still defined after it was destroyed")
 	}
@@ -632,20 +640,7 @@ func TestDaemonHookProtectsAMarkedDomain(t *testing.T) {
 	if err := lv.DomainDestroy(d); err != nil {
 		t.Fatal(err)
 	}
-	for {
-		st, err := b.cl.Status(ctx, name)
-		if err != nil && strings.Contains(err.Error(), "not protected") {
-			break
-		}
-		if st.State == daemon.StateFailingOver || st.State == daemon.StateFailedOver {
-			t.Fatalf("the backup resumes a guest that was destroyed on purpose: %+v", st)
-		}
-		select {
-		case <-ctx.Done():
-			t.Fatalf("host b still stands by after the domain was destroyed: %+v %v", st, err)
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
+	b.waitShutDown(ctx, name)
 	if _, err := lv.DomainLookupByName(name + "-standby"); err == nil {
 		t.Fatal("the standby domain is still defined after the protected domain was destroyed")
 	}

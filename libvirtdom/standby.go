@@ -108,7 +108,7 @@ func Standby(doc string, o StandbyOptions) (string, error) {
 	} else {
 		args = append(args, agentArgs(o.AgentQMP)...)
 	}
-	args = withIncomingDefer(rewritePaths(args, o.ArgPaths))
+	args = withIncomingDefer(RewritePaths(args, o.ArgPaths))
 	if o.DeviceStateXen && !slices.Contains(args, sendConfigurationOff) {
 		args = append(args, "-global", sendConfigurationOff)
 	}
@@ -138,8 +138,10 @@ func Standby(doc string, o StandbyOptions) (string, error) {
 // configuration section.
 const sendConfigurationOff = "migration.send-configuration=off"
 
-// rewritePaths applies ArgPaths to args.
-func rewritePaths(args []string, paths map[string]string) []string {
+// RewritePaths applies StandbyOptions.ArgPaths to args as Standby does to
+// the qemu:commandline arguments: where a path of the primary's arguments
+// is on the standby.
+func RewritePaths(args []string, paths map[string]string) []string {
 	keys := slices.SortedFunc(maps.Keys(paths), func(a, b string) int { return len(b) - len(a) })
 	out := slices.Clone(args)
 	for i := range out {

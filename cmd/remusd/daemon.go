@@ -133,17 +133,9 @@ func runDaemon(c *cli.Context) error {
 	d, err := daemon.New(daemon.Config{Control: c.String("control"), Group: c.String("group"), Listen: c.String("listen"),
 		StateDir: c.String("state-dir"), RunDir: c.String("run-dir"), ImagesDir: c.String("images-dir"), Connect: c.String("connect"), Key: k,
 		AgentPorts: ports, StandbyName: c.String("standby-name"), QEMUUser: c.String("qemu-user"), Remusd: self,
-		AgentArgs: agentArgs, BackupArgs: backupArgs, Host: c.String("host"), Metrics: c.String("metrics"), Heal: heal(c.Duration("heal")), Clock: time.Now}, log.With("role", "daemon"))
+		AgentArgs: agentArgs, BackupArgs: backupArgs, Host: c.String("host"), Metrics: c.String("metrics"), Heal: c.Duration("heal"), Clock: time.Now}, log.With("role", "daemon"))
 	if err != nil {
 		return err
 	}
 	return d.Run(c.Context)
-}
-
-// heal maps --heal 0 (never) to daemon.Config.Heal's "never".
-func heal(d time.Duration) time.Duration {
-	if d == 0 {
-		return -1
-	}
-	return d
 }

@@ -151,11 +151,9 @@ type StandbyRequest struct {
 	XML string `json:"xml"`
 	// Primary is the primary host's daemon as the backup reaches it.
 	Primary string `json:"primary"`
-	// HypervisorVersion is the primary host's libvirt QEMU version (as
-	// Hello's); QEMUVersion the version of the QEMU that runs the guest
+	// QEMUVersion is the version of the QEMU that runs the guest
 	// (MAJOR.MINOR.MICRO): the backup refuses a standby QEMU of another.
-	HypervisorVersion uint64 `json:"hypervisor_version"`
-	QEMUVersion       string `json:"qemu_version,omitempty"`
+	QEMUVersion string `json:"qemu_version,omitempty"`
 	// DeviceStateXen: the primary agent saves device state with
 	// xen-save-devices-state (libvirtdom.StandbyOptions.DeviceStateXen).
 	DeviceStateXen bool   `json:"device_state_xen"`

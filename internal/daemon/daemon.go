@@ -28,11 +28,13 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"os"
 	"os/user"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -40,7 +42,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// DefaultHeal is Config.Heal's default.
+// DefaultHeal is remusd daemon's --heal.
 const DefaultHeal = 30 * time.Second
 
 // DefaultPeerPort is the peer API's TCP port.
@@ -91,7 +93,7 @@ type Config struct {
 	Metrics string
 	// Heal is how often the daemon looks for primaries left without a
 	// backup (the backup host restarted) and has the peer stand by again
-	// (default DefaultHeal; negative: never).
+	// (0: never).
 	Heal time.Duration
 	// Clock is the time (default time.Now).
 	Clock func() time.Time
@@ -131,9 +133,6 @@ func New(cfg Config, log *slog.Logger) (*Daemon, error) {
 	}
 	if cfg.Clock == nil {
 		cfg.Clock = time.Now
-	}
-	if cfg.Heal == 0 {
-		cfg.Heal = DefaultHeal
 	}
 	if cfg.ImagesDir == "" {
 		cfg.ImagesDir = filepath.Join(cfg.StateDir, "images")
@@ -275,10 +274,9 @@ func (d *Daemon) list() []*vm {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	out := make([]*vm, 0, len(d.vms))
-	for _, v := range d.vms {
-		out = append(out, v)
+	for _, name := range slices.Sorted(maps.Keys(d.vms)) {
+		out = append(out, d.vms[name])
 	}
-	sortVMs(out)
 	return out
 }
 

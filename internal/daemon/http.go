@@ -6,8 +6,6 @@ import (
 	"io"
 	"net/http"
 	"net/url"
-	"slices"
-	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -154,7 +152,3 @@ func (d *Daemon) hello(ctx context.Context) (Hello, error) {
 
 // agentTimeout bounds a call on an agent's control socket for status.
 const agentTimeout = 2 * time.Second
-
-func sortVMs(vs []*vm) {
-	slices.SortFunc(vs, func(a, b *vm) int { return strings.Compare(a.snapshot().Name, b.snapshot().Name) })
-}

@@ -60,11 +60,7 @@ func (d *Daemon) Protect(ctx context.Context, name string, req ProtectRequest) (
 			// Its backup is gone (that host restarted, its standby
 			// ended): the peer stands by again, and the agent, which
 			// keeps dialing its backup, finds the new one.
-			req = mergeRequest(req, r.Request)
-			if req.Peer == "" {
-				req.Peer = r.Peer
-			}
-			return d.protect(ctx, name, r.Domain, req, v)
+			return d.protect(ctx, name, r.Domain, mergeRequest(req, r.Request), v)
 		case v.alive():
 			return VMStatus{}, errorf(http.StatusConflict, "%s: this host is its backup (domain %s): protect it from its primary host", name, r.Domain)
 		default:
@@ -205,10 +201,6 @@ func (d *Daemon) protect(ctx context.Context, name, domain string, req ProtectRe
 		return VMStatus{}, errorf(http.StatusServiceUnavailable, "%v", err)
 	}
 
-	hello, err := d.hello(ctx)
-	if err != nil {
-		return VMStatus{}, err
-	}
 	var theirs Hello
 	if err := peer.call(ctx, http.MethodGet, pathHello, nil, &theirs); err != nil {
 		return VMStatus{}, errorf(http.StatusBadGateway, "backup host unreachable: %v", err)
@@ -227,7 +219,7 @@ func (d *Daemon) protect(ctx context.Context, name, domain string, req ProtectRe
 	}
 	var rep StandbyReply
 	if err := peer.call(ctx, http.MethodPost, pathStandby, StandbyRequest{VM: name, XML: inactive, Primary: d.cfg.Host,
-		HypervisorVersion: hello.HypervisorVersion, QEMUVersion: qv, DeviceStateXen: true, Tap: req.PeerTap, Netns: req.PeerNetns, Disk: disk}, &rep); err != nil {
+		QEMUVersion: qv, DeviceStateXen: true, Tap: req.PeerTap, Netns: req.PeerNetns, Disk: disk}, &rep); err != nil {
 		return VMStatus{}, errorf(http.StatusBadGateway, "standby on %s: %v", theirs.Host, err)
 	}
 	host, _, _ := splitPeer(req.Peer)
@@ -313,14 +305,15 @@ func netArgs(sock, tap, netns string) []string {
 // its NIC a socket: without it the guest has no network.
 func (d *Daemon) startRelay(name, domain, peer string, nic []string, why string) error {
 	v := &vm{rec: record{Name: name, Role: RolePrimary, Domain: domain, Peer: peer, Relay: true, NetArgs: nic,
-		Args: append([]string{"relay", "--vm", name}, nic...), StateDir: d.agentStateDir(name), Wanted: true,
-		EndState: StateUnprotected, Ended: why}}
+		Args: append([]string{"relay", "--vm", name}, nic...), StateDir: d.agentStateDir(name), Wanted: true}}
 	d.mu.Lock()
 	d.vms[name] = v
 	d.mu.Unlock()
 	if err := d.startAgent(v); err != nil {
 		return err
 	}
+	// startAgent clears why an earlier agent ended; a relay's status says
+	// why the guest is unprotected.
 	v.mu.Lock()
 	v.rec.EndState, v.rec.Ended = StateUnprotected, why
 	v.mu.Unlock()
@@ -375,6 +368,7 @@ func (d *Daemon) Standby(ctx context.Context, req StandbyRequest) (StandbyReply,
 			prefer = r.AgentPort // where the primary agent may still dial
 		}
 	}
+	// libvirt must answer before anything is made for the standby.
 	if _, _, err := d.hv.versions(ctx); err != nil {
 		return StandbyReply{}, errorf(http.StatusServiceUnavailable, "libvirt on %s: %v", d.cfg.Host, err)
 	}
@@ -458,7 +452,8 @@ func (d *Daemon) Standby(ctx context.Context, req StandbyRequest) (StandbyReply,
 		if req.Tap == "" {
 			return fail(errorf(http.StatusBadRequest, "domain %s: its NIC is a socket remusd relays: name the backup host's tap (--peer-tap)", req.VM))
 		}
-		nic = netArgs(rewrite(dom.NetSocket, paths), req.Tap, req.Netns)
+		// The standby's NIC socket, where its XML has it.
+		nic = netArgs(libvirtdom.RewritePaths([]string{dom.NetSocket}, paths)[0], req.Tap, req.Netns)
 	}
 	if image != "" {
 		args = append(args, "--disk-image", image)
@@ -619,14 +614,13 @@ func (d *Daemon) Unprotect(ctx context.Context, name string) (Result, error) {
 	if v.alive() {
 		var ur agent.UnprotectResult
 		if err := agent.CallControl(ctx, r.Control, http.MethodPost, agent.ControlUnprotectPath, time.Minute, &ur); err != nil {
-			d.stopAgent(v)
 			out = append(out, fmt.Sprintf("the primary agent did not answer (%v): stopped", err))
 			complete = false
 		} else {
 			out = append(out, ur.Result)
 			complete = complete && ur.Confirmed
-			d.stopAgent(v)
 		}
+		d.stopAgent(v)
 	}
 	if p, err := d.peer(r.Peer); err == nil {
 		var res Result
@@ -793,15 +787,6 @@ func waitFile(ctx context.Context, path string) error {
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
-}
-
-// rewrite applies libvirtdom.StandbyOptions.ArgPaths' rewriting to one
-// path: its directory replaced when mapped.
-func rewrite(p string, paths map[string]string) string {
-	if to, ok := paths[filepath.Dir(p)]; ok {
-		return filepath.Join(to, filepath.Base(p))
-	}
-	return p
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
