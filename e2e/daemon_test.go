@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/netip"
 	"os"
@@ -20,6 +19,7 @@ import (
 
 	"github.com/digitalocean/go-libvirt"
 
+	"github.com/remus-kvm/remus/internal/agent"
 	"github.com/remus-kvm/remus/internal/daemon"
 	"github.com/remus-kvm/remus/internal/lab"
 	"github.com/remus-kvm/remus/internal/libvirttest"
@@ -193,18 +193,9 @@ func committed(t *testing.T, st daemon.VMStatus) uint64 {
 // metrics reads GET /metrics on a daemon's control socket.
 func (h *hostDaemon) metrics() string {
 	h.t.Helper()
-	cl := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		var d net.Dialer
-		return d.DialContext(ctx, "unix", h.control)
-	}}}
-	resp, err := cl.Get("http://remusd/metrics")
-	if err != nil {
-		h.t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != http.StatusOK {
-		h.t.Fatalf("GET /metrics on %s: %s\n%s", h.name, resp.Status, b)
+	var b []byte
+	if err := agent.CallControl(context.Background(), h.control, http.MethodGet, agent.MetricsPath, 10*time.Second, &b); err != nil {
+		h.t.Fatalf("GET /metrics on %s: %v", h.name, err)
 	}
 	return string(b)
 }

@@ -119,15 +119,22 @@ type SwitchoverResult struct {
 	TookMS float64 `json:"took_ms"`
 }
 
-// CallControl makes one request on the control socket and decodes the
-// JSON answer into out (or, when out is a *[]byte, stores it as it came),
-// or returns the agent's error.
-func CallControl(ctx context.Context, socket, method, path string, timeout time.Duration, out any) error {
-	cl := &http.Client{Timeout: timeout, Transport: &http.Transport{
+// UnixHTTPClient is an HTTP client that sends every request to the unix
+// socket socket (a control socket), whatever the URL's host; timeout
+// bounds each request (0: no bound).
+func UnixHTTPClient(socket string, timeout time.Duration) *http.Client {
+	return &http.Client{Timeout: timeout, Transport: &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
 			return d.DialContext(ctx, "unix", socket)
 		}}}
+}
+
+// CallControl makes one request on the control socket and decodes the
+// JSON answer into out (or, when out is a *[]byte, stores it as it came),
+// or returns the agent's error.
+func CallControl(ctx context.Context, socket, method, path string, timeout time.Duration, out any) error {
+	cl := UnixHTTPClient(socket, timeout)
 	req, err := http.NewRequestWithContext(ctx, method, "http://remusd"+path, nil)
 	if err != nil {
 		return err

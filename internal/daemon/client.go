@@ -13,6 +13,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/remus-kvm/remus/internal/agent"
 )
 
 // Client talks to a daemon's control API on its unix socket (remusctl).
@@ -23,11 +25,7 @@ type Client struct {
 
 // NewClient returns a client of the daemon whose control socket is socket.
 func NewClient(socket string) *Client {
-	return &Client{Socket: socket, hc: &http.Client{Transport: &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", socket)
-		}}}}
+	return &Client{Socket: socket, hc: agent.UnixHTTPClient(socket, 0)}
 }
 
 // RefusedError is a protect request the domain could not take, with the
