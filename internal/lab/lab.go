@@ -506,7 +506,20 @@ func (l *Lab) Protect(prim, back testvm.Config, o ProtectOptions) (*Protection, 
 	if _, err := p.Primary.WaitLine(ctx, "relay started"); err != nil {
 		return nil, fmt.Errorf("lab: the primary's network relay did not start: %w\n%s", err, p.Primary.Output())
 	}
-	return p, nil
+	// The primary serves its control socket a few steps later: wait for
+	// it, unless the primary exits first (a test may mean it to).
+	for {
+		if _, err := os.Stat(p.Control); err == nil {
+			return p, nil
+		}
+		select {
+		case <-p.Primary.Done():
+			return p, nil
+		case <-ctx.Done():
+			return nil, fmt.Errorf("lab: the primary serves no control socket %s: %w\n%s", p.Control, ctx.Err(), p.Primary.Output())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
 }
 
 // StartWitness runs a single-node etcd for the lab's agents (stopped with

@@ -63,6 +63,7 @@ func throughProxy(t *testing.T, arm func(*LinkProxy), epochs ...uint64) ([]uint6
 	}
 	page := bytes.Repeat([]byte{7}, transport.PageSize)
 	var seq uint64
+write:
 	for _, e := range epochs {
 		for _, m := range []transport.Message{transport.Heartbeat{LastCommitted: e}, transport.RAMPages{Pages: []transport.Page{{Index: e, Data: page}}}} {
 			f, err := transport.NewFrame(e, m)
@@ -72,7 +73,9 @@ func throughProxy(t *testing.T, arm func(*LinkProxy), epochs ...uint64) ([]uint6
 			seq++
 			f.Seq = seq
 			if _, err := c.Write(transport.AppendFrame(nil, f)); err != nil {
-				t.Fatal(err)
+				// The far side stopped at a damaged frame and hung up,
+				// and the proxy with it: what it read says the rest.
+				break write
 			}
 		}
 	}
